@@ -1,0 +1,105 @@
+"""The launch CLI's dry run and its user errors, run in-process and once as a real subprocess."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from toolkit import launch
+
+ROOT = Path(__file__).resolve().parents[2]
+PRETRAIN = str(ROOT / "recipes/pretrain.yaml")
+FINETUNE = str(ROOT / "recipes/finetune.yaml")
+
+
+def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    code = launch.main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_dry_run_json_shows_the_workload_optimiser(capsys, tmp_path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)  # no shards here: the dry run warns instead of failing
+    code, out, _ = run(capsys, PRETRAIN, "--dry-run", "--json")
+    assert code == 0
+    doc = json.loads(out)
+    assert set(doc) == {"recipe", "params", "world", "sbatch", "warnings"}
+    optim = doc["recipe"]["optim"]
+    assert optim["lr"] == 5e-4 and optim["groups"][0]["lr"] == 8e-5
+    assert optim["scheduler"] == {
+        "name": "cosine_warm_restarts",
+        "T_0": 10,
+        "T_mult": 1,
+        "eta_min": 8e-5,
+        "warmup_steps": 0,
+    }
+    assert doc["world"] == {"nodes": 1, "gpus_per_node": 8, "world_size": 8}
+    assert doc["sbatch"] is None
+    assert any(w.startswith("data.shards:") for w in doc["warnings"])
+
+
+def test_dry_run_world_from_flags_and_local(capsys, tmp_path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    _, out, _ = run(capsys, PRETRAIN, "--nodes", "4", "--gpus-per-node", "2", "--dry-run", "--json")
+    assert json.loads(out)["world"] == {"nodes": 4, "gpus_per_node": 2, "world_size": 8}
+    _, out, _ = run(capsys, PRETRAIN, "--nodes", "3", "--gpus-per-node", "0", "--dry-run", "--json")
+    assert json.loads(out)["world"]["world_size"] == 3  # CPU nodes: one process each
+    _, out, _ = run(capsys, PRETRAIN, "--local", "--procs", "2", "--dry-run", "--json")
+    assert json.loads(out)["world"] == {"nodes": 1, "gpus_per_node": 2, "world_size": 2}
+
+
+def test_missing_things_warn_in_dry_run_and_stop_a_real_launch(capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    code, out, _ = run(capsys, FINETUNE, "train.epochs=3", "--dry-run")
+    assert code == 0
+    assert "init.from: runs/finetune_frozen_encoder does not exist yet" in out
+    assert "train:\n  epochs: 3" in out  # the resolved recipe, override applied
+    code, out, err = run(capsys, FINETUNE, "--local")
+    assert code == 2 and out == ""
+    assert err.startswith("error: data.shards:") and err.count("\n") == 1
+
+
+def test_init_from_present_gives_no_warning(capsys, tmp_path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs/finetune_frozen_encoder").mkdir(parents=True)
+    _, out, _ = run(capsys, FINETUNE, "--dry-run", "--json")
+    assert not [w for w in json.loads(out)["warnings"] if w.startswith("init.from")]
+
+
+@pytest.mark.parametrize(
+    ("argv", "needle"),
+    [
+        ([PRETRAIN, "optim.lrr=1", "--dry-run"], "did you mean 'optim.lr'"),
+        ([PRETRAIN, "--json"], "--json goes with --dry-run"),
+        ([PRETRAIN, "--procs", "2"], "--procs goes with --local"),
+        ([PRETRAIN, "--local", "--nodes", "2"], "not --local"),
+        ([PRETRAIN, "--nodes", "0", "--dry-run"], "--nodes: expected an integer >= 1"),
+        ([PRETRAIN, "--bogus"], "unrecognized arguments: --bogus"),
+        ([PRETRAIN, "notanoverride", "--dry-run"], "expected key=value"),
+        (["missing.yaml", "--dry-run"], "missing.yaml: recipe file not found"),
+    ],
+)
+def test_user_errors_are_one_line_with_status_2(capsys, argv, needle) -> None:
+    code, out, err = run(capsys, *argv)
+    assert code == 2 and out == ""
+    assert needle in err and err.startswith("error: ") and err.count("\n") == 1
+    assert "Traceback" not in err
+
+
+def test_subprocess_exit_status_and_no_traceback(tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "toolkit.launch", PRETRAIN, "optim.lrr=1", "--dry-run"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        check=False,
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        f"error: {PRETRAIN} (override optim.lrr=1): optim.lrr: unknown key; "
+        "did you mean 'optim.lr'?"
+    ]

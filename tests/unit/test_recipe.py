@@ -1,0 +1,201 @@
+"""The recipe schema: every shipped recipe, overrides, extends chains and each error kind."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from toolkit import recipe
+from toolkit.recipe import RecipeError
+
+ROOT = Path(__file__).resolve().parents[2]
+SHIPPED = sorted((ROOT / "recipes").glob("*.yaml"))
+
+
+def write(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.name)
+def test_every_shipped_recipe_loads_and_round_trips(path: Path, tmp_path: Path) -> None:
+    r = recipe.load(path)
+    again = recipe.load(write(tmp_path / "dumped.yaml", recipe.dump(r)))
+    assert again == r
+
+
+def test_workload_settings() -> None:
+    pre = recipe.load(ROOT / "recipes/pretrain.yaml")
+    assert pre.stage == "pretrain" and pre.model.embed_dim == 256
+    assert pre.optim.name == "adamw" and pre.optim.weight_decay == 1e-4
+    assert pre.optim.lr == 5e-4
+    assert [(g.match, g.lr) for g in pre.optim.groups] == [(r"^encoder\.", 8e-5)]
+    s = pre.optim.scheduler
+    assert (s.name, s.T_0, s.T_mult, s.eta_min) == ("cosine_warm_restarts", 10, 1, 8e-5)
+    modes = {
+        "finetune_frozen_mae": (["mae"], 150, "runs/pretrain"),
+        "finetune_frozen_encoder": (["encoder"], 150, "runs/pretrain"),
+        "finetune": ([], 50, "runs/finetune_frozen_encoder"),
+    }
+    for name, (freeze, epochs, init) in modes.items():
+        r = recipe.load(ROOT / f"recipes/{name}.yaml")
+        assert (r.freeze, r.train.epochs, r.init.from_) == (freeze, epochs, init)
+        assert r.train.loss == "l1" and r.stage == "finetune"
+        assert r.run_dir == Path("runs") / name
+    full = recipe.load(ROOT / "recipes/finetune.yaml")
+    assert full.optim.groups[0].lr == 8e-5
+
+
+def test_overrides_coerce_to_the_field_type() -> None:
+    r = recipe.load(
+        ROOT / "recipes/finetune.yaml",
+        [
+            "optim.lr=3e-4",  # YAML alone would read this as a string
+            "train.epochs=2",
+            "freeze=[encoder]",
+            "deepspeed=null",
+            "cluster.time=24:00:00",  # YAML alone would read this as 86400
+            "train.grad_clip=2",
+            "name=7",
+            "optim.groups=[{match: '^decoder', weight_decay: 0}]",
+        ],
+    )
+    assert r.optim.lr == 3e-4 and isinstance(r.optim.lr, float)
+    assert r.train.epochs == 2 and r.freeze == ["encoder"] and r.deepspeed is None
+    assert r.cluster.time == "24:00:00" and r.name == "7"
+    assert r.train.grad_clip == 2.0 and isinstance(r.train.grad_clip, float)
+    assert r.optim.groups == [recipe.GroupRule(match="^decoder", weight_decay=0.0)]
+
+
+def test_override_into_a_null_section(tmp_path: Path) -> None:
+    path = write(tmp_path / "r.yaml", "deepspeed: null\n")
+    assert recipe.load(path).deepspeed is None
+    assert recipe.load(path, ["deepspeed.zero_stage=3"]).deepspeed.zero_stage == 3
+
+
+def test_extends_chain_child_wins(tmp_path: Path) -> None:
+    (tmp_path / "sub").mkdir()
+    write(tmp_path / "a.yaml", "name: a\ntrain: {epochs: 5, seed: 3}\noptim: {lr: 1.0e-3}\n")
+    write(tmp_path / "sub/b.yaml", "extends: ../a.yaml\ntrain: {epochs: 7}\n")
+    c = write(tmp_path / "sub/c.yaml", "extends: b.yaml\nname: c\noptim: {weight_decay: 0.5}\n")
+    r = recipe.load(c)
+    assert (r.name, r.train.epochs, r.train.seed) == ("c", 7, 3)
+    assert (r.optim.lr, r.optim.weight_decay) == (1e-3, 0.5)
+
+
+def test_extends_cycle_is_rejected(tmp_path: Path) -> None:
+    write(tmp_path / "a.yaml", "extends: b.yaml\n")
+    write(tmp_path / "b.yaml", "extends: a.yaml\n")
+    with pytest.raises(RecipeError, match="cycle"):
+        recipe.load(tmp_path / "a.yaml")
+
+
+def test_extends_missing_parent(tmp_path: Path) -> None:
+    with pytest.raises(RecipeError, match=r"extends: .*nope\.yaml not found"):
+        recipe.load(write(tmp_path / "a.yaml", "extends: nope.yaml\n"))
+
+
+def test_unknown_key_names_path_file_and_suggestion(tmp_path: Path) -> None:
+    write(tmp_path / "base.yaml", "optim: {lrr: 1.0}\n")
+    child = write(tmp_path / "child.yaml", "extends: base.yaml\nname: x\n")
+    with pytest.raises(RecipeError) as err:
+        recipe.load(child)
+    msg = str(err.value)
+    # The key came from the parent file: the message names that file, not the child.
+    assert "base.yaml" in msg and "optim.lrr" in msg and "did you mean 'optim.lr'" in msg
+    assert "\n" not in msg
+
+
+def test_unknown_key_in_override_suggests_across_sections() -> None:
+    with pytest.raises(RecipeError) as err:
+        recipe.load(ROOT / "recipes/pretrain.yaml", ["lr=1"])
+    assert "override lr=1" in str(err.value) and "did you mean 'optim.lr'" in str(err.value)
+
+
+@pytest.mark.parametrize(
+    ("override", "key", "expected"),
+    [
+        ("optim.lr=-1", "optim.lr", "> 0"),
+        ("model.mask_ratio=1.0", "model.mask_ratio", "< 1"),
+        ("model.mask_ratio=-0.1", "model.mask_ratio", ">= 0"),
+        ("data.batch_size=0", "data.batch_size", "> 0"),
+        ("train.epochs=2.5", "train.epochs", "an integer"),
+        ("train.precision=fp16", "train.precision", "bf16, no"),
+        ("data.scale=5", "data.scale", "2, 3, 4"),
+        ("optim.lr=fast", "optim.lr", "a number"),
+        ("model.norm_pix_loss=1", "model.norm_pix_loss", "true or false"),
+        ("freeze=encoder", "freeze", "a list"),
+        ("deepspeed.zero_stage=4", "deepspeed.zero_stage", "0, 1, 2, 3"),
+    ],
+)
+def test_wrong_type_or_range_names_key_value_and_expectation(
+    override: str, key: str, expected: str
+) -> None:
+    with pytest.raises(RecipeError) as err:
+        recipe.load(ROOT / "recipes/finetune.yaml", [override])
+    msg = str(err.value)
+    assert f"{key}:" in msg and expected in msg and override.split("=", 1)[1] in msg
+
+
+@pytest.mark.parametrize(
+    ("text", "key", "expected"),
+    [
+        ("stage: finetune\nfreeze: [mae]\n", "init.from", "needs a pretrained model"),
+        ("model: {img_size: 155, patch_size: 10}\n", "model.img_size", "not divisible"),
+        ("model: {embed_dim: 100, num_heads: 8}\n", "model.num_heads", "does not divide"),
+        ("stage: finetune\nmodel: {img_size: 150}\ndata: {scale: 4}\n", "data.scale", "divide"),
+        ("freeze: [encoder]\ninit: {from: x}\n", "freeze", "stage: finetune"),
+        (
+            "stage: finetune\nfreeze: [encoder, mae]\ninit: {from: x}\n",
+            "freeze",
+            "one mode",
+        ),
+        ("stage: finetune\nfreeze: [decoder]\ninit: {from: x}\n", "freeze[0]", "not one of"),
+        ("optim: {groups: [{match: '(enc'}]}\n", "optim.groups[0].match", "not a valid regex"),
+        ("optim: {groups: [{lr: 1.0}]}\n", "optim.groups[0].match", "missing required key"),
+        ("deepspeed: {zero_stage: 2, offload_param: cpu}\n", "deepspeed.offload_param", "3"),
+        ("train: {epochs: 0}\n", "train.epochs", "nothing to train"),
+        ("train: {loss: l1}\n", "train.loss", "MAE objective"),
+        ("cluster: {time: 24:00:00}\n", "cluster.time", "quote it"),
+        ("cluster: {time: 'tomorrow'}\n", "cluster.time", "HH:MM:SS"),
+        ("name: a/b\n", "name", "directory name"),
+        ("optim: {betas: [0.9]}\n", "optim.betas", "two numbers"),
+        ("data: [1, 2]\n", "data", "a mapping"),
+    ],
+)
+def test_checks_name_file_and_key(tmp_path: Path, text: str, key: str, expected: str) -> None:
+    path = write(tmp_path / "bad.yaml", text)
+    with pytest.raises(RecipeError) as err:
+        recipe.load(path)
+    msg = str(err.value)
+    assert str(path) in msg and f"{key}:" in msg and expected in msg
+
+
+def test_not_a_mapping_and_bad_yaml(tmp_path: Path) -> None:
+    with pytest.raises(RecipeError, match="expected a mapping"):
+        recipe.load(write(tmp_path / "list.yaml", "- 1\n- 2\n"))
+    with pytest.raises(RecipeError, match=r"broken.yaml \(line 2\): invalid YAML"):
+        recipe.load(write(tmp_path / "broken.yaml", "name: a\ndata: {shards: ]\n"))
+    with pytest.raises(RecipeError, match="not found"):
+        recipe.load(tmp_path / "missing.yaml")
+
+
+def test_bad_override_syntax(tmp_path: Path) -> None:
+    path = write(tmp_path / "r.yaml", "name: r\n")
+    with pytest.raises(RecipeError, match="key=value"):
+        recipe.load(path, ["optim..lr=1"])
+    with pytest.raises(RecipeError, match=r"train\.epochs is an integer, not a section"):
+        recipe.load(path, ["train.epochs=3", "train.epochs.x=1"])
+
+
+def test_defaults_are_not_shared_between_recipes() -> None:
+    a, b = recipe.Recipe(), recipe.Recipe()
+    a.optim.groups.append(recipe.GroupRule(match="x"))
+    a.optim.scheduler.T_0 = 99
+    assert b.optim.groups == [] and b.optim.scheduler.T_0 == 10
+
+
+def test_from_dict_round_trip() -> None:
+    r = recipe.load(ROOT / "recipes/finetune_frozen_mae.yaml")
+    assert recipe.from_dict(recipe.to_dict(r)) == r

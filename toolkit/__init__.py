@@ -1,0 +1,3 @@
+"""SR-MAE training toolkit."""
+
+__version__ = "0.1.0"
