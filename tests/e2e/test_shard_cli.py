@@ -1,0 +1,209 @@
+"""The shard CLI: one-line user errors with exit 2 (in-process, subprocess); killed runs."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from toolkit import shard
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def run(capsys: pytest.CaptureFixture[str], *argv: str | Path) -> tuple[int, str, str]:
+    code = shard.main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def make_pairs(root: Path, n: int) -> Path:
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        for side, size in (("hr", 8), ("lr", 4)):
+            (root / side).mkdir(parents=True, exist_ok=True)
+            np.save(root / side / f"s{i:03d}.npy", rng.random((size, size)).astype(np.float32))
+    return root
+
+
+def one_error_line(err: str) -> str:
+    lines = err.splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith("error: ")
+    return lines[0]
+
+
+def test_shard_cli_writes_manifest(capsys, tmp_path: Path) -> None:
+    src = make_pairs(tmp_path / "src", 10)
+    code, out, _ = run(capsys, src, tmp_path / "out", "--val-fraction", "0.2", "--seed", "4")
+    assert code == 0 and out == ""
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert manifest["seed"] == 4 and manifest["val_fraction"] == 0.2
+    assert manifest["splits"]["train"]["count"] + manifest["splits"]["val"]["count"] == 10
+
+
+def test_empty_source_is_one_line(capsys, tmp_path: Path) -> None:
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "readme.txt").write_text("no data")
+    code, _, err = run(capsys, tmp_path / "src", tmp_path / "out")
+    assert code == 2
+    assert "no usable files" in one_error_line(err)
+    assert not (tmp_path / "out").exists()
+
+
+def test_lr_without_hr_is_one_line(capsys, tmp_path: Path) -> None:
+    src = make_pairs(tmp_path / "src", 3)
+    np.save(src / "lr" / "extra.npy", np.zeros((4, 4)))
+    code, _, err = run(capsys, src, tmp_path / "out")
+    assert code == 2
+    assert "lr/extra.npy has no hr partner" in one_error_line(err)
+
+
+def test_non_empty_out_needs_overwrite(capsys, tmp_path: Path) -> None:
+    src = make_pairs(tmp_path / "src", 3)
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "keep.txt").write_text("x")
+    code, _, err = run(capsys, src, tmp_path / "out")
+    assert code == 2
+    line = one_error_line(err)
+    assert str(tmp_path / "out") in line and "--overwrite" in line
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["keep.txt"]
+    code, _, _ = run(capsys, src, tmp_path / "out", "--overwrite")
+    assert code == 0 and (tmp_path / "out" / "manifest.json").is_file()
+
+
+def test_strict_corrupt_file_is_one_line_and_writes_nothing(capsys, tmp_path: Path) -> None:
+    src = make_pairs(tmp_path / "src", 6)
+    (src / "lr" / "s002.npy").write_bytes(b"\x93NUMPY")
+    code, _, err = run(capsys, src, tmp_path / "out", "--strict", "--workers", "2")
+    assert code == 2
+    assert "lr/s002.npy" in one_error_line(err)
+    assert not (tmp_path / "out").exists()
+    code, _, _ = run(capsys, src, tmp_path / "out")  # without --strict: skipped and listed
+    assert code == 0
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert [e["path"] for e in manifest["skipped"]] == ["lr/s002.npy"]
+
+
+@pytest.mark.parametrize(
+    ("flags", "words"),
+    [
+        (["--val-fraction", "1"], "--val-fraction"),
+        (["--shard-size", "0"], "--shard-size"),
+        (["--workers", "0"], "--workers"),
+        (["--workers", "two"], "invalid int"),
+        (["--nope"], "unrecognized"),
+    ],
+)
+def test_bad_flags_are_one_line(capsys, tmp_path: Path, flags: list[str], words: str) -> None:
+    src = make_pairs(tmp_path / "src", 2)
+    code, _, err = run(capsys, src, tmp_path / "out", *flags)
+    assert code == 2
+    assert words in one_error_line(err)
+
+
+def _env() -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": str(ROOT)}
+
+
+def test_subprocess_exit_status(tmp_path: Path) -> None:
+    (tmp_path / "empty").mkdir()
+    cmd = [sys.executable, "-m", "toolkit.shard", str(tmp_path / "empty"), str(tmp_path / "out")]
+    done = subprocess.run(cmd, capture_output=True, text=True, env=_env(), cwd=ROOT, timeout=60)
+    assert done.returncode == 2
+    assert done.stderr.startswith("error: ") and done.stderr.count("\n") == 1
+    assert "Traceback" not in done.stderr
+    cmd[-2] = str(make_pairs(tmp_path / "src", 4))
+    done = subprocess.run(cmd, capture_output=True, text=True, env=_env(), cwd=ROOT, timeout=60)
+    assert done.returncode == 0, done.stderr
+
+
+# ---------------------------------------------------------------- interrupted runs
+
+
+def assert_consistent(out: Path) -> dict | None:
+    """If OUT has a manifest, every shard it names is there, whole: size and sha256 match."""
+    path = out / "manifest.json"
+    if not path.exists():
+        return None
+    manifest = json.loads(path.read_text())
+    for split in manifest["splits"].values():
+        for s in split["shards"]:
+            data = (out / s["name"]).read_bytes()
+            assert len(data) == s["bytes"] and hashlib.sha256(data).hexdigest() == s["sha256"]
+    return manifest
+
+
+def kill_when(cmd: list[str], ready: Callable[[], bool]) -> bool:
+    """Run cmd; SIGKILL it (and its workers) as soon as ready(); True if it was killed."""
+    proc = subprocess.Popen(
+        cmd, env=_env(), cwd=ROOT, start_new_session=True, stderr=subprocess.DEVNULL
+    )
+    deadline = time.monotonic() + 60
+    try:
+        while proc.poll() is None and time.monotonic() < deadline:
+            if ready():
+                os.killpg(proc.pid, signal.SIGKILL)
+                return True
+            time.sleep(0.0005)
+        return False
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+@pytest.fixture(scope="module")
+def many_files(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    src = tmp_path_factory.mktemp("many")
+    a = np.random.default_rng(0).random((24, 24)).astype(np.float32)
+    for i in range(3000):
+        np.save(src / f"s{i:04d}.npy", a)
+    return src
+
+
+def temps(out: Path) -> bool:
+    return any(out.glob("*/.shard-*.tmp-*"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_killed_while_writing_leaves_no_manifest(many_files: Path, tmp_path: Path, workers) -> None:
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "toolkit.shard", str(many_files), str(out), "--shard-size", "40"]
+    assert kill_when([*cmd, "--workers", workers], lambda: temps(out))
+    assert not (out / "manifest.json").exists()
+    assert not list(out.glob("*/shard-*.tar"))  # nothing is renamed before every shard is whole
+
+
+@pytest.mark.slow
+def test_killed_while_committing_never_names_a_partial_shard(many_files: Path, tmp_path) -> None:
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "toolkit.shard", str(many_files), str(out), "--shard-size", "20"]
+    kill_when(cmd, lambda: any(out.glob("train/shard-*.tar")))
+    assert_consistent(out)
+
+
+@pytest.mark.slow
+def test_killed_overwrite_keeps_the_old_run_or_none(many_files: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    old = shard.shard(many_files, out, shard_size=500, seed=1)
+    cmd = [sys.executable, "-m", "toolkit.shard", str(many_files), str(out), "--overwrite"]
+    assert kill_when([*cmd, "--shard-size", "30", "--workers", "2"], lambda: temps(out))
+    assert assert_consistent(out) == old  # killed before the commit: the old run is untouched
+    kill_when([*cmd, "--shard-size", "30"], lambda: not (out / "manifest.json").exists())
+    after = assert_consistent(out)
+    assert after is None or after["shard_size"] == 30
+    # A later --overwrite cleans up whatever the killed runs left.
+    new = shard.shard(many_files, out, shard_size=1000, overwrite=True)
+    named = {out / s["name"] for sp in new["splits"].values() for s in sp["shards"]}
+    assert {p for p in out.glob("*/*") if p.is_file()} | set(out.glob("*/.*")) == named

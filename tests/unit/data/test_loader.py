@@ -1,0 +1,203 @@
+"""The streaming loader: rank x worker splits, equal batches, exact resume, crops, bad shards."""
+
+from __future__ import annotations
+
+import collections
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from toolkit.data import loader as L
+from toolkit.data.degrade import degrade
+from toolkit.errors import UserError
+from toolkit.recipe import DataConfig
+from toolkit.shard import shard
+
+
+def make_pairs(root: Path, n: int, size: int = 8, scale: int = 2) -> None:
+    """HR images whose pixels encode their index; LR = 2x2 block means, so crops can be checked."""
+    (root / "hr").mkdir(parents=True)
+    (root / "lr").mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        hr = rng.random((size, size), dtype=np.float32)
+        hr[0, 0] = i / 1000
+        lr = hr.reshape(size // scale, scale, size // scale, scale).mean(axis=(1, 3))
+        np.save(root / "hr" / f"{i:04d}.npy", hr)
+        np.save(root / "lr" / f"{i:04d}.npy", lr.astype(np.float32))
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("data")
+    make_pairs(root / "src", 60)
+    # Uneven, small shards: 7 samples each, the last one shorter.
+    shard(root / "src", root / "shards", val_fraction=0.2, shard_size=7, seed=0)
+    return root / "shards"
+
+
+def cfg(shards: Path, **kw: object) -> DataConfig:
+    base = {"shards": str(shards), "batch_size": 4, "num_workers": 0, "shuffle_buffer": 5}
+    return DataConfig(**{**base, **kw})
+
+
+def keys_of(batches: list[dict]) -> list[str]:
+    return [k for b in batches for k in b["key"]]
+
+
+def all_keys(shards: Path, split: str) -> list[str]:
+    import tarfile
+
+    m = json.loads((shards / "manifest.json").read_text())
+    out = []
+    for s in m["splits"][split]["shards"]:
+        with tarfile.open(shards / s["name"]) as tar:
+            out += sorted({n.name.split(".")[0] for n in tar.getmembers()})
+    return out
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_two_ranks_disjoint_complete_equal_batches(shards: Path, workers: int) -> None:
+    train = all_keys(shards, "train")
+    loaders = [
+        L.build_loader(
+            cfg(shards, num_workers=workers), "train", crop=8, seed=1, rank=r, world_size=2
+        )
+        for r in range(2)
+    ]
+    per_rank = [list(ld) for ld in loaders]
+    assert len(per_rank[0]) == len(per_rank[1]) == loaders[0].batches_per_epoch
+    seen = collections.Counter(keys_of(per_rank[0]) + keys_of(per_rank[1]))
+    assert set(seen) == set(train)  # complete
+    assert sum(seen.values()) - len(train) == loaders[0].padding  # only the padding repeats
+    assert loaders[0].padding == (-len(train)) % 2
+    for b in per_rank[0] + per_rank[1]:
+        assert b["hr"].shape[1:] == (1, 8, 8) and b["lr"].shape[1:] == (1, 4, 4)
+        assert b["hr"].dtype == torch.float32
+
+
+def test_workers_split_a_rank_disjointly_and_order_is_deterministic(shards: Path) -> None:
+    def run(epoch: int, workers: int) -> list[str]:
+        ld = L.build_loader(cfg(shards, num_workers=workers), "train", crop=8, seed=3)
+        ld.load_state_dict({"epoch": epoch, "batch": 0})
+        return keys_of(list(ld))
+
+    first, again = run(0, 2), run(0, 2)
+    assert first == again and len(first) == len(set(first))
+    assert sorted(first) == sorted(all_keys(shards, "train"))
+    assert run(1, 2) != first  # a new epoch reshuffles
+
+
+@pytest.mark.filterwarnings("ignore:This DataLoader will create")
+@pytest.mark.parametrize("workers", [0, 2, 3])
+def test_resume_cursor_gives_exactly_the_remaining_batches(shards: Path, workers: int) -> None:
+    c = cfg(shards, num_workers=workers)
+    full = L.build_loader(c, "train", crop=8, seed=5, rank=1, world_size=2)
+    epoch0 = list(full)
+    epoch1 = list(full)
+    for k in (1, 2, len(epoch0) - 1):
+        ld = L.build_loader(c, "train", crop=8, seed=5, rank=1, world_size=2)
+        it = iter(ld)
+        for _ in range(k):
+            next(it)
+        state = ld.state_dict()
+        assert state == {"epoch": 0, "batch": k}
+        resumed = L.build_loader(c, "train", crop=8, seed=5, rank=1, world_size=2)
+        resumed.load_state_dict(state)
+        rest = list(resumed)
+        assert keys_of(rest) == keys_of(epoch0[k:])
+        assert all(torch.equal(a["hr"], b["hr"]) for a, b in zip(rest, epoch0[k:], strict=True))
+        assert keys_of(list(resumed)) == keys_of(epoch1)  # and the next epoch continues alike
+
+
+def test_validation_counts_each_sample_once_across_ranks(shards: Path) -> None:
+    val = all_keys(shards, "val")
+    assert len(val) % 3  # uneven shares, so the padding path is exercised
+    seen, counts = [], set()
+    for r in range(3):
+        ld = L.build_loader(
+            cfg(shards, val_batch_size=3), "val", crop=8, seed=0, rank=r, world_size=3
+        )
+        assert ld.padding == 0
+        batches = list(ld)
+        counts.add(len(batches))
+        seen += [k for b in batches for k, ok in zip(b["key"], b["valid"], strict=True) if ok]
+    assert sorted(seen) == sorted(val)  # each exactly once, counting only valid positions
+    assert len(counts) == 1  # every rank runs the same number of batches
+
+
+def test_paired_crop_takes_lr_at_hr_coordinates(tmp_path: Path) -> None:
+    make_pairs(tmp_path / "src", 12, size=16)
+    shard(tmp_path / "src", tmp_path / "sh", val_fraction=0.0, shard_size=5)
+    for batch in L.build_loader(cfg(tmp_path / "sh"), "train", crop=8, seed=0):
+        hr, lr = batch["hr"], batch["lr"]
+        assert hr.shape[-1] == 8 and lr.shape[-1] == 4
+        blocks = hr.reshape(-1, 1, 4, 2, 4, 2).mean(dim=(3, 5))
+        torch.testing.assert_close(lr, blocks)
+
+
+def test_hr_only_shards_make_lr_by_degradation_and_pretrain_skips_it(tmp_path: Path) -> None:
+    make_pairs(tmp_path / "src", 10, size=8)
+    shard(tmp_path / "src" / "hr", tmp_path / "sh", val_fraction=0.0, shard_size=4)
+    batch = next(iter(L.build_loader(cfg(tmp_path / "sh"), "train", crop=8, seed=0)))
+    torch.testing.assert_close(batch["lr"], degrade(batch["hr"], 2))
+    pre = next(iter(L.build_loader(cfg(tmp_path / "sh"), "train", crop=8, seed=0, need_lr=False)))
+    assert "lr" not in pre and pre["hr"].shape == (4, 1, 8, 8)
+
+
+def test_fewer_shards_than_ranks_times_workers(tmp_path: Path) -> None:
+    make_pairs(tmp_path / "src", 10)
+    shard(tmp_path / "src", tmp_path / "sh", val_fraction=0.0, shard_size=100)
+    keys = []
+    for r in range(2):
+        ld = L.build_loader(
+            cfg(tmp_path / "sh", num_workers=2, batch_size=2),
+            "train",
+            crop=8,
+            seed=0,
+            rank=r,
+            world_size=2,
+        )
+        keys += keys_of(list(ld))
+    assert sorted(keys) == sorted(f"{i:04d}" for i in range(10))
+
+
+def test_corrupt_shard_is_skipped_with_a_warning_and_batches_stay_equal(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    make_pairs(tmp_path / "src", 20)
+    shard(tmp_path / "src", tmp_path / "sh", val_fraction=0.0, shard_size=5)
+    good = L.build_loader(cfg(tmp_path / "sh"), "train", crop=8, seed=0)
+    expected = good.batches_per_epoch
+    victim = tmp_path / "sh" / "train" / "shard-000001.tar"
+    victim.write_bytes(victim.read_bytes()[:1500])  # truncated mid-sample
+    with caplog.at_level(logging.WARNING):
+        batches = list(L.build_loader(cfg(tmp_path / "sh"), "train", crop=8, seed=0))
+    assert len(batches) == expected and sum(len(b["key"]) for b in batches) == 20
+    warned = [r.getMessage() for r in caplog.records if "shard-000001.tar" in r.getMessage()]
+    assert warned and any("lost" in w for w in warned)
+
+
+def test_missing_shard_is_an_error_before_training(tmp_path: Path) -> None:
+    make_pairs(tmp_path / "src", 8)
+    shard(tmp_path / "src", tmp_path / "sh", val_fraction=0.0, shard_size=4)
+    (tmp_path / "sh" / "train" / "shard-000001.tar").unlink()
+    with pytest.raises(UserError, match=r"names train/shard-000001.tar, but .* is missing"):
+        L.build_loader(cfg(tmp_path / "sh"), "train", crop=8, seed=0)
+    with pytest.raises(UserError, match=r"manifest\.json: not found"):
+        L.build_loader(cfg(tmp_path / "nowhere"), "train", crop=8, seed=0)
+
+
+def test_plan_helpers() -> None:
+    assert L.split_even(7, 3) == [3, 2, 2]
+    # Round robin over workers with 3, 2 and 2 batches; the next worker after 4 is worker 1.
+    assert L.resume_point(4, [3, 2, 2]) == ([2, 1, 1], 1)
+    assert L.resume_point(7, [3, 2, 2]) == ([3, 2, 2], 1)
+    order = L.buffered_shuffle(list(range(50)), 4, np.random.default_rng(0))
+    assert sorted(order) == list(range(50)) and order != list(range(50))
+    # Nothing is emitted more than `size` items after it was read.
+    assert all(pos >= item - 4 for pos, item in enumerate(order))

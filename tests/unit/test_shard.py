@@ -1,0 +1,307 @@
+"""Tests for toolkit.shard.shard: tar contents, manifest, splits, workers, bad input, overwrite."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from toolkit.errors import UserError
+from toolkit.shard import FORMAT, _header, shard, split_of
+
+RNG = np.random.default_rng(0)
+
+
+def make_pairs(root: Path, n: int, hr: int = 8, start: int = 0, nested: bool = True) -> Path:
+    """n paired .npy samples (hr x hr and hr/2 x hr/2 float32) under root/hr and root/lr."""
+    for i in range(start, start + n):
+        rel = Path(f"g{i % 3}" if nested else ".", f"s{i:05d}.npy")
+        for side, size in (("hr", hr), ("lr", hr // 2)):
+            path = root / side / rel
+            path.parent.mkdir(parents=True, exist_ok=True)
+            np.save(path, RNG.random((size, size)).astype(np.float32))
+    return root
+
+
+def image_bytes(a: np.ndarray, fmt: str) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(a).save(buf, format=fmt)
+    return buf.getvalue()
+
+
+def read_tar(path: Path) -> list[tuple[str, bytes]]:
+    with tarfile.open(path) as tar:
+        return [(m.name, tar.extractfile(m).read()) for m in tar.getmembers()]
+
+
+def shard_keys(out: Path, manifest: dict, split: str) -> list[str]:
+    keys = []
+    for s in manifest["splits"][split]["shards"]:
+        keys += [name.split(".")[0] for name, _ in read_tar(out / s["name"])[::2]]
+    return keys
+
+
+def all_keys(out: Path, manifest: dict) -> dict[str, str]:
+    return {k: split for split in ("train", "val") for k in shard_keys(out, manifest, split)}
+
+
+def test_members_are_source_bytes_in_pairs(tmp_path: Path) -> None:
+    src = make_pairs(tmp_path / "src", 12)
+    # Sides may differ in format: an hr PNG against an lr .npy.
+    (src / "hr" / "g0" / "s00000.npy").unlink()
+    png = image_bytes(RNG.integers(0, 256, (8, 8), dtype=np.uint8), "PNG")
+    (src / "hr" / "g0" / "s00000.PNG").write_bytes(png)
+    out = tmp_path / "out"
+    manifest = shard(src, out, shard_size=5, val_fraction=0.25)
+    seen = 0
+    for split in ("train", "val"):
+        for s in manifest["splits"][split]["shards"]:
+            members = read_tar(out / s["name"])
+            assert len(members) == 2 * s["count"]
+            for (hr_name, hr_data), (lr_name, lr_data) in zip(
+                members[::2], members[1::2], strict=True
+            ):
+                key, side, ext = hr_name.split(".")
+                assert side == "hr" and lr_name == f"{key}.lr.npy"
+                hr_file = src / "hr" / f"{key}.{'PNG' if ext == 'png' else ext}"
+                assert hr_data == hr_file.read_bytes()
+                assert lr_data == (src / "lr" / f"{key}.npy").read_bytes()
+                seen += 1
+    assert seen == 12
+    assert "g0/s00000" in all_keys(out, manifest)
+
+
+def test_manifest_describes_the_files(tmp_path: Path) -> None:
+    src = make_pairs(tmp_path / "src", 30)
+    out = tmp_path / "out"
+    manifest = shard(src, out, shard_size=7, seed=3)
+    assert json.loads((out / "manifest.json").read_text()) == manifest
+    assert manifest["format"] == FORMAT and manifest["kind"] == "paired"
+    assert manifest["source"] == str(src.resolve())
+    assert (manifest["seed"], manifest["val_fraction"], manifest["shard_size"]) == (3, 0.1, 7)
+    assert manifest["channels"] == [1]
+    assert manifest["hr_size"] == {"min": [8, 8], "max": [8, 8]}
+    assert manifest["skipped"] == []
+    for split in ("train", "val"):
+        shards = manifest["splits"][split]["shards"]
+        assert [s["name"] for s in shards] == [
+            f"{split}/shard-{i:06d}.tar" for i in range(len(shards))
+        ]
+        assert manifest["splits"][split]["count"] == sum(s["count"] for s in shards)
+        for s in shards:
+            data = (out / s["name"]).read_bytes()
+            assert s["bytes"] == len(data)
+            assert s["sha256"] == hashlib.sha256(data).hexdigest()
+            assert len(read_tar(out / s["name"])) == 2 * s["count"] <= 2 * 7
+    assert manifest["splits"]["train"]["count"] + manifest["splits"]["val"]["count"] == 30
+    assert sorted(p.name for p in out.rglob("*")) == sorted(
+        ["manifest.json", "train", "val"]
+        + [s["name"].split("/")[1] for sp in manifest["splits"].values() for s in sp["shards"]]
+    )
+
+
+def test_splits_partition_the_samples_by_the_key_hash(tmp_path: Path) -> None:
+    src = make_pairs(tmp_path / "src", 40)
+    out = tmp_path / "out"
+    manifest = shard(src, out, val_fraction=0.3, shard_size=6)
+    train, val = shard_keys(out, manifest, "train"), shard_keys(out, manifest, "val")
+    assert not set(train) & set(val)
+    assert sorted(train + val) == sorted(f"g{i % 3}/s{i:05d}" for i in range(40))
+    assert all(split_of(k, 0, 0.3) == "val" for k in val)
+    assert all(split_of(k, 0, 0.3) == "train" for k in train)
+    assert 0 < len(val) < len(train)
+
+
+def test_same_seed_same_split_other_seed_differs(tmp_path: Path) -> None:
+    src = make_pairs(tmp_path / "src", 60)
+    a = shard(src, tmp_path / "a", val_fraction=0.3)
+    b = shard(src, tmp_path / "b", val_fraction=0.3)
+    c = shard(src, tmp_path / "c", val_fraction=0.3, seed=1)
+    assert a["splits"] == b["splits"]  # same shards, byte for byte
+    ka, kc = all_keys(tmp_path / "a", a), all_keys(tmp_path / "c", c)
+    assert ka.keys() == kc.keys()
+    assert ka != kc
+
+
+def test_adding_files_does_not_move_existing_samples(tmp_path: Path) -> None:
+    src = make_pairs(tmp_path / "src", 50)
+    before = all_keys(tmp_path / "a", shard(src, tmp_path / "a", val_fraction=0.2))
+    make_pairs(src, 50, start=50)
+    after = all_keys(tmp_path / "b", shard(src, tmp_path / "b", val_fraction=0.2))
+    assert len(after) == 100
+    assert {k: after[k] for k in before} == before
+
+
+def test_val_fraction_within_one_percent_on_1000_samples(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    tiny = np.zeros((2, 2), np.uint8)
+    for i in range(1000):
+        np.save(src / f"s{i:04d}.npy", tiny)
+    manifest = shard(src, tmp_path / "out", shard_size=300)
+    assert manifest["kind"] == "hr"
+    val = manifest["splits"]["val"]["count"]
+    assert manifest["splits"]["train"]["count"] + val == 1000
+    # Per-sample hashing makes the count binomial (sd 9.5 on 1,000 at 0.1): seed 0 gives 102
+    # here, but another seed may land outside 1%. Over many seeds the mean must be on target.
+    assert abs(val / 1000 - 0.1) <= 0.01
+    keys = [f"s{i:04d}" for i in range(1000)]
+    per_seed = [sum(split_of(k, seed, 0.1) == "val" for k in keys) for seed in range(20)]
+    assert abs(sum(per_seed) / 20_000 - 0.1) <= 0.005
+
+
+def test_one_and_two_workers_write_identical_shards(tmp_path: Path) -> None:
+    src = make_pairs(tmp_path / "src", 45)
+    one = shard(src, tmp_path / "w1", shard_size=4, workers=1)
+    two = shard(src, tmp_path / "w2", shard_size=4, workers=2)
+    assert len(one["splits"]["train"]["shards"]) > 4
+    assert one["splits"] == two["splits"]
+    assert one["channels"] == two["channels"] and one["hr_size"] == two["hr_size"]
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_corrupt_files_are_skipped_and_listed(tmp_path: Path, workers: int) -> None:
+    src = make_pairs(tmp_path / "src", 20)
+    lr = src / "lr" / "g1" / "s00004.npy"
+    lr.write_bytes(lr.read_bytes()[:-7])
+    hr = src / "hr" / "g2" / "s00005.npy"
+    hr.write_bytes(b"not an array")
+    out = tmp_path / "out"
+    manifest = shard(src, out, workers=workers, shard_size=3)
+    assert [e["path"] for e in manifest["skipped"]] == ["hr/g2/s00005.npy", "lr/g1/s00004.npy"]
+    assert "truncated" in manifest["skipped"][1]["reason"]
+    keys = all_keys(out, manifest)
+    assert len(keys) == 18
+    assert "g1/s00004" not in keys and "g2/s00005" not in keys
+
+
+def test_a_shard_left_empty_by_skips_is_dropped_and_names_stay_contiguous(tmp_path: Path) -> None:
+    src = make_pairs(tmp_path / "src", 10, nested=False)
+    for i in (2, 5, 6):
+        (src / "hr" / f"s{i:05d}.npy").write_bytes(b"\x93NUMPY broken")
+    out = tmp_path / "out"
+    manifest = shard(src, out, shard_size=1, val_fraction=0.0)
+    shards = manifest["splits"]["train"]["shards"]
+    assert [s["name"] for s in shards] == [f"train/shard-{i:06d}.tar" for i in range(7)]
+    assert all(s["count"] == 1 for s in shards)
+    assert sorted(p.name for p in (out / "train").iterdir()) == [
+        f"shard-{i:06d}.tar" for i in range(7)
+    ]
+    assert len(manifest["skipped"]) == 3
+
+
+def test_strict_fails_on_a_corrupt_file_and_changes_nothing(tmp_path: Path) -> None:
+    src = make_pairs(tmp_path / "src", 20)
+    bad = src / "hr" / "g0" / "s00009.npy"
+    bad.write_bytes(bad.read_bytes()[:-50])
+    fresh = tmp_path / "fresh"
+    for workers in (1, 2):
+        with pytest.raises(UserError, match=r"hr/g0/s00009\.npy: truncated"):
+            shard(src, fresh, strict=True, shard_size=1, workers=workers)
+        assert not fresh.exists()
+
+    old = tmp_path / "old"
+    make_pairs(tmp_path / "src2", 5)
+    shard(tmp_path / "src2", old)
+    before = {p: p.read_bytes() for p in old.rglob("*") if p.is_file()}
+    for workers in (1, 2):
+        with pytest.raises(UserError, match="s00009"):
+            shard(src, old, strict=True, overwrite=True, shard_size=2, workers=workers)
+        assert {p: p.read_bytes() for p in old.rglob("*") if p.is_file()} == before
+
+
+def test_every_file_corrupt_is_an_error(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "a.png").write_bytes(b"nope")
+    (src / "b.npy").write_bytes(b"nope")
+    with pytest.raises(UserError, match="no sample could be read"):
+        shard(src, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_overwrite_replaces_and_removes_stale_shards(tmp_path: Path) -> None:
+    src = make_pairs(tmp_path / "src", 30)
+    out = tmp_path / "out"
+    first = shard(src, out, shard_size=2)
+    assert len(first["splits"]["train"]["shards"]) > 3
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(UserError, match="--overwrite"):
+        shard(src, out, shard_size=50)
+    second = shard(src, out, shard_size=50, overwrite=True)
+    assert len(second["splits"]["train"]["shards"]) == 1
+    named = {out / s["name"] for sp in second["splits"].values() for s in sp["shards"]}
+    assert set((out / "train").iterdir()) | set((out / "val").iterdir()) == named
+    assert (out / "notes.txt").read_text() == "mine"  # not a shard: left alone
+    for s in second["splits"]["train"]["shards"]:
+        assert hashlib.sha256((out / s["name"]).read_bytes()).hexdigest() == s["sha256"]
+
+
+def test_images_with_mixed_channels_and_sizes(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    (src / "a").mkdir(parents=True)
+    (src / "a" / "grey.png").write_bytes(image_bytes(np.zeros((10, 12), np.uint8), "PNG"))
+    (src / "a" / "rgb.jpg").write_bytes(image_bytes(np.zeros((20, 6, 3), np.uint8), "JPEG"))
+    (src / "b.tiff").write_bytes(image_bytes(np.zeros((15, 15), np.uint16), "TIFF"))
+    manifest = shard(src, tmp_path / "out", val_fraction=0.0)
+    assert manifest["kind"] == "hr"
+    assert manifest["channels"] == [1, 3]
+    assert manifest["hr_size"] == {"min": [10, 6], "max": [20, 15]}
+    names = [n for n, _ in read_tar(tmp_path / "out" / "train" / "shard-000000.tar")]
+    assert sorted(names) == ["a/grey.hr.png", "a/rgb.hr.jpg", "b.hr.tiff"]
+
+
+def test_long_and_non_ascii_keys_survive_the_tar(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    deep = src / ("d" * 60) / ("e" * 60)
+    deep.mkdir(parents=True)
+    np.save(deep / "ünïcode image.v1.npy", np.zeros((3, 3), np.float32))
+    out = tmp_path / "out"
+    manifest = shard(src, out, val_fraction=0.0)
+    ((name, data),) = read_tar(out / manifest["splits"]["train"]["shards"][0]["name"])
+    assert name == f"{'d' * 60}/{'e' * 60}/ünïcode image_v1.hr.npy"
+    assert data == (deep / "ünïcode image.v1.npy").read_bytes()
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "flag"),
+    [
+        ({"val_fraction": 1.0}, "--val-fraction"),
+        ({"val_fraction": -0.1}, "--val-fraction"),
+        ({"val_fraction": float("nan")}, "--val-fraction"),
+        ({"shard_size": 0}, "--shard-size"),
+        ({"workers": 0}, "--workers"),
+    ],
+)
+def test_argument_checks(tmp_path: Path, kwargs: dict, flag: str) -> None:
+    src = make_pairs(tmp_path / "src", 2)
+    with pytest.raises(UserError, match=flag):
+        shard(src, tmp_path / "out", **kwargs)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("name", ["a", "g0/s00001.hr.npy", "x" * 100, "x" * 101, "ü.npy", "a b/c"])
+@pytest.mark.parametrize("size", [0, 1, 512, 123_456_789, 8**11 - 1, 8**11])
+def test_fast_header_is_what_tarfile_writes(name: str, size: int) -> None:
+    info = tarfile.TarInfo(name)
+    info.size, info.mtime, info.mode = size, 0, 0o444
+    assert _header(name, size) == info.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape")
+
+
+def test_webdataset_reads_the_shards_as_samples(tmp_path: Path) -> None:
+    wds = pytest.importorskip("webdataset")
+    src = make_pairs(tmp_path / "src", 9)
+    out = tmp_path / "out"
+    manifest = shard(src, out, val_fraction=0.0, shard_size=4)
+    urls = [str(out / s["name"]) for s in manifest["splits"]["train"]["shards"]]
+    samples = list(wds.WebDataset(urls, shardshuffle=False, empty_check=False))
+    assert len(samples) == 9
+    for sample in samples:
+        assert sample["hr.npy"] == (src / "hr" / f"{sample['__key__']}.npy").read_bytes()
+        assert sample["lr.npy"] == (src / "lr" / f"{sample['__key__']}.npy").read_bytes()

@@ -1,0 +1,1 @@
+"""Data: sources, the lensing generator, degradation and the streaming loader."""

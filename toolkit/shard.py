@@ -1,0 +1,521 @@
+"""The shard command: a source folder -> WebDataset tars per split (train/val) + manifest.json."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import multiprocessing as mp
+import os
+import queue
+import sys
+import tarfile
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from concurrent.futures import (
+    FIRST_COMPLETED,
+    Future,
+    ProcessPoolExecutor,
+    ThreadPoolExecutor,
+    wait,
+)
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, BinaryIO
+
+from tqdm import tqdm
+
+from toolkit import cli
+from toolkit.data.sources import Item, Source, list_source, probe
+from toolkit.errors import UserError
+
+logger = logging.getLogger(__name__)
+
+FORMAT = "srmae-shards/1"
+SPLITS = ("train", "val")
+MANIFEST = "manifest.json"
+_SHARD_GLOB = "shard-*.tar"
+_TEMP_GLOB = ".shard-*.tar.tmp-*"
+
+
+# ---------------------------------------------------------------- split and plan
+
+
+def _hash_hex(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def split_of(key: str, seed: int, val_fraction: float) -> str:
+    """A sample's split, from its key alone: adding files never moves existing samples."""
+    h = _hash_hex(f"{seed}:{key}")
+    return "val" if int(h[:16], 16) / 2**64 < val_fraction else "train"
+
+
+def order_of(key: str, seed: int) -> str:
+    """A sample's sort key within its split: a second hash, so that every shard is well mixed."""
+    return _hash_hex(f"{seed}:order:{key}")
+
+
+def shard_name(split: str, index: int) -> str:
+    return f"{split}/shard-{index:06d}.tar"
+
+
+@dataclass(frozen=True)
+class ShardJob:
+    """One shard to write: its planned place and samples; a worker writes it whole."""
+
+    split: str
+    index: int  # planned number; the final one may be lower if an earlier shard ends up empty
+    out: Path
+    root: Path
+    items: list[Item]
+    strict: bool
+
+
+@dataclass
+class ShardResult:
+    """What a worker wrote: a complete temporary tar (or none), its checksum and what it skipped."""
+
+    split: str
+    index: int
+    tmp: Path | None = None
+    count: int = 0
+    bytes: int = 0
+    sha256: str = ""
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+    channels: set[int] = field(default_factory=set)
+    hr_min: tuple[int, int] = (sys.maxsize, sys.maxsize)
+    hr_max: tuple[int, int] = (0, 0)
+
+
+def plan(
+    source: Source, out: Path, seed: int, val_fraction: float, shard_size: int, strict: bool
+) -> list[ShardJob]:
+    """The shards to write: per split, samples ordered by hash and cut into shard_size pieces."""
+    by_split: dict[str, list[Item]] = {s: [] for s in SPLITS}
+    for item in source.items:
+        by_split[split_of(item.key, seed, val_fraction)].append(item)
+    jobs = []
+    for split, items in by_split.items():
+        items.sort(key=lambda it: (order_of(it.key, seed), it.key))
+        for i in range(0, len(items), shard_size):
+            piece = items[i : i + shard_size]
+            jobs.append(ShardJob(split, i // shard_size, out, source.root, piece, strict))
+    return jobs
+
+
+# ---------------------------------------------------------------- writing one shard
+
+
+_MODE = 0o444
+
+
+def _header(name: str, size: int) -> bytes:
+    """The tar header of a regular member: mode 0444, owner 0, mtime 0 (same input, same bytes).
+
+    A short ASCII name gets a ustar header built here, byte for byte what tarfile would write
+    (a test checks), as tarfile's builder takes as long as copying the member's data; any other
+    name goes through tarfile, which adds a PAX record for it.
+    """
+    raw = name.encode() if name.isascii() else b""
+    if not raw or len(raw) > 100 or size >= 8**11:
+        info = tarfile.TarInfo(name)
+        info.size, info.mtime, info.mode = size, 0, _MODE
+        return info.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape")
+    head = bytearray(tarfile.BLOCKSIZE)
+    head[0 : len(raw)] = raw
+    head[100:148] = b"%07o\0%07o\0%07o\0%011o\0%011o\0" % (_MODE, 0, 0, size, 0)
+    head[148:156] = b" " * 8  # the checksum is summed with its own field as spaces
+    head[156:157] = tarfile.REGTYPE
+    head[257:265] = tarfile.POSIX_MAGIC
+    head[148:155] = b"%06o\0" % sum(head)
+    return bytes(head)
+
+
+class _TarOut:
+    """A tar written sample by sample, each member's data in one piece, hashed on the way out.
+
+    sha256 costs more CPU than reading, probing and writing together, so it runs on a helper
+    thread (hashlib releases the GIL) that overlaps the rest where a core is free. At most
+    _AHEAD samples wait to be hashed, which bounds memory.
+    """
+
+    _AHEAD = 16
+
+    def __init__(self, f: BinaryIO) -> None:
+        self.f, self.sha, self.size = f, hashlib.sha256(), 0
+        self._hasher = ThreadPoolExecutor(1, thread_name_prefix="shard-sha256")
+        self._waiting: deque[Future] = deque()
+
+    def __enter__(self) -> _TarOut:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._hasher.shutdown(wait=True, cancel_futures=True)
+
+    def _hash(self, chunks: list[bytes]) -> None:
+        for chunk in chunks:
+            self.sha.update(chunk)
+
+    def _submit(self, chunks: list[bytes]) -> None:
+        for chunk in chunks:
+            self.f.write(chunk)
+            self.size += len(chunk)
+        self._waiting.append(self._hasher.submit(self._hash, chunks))
+        while len(self._waiting) > self._AHEAD:
+            self._waiting.popleft().result()
+
+    def add(self, members: list[tuple[str, bytes]]) -> None:
+        chunks = []
+        for name, data in members:
+            chunks += [_header(name, len(data)), data, b"\0" * (-len(data) % tarfile.BLOCKSIZE)]
+        self._submit(chunks)
+
+    def close(self) -> str:
+        """End the archive, wait for the hashing, and return the sha256 of the whole file."""
+        # Two zero blocks end the archive; tarfile pads to a whole record, and so do we.
+        end = 2 * tarfile.BLOCKSIZE
+        self._submit([b"\0" * (end + (-(self.size + end) % tarfile.RECORDSIZE))])
+        while self._waiting:
+            self._waiting.popleft().result()
+        return self.sha.hexdigest()
+
+
+def _read_checked(path: Path) -> tuple[bytes, tuple[int, int, int]]:
+    try:
+        data = path.read_bytes()
+    except OSError as err:
+        raise ValueError(f"unreadable: {err.strerror or err}") from err
+    return data, probe(data, path.suffix)
+
+
+def _members(job: ShardJob, item: Item, result: ShardResult) -> list[tuple[str, bytes]] | None:
+    """The tar members of one sample, or None (recorded in result.skipped) if a file is bad."""
+    members, shapes, ok = [], [], True
+    for side, path in (("hr", item.hr), ("lr", item.lr)):
+        if path is None:
+            continue
+        try:
+            data, shape = _read_checked(path)
+        except ValueError as err:
+            result.skipped.append((path.relative_to(job.root).as_posix(), str(err)))
+            ok = False
+            if job.strict:
+                break
+            continue
+        members.append((f"{item.key}.{side}.{path.suffix.lower().lstrip('.')}", data))
+        shapes.append(shape)
+    if not ok:
+        return None
+    result.channels.update(c for c, _, _ in shapes)
+    _, h, w = shapes[0]
+    result.hr_min = (min(result.hr_min[0], h), min(result.hr_min[1], w))
+    result.hr_max = (max(result.hr_max[0], h), max(result.hr_max[1], w))
+    return members
+
+
+def write_shard(job: ShardJob, report: Callable[[int], None]) -> ShardResult:
+    """Write one shard to a temporary name in its split folder; the caller renames it."""
+    result = ShardResult(job.split, job.index)
+    tmp = job.out / job.split / f".shard-{job.index:06d}.tar.tmp-{os.getpid()}"
+    try:
+        with open(tmp, "wb") as f, _TarOut(f) as tar:
+            for item in job.items:
+                members = _members(job, item, result)
+                report(1 if item.lr is None else 2)
+                if members is None:
+                    if job.strict:
+                        break
+                    continue
+                tar.add(members)
+                result.count += 1
+            digest = tar.close()
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    if result.count == 0 or (job.strict and result.skipped):
+        tmp.unlink()
+        return result
+    result.tmp, result.bytes, result.sha256 = tmp, tar.size, digest
+    return result
+
+
+# Worker processes report progress through this queue (set by the pool initializer).
+_PROGRESS: Any = None
+
+
+def _init_worker(progress: Any) -> None:
+    global _PROGRESS
+    _PROGRESS = progress
+
+
+def _pool_write_shard(job: ShardJob) -> ShardResult:
+    pending = [0]
+
+    def report(n: int) -> None:
+        # Batched: one queue message per file would cost more than the file's copy.
+        pending[0] += n
+        if pending[0] >= 64:
+            _PROGRESS.put(pending[0])
+            pending[0] = 0
+
+    try:
+        return write_shard(job, report)
+    finally:
+        if pending[0]:
+            _PROGRESS.put(pending[0])
+
+
+# ---------------------------------------------------------------- running all shards
+
+
+def _strict_error(result: ShardResult, root: Path) -> UserError:
+    path, reason = result.skipped[0]
+    return UserError(f"{root / path}: {reason} (--strict: nothing was written)")
+
+
+def _drain(progress: Any, bar: tqdm) -> None:
+    while True:
+        try:
+            bar.update(progress.get_nowait())
+        except queue.Empty:
+            return
+
+
+def _run_pool(jobs: list[ShardJob], workers: int, bar: tqdm, done: list[ShardResult]) -> None:
+    ctx = mp.get_context()
+    progress = ctx.Queue()
+    pool = ProcessPoolExecutor(
+        workers, mp_context=ctx, initializer=_init_worker, initargs=(progress,)
+    )
+    futures = [pool.submit(_pool_write_shard, job) for job in jobs]
+    pending: set[Future] = set(futures)
+    try:
+        while pending:
+            finished, pending = wait(pending, timeout=0.2, return_when=FIRST_COMPLETED)
+            _drain(progress, bar)
+            for fut in finished:
+                result = fut.result()  # a worker's error ends the run
+                if jobs[0].strict and result.skipped:
+                    raise _strict_error(result, jobs[0].root)
+    finally:
+        # Shards still being written finish first; every written one is handed back, so that
+        # the caller can rename it or, on an error, remove its temporary file.
+        pool.shutdown(wait=True, cancel_futures=True)
+        for fut in futures:
+            if fut.done() and not fut.cancelled() and fut.exception() is None:
+                done.append(fut.result())
+        _drain(progress, bar)
+
+
+def run_jobs(jobs: list[ShardJob], workers: int, done: list[ShardResult]) -> None:
+    """Write every shard (in-process for one worker); results are appended to done as they come."""
+    total = sum(1 if it.lr is None else 2 for job in jobs for it in job.items)
+    bar = tqdm(
+        total=total, unit="file", desc="shard", file=sys.stderr, disable=not sys.stderr.isatty()
+    )
+    workers = min(workers, len(jobs))
+    try:
+        if workers == 1:
+            for job in jobs:
+                done.append(write_shard(job, bar.update))
+                if job.strict and done[-1].skipped:
+                    raise _strict_error(done[-1], job.root)
+        else:
+            _run_pool(jobs, workers, bar, done)
+    finally:
+        bar.close()
+
+
+# ---------------------------------------------------------------- output folder
+
+
+def _check_out(out: Path, overwrite: bool) -> set[Path]:
+    """Refuse a non-empty OUT without --overwrite; return the old shard files found there."""
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{out}: expected an output folder, got a file")
+    if not out.exists() or not any(out.iterdir()):
+        return set()
+    if not overwrite:
+        raise UserError(
+            f"{out} is not empty: choose another OUT, or pass --overwrite to replace it"
+        )
+    return {p for s in SPLITS for g in (_SHARD_GLOB, _TEMP_GLOB) for p in (out / s).glob(g)}
+
+
+def _make_dirs(out: Path) -> list[Path]:
+    created = []
+    for d in (out, out / "train", out / "val"):
+        if not d.exists():
+            d.mkdir(parents=True)
+            created.append(d)
+    return created
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def _commit(out: Path, results: list[ShardResult], manifest: dict, old: set[Path]) -> None:
+    """Make the new shards visible: manifest gone, shards renamed, manifest last, stale removed."""
+    # Without a manifest nobody reads OUT, so no reader ever sees old and new files mixed.
+    (out / MANIFEST).unlink(missing_ok=True)
+    named = set()
+    for split in SPLITS:
+        kept = sorted((r for r in results if r.split == split and r.tmp), key=lambda r: r.index)
+        for i, r in enumerate(kept):
+            name = shard_name(split, i)
+            os.replace(r.tmp, out / name)
+            named.add(out / name)
+            manifest["splits"][split]["shards"].append(
+                {"name": name, "count": r.count, "bytes": r.bytes, "sha256": r.sha256}
+            )
+    _write_json(out / MANIFEST, manifest)
+    for path in sorted(old - named):
+        path.unlink(missing_ok=True)
+
+
+def _manifest(source: Source, results: list[ShardResult], args: dict) -> dict:
+    kept = [r for r in results if r.count]
+    counts = {s: sum(r.count for r in results if r.split == s) for s in SPLITS}
+    return {
+        "format": FORMAT,
+        "kind": source.kind,
+        "source": str(source.root),
+        **args,
+        "channels": sorted(set().union(*(r.channels for r in kept))),
+        "hr_size": {
+            "min": [min(r.hr_min[0] for r in kept), min(r.hr_min[1] for r in kept)],
+            "max": [max(r.hr_max[0] for r in kept), max(r.hr_max[1] for r in kept)],
+        },
+        "splits": {s: {"count": counts[s], "shards": []} for s in SPLITS},
+        "skipped": [
+            {"path": p, "reason": why} for p, why in sorted(x for r in results for x in r.skipped)
+        ],
+    }
+
+
+# ---------------------------------------------------------------- the command
+
+
+def _check_args(val_fraction: float, shard_size: int, workers: int) -> None:
+    if not 0 <= val_fraction < 1:
+        raise UserError(f"--val-fraction: expected a number in [0, 1), got {val_fraction}")
+    if shard_size < 1:
+        raise UserError(f"--shard-size: expected an integer >= 1, got {shard_size}")
+    if workers < 1:
+        raise UserError(f"--workers: expected an integer >= 1, got {workers}")
+
+
+def _log_summary(out: Path, manifest: dict, seconds: float) -> None:
+    skipped = manifest["skipped"]
+    for entry in skipped[:10]:
+        logger.warning("skipped %s: %s", entry["path"], entry["reason"])
+    if len(skipped) > 10:
+        logger.warning("... and %d more skipped files, listed in %s", len(skipped) - 10, MANIFEST)
+    mb = sum(s["bytes"] for sp in manifest["splits"].values() for s in sp["shards"]) / 1e6
+    parts = [
+        f"{name} {sp['count']} samples in {len(sp['shards'])} shard(s)"
+        for name, sp in manifest["splits"].items()
+    ]
+    logger.info(
+        "%s: %s; %d file(s) skipped; %.1f MB in %.1f s (%.0f MB/s)",
+        out / MANIFEST,
+        ", ".join(parts),
+        len(skipped),
+        mb,
+        seconds,
+        mb / max(seconds, 1e-9),
+    )
+
+
+def shard(
+    src: str | Path,
+    out: str | Path,
+    *,
+    val_fraction: float = 0.1,
+    shard_size: int = 1000,
+    workers: int = 1,
+    seed: int = 0,
+    overwrite: bool = False,
+    strict: bool = False,
+) -> dict:
+    """Shard SRC into OUT/{train,val}/shard-NNNNNN.tar and write OUT/manifest.json; return it."""
+    start = time.perf_counter()
+    _check_args(val_fraction, shard_size, workers)
+    source = list_source(Path(src).resolve())
+    out = Path(out)
+    old = _check_out(out, overwrite)
+    jobs = plan(source, out, seed, val_fraction, shard_size, strict)
+    created = _make_dirs(out)
+    results: list[ShardResult] = []
+    try:
+        run_jobs(jobs, workers, results)
+        if not any(r.count for r in results):
+            first = min(x for r in results for x in r.skipped)
+            raise UserError(
+                f"{source.root}: no sample could be read (first: {first[0]}: {first[1]})"
+            )
+    except BaseException:
+        for r in results:
+            if r.tmp:
+                r.tmp.unlink(missing_ok=True)
+        for d in reversed(created):
+            if not any(d.iterdir()):
+                d.rmdir()
+        raise
+    args = {"seed": seed, "val_fraction": val_fraction, "shard_size": shard_size}
+    manifest = _manifest(source, results, args)
+    _commit(out, results, manifest, old)
+    _log_summary(out, manifest, time.perf_counter() - start)
+    return manifest
+
+
+def parse_args(argv: Sequence[str] | None) -> Any:
+    p = cli.ArgumentParser(
+        prog="python -m toolkit.shard",
+        description="Shard a folder of images/.npy (HR only, or paired hr/ and lr/) into "
+        "WebDataset tars: OUT/train, OUT/val and OUT/manifest.json.",
+    )
+    p.add_argument("src", metavar="SRC", help="source folder (images/.npy, or hr/ + lr/)")
+    p.add_argument("out", metavar="OUT", help="output folder")
+    p.add_argument(
+        "--val-fraction",
+        type=float,
+        default=0.1,
+        metavar="F",
+        help="share of samples in val "
+        "(default %(default)s), by a hash of each key: adding files never moves existing ones",
+    )
+    p.add_argument("--shard-size", type=int, default=1000, metavar="N", help="samples per shard")
+    p.add_argument("--workers", type=int, default=1, metavar="W", help="processes writing shards")
+    p.add_argument("--seed", type=int, default=0, metavar="S", help="seed of the split and order")
+    p.add_argument("--overwrite", action="store_true", help="replace the shards in a non-empty OUT")
+    p.add_argument("--strict", action="store_true", help="a corrupt file is an error, not a skip")
+    return p.parse_args(argv)
+
+
+def _main(argv: Sequence[str] | None) -> int:
+    a = parse_args(argv)
+    shard(
+        a.src,
+        a.out,
+        val_fraction=a.val_fraction,
+        shard_size=a.shard_size,
+        workers=a.workers,
+        seed=a.seed,
+        overwrite=a.overwrite,
+        strict=a.strict,
+    )
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return cli.run(_main, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
