@@ -1,0 +1,148 @@
+"""Param-group rules, the schedules (per group, across save/restore) and the losses."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from toolkit import optim
+from toolkit.errors import UserError
+from toolkit.recipe import GroupRule, OptimConfig, SchedulerConfig
+
+
+class Tiny(nn.Module):
+    """Names like the SR-MAE's: encoder.*, decoder.*, sr.*, with norms, biases and a pos embed."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.encoder = nn.ModuleDict({"proj": nn.Linear(4, 4), "norm": nn.LayerNorm(4)})
+        self.encoder.pos_embed = nn.Parameter(torch.zeros(1, 3, 4))
+        self.decoder = nn.ModuleDict({"proj": nn.Linear(4, 4)})
+        self.sr = nn.Conv2d(1, 2, 3)
+
+
+def by_rule(groups: list[optim.Group]) -> dict[tuple[str, float], set[str]]:
+    return {(g.rule, g.weight_decay): set(g.names) for g in groups}
+
+
+def test_first_match_wins_and_no_decay_for_norms_biases_pos_embed() -> None:
+    cfg = OptimConfig(
+        lr=5e-4,
+        weight_decay=1e-4,
+        groups=[GroupRule(match=r"^encoder\.", lr=8e-5), GroupRule(match=r"proj", lr=1e-3)],
+    )
+    groups = optim.build_groups(Tiny(), cfg)
+    enc = "optim.groups[0] '^encoder\\.'"
+    assert by_rule(groups) == {
+        (enc, 1e-4): {"encoder.proj.weight"},
+        (enc, 0.0): {
+            "encoder.proj.bias",
+            "encoder.norm.weight",
+            "encoder.norm.bias",
+            "encoder.pos_embed",
+        },
+        ("optim.groups[1] 'proj'", 1e-4): {"decoder.proj.weight"},
+        ("optim.groups[1] 'proj'", 0.0): {"decoder.proj.bias"},
+        ("default", 1e-4): {"sr.weight"},
+        ("default", 0.0): {"sr.bias"},
+    }
+    lrs = {g.rule: g.lr for g in groups}
+    assert lrs == {enc: 8e-5, "optim.groups[1] 'proj'": 1e-3, "default": 5e-4}
+
+
+def test_every_trainable_parameter_in_exactly_one_group_and_frozen_in_none() -> None:
+    model = Tiny()
+    model.encoder.requires_grad_(False)
+    groups = optim.build_groups(model, OptimConfig())
+    names = [n for g in groups for n in g.names]
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert sorted(names) == sorted(trainable) and not any(n.startswith("encoder") for n in names)
+    opt = optim.build_optimizer(groups, OptimConfig())
+    loss = sum(p.sum() for p in model.parameters() if p.requires_grad)
+    loss.backward()
+    opt.step()
+    # Frozen parameters get no optimiser state at all.
+    frozen = {id(p) for p in model.encoder.parameters()}
+    assert opt.state and not any(id(p) in frozen for p in opt.state)
+
+
+def test_rule_with_explicit_weight_decay_applies_it_to_biases_too() -> None:
+    cfg = OptimConfig(groups=[GroupRule(match=r"^sr\.", weight_decay=0.5)])
+    groups = optim.build_groups(Tiny(), cfg)
+    assert by_rule(groups)[("optim.groups[0] '^sr\\.'", 0.5)] == {"sr.weight", "sr.bias"}
+
+
+def test_rule_matching_nothing_is_an_error_naming_it() -> None:
+    model = Tiny()
+    model.encoder.requires_grad_(False)
+    cfg = OptimConfig(groups=[GroupRule(match=r"^encoder\.", lr=8e-5)])
+    with pytest.raises(UserError, match=r"optim.groups\[0\]: match '\^encoder\\.' matches no"):
+        optim.build_groups(model, cfg)
+
+
+def test_warm_restarts_match_torch_per_step_for_every_group() -> None:
+    spe, sched = 7, SchedulerConfig(name="cosine_warm_restarts", T_0=2, T_mult=2, eta_min=1e-5)
+    model = Tiny()
+    cfg = OptimConfig(lr=5e-4, groups=[GroupRule(match=r"^encoder\.", lr=8e-5)], scheduler=sched)
+    ours = optim.build_optimizer(optim.build_groups(model, cfg), cfg)
+    ref = optim.build_optimizer(optim.build_groups(model, cfg), cfg)
+    s_ours = optim.build_scheduler(ours, sched, steps_per_epoch=spe, total_steps=100)
+    s_ref = torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(
+        ref, T_0=sched.T_0 * spe, T_mult=2, eta_min=1e-5
+    )
+    for _ in range(100):
+        for a, b in zip(ours.param_groups, ref.param_groups, strict=True):
+            assert a["lr"] == pytest.approx(b["lr"], rel=1e-9, abs=1e-12)
+        ours.step(), ref.step(), s_ours.step(), s_ref.step()
+    # Each group follows the curve from its own base: the encoder never exceeds 8e-5.
+    enc = [g for g in ours.param_groups if "encoder" in g["name"]]
+    assert enc and all(g["lr"] <= 8e-5 + 1e-15 for g in enc)
+
+
+def test_cosine_with_warmup_and_constant() -> None:
+    cos = SchedulerConfig(name="cosine", warmup_steps=10, eta_min=0.0)
+    lrs = [optim.lr_at(s, 1.0, cos, steps_per_epoch=5, total_steps=110) for s in range(111)]
+    assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
+    assert lrs[10] == pytest.approx(1.0) and lrs[60] == pytest.approx(0.5)
+    assert lrs[110] == pytest.approx(0.0, abs=1e-12)
+    assert all(a >= b for a, b in itertools.pairwise(lrs[10:]))
+    const = SchedulerConfig(name="constant")
+    assert {optim.lr_at(s, 3e-4, const, 5, 50) for s in range(50)} == {3e-4}
+
+
+def test_schedule_state_restores_exactly() -> None:
+    sched = SchedulerConfig(name="cosine_warm_restarts", T_0=1, eta_min=8e-5)
+    cfg = OptimConfig(groups=[GroupRule(match=r"^encoder\.", lr=2e-4)], scheduler=sched)
+
+    def fresh() -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
+        opt = optim.build_optimizer(optim.build_groups(Tiny(), cfg), cfg)
+        return opt, optim.build_scheduler(opt, sched, steps_per_epoch=4, total_steps=40)
+
+    opt, s = fresh()
+    for _ in range(6):
+        opt.step(), s.step()
+    saved_sched, saved_opt = s.state_dict(), opt.state_dict()
+    expected = []
+    for _ in range(5):
+        opt.step(), s.step()
+        expected.append([g["lr"] for g in opt.param_groups])
+    opt2, s2 = fresh()
+    opt2.load_state_dict(saved_opt)
+    s2.load_state_dict(saved_sched)
+    got = []
+    for _ in range(5):
+        opt2.step(), s2.step()
+        got.append([g["lr"] for g in opt2.param_groups])
+    assert got == expected
+    assert len({round(v, 12) for v in expected[0]}) == 2  # two groups, two different lrs
+
+
+def test_losses() -> None:
+    a, b = torch.zeros(2, 1, 2, 2), torch.full((2, 1, 2, 2), 0.5)
+    assert optim.build_loss("l1")(a, b).item() == pytest.approx(0.5)
+    assert optim.build_loss("mse")(a, b).item() == pytest.approx(0.25)
+    assert math.isclose(optim.lr_at(0, 1.0, SchedulerConfig(name="constant"), 1, 1), 1.0)
