@@ -30,6 +30,9 @@ def setup_logging() -> None:
         datefmt="%H:%M:%S",
         stream=sys.stderr,
     )
+    # Their INFO lines (every file of every checkpoint) drown the training log.
+    for noisy in ("accelerate", "DeepSpeed", "torch.distributed"):
+        logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLogger().level))
 
 
 def run(main: Callable[[Sequence[str] | None], int], argv: Sequence[str] | None = None) -> int:

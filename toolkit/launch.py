@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import json
 import logging
+import subprocess
 import sys
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any
 
-from toolkit import cli, recipe
+from toolkit import cli, preflight, recipe
 from toolkit.errors import UserError
 
 logger = logging.getLogger(__name__)
@@ -43,7 +43,7 @@ def parse_args(argv: Sequence[str] | None) -> Any:
     p.add_argument("--procs", type=int, help="with --local: processes on this machine (default 1)")
     p.add_argument("--dry-run", action="store_true", help="resolve, check and print; start nothing")
     p.add_argument("--json", action="store_true", help="with --dry-run: one JSON object")
-    args = p.parse_args(argv)
+    args = p.parse_intermixed_args(argv)
     bad = [o for o in args.overrides if "=" not in o]
     if bad:
         p.error(f"expected key=value after the recipe, got {bad[0]!r}")
@@ -73,27 +73,40 @@ def world_of(r: recipe.Recipe, args: Any) -> World:
     return World(nodes=nodes, gpus_per_node=gpus, world_size=nodes * max(gpus, 1), mode="slurm")
 
 
-def preflight(r: recipe.Recipe) -> list[str]:
-    """Inputs that a later step may still create: warnings in a dry run, errors at a real launch."""
-    problems = []
-    manifest = Path(r.data.shards) / "manifest.json"
-    if not manifest.is_file():
-        problems.append(
-            f"data.shards: {manifest} not found: make the shards first with "
-            f"`python -m toolkit.shard SRC {r.data.shards}`"
-        )
-    if r.init.from_ and not Path(r.init.from_).exists():
-        problems.append(
-            f"init.from: {r.init.from_} does not exist yet: run the stage that writes it first"
-        )
-    return problems
+def param_summary(r: recipe.Recipe) -> dict[str, Any]:
+    """Parameter counts and optimiser groups of the recipe's model, built on the meta device
+    (shapes only: instant and allocation-free even for large models)."""
+    import torch
+
+    from toolkit.models import apply_freeze, build_model, param_counts
+    from toolkit.optim import build_groups
+
+    with torch.device("meta"):
+        model = build_model(r.model, r.stage, r.data.scale)
+    if r.stage == "finetune":
+        apply_freeze(model, r.freeze)
+    total, trainable = param_counts(model)
+    groups = [
+        {"rule": g.rule, "lr": g.lr, "weight_decay": g.weight_decay, "params": g.numel}
+        for g in build_groups(model, r.optim)
+    ]
+    return {"total": total, "trainable": trainable, "groups": groups}
+
+
+def group_table(params: dict[str, Any]) -> list[str]:
+    rows = [("rule", "lr", "weight decay", "params")]
+    rows += [(g["rule"], f"{g['lr']:.2e}", f"{g['weight_decay']:g}", f"{g['params']:,}")
+             for g in params["groups"]]  # fmt: skip
+    widths = [max(len(row[i]) for row in rows) for i in range(4)]
+    return ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) for row in rows]
 
 
 def dry_run(path: str, r: recipe.Recipe, world: World, warnings: list[str], as_json: bool) -> None:
+    params = param_summary(r)
     if as_json:
         out = {
             "recipe": recipe.to_dict(r),
-            "params": None,
+            "params": params,
             "world": {k: v for k, v in asdict(world).items() if k != "mode"},
             "sbatch": None,
             "warnings": warnings,
@@ -106,6 +119,9 @@ def dry_run(path: str, r: recipe.Recipe, world: World, warnings: list[str], as_j
         f"stage: {r.stage}   freeze: {r.freeze or 'none'}   init.from: {r.init.from_ or 'none'}",
         f"world: {world.nodes} node(s) x {world.gpus_per_node} GPU(s) per node = "
         f"{world.world_size} process(es) on {where}",
+        f"params: {params['total']:,} total, {params['trainable']:,} trainable",
+        "",
+        *group_table(params),
         "",
         "# resolved recipe",
         recipe.dump(r).rstrip(),
@@ -115,20 +131,31 @@ def dry_run(path: str, r: recipe.Recipe, world: World, warnings: list[str], as_j
     sys.stdout.write("\n".join(lines) + "\n")
 
 
+def run_local(args: Any, r: recipe.Recipe) -> int:
+    """P=1: train in this process (the debug run). P>1: torchrun starts P processes here."""
+    if (args.procs or 1) == 1:
+        from toolkit.train import run
+
+        return run(r)
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone",
+        f"--nproc-per-node={args.procs}", "-m", "toolkit.train", args.recipe, *args.overrides,
+    ]  # fmt: skip
+    logger.info("starting %d processes: %s", args.procs, " ".join(cmd))
+    return subprocess.run(cmd, check=False).returncode
+
+
 def _main(argv: Sequence[str] | None) -> int:
     args = parse_args(argv)
     r = recipe.load(args.recipe, args.overrides)
     world = world_of(r, args)
-    problems = preflight(r)
     if args.dry_run:
-        dry_run(args.recipe, r, world, problems, args.json)
+        dry_run(args.recipe, r, world, preflight.problems(r), args.json)
         return 0
-    if problems:
-        raise UserError(problems[0])
-    raise UserError(
-        f"{'local' if args.local else 'Slurm'} training is not available in this version yet; "
-        "use --dry-run to check a recipe"
-    )
+    preflight.require(r)
+    if args.local:
+        return run_local(args, r)
+    raise UserError("Slurm submission is not available in this version yet; use --local")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

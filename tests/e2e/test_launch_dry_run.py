@@ -103,3 +103,49 @@ def test_subprocess_exit_status_and_no_traceback(tmp_path: Path) -> None:
         f"error: {PRETRAIN} (override optim.lrr=1): optim.lrr: unknown key; "
         "did you mean 'optim.lr'?"
     ]
+
+
+def test_shards_that_do_not_fit_the_model_are_reported(capsys, tmp_path, monkeypatch) -> None:
+    import numpy as np
+
+    from toolkit.shard import shard
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "src").mkdir()
+    for i in range(6):
+        np.save(tmp_path / "src" / f"{i}.npy", np.zeros((16, 16, 3), dtype=np.float32))
+    shard(tmp_path / "src", tmp_path / "shards", val_fraction=0.0, shard_size=4)
+    argv = [PRETRAIN, "data.shards=shards", "--dry-run", "--json"]
+    warnings = json.loads(run(capsys, *argv)[1])["warnings"]
+    assert any("3-channel images but model.in_chans is 1" in w for w in warnings)
+    assert any("smallest image is 16x16, smaller than model.img_size 150" in w for w in warnings)
+    code, _, err = run(capsys, PRETRAIN, "data.shards=shards", "--local")
+    assert code == 2 and "model.in_chans is 1" in err
+
+
+@pytest.mark.parametrize(
+    ("name", "trainable"),
+    [
+        ("pretrain", 7.25e6),
+        ("finetune_frozen_mae", 167.7e3),
+        ("finetune_frozen_encoder", 996e3),
+        ("finetune", 7.38e6),
+    ],
+)
+def test_dry_run_counts_params_like_the_workload(capsys, name, trainable) -> None:
+    code, out, _ = run(capsys, str(ROOT / f"recipes/{name}.yaml"), "--dry-run", "--json")
+    params = json.loads(out)["params"]
+    assert code == 0 and abs(params["trainable"] - trainable) / trainable < 0.10
+    assert sum(g["params"] for g in params["groups"]) == params["trainable"]
+    _, text, _ = run(capsys, str(ROOT / f"recipes/{name}.yaml"), "--dry-run")
+    assert "rule" in text and "weight decay" in text and f"{params['trainable']:,}" in text
+
+
+def test_group_rule_matching_nothing_fails_the_dry_run(capsys) -> None:
+    recipe = str(ROOT / "recipes/finetune_frozen_mae.yaml")
+    code, _, err = run(
+        capsys, recipe, "optim.groups=[{match: '^encoder\\.', lr: 1e-4}]", "--dry-run"
+    )
+    assert (
+        code == 2 and "optim.groups[0]: match '^encoder\\.' matches no trainable parameter" in err
+    )

@@ -1,0 +1,223 @@
+"""The training engine end to end: run directory, TensorBoard, exact resume after SIGKILL,
+damaged checkpoints, two processes as one group, stage chaining, non-finite loss."""
+
+from __future__ import annotations
+
+import random
+import signal
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from tests.helpers import DEBUG_RECIPE, make_pairs, read_jsonl, run_cli, tiny
+from toolkit import train as train_cli
+from toolkit.shard import shard
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("engine")
+    make_pairs(root / "src", 40)
+    shard(root / "src", root / "shards", val_fraction=0.2, shard_size=8)
+    return root / "shards"
+
+
+def train(*overrides: str) -> int:
+    return train_cli.main([str(DEBUG_RECIPE), *overrides])
+
+
+def weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(run_dir / "model.safetensors"))
+
+
+def test_run_directory_tensorboard_and_metrics(shards: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    assert train(*tiny(shards, run, "train.max_steps=6", "train.checkpoint_every=3")) == 0
+    assert (run / "recipe.yaml").is_file() and (run / "model.safetensors").is_file()
+    ckpts = sorted(p.name for p in (run / "checkpoints").iterdir())
+    assert ckpts == ["latest", "step-00000003", "step-00000006"]
+    assert (run / "checkpoints/latest").read_text().strip() == "step-00000006"
+    ev = json_of(run / "eval.json")
+    assert ev["split"] == "val"
+    assert ev["count"] == json_of(shards / "manifest.json")["splits"]["val"]["count"]
+    assert set(ev["model"]) >= {"mse", "psnr", "ssim"} and set(ev["bicubic"]) == {
+        "mse",
+        "psnr",
+        "ssim",
+    }
+    acc = EventAccumulator(str(run / "tb"), size_guidance={"scalars": 0, "images": 0}).Reload()
+    tags = set(acc.Tags()["scalars"])
+    assert {
+        "train/loss",
+        "train/grad_norm",
+        "train/images_per_s",
+        "train/data_wait",
+        "train/lr/default",
+        "val/mse",
+        "val/psnr",
+        "val/ssim",
+        "val/psnr_bicubic",
+    } <= tags
+    assert [e.step for e in acc.Scalars("train/loss")] == list(range(1, 7))
+    assert acc.Tags()["images"] and acc.Images(acc.Tags()["images"][0])
+    lines = read_jsonl(run / "metrics.jsonl")
+    assert [x["step"] for x in lines if "train/loss" in x] == list(range(1, 7))
+    val = [x for x in lines if "val/psnr" in x][-1]
+    assert val["val/psnr"] == pytest.approx(ev["model"]["psnr"])
+
+
+def json_of(path: Path) -> dict:
+    import json
+
+    return json.loads(path.read_text())
+
+
+def test_sigkill_then_relaunch_is_bit_identical(shards: Path, tmp_path: Path) -> None:
+    args = ["train.max_steps=14", "train.checkpoint_every=2", "data.num_workers=1"]
+    ref = tmp_path / "ref"
+    assert train(*tiny(shards, ref, *args)) == 0
+
+    run = tmp_path / "killed"
+    kill_after = random.Random().choice([3, 5, 8])  # a random step, past a checkpoint or two
+    proc = run_cli("toolkit.train", str(DEBUG_RECIPE), *tiny(shards, run, *args))
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        log = run / "metrics.jsonl"
+        steps = [x["step"] for x in read_jsonl(log) if "train/loss" in x] if log.exists() else []
+        if steps and steps[-1] >= kill_after:
+            proc.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.05)
+    proc.wait(30)
+    assert proc.returncode == -signal.SIGKILL, proc.stdout.read()
+    assert not (run / "model.safetensors").exists()  # it really died mid-run
+
+    assert train(*tiny(shards, run, *args)) == 0  # relaunch: resumes by itself
+    losses = [
+        {x["step"]: x["train/loss"] for x in read_jsonl(d / "metrics.jsonl") if "train/loss" in x}
+        for d in (ref, run)
+    ]
+    assert losses[0] == losses[1] and len(losses[0]) == 14
+    a, b = weights(ref), weights(run)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_damaged_newest_checkpoint_falls_back(
+    shards: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    run = tmp_path / "run"
+    assert train(*tiny(shards, run, "train.max_steps=4", "train.checkpoint_every=2")) == 0
+    newest = run / "checkpoints/step-00000004/optimizer.bin"
+    newest.write_bytes(newest.read_bytes()[:100])
+    caplog.set_level("INFO")
+    assert train(*tiny(shards, run, "train.max_steps=6", "train.checkpoint_every=2")) == 0
+    text = caplog.text
+    assert "step-00000004 is damaged: optimizer.bin has 100 bytes" in text
+    assert "resumed from" in text and "step-00000002" in text
+    steps = [x["step"] for x in read_jsonl(run / "metrics.jsonl") if "train/loss" in x]
+    assert steps == [1, 2, 3, 4, 5, 6]  # steps 3-4 redone once, not logged twice
+
+
+def test_two_local_processes_form_one_group(tmp_path: Path) -> None:
+    """One step on a batch split over 2 ranks == one step of 1 process on the whole batch.
+
+    Adam's first step is lr * g / (|g| + eps): with a large eps it is linear in the gradient,
+    so float-order differences in the all-reduce stay small instead of flipping signs."""
+    # 8 training samples: rank r of 2 takes positions 4r..4r+3, one process all 8 in one batch.
+    make_pairs(tmp_path / "src", 8)
+    shard(tmp_path / "src", tmp_path / "shards", val_fraction=0.0, shard_size=3)
+    shards = tmp_path / "shards"
+    common = [
+        "train.max_steps=1",
+        "data.shuffle_buffer=0",
+        "train.grad_clip=null",
+        "train.eval_every=1000",
+        "optim.eps=1.0",
+        "optim.lr=0.1",
+    ]
+    one, two, half = tmp_path / "one", tmp_path / "two", tmp_path / "half"
+    assert train(*tiny(shards, one, "data.batch_size=8", *common)) == 0
+    assert train(*tiny(shards, half, "data.batch_size=4", *common)) == 0
+    proc = run_cli(
+        "toolkit.launch",
+        str(DEBUG_RECIPE),
+        "--local",
+        "--procs",
+        "2",
+        *tiny(shards, two, "data.batch_size=4", *common),
+    )
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out
+    assert "world 2" in out  # both processes joined one group of 2
+    a, b, h = weights(one), weights(two), weights(half)
+    init = initial_weights(tiny(shards, one, *common))
+
+    def dist(x: dict, y: dict) -> float:
+        return sum(((x[k] - y[k]).double() ** 2).sum().item() for k in x) ** 0.5
+
+    step = dist(a, init)
+    assert step > 1e-3  # the step really moved the weights
+    # Equal up to float summation order (1 vs 2 threads, all-reduce), far below the step size;
+    # rank 0's half alone trains to something else: rank 1's gradients were averaged in.
+    assert dist(b, a) < 1e-4 * step
+    assert dist(h, a) > 1e-2 * step
+
+
+def initial_weights(overrides: list[str]) -> dict[str, torch.Tensor]:
+    """The model every run starts from: the recipe's seed, as the engine seeds it."""
+    from accelerate.utils import set_seed
+
+    from toolkit import recipe
+    from toolkit.models import build_model
+
+    r = recipe.load(DEBUG_RECIPE, overrides)
+    set_seed(r.train.seed)
+    return build_model(r.model, r.stage, r.data.scale).state_dict()
+
+
+def test_pretrain_frozen_full_chain(shards: Path, tmp_path: Path) -> None:
+    pre, frozen, full = tmp_path / "pre", tmp_path / "frozen", tmp_path / "full"
+    assert train(*tiny(shards, pre, "train.max_steps=3", stage="pretrain")) == 0
+    assert (
+        train(*tiny(shards, frozen, "train.max_steps=3", f"init.from={pre}", "freeze=[encoder]"))
+        == 0
+    )
+    assert train(*tiny(shards, full, "train.max_steps=3", f"init.from={frozen}")) == 0
+    p, f, g = weights(pre), weights(frozen), weights(full)
+    enc = [k for k in p if k.startswith("encoder.")]
+    assert enc and all(torch.equal(p[k], f[k]) for k in enc)  # frozen: bit-identical
+    assert any(not torch.equal(p[k], f[k]) for k in p if k.startswith("decoder."))
+    assert any(not torch.equal(f[k], g[k]) for k in enc)  # the full finetune trains it
+    assert json_of(full / "eval.json")["model"]["psnr"] > 0
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(
+    shards: Path, tmp_path: Path
+) -> None:
+    run = tmp_path / "run"
+    proc = run_cli(
+        "toolkit.train",
+        str(DEBUG_RECIPE),
+        *tiny(
+            shards,
+            run,
+            "train.max_steps=40",
+            "train.checkpoint_every=1",
+            "optim.lr=1e30",
+            "train.grad_clip=null",
+        ),
+    )
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 1, out
+    line = [x for x in out.splitlines() if x.startswith("error:")]
+    assert len(line) == 1 and "at step" in line[0] and "Traceback" not in out
+    step = int(line[0].split("at step ")[1].split(";")[0])
+    ckpts = sorted((run / "checkpoints").glob("step-*"))
+    assert ckpts and ckpts[-1].name == f"step-{step - 1:08d}"  # nothing saved after the NaN
+    assert not (run / "model.safetensors").exists()

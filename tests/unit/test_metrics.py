@@ -1,0 +1,193 @@
+"""MSE / PSNR / SSIM against scikit-image, and MetricAccumulator (also across 2 gloo ranks)."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from skimage.metrics import peak_signal_noise_ratio, structural_similarity
+
+from toolkit import metrics
+from toolkit.metrics import MetricAccumulator
+
+
+def pair(n: int, c: int, size: int, noise: float, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """HR in [0, 1] with some structure, and SR = HR + clipped Gaussian noise."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:size, 0:size] / size
+    smooth = 0.5 + 0.4 * np.sin(6 * xx + 3 * yy) * np.cos(4 * yy)
+    hr = np.clip(smooth + 0.1 * rng.random((n, c, size, size)), 0, 1)
+    sr = np.clip(hr + noise * rng.standard_normal(hr.shape), 0, 1)
+    return sr, hr
+
+
+def sk_ssim(sr: np.ndarray, hr: np.ndarray) -> float:
+    return structural_similarity(
+        sr,
+        hr,
+        gaussian_weights=True,
+        sigma=1.5,
+        use_sample_covariance=False,
+        data_range=1.0,
+        channel_axis=0,
+    )
+
+
+CASES = [(c, size, noise) for c in (1, 3) for size in (150, 75, 32) for noise in (0.003, 0.05, 0.4)]
+
+
+@pytest.mark.parametrize(("c", "size", "noise"), CASES)
+def test_ssim_and_psnr_match_scikit_image(c: int, size: int, noise: float) -> None:
+    sr, hr = pair(3, c, size, noise, seed=c * 1000 + size)
+    got = metrics.per_image(torch.from_numpy(sr), torch.from_numpy(hr))
+    for i in range(len(sr)):
+        assert got["ssim"][i].item() == pytest.approx(sk_ssim(sr[i], hr[i]), abs=1e-4)
+        ref_psnr = peak_signal_noise_ratio(hr[i], sr[i], data_range=1.0)
+        assert got["psnr"][i].item() == pytest.approx(ref_psnr, abs=1e-3)
+        assert got["mse"][i].item() == pytest.approx(np.mean((sr[i] - hr[i]) ** 2), rel=1e-12)
+
+
+def test_ssim_is_exact_to_float64_precision() -> None:
+    # Agreement is not just within tolerance: the valid convolution *is* skimage's cropped map.
+    sr, hr = pair(2, 3, 40, 0.1)
+    got = metrics.ssim(torch.from_numpy(sr), torch.from_numpy(hr))
+    ref = [sk_ssim(sr[i], hr[i]) for i in range(2)]
+    assert got.tolist() == pytest.approx(ref, abs=1e-10)
+
+
+def test_outputs_are_per_image_float64_whatever_the_input_dtype() -> None:
+    sr, hr = pair(4, 1, 24, 0.05)
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        out = metrics.per_image(torch.from_numpy(sr).to(dtype), torch.from_numpy(hr).to(dtype))
+        assert set(out) == {"mse", "psnr", "ssim"}
+        for v in out.values():
+            assert v.shape == (4,) and v.dtype == torch.float64 and v.device.type == "cpu"
+    # float32 inputs lose only float32 rounding, far inside the tolerance
+    f32 = metrics.ssim(torch.from_numpy(sr).float(), torch.from_numpy(hr).float())
+    assert f32.tolist() == pytest.approx([sk_ssim(sr[i], hr[i]) for i in range(4)], abs=1e-6)
+
+
+def test_identical_images_cap_psnr_at_100_db_and_give_ssim_one() -> None:
+    x = torch.rand(2, 3, 16, 16)
+    out = metrics.per_image(x, x.clone())
+    assert out["mse"].tolist() == [0.0, 0.0]
+    assert out["psnr"].tolist() == pytest.approx([100.0, 100.0])
+    assert out["ssim"].tolist() == pytest.approx([1.0, 1.0])
+
+
+def test_psnr_is_averaged_per_image_not_from_the_mean_mse() -> None:
+    hr = torch.zeros(2, 1, 16, 16)
+    sr = torch.stack([torch.full((1, 16, 16), 0.1), torch.full((1, 16, 16), 0.01)])
+    psnr = metrics.psnr(sr, hr)
+    assert psnr.tolist() == pytest.approx([20.0, 40.0])
+    assert psnr.mean().item() == pytest.approx(30.0)
+
+
+def test_bad_shapes_are_rejected() -> None:
+    with pytest.raises(ValueError, match="one shape"):
+        metrics.mse(torch.rand(1, 1, 8, 8), torch.rand(1, 1, 8, 9))
+    with pytest.raises(ValueError, match="one shape"):
+        metrics.mse(torch.rand(8, 8), torch.rand(8, 8))
+    with pytest.raises(ValueError, match="at least 11x11"):
+        metrics.ssim(torch.rand(1, 1, 10, 32), torch.rand(1, 1, 10, 32))
+
+
+def filled(values: dict[str, list[float]], prefix: str = "s") -> MetricAccumulator:
+    acc = MetricAccumulator()
+    n = len(next(iter(values.values())))
+    half = n // 2
+    for lo, hi in ((0, half), (half, n)):
+        acc.add(
+            [f"{prefix}{i}" for i in range(lo, hi)],
+            {k: torch.tensor(v[lo:hi], dtype=torch.float32) for k, v in values.items()},
+        )
+    return acc
+
+
+def test_accumulator_summary_and_stats() -> None:
+    mse = [0.001, 0.004, 0.002, 0.010, 0.003, 0.005, 0.0005]
+    psnr = [10 * math.log10(1 / m) for m in mse]
+    acc = filled({"mse": mse, "psnr": psnr, "ssim": [0.9, 0.8, 0.95, 0.5, 0.7, 0.99, 0.6]})
+    assert acc.count == 7
+    summary = acc.summary()
+    assert summary["mse"] == pytest.approx(np.mean(mse), rel=1e-6)
+    assert summary["psnr"] == pytest.approx(np.mean(psnr), rel=1e-6)
+    s = acc.stats("mse")
+    assert s["median"] == pytest.approx(0.003, rel=1e-6)
+    assert [k for k, _ in s["worst"]] == ["s3", "s5", "s1", "s4", "s2"]  # highest mse first
+    assert [k for k, _ in acc.stats("psnr")["worst"]] == ["s3", "s5", "s1", "s4", "s2"]
+    worst_ssim = acc.stats("ssim")["worst"]
+    assert [k for k, _ in worst_ssim] == ["s3", "s6", "s4", "s1", "s0"]  # lowest ssim first
+    assert worst_ssim[0][1] == pytest.approx(0.5)
+    # even numbers of samples: the median is the mean of the middle two
+    assert filled({"mse": [1.0, 2.0, 3.0, 4.0]}).stats("mse")["median"] == pytest.approx(2.5)
+
+
+def test_accumulator_rejects_inconsistent_input() -> None:
+    acc = MetricAccumulator()
+    with pytest.raises(ValueError, match="no samples"):
+        acc.summary()
+    with pytest.raises(ValueError, match="at least one metric"):
+        acc.add(["a"], {})
+    acc.add(["a", "b"], {"mse": torch.tensor([0.1, 0.2])})
+    with pytest.raises(ValueError, match="2 keys but 3 values"):
+        acc.add(["c", "d"], {"mse": torch.tensor([0.1, 0.2, 0.3])})
+    with pytest.raises(ValueError, match="differ"):
+        acc.add(["c"], {"psnr": torch.tensor([30.0])})
+    acc.add(["a"], {"mse": torch.tensor([0.3])})
+    with pytest.raises(ValueError, match="more than once"):
+        acc.gather()
+
+
+def test_gather_without_a_process_group_is_the_accumulator_itself() -> None:
+    assert not dist.is_initialized()
+    acc = filled({"mse": [0.1, 0.2]})
+    assert acc.gather() is acc
+
+
+def test_gather_in_a_one_process_group_round_trips(tmp_path: Path) -> None:
+    dist.init_process_group(
+        "gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1
+    )
+    try:
+        acc = filled({"mse": [0.1, 0.2, 0.3], "psnr": [10.0, 7.0, 5.2]})
+        merged = acc.gather()
+    finally:
+        dist.destroy_process_group()
+    assert merged is not acc
+    assert merged.keys == ["s0", "s1", "s2"]
+    assert torch.equal(merged.values("psnr"), acc.values("psnr"))
+    assert merged.summary() == acc.summary()
+
+
+def _gather_worker(rank: int, world: int, init: str, out: str) -> None:
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    try:
+        # Uneven shards, as a real val split gives: rank 0 has 3 samples, rank 1 has 2.
+        n = 3 if rank == 0 else 2
+        sr, hr = torch.rand(n, 1, 16, 16), torch.rand(n, 1, 16, 16)
+        acc = MetricAccumulator()
+        acc.add([f"r{rank}-{i}" for i in range(n)], metrics.per_image(sr, hr))
+        merged = acc.gather()
+        torch.save(
+            {"keys": merged.keys, "mse": merged.values("mse"), "local": acc.values("mse")},
+            Path(out) / f"rank{rank}.pt",
+        )
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow  # two spawned processes: a few seconds
+def test_gather_across_two_gloo_ranks_counts_each_sample_once(tmp_path: Path) -> None:
+    init = f"file://{tmp_path / 'store'}"
+    mp.spawn(_gather_worker, args=(2, init, str(tmp_path)), nprocs=2, join=True)
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
+    expected = ["r0-0", "r0-1", "r0-2", "r1-0", "r1-1"]
+    assert r0["keys"] == r1["keys"] == expected
+    assert torch.equal(r0["mse"], r1["mse"])
+    assert torch.equal(r0["mse"], torch.cat([r0["local"], r1["local"]]))

@@ -1,0 +1,1 @@
+"""The training engine: the accelerate wrapper, the loop and its state."""

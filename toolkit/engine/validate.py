@@ -1,0 +1,93 @@
+"""One pass over a validation split: per-sample metrics (model and bicubic) and a sample grid."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable, Iterable
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from toolkit.data.degrade import upscale_bicubic
+from toolkit.metrics import MetricAccumulator, per_image
+
+GRID_SAMPLES = 4  # val samples shown in the TensorBoard image grid
+
+
+@dataclass
+class Validation:
+    model: MetricAccumulator  # per-sample metrics of the model ("loss", and mse/psnr/ssim for SR)
+    bicubic: MetricAccumulator | None  # the bicubic baseline on the same inputs (SR only)
+    grid_rows: list[list[torch.Tensor]]  # tiles for the image grid, from this rank's first batch
+
+
+def mask_noise(keys: Iterable[str], patches: int, seed: int) -> torch.Tensor:
+    """Masking noise for validation, fixed per sample key: the same masks whatever the number of
+    ranks or the batch a sample lands in, and no draw from the training RNG streams."""
+    rows = []
+    for key in keys:
+        digest = hashlib.sha256(f"{seed}:{key}".encode()).digest()
+        g = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)
+        rows.append(torch.rand(patches, generator=g))
+    return torch.stack(rows)  # [N, L]
+
+
+@torch.no_grad()
+def validate(
+    model: nn.Module,
+    batches: Iterable[dict[str, Any]],
+    *,
+    stage: str,
+    scale: int,
+    loss_name: str,
+    seed: int,
+    device: torch.device,
+    autocast: Callable[[], AbstractContextManager],
+) -> Validation:
+    """Evaluate `model` (unwrapped: no DDP collectives, ranks may differ) on every valid sample."""
+    ours, base = MetricAccumulator(), (MetricAccumulator() if stage == "finetune" else None)
+    grid: list[list[torch.Tensor]] = []
+    for batch in batches:
+        valid = batch["valid"]
+        keys = [k for k, ok in zip(batch["key"], valid.tolist(), strict=True) if ok]
+        hr = batch["hr"].to(device)
+        if stage == "pretrain":
+            patches = model.patchify(hr).shape[1]
+            noise = mask_noise(batch["key"], patches, seed).to(device)
+            with autocast():
+                out = model(hr, noise=noise)
+            target = model.patchify(hr)
+            err = ((out.pred.float() - target) ** 2).mean(dim=-1)  # [N, L]
+            per_sample = (err * out.mask).sum(1) / out.mask.sum(1).clamp(min=1)  # [N]
+            ours.add(keys, {"loss": per_sample[valid.to(device)].double().cpu()})
+            if not grid:
+                recon = model.unpatchify(
+                    out.pred.float() * out.mask[..., None] + target * (1 - out.mask[..., None])
+                )
+                masked = model.unpatchify(target * (1 - out.mask[..., None]))
+                grid = [[m, r, h] for m, r, h in zip(masked, recon.clamp(0, 1), hr, strict=False)]
+        else:
+            lr = batch["lr"].to(device)
+            with autocast():
+                raw = model(lr)
+            sr = raw.float().clamp(0, 1)
+            bic = upscale_bicubic(lr, scale)
+            loss = (F.l1_loss if loss_name == "l1" else F.mse_loss)(
+                raw.float(), hr, reduction="none"
+            ).mean(dim=(1, 2, 3))
+            m = valid.to(device)
+            ours.add(keys, {"loss": loss[m].double().cpu(), **_select(per_image(sr, hr), m)})
+            base.add(keys, _select(per_image(bic, hr), m))
+            if not grid:
+                up = F.interpolate(lr, size=hr.shape[-2:], mode="nearest")
+                grid = [list(t) for t in zip(up, bic, sr, hr, strict=False)]
+        grid = grid[:GRID_SAMPLES]
+    return Validation(ours, base, [[t.cpu() for t in row] for row in grid])
+
+
+def _select(values: dict[str, torch.Tensor], mask: torch.Tensor) -> dict[str, torch.Tensor]:
+    return {k: v[mask.cpu()] for k, v in values.items()}

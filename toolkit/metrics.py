@@ -1,0 +1,195 @@
+"""MSE, PSNR and SSIM on [0, 1] images, and per-sample accumulation that is safe across ranks.
+
+The one convention, used everywhere in the toolkit (training-time eval, ``evaluate``, ``report``):
+
+- Images are ``[N, C, H, W]`` tensors in [0, 1]; the data range is 1.0. Everything is computed in
+  float64, whatever the input dtype or device, and each metric is a value *per image*.
+- MSE: mean over C, H, W.
+- PSNR: ``10 * log10(1 / mse)`` per image, with mse clamped to at least 1e-10, so identical
+  images score 100 dB rather than infinity.
+- SSIM (Wang et al. 2004): 11x11 Gaussian window, sigma 1.5, K1 0.01, K2 0.03, population
+  (co)variances, averaged over the valid region only (no padding: the map is ``H - 10`` by
+  ``W - 10``), then over channels. This matches scikit-image's
+  ``structural_similarity(gaussian_weights=True, sigma=1.5, use_sample_covariance=False,
+  data_range=1.0)`` (which filters with reflection and then crops the 5-pixel border); it does not
+  match torchmetrics as shipped, which also averages the reflect-padded border.
+- A data set's figure is the mean of the per-image values (PSNR is averaged in dB, not computed
+  from the mean MSE). In distributed evaluation every rank keeps its samples' values and
+  ``MetricAccumulator.gather`` collects them, so each validation sample counts exactly once.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor
+
+DATA_RANGE = 1.0
+PSNR_MSE_FLOOR = 1e-10  # -> at most 100 dB
+SSIM_WINDOW = 11
+SSIM_SIGMA = 1.5
+SSIM_K1 = 0.01
+SSIM_K2 = 0.03
+
+METRICS = ("mse", "psnr", "ssim")
+
+
+def _pair(sr: Tensor, hr: Tensor) -> tuple[Tensor, Tensor]:
+    if sr.shape != hr.shape or sr.ndim != 4:
+        raise ValueError(
+            f"expected sr and hr of one shape [N, C, H, W], got {tuple(sr.shape)} and "
+            f"{tuple(hr.shape)}"
+        )
+    return sr.detach().to(torch.float64), hr.detach().to(sr.device, torch.float64)
+
+
+def mse(sr: Tensor, hr: Tensor) -> Tensor:
+    """Mean squared error per image: ``[N]``, float64."""
+    sr, hr = _pair(sr, hr)
+    return (sr - hr).square().mean(dim=(1, 2, 3))
+
+
+def psnr(sr: Tensor, hr: Tensor) -> Tensor:
+    """PSNR in dB per image: ``[N]``, float64; identical images give 100 dB."""
+    return _psnr_from_mse(mse(sr, hr))
+
+
+def _psnr_from_mse(err: Tensor) -> Tensor:
+    return 10.0 * torch.log10(DATA_RANGE**2 / err.clamp_min(PSNR_MSE_FLOOR))
+
+
+def _gaussian_taps(device: torch.device) -> Tensor:
+    # The same 11 taps as scipy.ndimage.gaussian_filter(sigma=1.5, truncate=3.5).
+    r = SSIM_WINDOW // 2
+    x = torch.arange(-r, r + 1, dtype=torch.float64, device=device)
+    taps = torch.exp(-0.5 * (x / SSIM_SIGMA) ** 2)
+    return taps / taps.sum()
+
+
+def ssim(sr: Tensor, hr: Tensor) -> Tensor:
+    """SSIM per image (valid region, mean over channels): ``[N]``, float64."""
+    sr, hr = _pair(sr, hr)
+    _, c, h, w = sr.shape
+    if h < SSIM_WINDOW or w < SSIM_WINDOW:
+        raise ValueError(f"SSIM needs images of at least {SSIM_WINDOW}x{SSIM_WINDOW}, got {h}x{w}")
+    # Filter the five moment maps in one separable, depthwise, unpadded ("valid") convolution.
+    maps = torch.cat([sr, hr, sr * sr, hr * hr, sr * hr], dim=1)  # [N, 5C, H, W]
+    taps = _gaussian_taps(sr.device)
+    k = 5 * c
+    maps = F.conv2d(maps, taps.view(1, 1, -1, 1).expand(k, 1, -1, 1), groups=k)
+    maps = F.conv2d(maps, taps.view(1, 1, 1, -1).expand(k, 1, 1, -1), groups=k)
+    ux, uy, uxx, uyy, uxy = maps.split(c, dim=1)  # each [N, C, H-10, W-10]
+    vx, vy, vxy = uxx - ux * ux, uyy - uy * uy, uxy - ux * uy
+    c1, c2 = (SSIM_K1 * DATA_RANGE) ** 2, (SSIM_K2 * DATA_RANGE) ** 2
+    s = ((2 * ux * uy + c1) * (2 * vxy + c2)) / ((ux * ux + uy * uy + c1) * (vx + vy + c2))
+    return s.mean(dim=(1, 2, 3))
+
+
+def per_image(sr: Tensor, hr: Tensor) -> dict[str, Tensor]:
+    """``{"mse", "psnr", "ssim"}``, each ``[N]`` float64 on the CPU."""
+    err = mse(sr, hr)
+    return {
+        "mse": err.cpu(),
+        "psnr": _psnr_from_mse(err).cpu(),
+        "ssim": ssim(sr, hr).cpu(),
+    }
+
+
+def higher_is_better(name: str) -> bool:
+    """PSNR- and SSIM-like metrics (any name containing them, e.g. "bicubic/psnr") rise as the
+    image gets better; anything else (mse, l1) is an error and falls."""
+    return "psnr" in name or "ssim" in name
+
+
+class MetricAccumulator:
+    """Per-sample metric values with the sample keys they belong to, added batch by batch.
+
+    Values are kept per sample (not as running sums) so that ``gather`` can merge ranks exactly,
+    and so that ``stats`` can name the worst samples.
+    """
+
+    def __init__(self) -> None:
+        self.keys: list[str] = []
+        self._values: dict[str, list[Tensor]] = {}
+
+    @property
+    def count(self) -> int:
+        return len(self.keys)
+
+    @property
+    def names(self) -> list[str]:
+        return list(self._values)
+
+    def add(self, keys: list[str], values: dict[str, Tensor]) -> None:
+        """One batch: its sample keys and, per metric, a ``[len(keys)]`` tensor (any dtype)."""
+        if not values:
+            raise ValueError("add() needs at least one metric")
+        if self._values and set(values) != set(self._values):
+            raise ValueError(f"metrics {sorted(values)} differ from earlier {sorted(self._values)}")
+        rows = {name: v.detach().reshape(-1).to("cpu", torch.float64) for name, v in values.items()}
+        for name, v in rows.items():
+            if len(v) != len(keys):
+                raise ValueError(f"{len(keys)} keys but {len(v)} values for {name!r}")
+        self.keys.extend(keys)
+        for name, v in rows.items():
+            self._values.setdefault(name, []).append(v)
+
+    def values(self, name: str) -> Tensor:
+        """All values of one metric, ``[count]`` float64, in the order of ``keys``."""
+        if name not in self._values:
+            raise KeyError(f"no metric {name!r}; have {self.names}")
+        return torch.cat(self._values[name])
+
+    def gather(self) -> MetricAccumulator:
+        """Every rank's samples, on every rank (rank order, then add order); without an
+        initialised process group, this accumulator itself.
+
+        A collective: every rank must call it. On NCCL the current CUDA device must be set (as
+        accelerate does). Nothing is de-duplicated: the loader gives each validation sample to
+        exactly one rank, and a key seen twice is an error rather than silently counted twice.
+        """
+        if dist.is_available() and dist.is_initialized():
+            mine = (self.keys, {name: self.values(name).tolist() for name in self.names})
+            parts: list[tuple[list[str], dict[str, list[float]]] | None] = [None] * (
+                dist.get_world_size()
+            )
+            dist.all_gather_object(parts, mine)
+            merged = MetricAccumulator()
+            for part in parts:
+                assert part is not None
+                keys, values = part
+                if keys:
+                    merged.add(
+                        keys, {n: torch.tensor(v, dtype=torch.float64) for n, v in values.items()}
+                    )
+        else:
+            merged = self
+        dupes = sorted(k for k, n in Counter(merged.keys).items() if n > 1)
+        if dupes:
+            raise ValueError(
+                f"{len(dupes)} sample key(s) evaluated more than once, e.g. {dupes[:3]}: the "
+                "validation loader must give each sample to exactly one rank"
+            )
+        return merged
+
+    def summary(self) -> dict[str, float]:
+        """The mean of each metric over all samples."""
+        if not self.count:
+            raise ValueError("no samples to summarise")
+        return {name: self.values(name).mean().item() for name in self.names}
+
+    def stats(self, name: str, worst: int = 5) -> dict:
+        """``{"mean", "median", "worst": [(key, value), ...]}`` for one metric; the worst samples
+        have the highest MSE, or the lowest PSNR / SSIM."""
+        v = self.values(name)
+        if not len(v):
+            raise ValueError("no samples to summarise")
+        order = torch.argsort(v, descending=not higher_is_better(name), stable=True)
+        return {
+            "mean": v.mean().item(),
+            "median": torch.quantile(v, 0.5).item(),
+            "worst": [(self.keys[i], v[i].item()) for i in order[:worst].tolist()],
+        }
