@@ -15,7 +15,7 @@ import os
 import re
 import shutil
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -31,6 +31,7 @@ logger = logging.getLogger(__name__)
 COMPLETE = "COMPLETE"
 STATE = "train_state.json"
 WEIGHTS = "model.safetensors"
+FROZEN = "frozen.safetensors"
 _STEP_DIR = re.compile(r"^step-(\d{8})$")
 
 
@@ -65,9 +66,13 @@ def save(
     engine.save_state(tmp)
     engine.barrier()  # every rank's files are written before the checkpoint is declared complete
     if engine.is_main:
+        if engine.frozen:  # exact fp32 frozen weights, which bf16 / ZeRO-1 would not keep
+            save_file(engine.frozen, str(tmp / FROZEN))
         (tmp / STATE).write_text(state.to_json())
         (tmp / "recipe.yaml").write_text(recipe_yaml)
-        files = {p.name: p.stat().st_size for p in sorted(tmp.iterdir()) if p.is_file()}
+        files = {
+            str(p.relative_to(tmp)): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()
+        }
         _write_atomic(tmp / COMPLETE, json.dumps({"step": state.step, "files": files}, indent=1))
         if final.exists():  # the same step saved again after a resume: replace it whole
             shutil.rmtree(final)
@@ -131,12 +136,39 @@ def resume(engine: Engine, run_dir: Path) -> TrainState | None:
         try:
             engine.load_state(ckpt)
             state = TrainState.read(ckpt / STATE)
+            if (ckpt / FROZEN).is_file():
+                engine.frozen = load_file(str(ckpt / FROZEN))
         except Exception as err:  # any failure means: try the previous checkpoint
             logger.warning("checkpoint %s failed to load (%s); trying the previous one", ckpt, err)
             continue
         logger.info("resumed from %s (step %d, epoch %d)", ckpt, state.step, state.epoch)
         return state
     return None
+
+
+def world_of(ckpt: Path) -> int:
+    """How many processes wrote a checkpoint."""
+    return TrainState.read(ckpt / STATE).world_size
+
+
+def resume_resharded(engine: Engine, ckpt: Path, scheduler: Any) -> TrainState:
+    """Resume a sharded (ZeRO) checkpoint on another number of processes: the model weights were
+    loaded before set-up (see `weights_of`), the scheduler and the train state are restored here,
+    and the optimiser state starts afresh, which the log says."""
+    state = TrainState.read(ckpt / STATE)
+    sched = torch.load(ckpt / "scheduler.bin", weights_only=True)
+    scheduler.load_state_dict(sched)
+    if (ckpt / FROZEN).is_file():
+        engine.frozen = load_file(str(ckpt / FROZEN))
+    logger.warning(
+        "resumed from %s, written by %d processes, on %d: model weights, scheduler, step and data "
+        "position restored; the optimiser state (Adam moments) was RESET, because ZeRO shards it "
+        "by process",
+        ckpt,
+        state.world_size,
+        engine.world_size,
+    )
+    return state
 
 
 def export(state_dict: dict[str, torch.Tensor], run_dir: Path, step: int) -> Path:

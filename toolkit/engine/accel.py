@@ -14,12 +14,35 @@ from typing import Any
 import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState, GradientState
-from accelerate.utils import InitProcessGroupKwargs, set_seed
+from accelerate.utils import DeepSpeedPlugin, InitProcessGroupKwargs, set_seed
 from torch import nn
 
 from toolkit.recipe import DeepSpeedConfig, TrainConfig
 
 logger = logging.getLogger(__name__)
+
+
+def deepspeed_config(train: TrainConfig, ds: DeepSpeedConfig, micro_batch: int) -> dict[str, Any]:
+    """The DeepSpeed config the recipe asks for, every value that matters set explicitly."""
+    zero: dict[str, Any] = {"stage": ds.zero_stage}
+    if ds.offload_optimizer == "cpu":
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+    if ds.offload_param == "cpu":
+        zero["offload_param"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+    return {
+        "train_micro_batch_size_per_gpu": micro_batch,
+        "gradient_accumulation_steps": train.grad_accum,
+        # DeepSpeed clips at 1.0 unless told otherwise; 0 turns clipping off.
+        "gradient_clipping": train.grad_clip or 0.0,
+        "zero_optimization": zero,
+        "bf16": {"enabled": train.precision == "bf16"},
+        "fp16": {"enabled": False},
+        # The recipe's AdamW with its param groups is the client optimiser, offloaded or not.
+        "zero_allow_untested_optimizer": True,
+        "zero_force_ds_cpu_optimizer": False,
+        "steps_per_print": 2**31 - 1,
+        "wall_clock_breakdown": False,
+    }
 
 
 class Engine:
@@ -30,24 +53,37 @@ class Engine:
     for `cpu=True` and the gloo backend explicitly. The LR scheduler is stepped once per optimiser
     step by the loop (`step_scheduler_with_optimizer=False`); accelerate would otherwise step it
     once per process.
+
+    With DeepSpeed, accelerate needs `cpu=False` (its CPU path never selects DeepSpeed) and a
+    process group even for one process. bf16 casts frozen parameters to bf16 and ZeRO-1
+    consolidation omits them, so their fp32 values are kept aside (`frozen`) from the start,
+    saved in every checkpoint and put back into the exported weights.
     """
 
-    def __init__(self, train: TrainConfig, deepspeed: DeepSpeedConfig | None) -> None:
-        if deepspeed is not None:
-            raise NotImplementedError("DeepSpeed is not wired in yet: set deepspeed: null")
+    def __init__(
+        self, train: TrainConfig, deepspeed: DeepSpeedConfig | None, micro_batch: int
+    ) -> None:
         cpu = not torch.cuda.is_available()
+        if deepspeed is not None:
+            _single_process_env()
         expected = int(os.environ.get("WORLD_SIZE", "1"))
         handlers = []
-        if expected > 1:  # a backend named for a single process makes accelerate fail
+        if expected > 1 or deepspeed is not None:  # for one DDP process, naming a backend fails
             backend = "gloo" if cpu else "nccl"
             handlers.append(InitProcessGroupKwargs(backend=backend, timeout=timedelta(minutes=30)))
+        plugin = None
+        if deepspeed is not None:
+            plugin = DeepSpeedPlugin(hf_ds_config=deepspeed_config(train, deepspeed, micro_batch))
         self.accelerator = Accelerator(
-            cpu=cpu,
+            cpu=cpu and deepspeed is None,
             mixed_precision=train.precision,
             gradient_accumulation_steps=train.grad_accum,
             step_scheduler_with_optimizer=False,
             kwargs_handlers=handlers,
+            deepspeed_plugin=plugin,
         )
+        self.deepspeed = deepspeed
+        self.frozen: dict[str, torch.Tensor] = {}
         if self.world_size != expected:
             raise RuntimeError(
                 f"WORLD_SIZE is {expected} but accelerate formed a group of {self.world_size}"
@@ -70,13 +106,54 @@ class Engine:
     def device(self) -> torch.device:
         return self.accelerator.device
 
+    @property
+    def input_dtype(self) -> torch.dtype:
+        """What the model takes: DeepSpeed's bf16 mode holds bf16 weights and, unlike
+        accelerate's DDP path, does not autocast the forward, so inputs are cast to match."""
+        bf16 = self.deepspeed is not None and self.accelerator.mixed_precision == "bf16"
+        return torch.bfloat16 if bf16 else torch.float32
+
     def seed(self, seed: int, per_rank: bool) -> None:
         """Seed python, numpy and torch: the same on every rank (model init) or per rank."""
         set_seed(seed + (self.rank if per_rank else 0))
 
     # --- training ------------------------------------------------------------------------------
-    def prepare(self, *objects: Any) -> tuple[Any, ...]:
-        return self.accelerator.prepare(*objects)
+    def prepare(
+        self, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any
+    ) -> tuple[nn.Module, Any, Any]:
+        if self.deepspeed is not None:
+            self.frozen = {
+                name: p.detach().float().cpu().clone()
+                for name, p in model.named_parameters()
+                if not p.requires_grad
+            }
+        return self.accelerator.prepare(model, optimizer, scheduler)
+
+    def check_groups(self, optimizer: Any, expected: list[tuple[str, float, float, int]]) -> None:
+        """Stop unless the live optimiser has exactly the recipe's groups: (rule, lr, weight
+        decay, parameter count) in order. DeepSpeed has been seen to merge groups, drop empty
+        ones or ignore their learning rates; a run must not go on silently wrong."""
+        inner = getattr(optimizer, "optimizer", optimizer)  # accelerate's wrapper
+        groups = inner.param_groups
+        params = None
+        for attr in ("bit16_groups", "fp16_groups", "bf16_groups"):  # ZeRO-1/2, ZeRO-3, bf16
+            if getattr(inner, attr, None) is not None:
+                params = getattr(inner, attr)
+                break
+        if params is None:
+            params = [g["params"] for g in groups]
+        got = [
+            (g.get("initial_lr", g["lr"]), g["weight_decay"],
+             sum(getattr(p, "ds_numel", p.numel()) for p in ps))
+            for g, ps in zip(groups, params, strict=False)
+        ]  # fmt: skip
+        want = [(lr, wd, n) for _, lr, wd, n in expected]
+        if len(groups) != len(params) or got != want:
+            table = "; ".join(f"{rule}: lr {lr:g} wd {wd:g} n {n}" for rule, lr, wd, n in expected)
+            raise RuntimeError(
+                f"optimiser groups after set-up are {got}, but the recipe gives {table}: "
+                "refusing to train with different learning rates or weight decays"
+            )
 
     def accumulate(self, model: nn.Module) -> contextlib.AbstractContextManager:
         return self.accelerator.accumulate(model)
@@ -96,6 +173,11 @@ class Engine:
 
     @contextlib.contextmanager
     def autocast(self) -> Iterator[None]:
+        """Mixed precision for a forward outside the prepared model (evaluation). DeepSpeed
+        holds bf16 weights instead; autocast there would cast inputs back to fp32 for norms."""
+        if self.deepspeed is not None:
+            yield
+            return
         with self.accelerator.autocast():
             yield
 
@@ -119,10 +201,36 @@ class Engine:
     def load_state(self, path: Path) -> None:
         self.accelerator.load_state(str(path))
 
-    def full_state_dict(self, model: nn.Module) -> dict[str, torch.Tensor]:
-        """The whole model's weights in fp32 on the CPU (collective; every rank calls it)."""
+    def full_state_dict(self, model: nn.Module, checkpoint: Path) -> dict[str, torch.Tensor]:
+        """The whole model's weights in fp32 on the CPU, on the main process (collective: every
+        rank calls it; the others may get an empty dict).
+
+        Under ZeRO the fp32 master weights are sharded across ranks (and bf16 parameters are
+        only a rounded copy), so they are consolidated from `checkpoint`, the one just saved.
+        """
+        if self.deepspeed is not None and self.deepspeed.zero_stage > 0:
+            self.barrier()  # every rank's shard of `checkpoint` is on disk
+            return self.consolidated(checkpoint) if self.is_main else {}
         state = self.accelerator.get_state_dict(model)
-        return {k: v.detach().float().cpu().contiguous() for k, v in state.items()}
+        state = {k: v.detach().float().cpu().contiguous() for k, v in state.items()}
+        state.update(self.frozen)  # exact fp32 values of the frozen parameters
+        return state
+
+    def consolidated(self, checkpoint: Path) -> dict[str, torch.Tensor]:
+        """fp32 weights gathered from a DeepSpeed ZeRO checkpoint's shards (any world size)."""
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        # accelerate saves the DeepSpeed state under the tag "pytorch_model" of `checkpoint`.
+        state = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint), tag="pytorch_model")
+        state = {k: v.detach().float().cpu().contiguous() for k, v in state.items()}
+        state.update(self.frozen)
+        return state
+
+    @property
+    def shards_optimizer(self) -> bool:
+        """True when optimiser state is partitioned across ranks (it cannot follow a change in
+        the number of processes without a universal-checkpoint conversion)."""
+        return self.deepspeed is not None and self.deepspeed.zero_stage > 0
 
     def close(self, *objects: Any) -> None:
         """Free the prepared objects and leave the process group in step with the other ranks,
@@ -137,3 +245,19 @@ class Engine:
         # (the chain of stages of a demo or a test) starts from a clean slate.
         AcceleratorState._reset_state(reset_partial_state=True)
         GradientState._reset_state()
+
+
+def _single_process_env() -> None:
+    """DeepSpeed always wants a process group: give a lone process (the debug run, or a job
+    restarted on one GPU) the environment that torchrun would."""
+    if "WORLD_SIZE" in os.environ:
+        return
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    defaults = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1",
+                "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}  # fmt: skip
+    for key, value in defaults.items():
+        os.environ.setdefault(key, value)

@@ -47,17 +47,28 @@ class TrainResult:
 def train(r: recipe.Recipe) -> TrainResult:
     run_dir, cfg = r.run_dir, r.train
     finetune = r.stage == "finetune"
-    engine = Engine(cfg, r.deepspeed)
+    engine = Engine(cfg, r.deepspeed, micro_batch=r.data.batch_size)
     engine.seed(cfg.seed, per_rank=False)  # the same initial model on every rank
 
     # --- build ---------------------------------------------------------------------------------
     model = build_model(r.model, r.stage, r.data.scale)
     if finetune:
         apply_freeze(model, r.freeze)
-    resuming = bool(checkpoint.complete_checkpoints(run_dir))
-    if r.init.from_ and not resuming:
+    ckpts = checkpoint.complete_checkpoints(run_dir)
+    resuming = bool(ckpts)
+    # A job restarted on another number of processes: ZeRO's sharded optimiser state cannot
+    # follow, so the weights come from the consolidated checkpoint, loaded before set-up.
+    reshard = (
+        resuming
+        and engine.shards_optimizer
+        and checkpoint.world_of(ckpts[0]) != (engine.world_size)
+    )
+    if reshard:
+        model.load_state_dict(engine.consolidated(ckpts[0]))
+    elif r.init.from_ and not resuming:
         init_from(model, r.init.from_, finetune)
-    optimizer = build_optimizer(build_groups(model, r.optim), r.optim)
+    groups = build_groups(model, r.optim)
+    optimizer = build_optimizer(groups, r.optim)
     data = build_loader(
         r.data,
         "train",
@@ -77,7 +88,9 @@ def train(r: recipe.Recipe) -> TrainResult:
     scheduler = build_scheduler(
         optimizer, r.optim.scheduler, steps_per_epoch=plan.per_epoch, total_steps=plan.total
     )
+    expected = [(g.rule, g.lr, g.weight_decay, g.numel) for g in groups]  # ZeRO-3 empties params
     model, optimizer, scheduler = engine.prepare(model, optimizer, scheduler)
+    engine.check_groups(optimizer, expected)
     loss_fn = build_loss(cfg.loss or "l1")
     recipe_yaml = recipe.dump(r)
     if engine.is_main:
@@ -86,14 +99,23 @@ def train(r: recipe.Recipe) -> TrainResult:
     engine.seed(cfg.seed, per_rank=True)
 
     # --- resume --------------------------------------------------------------------------------
-    state = checkpoint.resume(engine, run_dir) if resuming else None
+    resume_start = time.perf_counter()
+    if reshard:
+        state = checkpoint.resume_resharded(engine, ckpts[0], scheduler)
+    else:
+        state = checkpoint.resume(engine, run_dir) if resuming else None
+    rescaled = state is not None and state.world_size != engine.world_size
+    if rescaled:
+        rescale(state, engine.world_size, scheduler, data.batches_per_epoch)
+    resume_seconds = time.perf_counter() - resume_start
     if resuming and state is None:
         raise UserError(
             f"{checkpoint.checkpoint_dir(run_dir)}: no checkpoint could be loaded; "
             "move the folder away to start the run over"
         )
-    state = state or TrainState()
-    saved_step = resumed_at = state.step if resuming else None
+    state = state or TrainState(world_size=engine.world_size)
+    resumed_at = state.step if resuming else None
+    saved_step = None if rescaled else resumed_at  # a new layout gets a checkpoint of its own
     data.load_state_dict(state.data)
     batches = _endless(data)
     log = RunLogger(
@@ -103,6 +125,8 @@ def train(r: recipe.Recipe) -> TrainResult:
         start_step=state.step,
         log_every=cfg.log_every,
     )
+    if resuming:
+        log.log({"resume/seconds": resume_seconds}, state.step)
     total, trainable = param_counts(engine.unwrap(model))
     logger.info(
         "%s: %s, %d of %d parameters trainable, %d steps (%d per epoch), world %d",
@@ -125,7 +149,7 @@ def train(r: recipe.Recipe) -> TrainResult:
             if val is not None and state.step not in (0, resumed_at) and plan.eval_due(state.step):
                 last = evaluate(engine, model, val, r, state, log, plan.epochs_done(state.step))
             if state.step > 0 and plan.checkpoint_due(state.step) and state.step != saved_step:
-                saved_step = save(engine, run_dir, state, recipe_yaml, cfg.keep_last)
+                saved_step = save(engine, run_dir, state, recipe_yaml, cfg.keep_last, log)
             if state.step >= plan.total or stop_requested:
                 break
             t0 = time.perf_counter()
@@ -164,19 +188,18 @@ def train(r: recipe.Recipe) -> TrainResult:
     # --- the end -------------------------------------------------------------------------------
     if stop_requested:
         logger.info("stopped by a signal at step %d; relaunch to resume", state.step)
-        if state.step != saved_step:
-            save(engine, run_dir, state, recipe_yaml, cfg.keep_last)
-    else:
-        if val is not None and (last is None or not plan.eval_due(state.step)):
-            last = evaluate(engine, model, val, r, state, log, plan.epochs_done(state.step))
-        if state.step != saved_step:
-            save(engine, run_dir, state, recipe_yaml, cfg.keep_last)
-    weights = engine.full_state_dict(model)
+    elif val is not None and (last is None or not plan.eval_due(state.step)):
+        last = evaluate(engine, model, val, r, state, log, plan.epochs_done(state.step))
+    if state.step != saved_step:
+        save(engine, run_dir, state, recipe_yaml, cfg.keep_last, log)
     summary = None
-    if engine.is_main:
-        checkpoint.export(weights, run_dir, state.step)
-        if last is not None:
-            summary = write_eval(run_dir, last, r.stage)
+    if not stop_requested:  # a preempted job has seconds left: export when it really ends
+        ckpt = checkpoint.checkpoint_dir(run_dir) / checkpoint.step_name(state.step)
+        weights = engine.full_state_dict(model, ckpt)
+        if engine.is_main:
+            checkpoint.export(weights, run_dir, state.step)
+            if last is not None:
+                summary = write_eval(run_dir, last, r.stage)
     log.close()
     engine.close(model, optimizer, scheduler)
     return TrainResult(run_dir, state.step, stop_requested, summary)
@@ -224,14 +247,15 @@ def forward_loss(
     loss_fn: Any,
 ) -> torch.Tensor:
     hr = batch["hr"].to(engine.device, non_blocking=True)
+    dtype = engine.input_dtype
     if r.stage == "pretrain":
         # Masking noise from its own generator, seeded by (seed, step, micro-batch, rank): the
         # same masks after a resume, and no dependence on what else drew random numbers.
         patches = (r.model.img_size // r.model.patch_size) ** 2
         g = torch.Generator().manual_seed(_mix(r.train.seed, step, micro, engine.rank))
         noise = torch.rand(hr.shape[0], patches, generator=g).to(engine.device)
-        return model(hr, noise=noise).loss
-    sr = model(batch["lr"].to(engine.device, non_blocking=True))
+        return model(hr.to(dtype), noise=noise).loss
+    sr = model(batch["lr"].to(engine.device, dtype, non_blocking=True))
     return loss_fn(sr.float(), hr)
 
 
@@ -255,6 +279,7 @@ def evaluate(
         loss_name=r.train.loss or "l1",
         seed=r.train.seed,
         device=engine.device,
+        dtype=engine.input_dtype,
         autocast=engine.autocast,
     )
     module.train()
@@ -273,9 +298,15 @@ def evaluate(
     return result
 
 
-def save(engine: Engine, run_dir: Path, state: TrainState, recipe_yaml: str, keep: int) -> int:
+def save(
+    engine: Engine, run_dir: Path, state: TrainState, recipe_yaml: str, keep: int, log: RunLogger
+) -> int:
+    start = time.perf_counter()
     path = checkpoint.save(engine, run_dir, state, recipe_yaml, keep)
-    logger.info("checkpoint %s", path)
+    seconds = time.perf_counter() - start
+    if engine.is_main:
+        logger.info("checkpoint %s written in %.2f s", path, seconds)
+    log.log({"checkpoint/seconds": seconds}, state.step)
     return state.step
 
 
@@ -311,6 +342,24 @@ def write_eval(run_dir: Path, result: Validation, stage: str) -> dict[str, Any]:
     }
     (run_dir / "eval.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
+
+
+def rescale(state: TrainState, world: int, scheduler: Any, batches_per_epoch: int) -> None:
+    """Carry progress over to another number of processes by samples seen: the step counter,
+    the schedule and the data position (the same epoch, the same fraction of it; the exact
+    sample order of the rest of that epoch differs)."""
+    old = state.world_size
+    step = state.step * old // world
+    batch = min(state.data["batch"] * old // world, batches_per_epoch)
+    logger.warning(
+        "the run continues on %d processes instead of %d: step %d -> %d, epoch %d batch %d -> %d",
+        world, old, state.step, step, state.data["epoch"], state.data["batch"], batch,
+    )  # fmt: skip
+    state.step, state.world_size = step, world
+    state.data = {"epoch": state.data["epoch"], "batch": batch}
+    inner = getattr(scheduler, "scheduler", scheduler)  # accelerate's wrapper
+    inner.last_epoch = step - 1
+    inner.step()  # sets every group's lr for `step`
 
 
 def init_from(model: nn.Module, source: str, finetune: bool) -> None:

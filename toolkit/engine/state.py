@@ -16,6 +16,7 @@ class TrainState:
     data: dict[str, int] = field(default_factory=lambda: {"epoch": 0, "batch": 0})  # loader cursor
     best: float | None = None  # best validation score so far (PSNR, or -loss when pretraining)
     best_step: int | None = None
+    world_size: int = 1  # processes that wrote this state (a restart may use another number)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2) + "\n"

@@ -47,8 +47,10 @@ def validate(
     seed: int,
     device: torch.device,
     autocast: Callable[[], AbstractContextManager],
+    dtype: torch.dtype = torch.float32,
 ) -> Validation:
-    """Evaluate `model` (unwrapped: no DDP collectives, ranks may differ) on every valid sample."""
+    """Evaluate `model` (unwrapped: no DDP collectives, ranks may differ) on every valid sample.
+    `dtype`: what the model takes as input (bf16 under DeepSpeed bf16); metrics are in fp32."""
     ours, base = MetricAccumulator(), (MetricAccumulator() if stage == "finetune" else None)
     grid: list[list[torch.Tensor]] = []
     for batch in batches:
@@ -59,7 +61,7 @@ def validate(
             patches = model.patchify(hr).shape[1]
             noise = mask_noise(batch["key"], patches, seed).to(device)
             with autocast():
-                out = model(hr, noise=noise)
+                out = model(hr.to(dtype), noise=noise)
             target = model.patchify(hr)
             err = ((out.pred.float() - target) ** 2).mean(dim=-1)  # [N, L]
             per_sample = (err * out.mask).sum(1) / out.mask.sum(1).clamp(min=1)  # [N]
@@ -73,7 +75,7 @@ def validate(
         else:
             lr = batch["lr"].to(device)
             with autocast():
-                raw = model(lr)
+                raw = model(lr.to(dtype))
             sr = raw.float().clamp(0, 1)
             bic = upscale_bicubic(lr, scale)
             loss = (F.l1_loss if loss_name == "l1" else F.mse_loss)(

@@ -141,7 +141,9 @@ class Encoder(nn.Module):
                 f"encoder expects {self.img_size}x{self.img_size} images, "
                 f"got {tuple(imgs.shape[-2:])}"
             )
-        return self.patch_embed(imgs) + self.pos_embed  # [N, L, D]
+        x = self.patch_embed(imgs)  # [N, L, D]
+        # The buffer stays fp32 when DeepSpeed casts the parameters to bf16: match the tokens.
+        return x + self.pos_embed.to(x.dtype)
 
     def forward(self, x: Tensor) -> Tensor:
         for block in self.blocks:
@@ -178,7 +180,7 @@ class Decoder(nn.Module):
         self.pred = nn.Linear(decoder_embed_dim, patch_size * patch_size * in_chans)
 
     def forward(self, x: Tensor) -> Tensor:
-        x = x + self.pos_embed  # [N, L, Dd]
+        x = x + self.pos_embed.to(x.dtype)  # [N, L, Dd]
         for block in self.blocks:
             x = block(x)
         return self.pred(self.norm(x))  # [N, L, p*p*C]
