@@ -21,7 +21,7 @@ $(VENV)/.installed: pyproject.toml Makefile
 setup: $(VENV)/.installed
 
 demo: setup
-	$(PY) -m toolkit.launch recipes/pretrain.yaml --dry-run
+	$(PY) -m toolkit.demo
 
 lint: setup
 	$(PY) -m ruff check .

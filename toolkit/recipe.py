@@ -300,16 +300,22 @@ def _read_with_extends(path: Path, origins: _Origins, chain: tuple[Path, ...]) -
         cycle = " -> ".join(str(p) for p in (*chain, resolved))
         raise RecipeError(f"{path}: extends: cycle: {cycle}")
     data = _read_yaml(path)
-    parent = data.pop("extends", None)
-    if parent is None:
+    parents = data.pop("extends", None)
+    if parents is None:
         origins.record(data, str(path))
         return data
-    if not isinstance(parent, str) or not parent:
-        raise RecipeError(f"{path}: extends: expected a path to another recipe, got {parent!r}")
-    parent_path = path.parent / parent
-    if not parent_path.is_file():
-        raise RecipeError(f"{path}: extends: {parent_path} not found")
-    base = _read_with_extends(parent_path, origins, (*chain, resolved))
+    # One parent, or a list merged in order (later ones win), then this file over all of them.
+    names = parents if isinstance(parents, list) else [parents]
+    if not names or not all(isinstance(n, str) and n for n in names):
+        raise RecipeError(
+            f"{path}: extends: expected a path to another recipe or a list of them, got {parents!r}"
+        )
+    base: dict[str, Any] = {}
+    for name in names:
+        parent_path = path.parent / name
+        if not parent_path.is_file():
+            raise RecipeError(f"{path}: extends: {parent_path} not found")
+        base = _merge(base, _read_with_extends(parent_path, origins, (*chain, resolved)))
     origins.record(data, str(path))
     return _merge(base, data)
 

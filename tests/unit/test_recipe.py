@@ -10,7 +10,7 @@ from toolkit import recipe
 from toolkit.recipe import RecipeError
 
 ROOT = Path(__file__).resolve().parents[2]
-SHIPPED = sorted((ROOT / "recipes").glob("*.yaml"))
+SHIPPED = sorted((ROOT / "recipes").rglob("*.yaml"))
 
 
 def write(path: Path, text: str) -> Path:
@@ -18,7 +18,7 @@ def write(path: Path, text: str) -> Path:
     return path
 
 
-@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.name)
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: str(p.relative_to(ROOT)))
 def test_every_shipped_recipe_loads_and_round_trips(path: Path, tmp_path: Path) -> None:
     r = recipe.load(path)
     again = recipe.load(write(tmp_path / "dumped.yaml", recipe.dump(r)))
@@ -199,3 +199,14 @@ def test_defaults_are_not_shared_between_recipes() -> None:
 def test_from_dict_round_trip() -> None:
     r = recipe.load(ROOT / "recipes/finetune_frozen_mae.yaml")
     assert recipe.from_dict(recipe.to_dict(r)) == r
+
+
+def test_extends_a_list_merges_in_order(tmp_path: Path) -> None:
+    write(tmp_path / "a.yaml", "name: a\ntrain: {epochs: 5, seed: 3}\n")
+    write(tmp_path / "b.yaml", "train: {epochs: 7}\noptim: {lr: 1.0e-3}\n")
+    c = write(tmp_path / "c.yaml", "extends: [a.yaml, b.yaml]\noptim: {weight_decay: 0.5}\n")
+    r = recipe.load(c)
+    assert (r.name, r.train.epochs, r.train.seed) == ("a", 7, 3)  # b wins over a
+    assert (r.optim.lr, r.optim.weight_decay) == (1e-3, 0.5)
+    with pytest.raises(RecipeError, match="extends: expected a path"):
+        recipe.load(write(tmp_path / "d.yaml", "extends: [a.yaml, 3]\n"))
