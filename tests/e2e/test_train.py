@@ -221,3 +221,29 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(
     ckpts = sorted((run / "checkpoints").glob("step-*"))
     assert ckpts and ckpts[-1].name == f"step-{step - 1:08d}"  # nothing saved after the NaN
     assert not (run / "model.safetensors").exists()
+
+
+def test_gradient_accumulation_equals_the_larger_batch(tmp_path: Path) -> None:
+    """Two micro-batches of 4 accumulated make the same step as one batch of 8."""
+    make_pairs(tmp_path / "src", 8)
+    shard(tmp_path / "src", tmp_path / "shards", val_fraction=0.0, shard_size=8)
+    shards = tmp_path / "shards"
+    common = ["train.max_steps=1", "data.shuffle_buffer=0", "train.grad_clip=null",
+              "optim.eps=1.0", "optim.lr=0.1"]  # fmt: skip
+    big, acc = tmp_path / "big", tmp_path / "acc"
+    assert train(*tiny(shards, big, "data.batch_size=8", *common)) == 0
+    assert train(*tiny(shards, acc, "data.batch_size=4", "train.grad_accum=2", *common)) == 0
+    a, b = weights(big), weights(acc)
+    init = initial_weights(tiny(shards, big, *common))
+    step = sum(((a[k] - init[k]).double() ** 2).sum().item() for k in a) ** 0.5
+    diff = sum(((a[k] - b[k]).double() ** 2).sum().item() for k in a) ** 0.5
+    assert step > 1e-3 and diff < 1e-4 * step
+
+
+def test_bf16_trains_and_exports_fp32(shards: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    assert train(*tiny(shards, run, "train.max_steps=3", "train.precision=bf16")) == 0
+    w = weights(run)
+    assert all(v.dtype == torch.float32 for v in w.values())
+    losses = [x["train/loss"] for x in read_jsonl(run / "metrics.jsonl") if "train/loss" in x]
+    assert len(losses) == 3 and all(0 < x < 1 for x in losses)
