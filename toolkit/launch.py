@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import re
+import shlex
 import subprocess
 import sys
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 from toolkit import cli, preflight, recipe
@@ -26,33 +30,61 @@ class World:
     mode: str  # "local" or "slurm"
 
 
+RECIPE_SUFFIXES = (".yaml", ".yml")
+SLURM_FLAGS = ("nodes", "gpus_per_node", "partition", "time", "account", "qos", "constraint")
+
+
 def parse_args(argv: Sequence[str] | None) -> Any:
     p = cli.ArgumentParser(
         prog="python -m toolkit.launch",
-        description="Launch a training stage described by a YAML recipe.",
-        epilog="Overrides use dotted keys: optim.lr=3e-4 train.epochs=2 freeze=[encoder] "
-        "deepspeed=null",
+        description="Launch a training stage described by a YAML recipe (several recipes: a chain "
+        "of Slurm jobs, each starting after the one before succeeded).",
+        epilog="Overrides use dotted keys and apply to every recipe: optim.lr=3e-4 "
+        "train.epochs=2 freeze=[encoder] deepspeed=null",
     )
-    p.add_argument("recipe", help="recipe YAML file")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="recipe overrides")
+    p.add_argument("items", nargs="+", metavar="RECIPE|key=value",
+                   help="recipe YAML files (.yaml/.yml) and recipe overrides")  # fmt: skip
     p.add_argument("--nodes", type=int, help="Slurm nodes (default: cluster.nodes)")
     p.add_argument(
         "--gpus-per-node", type=int, help="GPUs per node, one process each; 0: CPU nodes"
     )
+    p.add_argument("--partition", help="Slurm partition (default: cluster.partition)")
+    p.add_argument("--time", help="Slurm time limit, e.g. 24:00:00 (default: cluster.time)")
+    p.add_argument("--account", help="Slurm account (default: cluster.account)")
+    p.add_argument("--qos", help="Slurm quality of service (default: cluster.qos)")
+    p.add_argument("--constraint", help="Slurm node features (default: cluster.constraint)")
+    p.add_argument("--after", metavar="JOBID", help="start after this Slurm job succeeded")
+    p.add_argument("--wait", action="store_true", help="wait for the Slurm job(s) to end")
     p.add_argument("--local", action="store_true", help="run on this machine instead of Slurm")
     p.add_argument("--procs", type=int, help="with --local: processes on this machine (default 1)")
     p.add_argument("--dry-run", action="store_true", help="resolve, check and print; start nothing")
-    p.add_argument("--json", action="store_true", help="with --dry-run: one JSON object")
+    p.add_argument("--json", action="store_true", help="with --dry-run: JSON (a list for a chain)")
     args = p.parse_intermixed_args(argv)
-    bad = [o for o in args.overrides if "=" not in o]
-    if bad:
-        p.error(f"expected key=value after the recipe, got {bad[0]!r}")
+    args.recipes, args.overrides = [], []
+    for item in args.items:
+        if re.fullmatch(r"[A-Za-z_][\w.\[\]-]*=.*", item, flags=re.DOTALL):
+            args.overrides.append(item)
+        elif item.endswith(RECIPE_SUFFIXES):
+            args.recipes.append(item)
+        else:
+            p.error(f"expected key=value or a recipe file (.yaml/.yml), got {item!r}")
+    if not args.recipes:
+        p.error("no recipe given: expected a file ending in .yaml or .yml")
+    args.recipe = args.recipes[0]
     if args.procs is not None and not args.local:
         p.error("--procs goes with --local")
-    if args.local and (args.nodes is not None or args.gpus_per_node is not None):
-        p.error("--nodes and --gpus-per-node are for Slurm launches, not --local")
+    slurm_only = [f"--{k.replace('_', '-')}" for k in (*SLURM_FLAGS, "after", "wait")
+                  if getattr(args, k) not in (None, False)]  # fmt: skip
+    if args.local and slurm_only:
+        p.error(f"{' and '.join(slurm_only)}: for Slurm launches, not --local")
+    if args.local and len(args.recipes) > 1:
+        p.error("--local runs one recipe; several recipes are a chain of Slurm jobs")
     if args.json and not args.dry_run:
         p.error("--json goes with --dry-run")
+    if args.wait and args.dry_run:
+        p.error("--wait goes with a real launch, not --dry-run")
+    if args.after is not None and not re.fullmatch(r"\d+(_\d+)?([:,]\d+(_\d+)?)*", args.after):
+        p.error(f"--after: expected a Slurm job id (or ids separated by ','), got {args.after!r}")
     for flag, value, least in (
         ("--nodes", args.nodes, 1),
         ("--gpus-per-node", args.gpus_per_node, 0),
@@ -101,18 +133,40 @@ def group_table(params: dict[str, Any]) -> list[str]:
     return ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) for row in rows]
 
 
-def dry_run(path: str, r: recipe.Recipe, world: World, warnings: list[str], as_json: bool) -> None:
-    params = param_summary(r)
+def dry_run(
+    path: str,
+    r: recipe.Recipe,
+    world: World,
+    warnings: list[str],
+    as_json: bool,
+    sbatch: str | None = None,
+) -> None:
+    sys.stdout.write(dry_run_text(path, r, world, warnings, as_json, sbatch))
+
+
+def dry_run_doc(
+    r: recipe.Recipe, world: World, warnings: list[str], sbatch: str | None
+) -> dict[str, Any]:
+    return {
+        "recipe": recipe.to_dict(r),
+        "params": param_summary(r),
+        "world": {k: v for k, v in asdict(world).items() if k != "mode"},
+        "sbatch": sbatch,
+        "warnings": warnings,
+    }
+
+
+def dry_run_text(
+    path: str,
+    r: recipe.Recipe,
+    world: World,
+    warnings: list[str],
+    as_json: bool,
+    sbatch: str | None = None,
+) -> str:
     if as_json:
-        out = {
-            "recipe": recipe.to_dict(r),
-            "params": params,
-            "world": {k: v for k, v in asdict(world).items() if k != "mode"},
-            "sbatch": None,
-            "warnings": warnings,
-        }
-        sys.stdout.write(json.dumps(out, indent=2) + "\n")
-        return
+        return json.dumps(dry_run_doc(r, world, warnings, sbatch), indent=2) + "\n"
+    params = param_summary(r)
     where = "this machine" if world.mode == "local" else "Slurm"
     lines = [
         f"recipe: {path} -> {r.run_dir}",
@@ -126,9 +180,11 @@ def dry_run(path: str, r: recipe.Recipe, world: World, warnings: list[str], as_j
         "# resolved recipe",
         recipe.dump(r).rstrip(),
     ]
+    if sbatch is not None:
+        lines += ["", "# sbatch script (submitted through submitit)", sbatch.rstrip()]
     if warnings:
         lines += ["", "warnings:"] + [f"  - {w}" for w in warnings]
-    sys.stdout.write("\n".join(lines) + "\n")
+    return "\n".join(lines) + "\n"
 
 
 def run_local(args: Any, r: recipe.Recipe) -> int:
@@ -145,17 +201,133 @@ def run_local(args: Any, r: recipe.Recipe) -> int:
     return subprocess.run(cmd, check=False).returncode
 
 
+@dataclass(frozen=True)
+class Stage:
+    """One recipe of a Slurm launch, with the job it asks for."""
+
+    path: str
+    recipe: recipe.Recipe
+    world: World
+    spec: Any  # toolkit.cluster.slurm.JobSpec
+    chained: bool  # its init.from is the run directory of an earlier stage of the chain
+
+
+def slurm_stages(args: Any) -> list[Stage]:
+    from toolkit.cluster import slurm
+
+    flags = {k: getattr(args, k) for k in SLURM_FLAGS}
+    stages: list[Stage] = []
+    for path in args.recipes:
+        r = recipe.load(path, args.overrides)
+        for earlier in stages:
+            if earlier.recipe.run_dir.absolute() == r.run_dir.absolute():
+                raise UserError(
+                    f"{path}: run.dir {r.run_dir} is also the run directory of {earlier.path}; "
+                    "each stage of a chain needs its own"
+                )
+        source = Path(r.init.from_).absolute() if r.init.from_ else None
+        chained = source is not None and any(
+            source == s.recipe.run_dir.absolute() or s.recipe.run_dir.absolute() in source.parents
+            for s in stages
+        )
+        stages.append(Stage(path, r, world_of(r, args), slurm.job_spec(r, flags), chained))
+    return stages
+
+
+def stage_sbatch(stage: Stage, after: str | None) -> str:
+    from toolkit.cluster import slurm
+
+    params = slurm.parameters(stage.spec, f"afterok:{after}" if after else None)
+    return slurm.sbatch_script(slurm.job_folder(stage.recipe), params)
+
+
+def run_slurm(args: Any) -> int:
+    """Submit each recipe as a Slurm job, each after the one before (afterok)."""
+    from toolkit.cluster import slurm
+
+    stages = slurm_stages(args)
+    after = args.after.replace(",", ":") if args.after else None
+    if args.dry_run:
+        docs, texts = [], []
+        for i, stage in enumerate(stages):
+            script = stage_sbatch(stage, after if i == 0 else f"<job id of stage {i}>")
+            warnings = preflight.problems(stage.recipe, chained=stage.chained)
+            if args.json:
+                docs.append(dry_run_doc(stage.recipe, stage.world, warnings, script))
+                continue
+            head = f"# stage {i + 1} of {len(stages)}\n" if len(stages) > 1 else ""
+            texts.append(head + dry_run_text(stage.path, stage.recipe, stage.world, warnings,
+                                             as_json=False, sbatch=script))  # fmt: skip
+        if args.json:  # a chain: one object per stage
+            sys.stdout.write(json.dumps(docs[0] if len(docs) == 1 else docs, indent=2) + "\n")
+        else:
+            sys.stdout.write("\n".join(texts))
+        return 0
+    slurm.require_slurm()
+    for stage in stages:
+        preflight.require(stage.recipe, chained=stage.chained)
+    submitted = []
+    for stage in stages:
+        job = slurm.submit(stage.spec, slurm.job_folder(stage.recipe),
+                           [stage.path, *args.overrides], after)  # fmt: skip
+        sys.stdout.write(submitted_text(stage, job.job_id, after))
+        sys.stdout.flush()
+        submitted.append((stage, job))
+        after = job.job_id
+    if len(stages) > 1:
+        parent = os.path.commonpath([str(s.recipe.run_dir.absolute()) for s in stages])
+        sys.stdout.write(f"watch the chain: tensorboard --logdir {shlex.quote(parent)}\n")
+    return wait_for(submitted) if args.wait else 0
+
+
+def submitted_text(stage: Stage, job_id: str, after: str | None) -> str:
+    r, w = stage.recipe, stage.world
+    logs = r.run_dir / "slurm"
+    when = f", after job {after.replace(':', ', ')} succeeds" if after else ""
+    return (
+        f"job {job_id}: {r.name}, {w.nodes} node(s) x {max(w.gpus_per_node, 1)} process(es) = "
+        f"{w.world_size}{when}\n"
+        f"  run dir: {r.run_dir}\n"
+        f"  logs:    {logs / f'{job_id}_0_log.err'} (task 0; {job_id}_<task>_log.out/.err for "
+        "every task)\n"
+        f"  watch:   tensorboard --logdir {shlex.quote(str(r.run_dir / 'tb'))}\n"
+    )
+
+
+def wait_for(submitted: list[tuple[Stage, Any]]) -> int:
+    """--wait: block until every job of the chain has ended; 1 on the first that failed."""
+    from submitit.core.utils import FailedJobError, UncompletedJobError
+
+    for i, (stage, job) in enumerate(submitted):
+        try:
+            job.job.results()
+        except (FailedJobError, UncompletedJobError) as err:
+            log = stage.recipe.run_dir / "slurm" / f"{job.job_id}_0_log.err"
+            # submitit's message holds the job's whole traceback: its exception line says why.
+            lines = str(err).strip().splitlines() or [type(err).__name__]
+            why = [x for x in lines if re.match(r"[\w.]+(Error|Exception): ", x)] or lines[:1]
+            sys.stderr.write(
+                f"error: job {job.job_id} ({stage.recipe.name}) failed: {why[-1]} (see {log})\n"
+            )
+            later = [j.job_id for _, j in submitted[i + 1 :]]
+            if later:
+                sys.stderr.write(f"later stages will not start: job(s) {', '.join(later)}\n")
+            return 1
+        sys.stdout.write(f"job {job.job_id}: {stage.recipe.name} finished\n")
+    return 0
+
+
 def _main(argv: Sequence[str] | None) -> int:
     args = parse_args(argv)
+    if not args.local:
+        return run_slurm(args)
     r = recipe.load(args.recipe, args.overrides)
     world = world_of(r, args)
     if args.dry_run:
         dry_run(args.recipe, r, world, preflight.problems(r), args.json)
         return 0
     preflight.require(r)
-    if args.local:
-        return run_local(args, r)
-    raise UserError("Slurm submission is not available in this version yet; use --local")
+    return run_local(args, r)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

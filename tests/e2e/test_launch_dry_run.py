@@ -38,7 +38,7 @@ def test_dry_run_json_shows_the_workload_optimiser(capsys, tmp_path, monkeypatch
         "warmup_steps": 0,
     }
     assert doc["world"] == {"nodes": 1, "gpus_per_node": 8, "world_size": 8}
-    assert doc["sbatch"] is None
+    assert doc["sbatch"].startswith("#!") and "#SBATCH --nodes=1" in doc["sbatch"]
     assert any(w.startswith("data.shards:") for w in doc["warnings"])
 
 

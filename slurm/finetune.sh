@@ -1,0 +1,55 @@
+#!/bin/bash
+# A finetune stage (recipes/finetune*.yaml) as a plain Slurm batch job:
+#
+#   sbatch slurm/finetune.sh [RECIPE] [key=value ...]      RECIPE defaults to recipes/finetune.yaml
+#
+# The job runs in the directory sbatch was called from (recipe paths are relative to it). Its size
+# comes from the header below, not from the recipe's `cluster` section (that one is read by
+# `python -m toolkit.launch`); sbatch flags on the command line win over the header:
+#
+#   sbatch --nodes=4 --partition=gpu --account=proj slurm/finetune.sh recipes/finetune.yaml train.epochs=10
+#   sbatch --nodes=2 --ntasks-per-node=1 --gpus-per-node=0 slurm/finetune.sh recipes/debug.yaml  # CPU
+#
+# One task per GPU runs `$SRMAE_PYTHON -m toolkit.train RECIPE key=value ...` (default `python`;
+# it must import toolkit). Each task derives its own RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR (the
+# first host of the node list) and MASTER_PORT (from the job id) from its SLURM_* variables
+# (toolkit/cluster/env.py): nothing per task is expanded here, since this script runs on the first
+# node only.
+#
+# Time limit and preemption: Slurm sends USR2 to the tasks 120 s before the limit (also
+# `scancel --signal=USR2 JOBID`); they finish the step, write a checkpoint and exit with status 3;
+# this script then requeues the job, which resumes from that checkpoint in the same run directory.
+#
+# Log: --output cannot depend on the recipe, so it is runs/slurm-<job name>-<job id>.out under the
+# submit directory, appended to across requeues. runs/ must exist before sbatch (`mkdir -p runs`):
+# Slurm does not create it, and a job that cannot open its log fails without a word.
+#SBATCH --job-name=srmae-finetune
+#SBATCH --nodes=1
+#SBATCH --ntasks-per-node=8
+#SBATCH --gpus-per-node=8
+#SBATCH --cpus-per-task=8
+#SBATCH --time=24:00:00
+#SBATCH --signal=USR2@120
+#SBATCH --requeue
+#SBATCH --open-mode=append
+#SBATCH --output=runs/slurm-%x-%j.out
+
+recipe=recipes/finetune.yaml
+case ${1-} in
+    *.yaml | *.yml) recipe=$1 && shift ;;
+esac
+python=${SRMAE_PYTHON:-python}
+echo "job ${SLURM_JOB_ID} (restart ${SLURM_RESTART_COUNT:-0}) on ${SLURM_JOB_NODELIST}: ${recipe} $*" >&2
+
+# A task that fails ends the others 30 s later (--wait) instead of leaving them in a collective
+# until the time limit. Not --kill-on-bad-exit=1: the first task to exit with status 3 would get
+# the others terminated, and srun would then report their SIGTERM (143), not 3.
+srun --kill-on-bad-exit=0 --wait=30 "$python" -m toolkit.train "$recipe" "$@"
+status=$?
+# Only a job that is still running: the tasks also stop on the SIGTERM of `scancel` and of the
+# time limit, and a cancelled job must stay cancelled.
+if [ "$status" -eq 3 ] && scontrol show job "$SLURM_JOB_ID" | grep -q "JobState=RUNNING"; then
+    echo "job ${SLURM_JOB_ID}: stopped by a signal after a checkpoint; requeueing" >&2
+    scontrol requeue "$SLURM_JOB_ID" && exit 0
+fi
+exit "$status"

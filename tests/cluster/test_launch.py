@@ -1,0 +1,346 @@
+"""`toolkit.launch` and slurm/*.sh on the real two-node Slurm cluster (no mocks): one process
+group across n1 and n2, the plain sbatch scripts, USR2 -> checkpoint -> requeue -> exact resume,
+chained stages and --after, a dead task failing its job at once, ZeRO-2 across nodes."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests.helpers import DEBUG_RECIPE, ROOT, make_pairs, read_jsonl, tiny
+from toolkit.shard import shard
+
+pytestmark = pytest.mark.cluster
+
+TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY",
+            "BOOT_FAIL", "DEADLINE"}  # fmt: skip
+# Seconds-long runs: the cluster's 2 nodes share this machine's cores with everything else.
+SMALL = ["train.max_steps=6", "train.checkpoint_every=2", "cluster.gpus_per_node=0",
+         "cluster.partition=debug", "cluster.time=00:10:00", "cluster.cpus_per_task=1"]  # fmt: skip
+# Slow enough to be signalled mid-run (a few hundred steps of ~10 ms).
+LONG = ["train.max_steps=400", "train.checkpoint_every=100", "cluster.gpus_per_node=0",
+        "cluster.partition=debug", "cluster.time=00:10:00", "cluster.cpus_per_task=1"]  # fmt: skip
+SCRIPT_SIZE = ["--nodes=2", "--ntasks-per-node=1", "--gpus-per-node=0", "--cpus-per-task=1"]
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("slurm-data")  # under /tmp: the nodes share this file system
+    make_pairs(root / "src", 40)
+    shard(root / "src", root / "shards", val_fraction=0.2, shard_size=8)
+    return root / "shards"
+
+
+def job_env(cluster) -> dict[str, str]:
+    """What sbatch hands on to the jobs (it exports the submitter's environment)."""
+    return {
+        **os.environ,
+        "PYTHONPATH": str(ROOT),
+        "SRMAE_PYTHON": cluster.python,  # the sbatch scripts' interpreter
+        # One thread per process: both nodes share 2 cores, and the reference runs match it.
+        "OMP_NUM_THREADS": "1",
+        # The node namespaces reach no DNS server: without this, each reverse lookup of a peer's
+        # address by torch.distributed waits out glibc's 5 s x 2 default before giving up.
+        "RES_OPTIONS": "timeout:1 attempts:1",
+    }
+
+
+def launch(cluster, cwd: Path, *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
+    cmd = [cluster.python, "-m", "toolkit.launch", *args]
+    return subprocess.run(cmd, cwd=cwd, env=job_env(cluster), capture_output=True, text=True,
+                          timeout=timeout, check=False)  # fmt: skip
+
+
+def launched(proc: subprocess.CompletedProcess) -> list[str]:
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    jobs = re.findall(r"^job (\d+): .* process\(es\)", proc.stdout, flags=re.M)
+    assert jobs, proc.stdout
+    return jobs
+
+
+def sbatch(cluster, cwd: Path, *args: str) -> str:
+    proc = subprocess.run(["sbatch", "--parsable", *args], cwd=cwd, env=job_env(cluster),
+                          capture_output=True, text=True, timeout=30, check=False)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout.strip().split(";")[0]
+
+
+def sacct(job: str, fields: str) -> list[list[str]]:
+    """One row per run of the job allocation (-D: a requeued job's earlier runs too)."""
+    out = subprocess.run(["sacct", "-D", "-X", "-n", "-P", "-j", job, "-o", fields],
+                         capture_output=True, text=True, timeout=30, check=True).stdout  # fmt: skip
+    return [line.split("|") for line in out.strip().splitlines() if line]
+
+
+def wait_done(job: str, timeout: float = 120) -> tuple[str, str]:
+    """(State, ExitCode) once accounting has the job's current run in a terminal state."""
+    end = time.monotonic() + timeout
+    state = exit_code = ""
+    while time.monotonic() < end:
+        rows = sacct(job, "State,ExitCode")
+        if rows:
+            state, exit_code = rows[-1][0].split()[0], rows[-1][1]
+            if state in TERMINAL:
+                return state, exit_code
+        time.sleep(0.5)
+    pytest.fail(f"job {job}: still {state or 'unknown'} after {timeout} s")
+
+
+def steps(run_dir: Path) -> list[int]:
+    path = run_dir / "metrics.jsonl"
+    return [x["step"] for x in read_jsonl(path) if "train/loss" in x] if path.exists() else []
+
+
+def wait_step(run_dir: Path, step: int, timeout: float = 90) -> None:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if steps(run_dir) and steps(run_dir)[-1] >= step:
+            return
+        time.sleep(0.05)
+    pytest.fail(f"{run_dir}: step {step} not reached after {timeout} s")
+
+
+def weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(run_dir / "model.safetensors"))
+
+
+def complete_final_checkpoint(run_dir: Path, step: int) -> Path:
+    name = f"step-{step:08d}"
+    assert (run_dir / "checkpoints/latest").read_text().strip() == name
+    ckpt = run_dir / "checkpoints" / name
+    assert json.loads((ckpt / "COMPLETE").read_text())["step"] == step
+    assert (run_dir / "model.safetensors").is_file()
+    return ckpt
+
+
+def task_pid(job: str, rank: int, needle: str) -> int:
+    """The training process of one task (the nodes are namespaces of this machine)."""
+    for proc in Path("/proc").iterdir():
+        try:
+            environ = (proc / "environ").read_bytes().split(b"\0")
+            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except (OSError, ValueError):
+            continue
+        if (
+            f"SLURM_JOB_ID={job}".encode() in environ
+            and f"SLURM_PROCID={rank}".encode() in environ
+            and "python" in cmdline
+            and needle in cmdline
+        ):
+            return int(proc.name)
+    pytest.fail(f"no process of job {job} rank {rank} running {needle}")
+
+
+def submit(how: str, cluster, cwd: Path, shards: Path, run_dir: Path, *extra: str) -> str:
+    """A 2-node job through `toolkit.launch` or through slurm/pretrain.sh."""
+    overrides = [*tiny(shards, run_dir, stage="pretrain"), *extra]
+    if how == "launch":
+        return launched(launch(cluster, cwd, str(DEBUG_RECIPE), *overrides, "--nodes", "2"))[0]
+    (cwd / "runs").mkdir(exist_ok=True)
+    script = str(ROOT / "slurm/pretrain.sh")
+    return sbatch(cluster, cwd, *SCRIPT_SIZE, script, str(DEBUG_RECIPE), *overrides)
+
+
+# --- the tests -----------------------------------------------------------------------------------
+
+
+def test_launch_two_nodes_form_one_group(slurm_cluster, shards, tmp_path) -> None:
+    run_dir = tmp_path / "run"
+    overrides = [*tiny(shards, run_dir, stage="pretrain"), *SMALL]
+    proc = launch(slurm_cluster, tmp_path, str(DEBUG_RECIPE), *overrides, "--nodes", "2",
+                  "--wait", timeout=180)  # fmt: skip
+    (job,) = launched(proc)
+    assert f"run dir: {run_dir}\n" in proc.stdout
+    assert f"logs:    {run_dir}/slurm/{job}_0_log.err" in proc.stdout
+    assert f"tensorboard --logdir {run_dir}/tb\n" in proc.stdout
+    assert f"job {job}: debug finished" in proc.stdout
+    assert wait_done(job) == ("COMPLETED", "0:0")
+    logs = [(run_dir / "slurm" / f"{job}_{t}_log.err").read_text() for t in (0, 1)]
+    port = 20000 + int(job) % 10000
+    assert f"rank 0 of 2 on n1 (node 0, local rank 0 of 1); master n1:{port}" in logs[0]
+    assert f"rank 1 of 2 on n2 (node 1, local rank 0 of 1); master n1:{port}" in logs[1]
+    assert all("world 2" in log for log in logs)  # the engine checks the group has 2 members
+    ckpt = complete_final_checkpoint(run_dir, 6)
+    assert {p.name for p in ckpt.glob("random_states_*.pkl")} == {
+        "random_states_0.pkl",
+        "random_states_1.pkl",
+    }
+    assert steps(run_dir) == [1, 2, 3, 4, 5, 6]
+
+
+def test_sbatch_finetune_script(slurm_cluster, shards, tmp_path) -> None:
+    """Spaces in the recipe path and in an override: the script quotes everything."""
+    recipes = tmp_path / "my recipes"
+    recipes.mkdir()
+    shutil.copy(DEBUG_RECIPE, recipes / "debug run.yaml")
+    shutil.copy(ROOT / "recipes/_base.yaml", recipes)
+    (tmp_path / "runs").mkdir()  # sbatch's --output directory
+    run_dir = tmp_path / "run dir"
+    job = sbatch(slurm_cluster, tmp_path, *SCRIPT_SIZE, str(ROOT / "slurm/finetune.sh"),
+                 str(recipes / "debug run.yaml"), *tiny(shards, run_dir), *SMALL)  # fmt: skip
+    log = tmp_path / "runs" / f"slurm-srmae-finetune-{job}.out"
+    assert wait_done(job) == ("COMPLETED", "0:0"), log.read_text()
+    text = log.read_text()
+    assert "rank 0 of 2 on n1" in text and "rank 1 of 2 on n2" in text
+    assert "debug: finetune, " in text and "world 2" in text
+    complete_final_checkpoint(run_dir, 6)
+    assert json.loads((run_dir / "eval.json").read_text())["model"]["psnr"] > 0
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(slurm_cluster, shards: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The LONG run straight through on 2 local processes (torchrun, gloo): the reference."""
+    run_dir = tmp_path_factory.mktemp("reference") / "run"
+    overrides = [*tiny(shards, run_dir, stage="pretrain"), *LONG]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    cmd = [slurm_cluster.python, "-m", "toolkit.launch", str(DEBUG_RECIPE), *overrides,
+           "--local", "--procs", "2"]  # fmt: skip
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, check=False)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return run_dir
+
+
+@pytest.mark.parametrize("how", ["launch", "sbatch"])
+def test_usr2_checkpoints_requeues_and_resumes_exactly(
+    slurm_cluster, shards, tmp_path, uninterrupted, how
+) -> None:
+    run_dir = tmp_path / "run"
+    job = submit(how, slurm_cluster, tmp_path, shards, run_dir, *LONG)
+    wait_step(run_dir, 20)
+    subprocess.run(["scancel", "--signal=USR2", job], check=True, timeout=30)
+    assert wait_done(job, timeout=150) == ("COMPLETED", "0:0")
+    runs = [row[0].split()[0] for row in sacct(job, "State")]
+    assert runs[0] == "REQUEUED" and runs[-1] == "COMPLETED", runs
+    # The requeued job resumed from the checkpoint written at the signal, not from the start:
+    # every step ran (and was logged) exactly once.
+    if how == "launch":
+        log = (run_dir / "slurm" / f"{job}_0_log.err").read_text()
+    else:
+        log = (tmp_path / "runs" / f"slurm-srmae-pretrain-{job}.out").read_text()
+    resumed = [int(s) for s in re.findall(r"resumed from \S+/step-(\d{8})", log)]
+    assert resumed and 20 <= resumed[0] < 400, log[-3000:]
+    assert steps(run_dir) == list(range(1, 401))
+    complete_final_checkpoint(run_dir, 400)
+    a, b = weights(uninterrupted), weights(run_dir)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_usr2_during_start_up_requeues_at_once(slurm_cluster, shards, tmp_path) -> None:
+    """Before the loop runs, submitit's own handler takes the signal: checkpoint() and requeue;
+    with no checkpoint yet the requeued job starts over."""
+    run_dir = tmp_path / "run"
+    job = submit("launch", slurm_cluster, tmp_path, shards, run_dir, *SMALL)
+    log = run_dir / "slurm" / f"{job}_0_log.err"
+    end = time.monotonic() + 60
+    while "Slurm task: rank 0" not in (log.read_text() if log.exists() else ""):
+        assert time.monotonic() < end, "the job did not start"
+        time.sleep(0.05)
+    subprocess.run(["scancel", "--signal=USR2", job], check=True, timeout=30)
+    assert wait_done(job, timeout=150) == ("COMPLETED", "0:0")
+    runs = [row[0].split()[0] for row in sacct(job, "State")]
+    assert runs[0] == "REQUEUED" and runs[-1] == "COMPLETED", runs
+    text = log.read_text()
+    assert "Calling checkpoint method" in text and "stopped by a signal at step" not in text
+    assert steps(run_dir) == [1, 2, 3, 4, 5, 6]
+    complete_final_checkpoint(run_dir, 6)
+
+
+@pytest.mark.parametrize("how", ["launch", "sbatch"])
+def test_scancel_cancels_for_good(slurm_cluster, shards, tmp_path, how) -> None:
+    """The loop also stops and checkpoints on scancel's SIGTERM; the job must not requeue."""
+    run_dir = tmp_path / "run"
+    job = submit(how, slurm_cluster, tmp_path, shards, run_dir, *LONG, "train.max_steps=100000")
+    wait_step(run_dir, 5)
+    subprocess.run(["scancel", job], check=True, timeout=30)
+    time.sleep(20)  # a requeued job is back within ~12 s here
+    assert [row[0].split()[0] for row in sacct(job, "State")] == ["CANCELLED"]
+    squeue = subprocess.run(["squeue", "-h", "-j", job], capture_output=True, text=True)
+    assert squeue.stdout.strip() == ""
+
+
+def test_chain_and_after_wait_for_their_predecessors(slurm_cluster, shards, tmp_path) -> None:
+    """Two recipes on one command line: pretrain, then a finetune whose init.from is the
+    pretrain's run directory; the first waits for --after, the second for the first."""
+    pre_dir, ft_dir = tmp_path / "pre", tmp_path / "ft"
+    (tmp_path / "pre.yaml").write_text(
+        f"extends: {DEBUG_RECIPE}\nname: pre\nrun: {{dir: {pre_dir}}}\n"
+    )
+    (tmp_path / "ft.yaml").write_text(
+        f"extends: {DEBUG_RECIPE}\nname: ft\nstage: finetune\ntrain: {{loss: l1}}\n"
+        f"init: {{from: {pre_dir}}}\nrun: {{dir: {ft_dir}}}\n"
+    )
+    sleeper = sbatch(slurm_cluster, tmp_path, "-o", "sleeper.out", "--wrap", "sleep 8")
+    common = [f"data.shards={shards}", "data.batch_size=4", "train.eval_every=0", *SMALL]
+    proc = launch(slurm_cluster, tmp_path, "pre.yaml", "ft.yaml", *common, "--nodes", "1",
+                  "--after", sleeper)  # fmt: skip
+    pre, ft = launched(proc)
+    assert f"job {ft}: ft, 1 node(s) x 1 process(es) = 1, after job {pre} succeeds" in proc.stdout
+    assert f"tensorboard --logdir {tmp_path}\n" in proc.stdout  # the chain's common parent
+    squeue = subprocess.run(["squeue", "-h", "-j", f"{pre},{ft}", "-o", "%i %T %r"],
+                            capture_output=True, text=True, check=True).stdout  # fmt: skip
+    assert sorted(squeue.split("\n")[:2]) == [
+        f"{pre} PENDING Dependency",
+        f"{ft} PENDING Dependency",
+    ]
+    assert wait_done(ft, timeout=150) == ("COMPLETED", "0:0")
+    assert wait_done(sleeper) == wait_done(pre) == ("COMPLETED", "0:0")
+    times = {j: sacct(j, "Start,End")[-1] for j in (sleeper, pre, ft)}
+    assert times[pre][0] >= times[sleeper][1] and times[ft][0] >= times[pre][1]  # ISO times
+    log = (ft_dir / "slurm" / f"{ft}_0_log.err").read_text()
+    assert f"init.from {pre_dir}: " in log
+    complete_final_checkpoint(ft_dir, 6)
+
+
+@pytest.mark.parametrize("how", ["launch", "sbatch"])
+def test_a_killed_task_fails_the_job_within_a_minute(slurm_cluster, shards, tmp_path, how) -> None:
+    run_dir = tmp_path / "run"
+    job = submit(how, slurm_cluster, tmp_path, shards, run_dir, *LONG, "train.max_steps=100000")
+    wait_step(run_dir, 5)
+    pid = task_pid(job, 1, "submitit" if how == "launch" else "toolkit.train")
+    killed = time.monotonic()
+    os.kill(pid, 9)
+    state, _ = wait_done(job, timeout=60)
+    assert state == "FAILED"
+    assert time.monotonic() - killed < 60
+    assert steps(run_dir)[-1] < 100000
+
+
+def test_zero2_on_two_nodes_trains_and_resumes(slurm_cluster, shards, tmp_path) -> None:
+    """A 3-step ZeRO-2 job, then a 6-step one after it in the same run directory: the second
+    resumes from the first's sharded checkpoint (each rank wrote its own optimiser shard)."""
+    run_dir = tmp_path / "run"
+    overrides = [*tiny(shards, run_dir, stage="pretrain"), *SMALL, "deepspeed.zero_stage=2"]
+    args = [str(DEBUG_RECIPE), *overrides, "--nodes", "2"]
+    (first,) = launched(launch(slurm_cluster, tmp_path, *args, "train.max_steps=3"))
+    proc = launch(slurm_cluster, tmp_path, *args, "--after", first, "--wait", timeout=240)
+    (second,) = launched(proc)
+    assert wait_done(first) == wait_done(second) == ("COMPLETED", "0:0")
+    shards_of = {p.name for p in (run_dir / "checkpoints/step-00000003/pytorch_model").iterdir()}
+    assert {
+        "zero_pp_rank_0_mp_rank_00_optim_states.pt",
+        "zero_pp_rank_1_mp_rank_00_optim_states.pt",
+    } <= shards_of
+    log = (run_dir / "slurm" / f"{second}_0_log.err").read_text()
+    assert re.search(r"resumed from \S+/step-00000003 \(step 3", log), log[-3000:]
+    assert "world 2" in log
+    assert steps(run_dir) == [1, 2, 3, 4, 5, 6]
+    complete_final_checkpoint(run_dir, 6)
+
+
+def test_a_job_sbatch_refuses_is_one_user_error(slurm_cluster, shards, tmp_path) -> None:
+    overrides = tiny(shards, tmp_path / "run", stage="pretrain")
+    proc = launch(slurm_cluster, tmp_path, str(DEBUG_RECIPE), *overrides, "--partition", "nope")
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr.splitlines() == [
+        "error: sbatch refused job debug: sbatch: error: Batch job submission failed: "
+        "Invalid partition name specified"
+    ]

@@ -1,0 +1,1 @@
+"""Running on Slurm: task ranks from the job environment (env), submission and requeue (slurm)."""
