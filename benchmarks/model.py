@@ -13,10 +13,8 @@ reports medians over `--repeats` rounds after `--warmup` rounds.
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -25,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from benchmarks.common import report
 from toolkit.models import apply_freeze, build_model, param_counts
 from toolkit.recipe import ModelConfig
 
@@ -113,33 +112,12 @@ def run(args: argparse.Namespace) -> dict:
         "repeats": args.repeats,
         "warmup": args.warmup,
         "results": results,
+        "times_s": {f"{m} / {st}": times[m, st] for m, st in times},
         # Median of the per-round ratios: both settings of a round ran back to back.
         "mask_speedup": statistics.median(u / m for u, m in zip(unmasked, masked, strict=True)),
         "mask_speedup_of_medians": statistics.median(unmasked) / statistics.median(masked),
         "mask_speedup_goal": 2.5,
     }
-
-
-def write_table(report: dict) -> None:
-    out = sys.stdout
-    out.write(
-        f"device {report['device']}, torch {report['torch']}, {report['threads']} threads, "
-        f"batch {report['batch']} x {report['image']}, median of {report['repeats']}\n"
-    )
-    out.write(
-        f"{'model':<7} {'setting':<15} {'trainable':>10} {'step s':>8} {'min s':>8} "
-        f"{'samples/s':>10}\n"
-    )
-    for r in report["results"]:
-        out.write(
-            f"{r['model']:<7} {r['setting']:<15} {r['trainable_params']:>10,} "
-            f"{r['median_s']:>8.3f} {r['min_s']:>8.3f} {r['samples_per_s']:>10.1f}\n"
-        )
-    out.write(
-        f"masking speed-up (mask 0.0 / mask 0.75, median per-round ratio): "
-        f"{report['mask_speedup']:.2f}x "
-        f"(goal >= {report['mask_speedup_goal']}x)\n"
-    )
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -155,11 +133,17 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    report = run(args)
-    write_table(report)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
-    sys.stdout.write(f"wrote {args.out}\n")
+    result = run(args)
+    rows = [{k: v for k, v in r.items() if k != "times_s"} for r in result.pop("results")]
+    report(
+        f"model benchmark: {result['device']}, torch {result['torch']}, {result['threads']} "
+        f"threads, batch {result['batch']} x {result['image']}, median of {result['repeats']}; "
+        f"masking speed-up (mask 0.0 / mask 0.75, median per-round ratio) "
+        f"{result['mask_speedup']:.2f}x, goal >= {result['mask_speedup_goal']}x",
+        rows,
+        args.out,
+        **result,
+    )
 
 
 if __name__ == "__main__":

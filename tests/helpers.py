@@ -13,6 +13,19 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 DEBUG_RECIPE = ROOT / "recipes" / "debug.yaml"
 
+# A ViT small enough for sub-second model tests: 20x20 images, 25 patches of 4x4.
+TINY_VIT = dict(
+    img_size=20,
+    patch_size=4,
+    embed_dim=32,
+    depth=2,
+    num_heads=4,
+    decoder_embed_dim=16,
+    decoder_depth=1,
+    decoder_num_heads=2,
+    mlp_ratio=2.0,
+)
+
 
 def make_pairs(root: Path, count: int, size: int = 32, scale: int = 2, seed: int = 0) -> Path:
     """Smooth random HR images with LR = block means, written as paired .npy files."""

@@ -3,25 +3,15 @@
 import pytest
 import torch
 
+from tests.helpers import TINY_VIT
 from toolkit.models import MAE, MAEOutput
 
-TINY = dict(
-    img_size=20,
-    patch_size=4,
-    embed_dim=32,
-    depth=2,
-    num_heads=4,
-    decoder_embed_dim=16,
-    decoder_depth=1,
-    decoder_num_heads=2,
-    mlp_ratio=2.0,
-)
 L = 25  # (20 / 4) ** 2 patches
 
 
 def tiny_mae(**overrides: object) -> MAE:
     torch.manual_seed(0)
-    return MAE(**{**TINY, **overrides})
+    return MAE(**{**TINY_VIT, **overrides})
 
 
 @pytest.mark.parametrize("ratio", [0.0, 0.1, 0.25, 0.5, 0.6, 0.75, 0.9, 0.97])

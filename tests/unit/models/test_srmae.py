@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from tests.helpers import TINY_VIT
 from toolkit.models import (
     MAE,
     SRMAE,
@@ -15,27 +16,15 @@ from toolkit.models import (
     param_counts,
 )
 
-VIT = dict(
-    img_size=20,
-    patch_size=4,
-    embed_dim=32,
-    depth=2,
-    num_heads=4,
-    decoder_embed_dim=16,
-    decoder_depth=1,
-    decoder_num_heads=2,
-    mlp_ratio=2.0,
-)
-
 
 def tiny_sr(scale: int = 2, **overrides: object) -> SRMAE:
     torch.manual_seed(0)
-    return SRMAE(**{**VIT, "sr_channels": 8, "scale": scale, **overrides})
+    return SRMAE(**{**TINY_VIT, "sr_channels": 8, "scale": scale, **overrides})
 
 
 def tiny_mae(**overrides: object) -> MAE:
     torch.manual_seed(1)
-    return MAE(**{**VIT, **overrides})
+    return MAE(**{**TINY_VIT, **overrides})
 
 
 def count(model: torch.nn.Module, prefix: str) -> int:
@@ -197,7 +186,7 @@ def test_load_rejects_checkpoint_without_mae_tensors() -> None:
 
 
 def test_build_model_by_stage() -> None:
-    cfg = SimpleNamespace(**VIT, in_chans=3, mask_ratio=0.5, norm_pix_loss=True, sr_channels=8)
+    cfg = SimpleNamespace(**TINY_VIT, in_chans=3, mask_ratio=0.5, norm_pix_loss=True, sr_channels=8)
     mae = build_model(cfg, "pretrain", 2)
     assert isinstance(mae, MAE) and mae.mask_ratio == 0.5 and mae.norm_pix_loss
     sr = build_model(cfg, "finetune", 4)
