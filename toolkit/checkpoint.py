@@ -88,7 +88,7 @@ def prune(root: Path, keep_last: int) -> None:
     complete = [d for d in _step_dirs(root) if (d / COMPLETE).is_file()]
     for old in complete[:-keep_last]:
         shutil.rmtree(old, ignore_errors=True)
-    for tmp in root.glob(".tmp-step-*"):
+    for tmp in [*root.glob(".tmp-step-*"), *root.glob(".universal-step-*")]:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
@@ -151,23 +151,52 @@ def world_of(ckpt: Path) -> int:
     return TrainState.read(ckpt / STATE).world_size
 
 
-def resume_resharded(engine: Engine, ckpt: Path, scheduler: Any) -> TrainState:
-    """Resume a sharded (ZeRO) checkpoint on another number of processes: the model weights were
-    loaded before set-up (see `weights_of`), the scheduler and the train state are restored here,
-    and the optimiser state starts afresh, which the log says."""
+def universal_dir(ckpt: Path) -> Path:
+    """Where a checkpoint's universal conversion is written (beside it, so every node sees it;
+    removed once loaded, and by `prune` if a run dies first)."""
+    return ckpt.parent / f".universal-{ckpt.name}"
+
+
+def consolidated(engine: Engine, ckpt: Path) -> dict[str, torch.Tensor]:
+    """A ZeRO checkpoint's fp32 weights, frozen ones included (ZeRO-1 leaves them out)."""
+    weights = engine.consolidated(ckpt)
+    if (ckpt / FROZEN).is_file():
+        weights.update(load_file(str(ckpt / FROZEN)))
+    return weights
+
+
+def resume_resharded(
+    engine: Engine, model: Any, ckpt: Path, scheduler: Any, universal: bool
+) -> TrainState:
+    """Resume a ZeRO checkpoint on another number of processes. With `universal` (the
+    checkpoint converted by `Engine.to_universal`), weights and optimiser state are loaded
+    here, each rank taking its new share; otherwise the weights were loaded before set-up and
+    the optimiser state starts afresh, which the log says. The scheduler and the train state
+    are restored in both cases."""
     state = TrainState.read(ckpt / STATE)
+    if universal:
+        engine.load_universal(model, universal_dir(ckpt))
+        engine.barrier()  # every rank has read its share before the conversion is removed
+        if engine.is_main:
+            shutil.rmtree(universal_dir(ckpt), ignore_errors=True)
     sched = torch.load(ckpt / "scheduler.bin", weights_only=True)
     scheduler.load_state_dict(sched)
     if (ckpt / FROZEN).is_file():
         engine.frozen = load_file(str(ckpt / FROZEN))
-    logger.warning(
-        "resumed from %s, written by %d processes, on %d: model weights, scheduler, step and data "
-        "position restored; the optimiser state (Adam moments) was RESET, because ZeRO shards it "
-        "by process",
-        ckpt,
-        state.world_size,
-        engine.world_size,
-    )
+    if universal:
+        logger.info(
+            "resumed from %s, written by %d processes, on %d through a universal checkpoint: "
+            "model weights, optimiser state (Adam moments), scheduler, step and data position "
+            "restored",
+            ckpt, state.world_size, engine.world_size,
+        )  # fmt: skip
+    else:
+        logger.warning(
+            "resumed from %s, written by %d processes, on %d: model weights, scheduler, step and "
+            "data position restored; the optimiser state (Adam moments) was RESET, because ZeRO "
+            "shards it by process and the universal conversion failed (see above)",
+            ckpt, state.world_size, engine.world_size,
+        )  # fmt: skip
     return state
 
 

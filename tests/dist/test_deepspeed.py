@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import socket
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,7 @@ from safetensors.torch import load_file
 from tests.helpers import DEBUG_RECIPE, make_pairs, read_jsonl, run_cli, tiny
 from toolkit import recipe
 from toolkit.data.loader import build_loader
+from toolkit.engine.accel import to_universal
 from toolkit.engine.validate import validate
 from toolkit.models import build_model
 from toolkit.shard import shard
@@ -126,14 +128,40 @@ def test_stage_chain_under_zero2(shards, tmp_path) -> None:
     assert json.loads((full / "eval.json").read_text())["model"]["psnr"] > 0
 
 
-@pytest.mark.parametrize("zero", [0, 2], ids=["ddp", "zero2"])
-def test_restart_on_fewer_then_more_processes(shards, tmp_path, zero) -> None:
-    run = tmp_path / "run"
+def adam_state(ckpt: Path, out: Path) -> dict[str, torch.Tensor]:
+    """Every parameter's fp32 value, Adam moments and step count in a ZeRO checkpoint, whatever
+    the number of processes that wrote it (through DeepSpeed's universal conversion)."""
+    folder = to_universal(ckpt, out) / "zero"
+    state = {}
+    for f in folder.glob("*/*.pt"):
+        value = torch.load(f, weights_only=True)  # {"param": tensor, ...}; step.pt: a tensor
+        state[f"{f.parent.name}/{f.stem}"] = value["param"] if isinstance(value, dict) else value
+    return state
+
+
+@pytest.mark.parametrize(
+    ("zero", "frozen"), [(0, False), (2, False), (3, True)], ids=["ddp", "zero2", "zero3-frozen"]
+)
+def test_restart_on_fewer_then_more_processes(shards, tmp_path, zero, frozen) -> None:
+    """A run restarted on another number of processes goes on from the same weights, schedule
+    and data position; under ZeRO the Adam moments follow through a universal checkpoint, and
+    frozen weights (which that layout leaves out) stay those of the pretrained model."""
+    run, pre = tmp_path / "run", tmp_path / "pre"
     backend = [f"deepspeed.zero_stage={zero}"] if zero else ["deepspeed=null"]
+    if frozen:
+        launch(*tiny(shards, pre, "train.max_steps=2", stage="pretrain"), procs=1)
+        backend += [f"init.from={pre}", "freeze=[encoder]"]
 
     def step(procs: int, max_steps: int) -> str:
-        out = launch(*tiny(shards, run, f"train.max_steps={max_steps}", *backend), procs=procs)
-        return out
+        return launch(*tiny(shards, run, f"train.max_steps={max_steps}", *backend), procs=procs)
+
+    def same_optimiser(before: int, after: int) -> None:
+        if zero:  # the new layout's first checkpoint holds exactly the state it resumed from
+            ckpts = run / "checkpoints"
+            old = adam_state(ckpts / f"step-{before:08d}", tmp_path / f"u{before}")
+            new = adam_state(ckpts / f"step-{after:08d}", tmp_path / f"u{after}")
+            assert old.keys() == new.keys() and any(k.endswith("/exp_avg_sq") for k in old)
+            assert all(torch.equal(old[k], new[k]) for k in old)
 
     step(2, 2)
     two = weights(run)
@@ -141,13 +169,56 @@ def test_restart_on_fewer_then_more_processes(shards, tmp_path, zero) -> None:
     # export must be exactly the weights the 2-process run ended with.
     out = step(1, 4)
     assert "continues on 1 processes instead of 2: step 2 -> 4" in out
-    assert ("optimiser state (Adam moments) was RESET" in out) == bool(zero)
+    assert ("Adam moments), scheduler, step and data position restored" in out) == bool(zero)
+    assert "RESET" not in out
     assert all(torch.equal(two[k], v) for k, v in weights(run).items())
-    out = step(1, 6)  # trains on
+    same_optimiser(2, 4)
+    step(1, 6)  # trains on
     one = weights(run)
     assert any(not torch.equal(two[k], v) for k, v in one.items())
     out = step(2, 3)  # 1 -> 2 processes: step 6 -> 3, nothing left to train
     assert "continues on 2 processes instead of 1: step 6 -> 3" in out
     assert all(torch.equal(one[k], v) for k, v in weights(run).items())
+    same_optimiser(6, 3)
     state = json.loads((run / "checkpoints/step-00000003/train_state.json").read_text())
     assert state["world_size"] == 2
+    assert not list((run / "checkpoints").glob(".universal-*"))  # the conversion is cleaned up
+    step(2, 5)  # and training goes on from the restored state
+    assert json.loads((run / "checkpoints/step-00000005/train_state.json").read_text())["step"] == 5
+    if frozen:
+        p, f = weights(pre), weights(run)
+        enc = [k for k in p if k.startswith("encoder.")]
+        assert enc and all(torch.equal(p[k], f[k]) for k in enc)
+
+
+def test_restart_resets_the_optimiser_when_the_conversion_fails(
+    shards, tmp_path, monkeypatch, caplog
+) -> None:
+    """Should DeepSpeed fail to convert a checkpoint (a layout it cannot reshape), the run goes
+    on from the consolidated weights, and the log says exactly what was reset."""
+    import toolkit.engine.accel as accel
+    from toolkit.engine.loop import train
+
+    run = tmp_path / "run"
+    z2 = ["deepspeed.zero_stage=2"]
+    launch(*tiny(shards, run, "train.max_steps=2", *z2))
+    two = weights(run)
+
+    def unsupported(checkpoint: Path, out: Path) -> Path:
+        raise NotImplementedError("this layout cannot be converted")
+
+    monkeypatch.setattr(accel, "to_universal", unsupported)
+    # one process, in this one: the environment torchrun would give, restored afterwards
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = str(sock.getsockname()[1])
+    for key, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1",
+                       "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port}.items():  # fmt: skip
+        monkeypatch.setenv(key, value)
+    with caplog.at_level("INFO"):
+        result = train(recipe.load(DEBUG_RECIPE, tiny(shards, run, "train.max_steps=4", *z2)))
+    assert result.step == 4
+    assert "this layout cannot be converted" in caplog.text
+    assert "the optimiser state (Adam moments) was RESET" in caplog.text
+    assert all(torch.equal(two[k], v) for k, v in weights(run).items())
+    assert not list((run / "checkpoints").glob(".universal-*"))

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import gc
+import io
 import logging
 import os
+import shutil
 from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
@@ -20,6 +23,17 @@ from torch import nn
 from toolkit.recipe import DeepSpeedConfig, TrainConfig
 
 logger = logging.getLogger(__name__)
+
+DS_TAG = "pytorch_model"  # the tag (sub-folder) under which accelerate saves DeepSpeed's state
+
+
+class _DebugLog(io.TextIOBase):
+    """A stdout that sends what is printed to the debug log."""
+
+    def write(self, text: str) -> int:
+        if text.strip():
+            logger.debug("%s", text.rstrip())
+        return len(text)
 
 
 def deepspeed_config(train: TrainConfig, ds: DeepSpeedConfig, micro_batch: int) -> dict[str, Any]:
@@ -119,14 +133,23 @@ class Engine:
 
     # --- training ------------------------------------------------------------------------------
     def prepare(
-        self, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        scheduler: Any,
+        universal: bool = False,
     ) -> tuple[nn.Module, Any, Any]:
+        """Wrap for DDP or initialise DeepSpeed. `universal`: the state will come from a
+        universal checkpoint (`load_universal`), which DeepSpeed must know at initialisation."""
         if self.deepspeed is not None:
             self.frozen = {
                 name: p.detach().float().cpu().clone()
                 for name, p in model.named_parameters()
                 if not p.requires_grad
             }
+            if universal:
+                config = self.accelerator.state.deepspeed_plugin.deepspeed_config
+                config["checkpoint"] = {"load_universal": True}
         return self.accelerator.prepare(model, optimizer, scheduler)
 
     def check_groups(self, optimizer: Any, expected: list[tuple[str, float, float, int]]) -> None:
@@ -220,11 +243,32 @@ class Engine:
         """fp32 weights gathered from a DeepSpeed ZeRO checkpoint's shards (any world size)."""
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-        # accelerate saves the DeepSpeed state under the tag "pytorch_model" of `checkpoint`.
-        state = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint), tag="pytorch_model")
+        state = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint), tag=DS_TAG)
         state = {k: v.detach().float().cpu().contiguous() for k, v in state.items()}
         state.update(self.frozen)
         return state
+
+    def to_universal(self, checkpoint: Path, out: Path) -> bool:
+        """Convert a ZeRO checkpoint into a universal one under `out` (collective: the main
+        process converts, on the shared file system). True when it worked; DeepSpeed's error
+        is logged otherwise."""
+        ok = 1.0
+        if self.is_main:
+            try:
+                to_universal(checkpoint, out)
+            except Exception as err:  # DeepSpeed raises assertions and its own errors
+                logger.warning("could not convert %s to universal: %r", checkpoint, err)
+                shutil.rmtree(out, ignore_errors=True)
+                ok = 0.0
+        return self.all_sum([ok])[0] == self.world_size
+
+    def load_universal(self, model: nn.Module, universal: Path) -> None:
+        """Load weights and optimiser state (Adam moments included) from a universal checkpoint,
+        each rank taking its share for the current number of processes. The model must have been
+        prepared with `universal=True`."""
+        model.load_checkpoint(
+            str(universal), tag=DS_TAG, load_optimizer_states=True, load_lr_scheduler_states=False
+        )
 
     @property
     def shards_optimizer(self) -> bool:
@@ -245,6 +289,30 @@ class Engine:
         # (the chain of stages of a demo or a test) starts from a clean slate.
         AcceleratorState._reset_state(reset_partial_state=True)
         GradientState._reset_state()
+
+
+def to_universal(checkpoint: Path, out: Path) -> Path:
+    """Convert the DeepSpeed state of a checkpoint (written by any number of processes) into
+    DeepSpeed's universal layout under `out`: one file per parameter for its fp32 value and
+    each Adam moment. Returns the folder of the converted state."""
+    from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
+
+    shutil.rmtree(out, ignore_errors=True)
+    args = argparse.Namespace(
+        input_folder=str(checkpoint / DS_TAG),
+        output_folder=str(out / DS_TAG),
+        num_extract_workers=1,  # in this process: no pool of workers to start
+        num_merge_workers=1,
+        keep_temp_folder=False,
+        strict=True,
+        # accelerate's checkpoints lack the tensor/pipeline-parallel layout info the converter
+        # asks for; a model with neither needs none.
+        inject_missing_state=True,
+    )
+    # The converter prints its progress and draws progress bars: into the debug log with them.
+    with contextlib.redirect_stdout(_DebugLog()), contextlib.redirect_stderr(_DebugLog()):
+        ds_to_universal(args)
+    return out / DS_TAG
 
 
 def _single_process_env() -> None:

@@ -56,15 +56,17 @@ def train(r: recipe.Recipe) -> TrainResult:
         apply_freeze(model, r.freeze)
     ckpts = checkpoint.complete_checkpoints(run_dir)
     resuming = bool(ckpts)
-    # A job restarted on another number of processes: ZeRO's sharded optimiser state cannot
-    # follow, so the weights come from the consolidated checkpoint, loaded before set-up.
+    # A job restarted on another number of processes: ZeRO shards the optimiser state by
+    # process, so the checkpoint is converted to DeepSpeed's universal layout, which loads on
+    # any number. The consolidated weights are loaded before set-up all the same: they carry
+    # the frozen parameters, which the universal layout leaves out, and they are all there is
+    # (with an optimiser started afresh) should the conversion fail.
     reshard = (
-        resuming
-        and engine.shards_optimizer
-        and checkpoint.world_of(ckpts[0]) != (engine.world_size)
+        resuming and engine.shards_optimizer and checkpoint.world_of(ckpts[0]) != engine.world_size
     )
+    universal = reshard and engine.to_universal(ckpts[0], checkpoint.universal_dir(ckpts[0]))
     if reshard:
-        model.load_state_dict(engine.consolidated(ckpts[0]))
+        model.load_state_dict(checkpoint.consolidated(engine, ckpts[0]))
     elif r.init.from_ and not resuming:
         init_from(model, r.init.from_, finetune)
     groups = build_groups(model, r.optim)
@@ -89,7 +91,7 @@ def train(r: recipe.Recipe) -> TrainResult:
         optimizer, r.optim.scheduler, steps_per_epoch=plan.per_epoch, total_steps=plan.total
     )
     expected = [(g.rule, g.lr, g.weight_decay, g.numel) for g in groups]  # ZeRO-3 empties params
-    model, optimizer, scheduler = engine.prepare(model, optimizer, scheduler)
+    model, optimizer, scheduler = engine.prepare(model, optimizer, scheduler, universal)
     engine.check_groups(optimizer, expected)
     loss_fn = build_loss(cfg.loss or "l1")
     recipe_yaml = recipe.dump(r)
@@ -101,7 +103,7 @@ def train(r: recipe.Recipe) -> TrainResult:
     # --- resume --------------------------------------------------------------------------------
     resume_start = time.perf_counter()
     if reshard:
-        state = checkpoint.resume_resharded(engine, ckpts[0], scheduler)
+        state = checkpoint.resume_resharded(engine, model, ckpts[0], scheduler, universal)
     else:
         state = checkpoint.resume(engine, run_dir) if resuming else None
     rescaled = state is not None and state.world_size != engine.world_size
