@@ -159,7 +159,10 @@ def universal_dir(ckpt: Path) -> Path:
 
 def consolidated(engine: Engine, ckpt: Path) -> dict[str, torch.Tensor]:
     """A ZeRO checkpoint's fp32 weights, frozen ones included (ZeRO-1 leaves them out)."""
-    weights = engine.consolidated(ckpt)
+    return _with_frozen(engine.consolidated(ckpt), ckpt)
+
+
+def _with_frozen(weights: dict[str, torch.Tensor], ckpt: Path) -> dict[str, torch.Tensor]:
     if (ckpt / FROZEN).is_file():
         weights.update(load_file(str(ckpt / FROZEN)))
     return weights
@@ -210,18 +213,31 @@ def export(state_dict: dict[str, torch.Tensor], run_dir: Path, step: int) -> Pat
 
 
 def read_weights(source: str | Path) -> dict[str, torch.Tensor]:
-    """Model weights from a run directory, a checkpoint directory or a .safetensors file."""
+    """Model weights (fp32) from a .safetensors file, a run directory (its exported weights, or
+    else its newest complete checkpoint) or a checkpoint directory (ZeRO shards gathered)."""
     path = Path(source)
-    candidates = [path] if path.is_file() else [path / WEIGHTS]
-    if path.is_dir():
-        ckpts = complete_checkpoints(path)
-        candidates += [c / WEIGHTS for c in ckpts[:1]]
-    for candidate in candidates:
-        if candidate.is_file():
-            try:
-                return load_file(str(candidate))
-            except Exception as err:  # safetensors raises its own error types
-                raise UserError(f"{candidate}: not a readable safetensors file ({err})") from None
+    if not path.exists():
+        raise UserError(f"{path}: no such run directory, checkpoint or weights file")
+    if path.is_file():
+        return _load_safetensors(path)
+    if (path / WEIGHTS).is_file():
+        return _load_safetensors(path / WEIGHTS)
+    ckpt = path if (path / STATE).is_file() else next(iter(complete_checkpoints(path)), None)
+    if ckpt is not None and (ckpt / WEIGHTS).is_file():  # DDP: accelerate's model file
+        return _with_frozen(_load_safetensors(ckpt / WEIGHTS), ckpt)
+    if ckpt is not None:
+        from toolkit.engine.accel import is_zero_checkpoint, zero_weights
+
+        if is_zero_checkpoint(ckpt):
+            return _with_frozen(zero_weights(ckpt), ckpt)
     raise UserError(
-        f"{path}: no weights found (expected {WEIGHTS} of a finished run, or a checkpoint)"
+        f"{path}: no weights found (expected {WEIGHTS} of a finished run, or a complete "
+        "checkpoint under checkpoints/)"
     )
+
+
+def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(str(path))
+    except Exception as err:  # safetensors raises its own error types
+        raise UserError(f"{path}: not a readable safetensors file ({err})") from None

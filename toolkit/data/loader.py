@@ -225,8 +225,9 @@ class ShardStream(IterableDataset):
         rank: int,
         world_size: int,
         workers: int,
+        train: bool,
     ) -> None:
-        self.manifest, self.split, self.train = manifest, split, split == "train"
+        self.manifest, self.split, self.train = manifest, split, train
         self.batch_size, self.crop, self.scale, self.need_lr = batch_size, crop, scale, need_lr
         self.shuffle_buffer, self.augment, self.seed = shuffle_buffer, augment, seed
         self.rank = rank
@@ -495,16 +496,19 @@ def build_loader(
     world_size: int = 1,
     need_lr: bool = True,
     pin_memory: bool = False,
+    evaluation: bool = False,
 ) -> Loader:
     """The loader of one split for one rank, from the recipe's `data` section.
 
     `crop` is the HR side the model works on (model.img_size); `need_lr` is False for pretraining,
-    which sees HR images only, so no LR is decoded or made.
+    which sees HR images only, so no LR is decoded or made. The train split is read in training
+    order (shuffled, random crops, padded by repeats) unless `evaluation` asks for every sample
+    exactly once, centre-cropped, as the validation split always is.
     """
     manifest = read_manifest(data.shards)
     if split not in manifest.splits or not manifest.count(split):
         raise UserError(f"{manifest.root / MANIFEST}: split {split!r} has no samples")
-    train = split == "train"
+    train = split == "train" and not evaluation
     batch = data.batch_size if train else (data.val_batch_size or data.batch_size)
     stream = ShardStream(
         manifest,
@@ -519,6 +523,7 @@ def build_loader(
         rank=rank,
         world_size=world_size,
         workers=data.num_workers,
+        train=train,
     )
     if train and stream.plan.padding and rank == 0:
         logger.info(

@@ -241,12 +241,7 @@ class Engine:
 
     def consolidated(self, checkpoint: Path) -> dict[str, torch.Tensor]:
         """fp32 weights gathered from a DeepSpeed ZeRO checkpoint's shards (any world size)."""
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-        state = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint), tag=DS_TAG)
-        state = {k: v.detach().float().cpu().contiguous() for k, v in state.items()}
-        state.update(self.frozen)
-        return state
+        return {**zero_weights(checkpoint), **self.frozen}
 
     def to_universal(self, checkpoint: Path, out: Path) -> bool:
         """Convert a ZeRO checkpoint into a universal one under `out` (collective: the main
@@ -289,6 +284,20 @@ class Engine:
         # (the chain of stages of a demo or a test) starts from a clean slate.
         AcceleratorState._reset_state(reset_partial_state=True)
         GradientState._reset_state()
+
+
+def is_zero_checkpoint(checkpoint: Path) -> bool:
+    return (checkpoint / DS_TAG).is_dir()
+
+
+def zero_weights(checkpoint: Path) -> dict[str, torch.Tensor]:
+    """The fp32 weights of a ZeRO checkpoint written by any number of processes, gathered from
+    its shards (frozen parameters may be missing: ZeRO-1 leaves them out)."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    with contextlib.redirect_stdout(_DebugLog()), contextlib.redirect_stderr(_DebugLog()):
+        state = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint), tag=DS_TAG)
+    return {k: v.detach().float().cpu().contiguous() for k, v in state.items()}
 
 
 def to_universal(checkpoint: Path, out: Path) -> Path:

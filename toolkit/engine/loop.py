@@ -4,7 +4,6 @@ step / log until the last step."""
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import math
 import signal
@@ -21,7 +20,7 @@ from toolkit import checkpoint, recipe
 from toolkit.data.loader import Loader, build_loader, read_manifest
 from toolkit.engine.accel import Engine
 from toolkit.engine.state import TrainState
-from toolkit.engine.validate import Validation, validate
+from toolkit.engine.validate import Validation, eval_summary, validate, write_eval
 from toolkit.errors import UserError
 from toolkit.logging import RunLogger, image_grid
 from toolkit.models import apply_freeze, build_model, load_mae_weights, param_counts
@@ -201,7 +200,7 @@ def train(r: recipe.Recipe) -> TrainResult:
         if engine.is_main:
             checkpoint.export(weights, run_dir, state.step)
             if last is not None:
-                summary = write_eval(run_dir, last, r.stage)
+                summary = write_eval(run_dir, eval_summary(last, "val", r.stage))
     log.close()
     engine.close(model, optimizer, scheduler)
     return TrainResult(run_dir, state.step, stop_requested, summary)
@@ -285,9 +284,7 @@ def evaluate(
         autocast=engine.autocast,
     )
     module.train()
-    result.model = result.model.gather()
-    if result.bicubic is not None:
-        result.bicubic = result.bicubic.gather()
+    result = result.gathered()
     scalars = {f"val/{k}": v for k, v in result.model.summary().items()}
     if result.bicubic is not None:
         scalars.update({f"val/{k}_bicubic": v for k, v in result.bicubic.summary().items()})
@@ -330,20 +327,6 @@ def step_scalars(
     for group in optimizer.param_groups:
         scalars[f"train/lr/{group['name']}"] = group["lr"]
     return scalars
-
-
-def write_eval(run_dir: Path, result: Validation, stage: str) -> dict[str, Any]:
-    """eval.json: the last evaluation, in the layout DESIGN.md gives."""
-    model = result.model.summary()
-    summary = {
-        "split": "val",
-        "count": result.model.count,
-        "stage": stage,
-        "model": {k: model[k] for k in ("mse", "psnr", "ssim", "loss") if k in model},
-        "bicubic": result.bicubic.summary() if result.bicubic is not None else None,
-    }
-    (run_dir / "eval.json").write_text(json.dumps(summary, indent=2) + "\n")
-    return summary
 
 
 def rescale(state: TrainState, world: int, scheduler: Any, batches_per_epoch: int) -> None:

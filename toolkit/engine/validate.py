@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import hashlib
+import json
+import os
 from collections.abc import Callable, Iterable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -23,6 +26,11 @@ class Validation:
     model: MetricAccumulator  # per-sample metrics of the model ("loss", and mse/psnr/ssim for SR)
     bicubic: MetricAccumulator | None  # the bicubic baseline on the same inputs (SR only)
     grid_rows: list[list[torch.Tensor]]  # tiles for the image grid, from this rank's first batch
+
+    def gathered(self) -> Validation:
+        """Every rank's per-sample metrics, on every rank (collective)."""
+        bicubic = self.bicubic.gather() if self.bicubic is not None else None
+        return Validation(self.model.gather(), bicubic, self.grid_rows)
 
 
 def mask_noise(keys: Iterable[str], patches: int, seed: int) -> torch.Tensor:
@@ -48,9 +56,11 @@ def validate(
     device: torch.device,
     autocast: Callable[[], AbstractContextManager],
     dtype: torch.dtype = torch.float32,
+    grid_samples: int = GRID_SAMPLES,
 ) -> Validation:
     """Evaluate `model` (unwrapped: no DDP collectives, ranks may differ) on every valid sample.
-    `dtype`: what the model takes as input (bf16 under DeepSpeed bf16); metrics are in fp32."""
+    `dtype`: what the model takes as input (bf16 under DeepSpeed bf16); metrics are in fp32.
+    The image grid shows the first `grid_samples` samples of this rank's first batch."""
     ours, base = MetricAccumulator(), (MetricAccumulator() if stage == "finetune" else None)
     grid: list[list[torch.Tensor]] = []
     for batch in batches:
@@ -87,9 +97,36 @@ def validate(
             if not grid:
                 up = F.interpolate(lr, size=hr.shape[-2:], mode="nearest")
                 grid = [list(t) for t in zip(up, bic, sr, hr, strict=False)]
-        grid = grid[:GRID_SAMPLES]
+        grid = grid[:grid_samples]
     return Validation(ours, base, [[t.cpu() for t in row] for row in grid])
 
 
 def _select(values: dict[str, torch.Tensor], mask: torch.Tensor) -> dict[str, torch.Tensor]:
     return {k: v[mask.cpu()] for k, v in values.items()}
+
+
+def eval_summary(result: Validation, split: str, stage: str) -> dict[str, Any]:
+    """The evaluation as `eval.json` holds it (the layout DESIGN.md gives): means over every
+    sample of the split for the model and bicubic, and per-image statistics (mean, median and
+    the five worst keys) of each metric."""
+    ours = result.model.summary()
+    per_image = {"model": {n: result.model.stats(n) for n in result.model.names}}
+    if result.bicubic is not None:
+        per_image["bicubic"] = {n: result.bicubic.stats(n) for n in result.bicubic.names}
+    return {
+        "split": split,
+        "count": result.model.count,
+        "stage": stage,
+        "model": {k: ours[k] for k in ("mse", "psnr", "ssim", "loss") if k in ours},
+        "bicubic": result.bicubic.summary() if result.bicubic is not None else None,
+        "per_image": per_image,
+    }
+
+
+def write_eval(run_dir: Path, summary: dict[str, Any]) -> dict[str, Any]:
+    """Write `eval.json` into the run directory (atomically: a reader never sees half of it)."""
+    path = run_dir / "eval.json"
+    tmp = path.with_name(f".eval.json.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(summary, indent=2) + "\n")
+    os.replace(tmp, path)
+    return summary

@@ -1,0 +1,330 @@
+"""Run directories -> the results table (Markdown, JSON), loss curves and sample image maps (PNG).
+
+    python -m toolkit.report RUN_DIR [RUN_DIR ...] [--out reports/] [--samples 4]
+
+Reads each run's `recipe.yaml`, `eval.json` (written at the end of training, or by
+`python -m toolkit.evaluate`) and `metrics.jsonl`; the sample maps run the exported model on the
+first validation samples. Writes `results.md`, `results.json`, `loss_<run>.png`,
+`samples_<run>.png` and, for several runs, `compare.png`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from itertools import islice
+from pathlib import Path
+from typing import Any
+
+from toolkit import cli, recipe
+from toolkit.errors import UserError
+
+logger = logging.getLogger(__name__)
+
+METRICS = ("mse", "psnr", "ssim")
+# Figure sizes in pixels (100 dpi): fixed, so a report looks the same on every machine.
+DPI = 100
+LOSS_SIZE = (10.0, 5.0)
+COMPARE_SIZE = (10.0, 4.5)
+TILE_INCHES = 2.4  # one tile of a sample map; a map is 5 tiles wide, one row per sample
+SCORED = ("bicubic", "SR", "reconstruction")  # sample-map tiles titled with their PSNR
+
+
+@dataclass
+class Run:
+    """One run directory, as the report reads it."""
+
+    dir: Path
+    recipe: recipe.Recipe
+    eval: dict[str, Any]
+    metrics: list[dict[str, Any]]
+
+    @property
+    def name(self) -> str:
+        return self.dir.name
+
+    @property
+    def mode(self) -> str:
+        """The run's mode as the workload's table names it."""
+        if self.recipe.stage == "pretrain":
+            return "MAE pretrain"
+        frozen = set(self.recipe.freeze)
+        return "frozen MAE" if "mae" in frozen else "frozen encoder" if frozen else "full finetune"
+
+    @property
+    def epochs(self) -> float:
+        """Epochs trained, from the log (the recipe's count may have been capped)."""
+        return max((m["epoch"] for m in self.metrics if "epoch" in m), default=0.0)
+
+
+def read_run(run_dir: Path) -> Run:
+    """A run directory's recipe, evaluation and metrics; a user error names what is missing."""
+    if not run_dir.is_dir():
+        raise UserError(f"{run_dir}: not a run directory")
+    for name, hint in (("recipe.yaml", "is it a run directory?"),
+                       ("eval.json", f"evaluate it first: python -m toolkit.evaluate {run_dir}"),
+                       ("metrics.jsonl", "has it trained?")):  # fmt: skip
+        if not (run_dir / name).is_file():
+            raise UserError(f"{run_dir}: no {name}; {hint}")
+    try:
+        ev = json.loads((run_dir / "eval.json").read_text())
+        model = ev["model"]
+    except (ValueError, KeyError, TypeError) as err:
+        raise UserError(f"{run_dir / 'eval.json'}: not an evaluation ({err!r})") from None
+    if not isinstance(model, dict):
+        raise UserError(f"{run_dir / 'eval.json'}: key 'model' should be an object")
+    metrics = []
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        try:
+            metrics.append(json.loads(line))
+        except ValueError:
+            continue  # a line cut short by a kill: the others still make a curve
+    return Run(run_dir, recipe.load(run_dir / "recipe.yaml"), ev, metrics)
+
+
+# --- the table ---------------------------------------------------------------------------------
+
+
+def table_rows(runs: list[Run]) -> list[dict[str, Any]]:
+    """One row per run, then the bicubic baseline (from the first finetune run's evaluation)."""
+    from toolkit.launch import param_summary
+
+    rows = []
+    for run in runs:
+        ev = run.eval["model"]
+        rows.append({
+            "run": run.name,
+            "mode": run.mode,
+            **{k: ev.get(k) for k in METRICS},
+            "trainable": param_summary(run.recipe)["trainable"],
+            "epochs": round(run.epochs, 2),
+            "init_from": run.recipe.init.from_,
+        })  # fmt: skip
+    bicubic = [run.eval["bicubic"] for run in runs if run.eval.get("bicubic")]
+    if bicubic:
+        if any(b != bicubic[0] for b in bicubic):
+            logger.warning("the runs' bicubic baselines differ (other data?); the first is shown")
+        rows.append({"run": None, "mode": "bicubic", **{k: bicubic[0][k] for k in METRICS},
+                     "trainable": None, "epochs": None, "init_from": None})  # fmt: skip
+    return rows
+
+
+def best(rows: list[dict[str, Any]]) -> dict[str, float]:
+    """The best value of each metric column: lowest MSE, highest PSNR and SSIM."""
+    out = {}
+    for k in METRICS:
+        values = [row[k] for row in rows if row[k] is not None]
+        if values:
+            out[k] = min(values) if k == "mse" else max(values)
+    return out
+
+
+def markdown(rows: list[dict[str, Any]]) -> str:
+    """The workload-style table, best value per metric column in bold."""
+    top = best(rows)
+    fmt = {"mse": "{:.6f}", "psnr": "{:.2f}", "ssim": "{:.4f}"}
+    lines = [
+        "| Mode | MSE | PSNR (dB) | SSIM | trainable params | epochs | init from |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        cells = [row["mode"] + (f" (`{row['run']}`)" if row["run"] else "")]
+        for k in METRICS:
+            v = row[k]
+            text = "-" if v is None else fmt[k].format(v)
+            cells.append(f"**{text}**" if v is not None and v == top.get(k) else text)
+        cells.append("-" if row["trainable"] is None else f"{row['trainable']:,}")
+        cells.append("-" if row["epochs"] is None else f"{row['epochs']:g}")
+        cells.append(f"`{Path(row['init_from']).name}`" if row["init_from"] else "-")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+# --- the figures -------------------------------------------------------------------------------
+
+
+def _pyplot() -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")  # headless: no display on a cluster node
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_loss(run: Run, path: Path) -> None:
+    """Train and val loss against epoch; each group's learning rate on a second axis."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=LOSS_SIZE, dpi=DPI)
+    for key, label, style in (("train/loss", "train loss", "-"), ("val/loss", "val loss", "o-")):
+        points = [(m["epoch"], m[key]) for m in run.metrics if key in m and "epoch" in m]
+        if points:
+            ax.plot(*zip(*points, strict=True), style, label=label, markersize=4)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel(f"loss ({run.recipe.train.loss or 'l1'})" if run.recipe.stage == "finetune"
+                  else "loss (MSE on masked patches)")  # fmt: skip
+    ax.set_yscale("log")
+    ax.grid(True, alpha=0.3)
+    lr_keys = sorted({k for m in run.metrics for k in m if k.startswith("train/lr/")})
+    handles, labels = ax.get_legend_handles_labels()
+    if lr_keys:
+        ax2 = ax.twinx()
+        for i, key in enumerate(lr_keys):
+            points = [(m["epoch"], m[key]) for m in run.metrics if key in m and "epoch" in m]
+            ax2.plot(*zip(*points, strict=True), "--", linewidth=1, color=f"C{i + 2}",
+                     label=f"lr {key.removeprefix('train/lr/')}")  # fmt: skip
+        ax2.set_ylabel("learning rate")
+        h2, l2 = ax2.get_legend_handles_labels()
+        handles, labels = handles + h2, labels + l2
+    ax.legend(handles, labels, loc="upper right", fontsize=8)
+    ax.set_title(f"{run.name}: {run.mode}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=DPI)
+    plt.close(fig)
+
+
+def sample_tiles(run: Run, count: int) -> tuple[list[str], list[list[Any]], list[str]]:
+    """The first `count` validation samples (of the first batch) through the run's exported
+    model: column titles, rows of [C, H, W] tiles (LR | bicubic | SR | HR, or masked |
+    reconstruction | HR), and the samples' keys."""
+    import contextlib
+
+    import torch
+
+    from toolkit.data.loader import build_loader
+    from toolkit.engine.validate import validate
+    from toolkit.evaluate import check_shards, load_model, locate
+
+    target = locate(run.dir)
+    r = target.recipe
+    check_shards(r, "val")
+    model = load_model(target)
+    loader = build_loader(r.data, "val", crop=r.model.img_size, seed=r.train.seed,
+                          need_lr=r.stage == "finetune", evaluation=True)  # fmt: skip
+    first = next(iter(loader))
+    result = validate(
+        model,
+        islice([first], 1),
+        stage=r.stage,
+        scale=r.data.scale,
+        loss_name=r.train.loss or "l1",
+        seed=r.train.seed,
+        device=torch.device("cpu"),
+        autocast=contextlib.nullcontext,
+        grid_samples=count,
+    )
+    titles = (["LR", "bicubic", "SR", "HR"] if r.stage == "finetune"
+              else ["masked input", "reconstruction", "HR"])  # fmt: skip
+    return titles, result.grid_rows, list(first["key"][: len(result.grid_rows)])
+
+
+def plot_samples(run: Run, path: Path, count: int) -> None:
+    """Sample map: one row per sample, its tiles then |output - HR|, PSNR in the titles."""
+    from toolkit.metrics import psnr
+
+    plt = _pyplot()
+    titles, rows, keys = sample_tiles(run, count)
+    cols = len(titles) + 1
+    fig, axes = plt.subplots(len(rows), cols, squeeze=False, dpi=DPI,
+                             figsize=(cols * TILE_INCHES, len(rows) * TILE_INCHES))  # fmt: skip
+    for i, (row, key) in enumerate(zip(rows, keys, strict=True)):
+        hr, out = row[-1], row[-2]
+        err = (out - hr).abs().mean(0)  # mean over channels: one map for RGB too
+        for j, tile in enumerate(row):
+            ax = axes[i][j]
+            ax.imshow(_display(tile), cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+            title = titles[j]
+            if title in SCORED:
+                title += f" {psnr(tile[None].clamp(0, 1), hr[None]).item():.2f} dB"
+            ax.set_title(title, fontsize=8)
+            ax.set_axis_off()
+        ax = axes[i][-1]
+        im = ax.imshow(err.numpy(), cmap="inferno", vmin=0, vmax=max(float(err.max()), 1e-6))
+        ax.set_title(f"|{titles[-2]} - HR|" if i == 0 else "", fontsize=8)
+        ax.set_axis_off()
+        fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
+        axes[i][0].text(-0.08, 0.5, key, transform=axes[i][0].transAxes, rotation=90,
+                        va="center", ha="right", fontsize=8)  # fmt: skip
+    fig.suptitle(f"{run.name}: {run.mode}", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=DPI)
+    plt.close(fig)
+
+
+def _display(tile: Any) -> Any:
+    """[C, H, W] in [0, 1] -> what imshow takes: [H, W] for one channel, [H, W, 3] for RGB."""
+    t = tile.float().clamp(0, 1)
+    return t[0].numpy() if t.shape[0] == 1 else t[:3].permute(1, 2, 0).numpy()
+
+
+def plot_compare(rows: list[dict[str, Any]], path: Path) -> None:
+    """PSNR and SSIM per run as bars, bicubic as a dashed line."""
+    plt = _pyplot()
+    runs = [row for row in rows if row["run"] is not None and row["psnr"] is not None]
+    base = next((row for row in rows if row["run"] is None), None)
+    fig, axes = plt.subplots(1, 2, figsize=COMPARE_SIZE, dpi=DPI)
+    for ax, metric, unit in ((axes[0], "psnr", " (dB)"), (axes[1], "ssim", "")):
+        values = [row[metric] for row in runs]
+        bars = ax.bar(range(len(runs)), values, color="tab:blue")
+        ax.bar_label(bars, labels=[f"{v:.2f}" if metric == "psnr" else f"{v:.4f}" for v in values],
+                     fontsize=8)  # fmt: skip
+        ax.set_xticks(range(len(runs)), [f"{row['mode']}\n{row['run']}" for row in runs],
+                      fontsize=7)  # fmt: skip
+        ax.set_ylabel(metric.upper() + unit)
+        low = min(values + ([base[metric]] if base else []))
+        high = max(values)
+        ax.set_ylim(low - 0.1 * (high - low + 1e-9), high + 0.1 * (high - low + 1e-9))
+        if base:
+            ax.axhline(base[metric], color="gray", linestyle="--", label="bicubic")
+            ax.legend(fontsize=8)
+        ax.grid(True, axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=DPI)
+    plt.close(fig)
+
+
+# --- the command -------------------------------------------------------------------------------
+
+
+def report(run_dirs: Sequence[Path], out: Path, samples: int = 4) -> dict[str, Any]:
+    """Write the whole report for `run_dirs` into `out`; returns results.json's content."""
+    runs = [read_run(Path(d)) for d in run_dirs]
+    names = [run.name for run in runs]
+    if len(set(names)) != len(names):
+        raise UserError(f"run directories must have distinct names (file names): {names}")
+    rows = table_rows(runs)
+    out.mkdir(parents=True, exist_ok=True)
+    doc = {"rows": rows, "best": best(rows), "runs": [str(run.dir) for run in runs]}
+    (out / "results.json").write_text(json.dumps(doc, indent=2) + "\n")
+    (out / "results.md").write_text(markdown(rows))
+    for run in runs:
+        plot_loss(run, out / f"loss_{run.name}.png")
+        plot_samples(run, out / f"samples_{run.name}.png", samples)
+    if len(runs) > 1 and sum(row["psnr"] is not None for row in rows if row["run"]) > 0:
+        plot_compare(rows, out / "compare.png")
+    logger.info("report of %d run(s) in %s", len(runs), out)
+    return doc
+
+
+def _main(argv: Sequence[str] | None) -> int:
+    p = cli.ArgumentParser(prog="python -m toolkit.report", description=__doc__.splitlines()[0])
+    p.add_argument("runs", nargs="+", type=Path, metavar="RUN_DIR")
+    p.add_argument("--out", type=Path, default=Path("reports"), help="output folder")
+    p.add_argument("--samples", type=int, default=4, help="validation samples in the maps")
+    args = p.parse_args(argv)
+    if not 1 <= args.samples <= 16:
+        raise UserError("--samples must be between 1 and 16")
+    doc = report(args.runs, args.out, args.samples)
+    sys.stdout.write(markdown(doc["rows"]) + f"\n(written to {args.out})\n")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return cli.run(_main, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
