@@ -1,0 +1,176 @@
+"""Evaluation and reports on real runs: eval.json, 1 vs 2 processes, the table and figures,
+RGB photos end to end, and the bad inputs that must be one line with exit status 2."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from tests.helpers import DEBUG_RECIPE, make_pairs, run_cli, tiny
+from toolkit import report
+from toolkit.data.loader import read_manifest
+from toolkit.shard import shard
+
+pytestmark = pytest.mark.slow
+
+
+def run_ok(module: str, *args: str) -> str:
+    proc = run_cli(module, *args)
+    out, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0, out[-4000:]
+    return out
+
+
+def one_line_error(module: str, *args: str) -> str:
+    """Run a command that must fail on bad input: exit 2, one `error:` line, no traceback."""
+    proc = run_cli(module, *args)
+    out, _ = proc.communicate(timeout=600)
+    errors = [line for line in out.splitlines() if line.startswith("error:")]
+    assert proc.returncode == 2, out[-4000:]
+    assert len(errors) == 1 and "Traceback" not in out, out[-4000:]
+    return errors[0]
+
+
+@pytest.fixture(scope="module")
+def grey(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path]:
+    """(shards, pretrain run, finetune run): 1-channel pairs, a few steps of each stage."""
+    root = tmp_path_factory.mktemp("evalrep")
+    make_pairs(root / "src", 40)
+    shard(root / "src", root / "shards", val_fraction=0.25, shard_size=8)
+    pre, fine = root / "pre", root / "fine"
+    run_ok("toolkit.launch", str(DEBUG_RECIPE), "--local",
+           *tiny(root / "shards", pre, "train.max_steps=4", stage="pretrain"))  # fmt: skip
+    run_ok("toolkit.launch", str(DEBUG_RECIPE), "--local",
+           *tiny(root / "shards", fine, "train.max_steps=6", f"init.from={pre}",
+                 "freeze=[encoder]", "train.checkpoint_every=3"))  # fmt: skip
+    return root / "shards", pre, fine
+
+
+def evaluate_json(*args: str) -> dict:
+    out = run_ok("toolkit.evaluate", *args, "--json")
+    return json.loads(out[out.index("{\n") : out.rindex("}") + 1])
+
+
+def test_evaluate_counts_every_sample_once_and_matches_on_two_processes(grey) -> None:
+    shards, _, fine = grey
+    one = evaluate_json(str(fine))
+    assert json.loads((fine / "eval.json").read_text()) == one
+    assert one["split"] == "val" and one["count"] == read_manifest(shards).count("val")
+    assert one["bicubic"] and one["model"]["psnr"] > 10
+    stats = one["per_image"]["model"]["psnr"]
+    assert len(stats["worst"]) == 5 and stats["worst"][0][1] == min(v for _, v in stats["worst"])
+    assert stats["worst"][0][1] <= stats["median"]
+    two = evaluate_json(str(fine), "--local", "--procs", "2")
+    for part in ("model", "bicubic"):
+        # the same samples; batches of another composition round differently (~1e-8)
+        assert two[part] == pytest.approx(one[part], rel=1e-6, abs=1e-12)
+    assert two["count"] == one["count"]
+    # the train split, read once each, centre-cropped: every sample counted once there too
+    train = evaluate_json(str(fine), "--split", "train")
+    assert train["count"] == read_manifest(shards).count("train")
+
+
+def test_evaluate_a_checkpoint_and_a_weights_file(grey) -> None:
+    _, _, fine = grey
+    run = evaluate_json(str(fine))
+    ckpt = evaluate_json(str(fine / "checkpoints" / "step-00000006"))
+    weights = evaluate_json(str(fine / "model.safetensors"))
+    assert ckpt["model"] == run["model"] == weights["model"]
+    earlier = evaluate_json(str(fine / "checkpoints" / "step-00000003"))
+    assert earlier["model"] != run["model"]  # an earlier checkpoint is another model
+
+
+def test_report_table_equals_eval_json_and_figures_are_real(grey, tmp_path) -> None:
+    _, pre, fine = grey
+    out = tmp_path / "rep"
+    run_ok("toolkit.report", str(pre), str(fine), "--out", str(out))
+    doc = json.loads((out / "results.json").read_text())
+    ev = json.loads((fine / "eval.json").read_text())
+    row = next(r for r in doc["rows"] if r["run"] == "fine")
+    assert row["mode"] == "frozen encoder" and row["init_from"] == str(pre)
+    assert all(row[k] == ev["model"][k] for k in ("mse", "psnr", "ssim"))
+    bicubic = next(r for r in doc["rows"] if r["mode"] == "bicubic")
+    assert all(bicubic[k] == ev["bicubic"][k] for k in ("mse", "psnr", "ssim"))
+    md = (out / "results.md").read_text()
+    best = doc["best"]["psnr"]
+    assert f"**{best:.2f}**" in md and md.count("**") == 2 * len(doc["best"])
+    sizes = {
+        "loss_fine.png": (1000, 500),
+        "loss_pre.png": (1000, 500),
+        "samples_fine.png": (5 * 240, 4 * 240),  # LR | bicubic | SR | HR | error, 4 samples
+        "samples_pre.png": (4 * 240, 4 * 240),  # masked | reconstruction | HR | error
+        "compare.png": (1000, 450),
+    }
+    for name, size in sizes.items():
+        with Image.open(out / name) as im:
+            assert im.size == size, name
+            pixels = np.asarray(im.convert("L"), dtype=np.float64)
+        assert pixels.std() > 10, f"{name} looks blank"
+
+
+def test_rgb_photos_end_to_end(tmp_path) -> None:
+    """Public-domain photos that ship with scikit-image, 3 channels all the way through."""
+    data = pytest.importorskip("skimage.data")
+    src = tmp_path / "photos"
+    src.mkdir()
+    for name in ("astronaut", "chelsea", "coffee", "rocket"):
+        photo = getattr(data, name)()  # [H, W, 3] uint8
+        h, w = photo.shape[0] // 64 * 64, photo.shape[1] // 64 * 64
+        for i in range(0, h, 64):  # 64x64 tiles: enough samples for both splits
+            for j in range(0, w, 64):
+                Image.fromarray(photo[i : i + 64, j : j + 64]).save(src / f"{name}-{i}-{j}.png")
+    shards, run = tmp_path / "shards", tmp_path / "run"
+    run_ok("toolkit.shard", str(src), str(shards), "--val-fraction", "0.1", "--shard-size", "64")
+    assert tuple(read_manifest(shards).channels) == (3,)
+    run_ok("toolkit.launch", str(DEBUG_RECIPE), "--local",
+           *tiny(shards, run, "train.max_steps=4", "model.in_chans=3"))  # fmt: skip
+    ev = evaluate_json(str(run))
+    assert ev["count"] == read_manifest(shards).count("val") and ev["bicubic"]["psnr"] > 15
+    out = tmp_path / "rep"
+    run_ok("toolkit.report", str(run), "--out", str(out))
+    with Image.open(out / "samples_run.png") as im:
+        rgb = np.asarray(im.convert("RGB"), dtype=np.float64)
+    colour = np.abs(rgb[..., 0] - rgb[..., 2]).mean()
+    assert colour > 1, "the sample map shows no colour: channels were lost"
+
+
+def test_bad_inputs_are_one_line_with_exit_status_2(grey, tmp_path) -> None:
+    shards, _, fine = grey
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    shutil.copy(fine / "recipe.yaml", empty / "recipe.yaml")
+    line = one_line_error("toolkit.evaluate", str(empty))
+    assert str(empty) in line and "no weights found" in line
+    # weights of another width: the run's model read with a wider embedding
+    line = one_line_error("toolkit.evaluate", str(fine), "model.embed_dim=48")
+    assert str(fine) in line and "32" in line and "48" in line and "model expects" in line
+    # shards of another channel count than the model
+    rgb = tmp_path / "rgb"
+    (rgb / "src").mkdir(parents=True)
+    for i in range(6):
+        arr = np.random.default_rng(i).integers(0, 255, (32, 32, 3), dtype=np.uint8)
+        Image.fromarray(arr).save(rgb / "src" / f"{i}.png")
+    shard(rgb / "src", rgb / "shards", val_fraction=0.5)
+    line = one_line_error("toolkit.evaluate", str(fine), "--shards", str(rgb / "shards"))
+    assert "manifest.json" in line and "3-channel" in line and "model.in_chans is 1" in line
+    # eval.json of the run is untouched by the failures
+    assert json.loads((fine / "eval.json").read_text())["count"] == read_manifest(shards).count(
+        "val"
+    )
+    line = one_line_error("toolkit.report", str(empty), "--out", str(tmp_path / "r"))
+    assert "eval.json" in line and "toolkit.evaluate" in line
+    assert not (tmp_path / "r").exists()
+    line = one_line_error("toolkit.evaluate", str(tmp_path / "nowhere"))
+    assert "no such run directory" in line
+
+
+def test_report_of_a_run_reads_its_loss_curve(grey) -> None:
+    _, _, fine = grey
+    run = report.read_run(fine)
+    assert run.mode == "frozen encoder" and run.epochs > 0
+    assert [m["step"] for m in run.metrics if "train/loss" in m][-1] == 6
