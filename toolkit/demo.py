@@ -71,7 +71,7 @@ def _main(argv: Sequence[str] | None) -> int:
 
     out = stages[-1].run_dir.parent / "report"
     doc = report([r.run_dir for r in stages], out)
-    sys.stdout.write(f"\n{markdown(doc['rows'])}\n(validation split; the report is in {out})\n")
+    sys.stdout.write(f"\n{markdown(doc['rows'])}\n(the report is in {out})\n")
     return 0
 
 

@@ -15,7 +15,6 @@ import contextlib
 import dataclasses
 import json
 import logging
-import subprocess
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -163,10 +162,7 @@ def _relaunch(procs: int, argv: Sequence[str]) -> int:
             skip = arg == "--procs"
         elif not arg.startswith("--procs="):
             rest.append(arg)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-           f"--nproc-per-node={procs}", "-m", "toolkit.evaluate", *rest]  # fmt: skip
-    logger.info("starting %d processes: %s", procs, " ".join(cmd))
-    return subprocess.run(cmd, check=False).returncode
+    return env.torchrun(procs, "toolkit.evaluate", rest)
 
 
 def _main(argv: Sequence[str] | None) -> int:

@@ -7,7 +7,6 @@ import logging
 import os
 import re
 import shlex
-import subprocess
 import sys
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -193,12 +192,9 @@ def run_local(args: Any, r: recipe.Recipe) -> int:
         from toolkit.train import run
 
         return run(r)
-    cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone",
-        f"--nproc-per-node={args.procs}", "-m", "toolkit.train", args.recipe, *args.overrides,
-    ]  # fmt: skip
-    logger.info("starting %d processes: %s", args.procs, " ".join(cmd))
-    return subprocess.run(cmd, check=False).returncode
+    from toolkit.cluster import env
+
+    return env.torchrun(args.procs, "toolkit.train", [args.recipe, *args.overrides])
 
 
 @dataclass(frozen=True)

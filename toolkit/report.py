@@ -102,13 +102,17 @@ def table_rows(runs: list[Run]) -> list[dict[str, Any]]:
             "trainable": param_summary(run.recipe)["trainable"],
             "epochs": round(run.epochs, 2),
             "init_from": run.recipe.init.from_,
+            "split": run.eval.get("split"),
+            "count": run.eval.get("count"),
         })  # fmt: skip
     bicubic = [run.eval["bicubic"] for run in runs if run.eval.get("bicubic")]
     if bicubic:
         if any(b != bicubic[0] for b in bicubic):
             logger.warning("the runs' bicubic baselines differ (other data?); the first is shown")
+        first = next(run.eval for run in runs if run.eval.get("bicubic"))
         rows.append({"run": None, "mode": "bicubic", **{k: bicubic[0][k] for k in METRICS},
-                     "trainable": None, "epochs": None, "init_from": None})  # fmt: skip
+                     "trainable": None, "epochs": None, "init_from": None,
+                     "split": first.get("split"), "count": first.get("count")})  # fmt: skip
     return rows
 
 
@@ -140,6 +144,18 @@ def markdown(rows: list[dict[str, Any]]) -> str:
         cells.append("-" if row["epochs"] is None else f"{row['epochs']:g}")
         cells.append(f"`{Path(row['init_from']).name}`" if row["init_from"] else "-")
         lines.append("| " + " | ".join(cells) + " |")
+    splits = {(row["split"], row["count"]) for row in rows if row["split"]}
+    if len(splits) == 1:
+        split, count = splits.pop()
+        lines += ["", f"{split} split, {count} images; bicubic upscaling of the same inputs."]
+    else:
+        lines += [
+            "",
+            "Runs evaluated on different splits: "
+            + ", ".join(
+                f"{row['run']} {row['split']} ({row['count']})" for row in rows if row["run"]
+            ),
+        ]
     return "\n".join(lines) + "\n"
 
 

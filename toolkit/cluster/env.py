@@ -202,6 +202,15 @@ def setup(environ: MutableMapping[str, str] | None = None) -> Ranks | None:
     return found
 
 
+def torchrun(procs: int, module: str, args: list[str]) -> int:
+    """Run `python -m module args` as `procs` processes on this machine (torchrun, standalone
+    rendezvous); the exit status of the group."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+           f"--nproc-per-node={procs}", "-m", module, *args]  # fmt: skip
+    logger.info("starting %d processes: %s", procs, " ".join(cmd))
+    return subprocess.run(cmd, check=False).returncode
+
+
 def main() -> int:
     """`srun python -m toolkit.cluster.env`: print the variables each task would train with."""
     logging.basicConfig(level="INFO", format="%(message)s", stream=sys.stderr)
