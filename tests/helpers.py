@@ -73,3 +73,11 @@ def run_cli(module: str, *args: str, cwd: Path | None = None, **env: str) -> sub
 
 def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def evaluate_json(*args: str) -> dict:
+    """`python -m toolkit.evaluate ARGS --json` in a subprocess; its summary."""
+    proc = run_cli("toolkit.evaluate", *args, "--json")
+    out, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0, out[-4000:]
+    return json.loads(out[out.index("{\n") : out.rindex("}") + 1])

@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.helpers import DEBUG_RECIPE, make_pairs, read_jsonl, run_cli, tiny
+from tests.helpers import DEBUG_RECIPE, evaluate_json, make_pairs, read_jsonl, run_cli, tiny
 from toolkit import recipe
 from toolkit.data.loader import build_loader
 from toolkit.engine.accel import to_universal
@@ -126,6 +126,10 @@ def test_stage_chain_under_zero2(shards, tmp_path) -> None:
     launch(*tiny(shards, fz, "train.max_steps=2", f"init.from={pre}", "freeze=[encoder]", *z2))
     launch(*tiny(shards, full, "train.max_steps=2", f"init.from={fz}", *z2))
     assert json.loads((full / "eval.json").read_text())["model"]["psnr"] > 0
+    # evaluation reads a ZeRO checkpoint (shards gathered) as it reads the exported weights
+    ckpt = evaluate_json(str(full / "checkpoints" / "step-00000002"))
+    exported = evaluate_json(str(full / "model.safetensors"))
+    assert ckpt["model"] == exported["model"] and ckpt["count"] == exported["count"] > 0
 
 
 def adam_state(ckpt: Path, out: Path) -> dict[str, torch.Tensor]:

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.helpers import DEBUG_RECIPE, make_pairs, run_cli, tiny
+from tests.helpers import DEBUG_RECIPE, evaluate_json, make_pairs, run_cli, tiny
 from toolkit import report
 from toolkit.data.loader import read_manifest
 from toolkit.shard import shard
@@ -49,11 +49,6 @@ def grey(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path]:
            *tiny(root / "shards", fine, "train.max_steps=6", f"init.from={pre}",
                  "freeze=[encoder]", "train.checkpoint_every=3"))  # fmt: skip
     return root / "shards", pre, fine
-
-
-def evaluate_json(*args: str) -> dict:
-    out = run_ok("toolkit.evaluate", *args, "--json")
-    return json.loads(out[out.index("{\n") : out.rindex("}") + 1])
 
 
 def test_evaluate_counts_every_sample_once_and_matches_on_two_processes(grey) -> None:
