@@ -271,10 +271,13 @@ class ShardStream(IterableDataset):
                 got_pos, sample = next(raw)
                 cache[got_pos] = sample
             item = self._transform(cache.pop(pos), pos)
-            if item is None:  # lost to a corrupt shard or file: repeat a good sample instead
+            valid = pos < self.plan.lo + self.plan.valid
+            if item is None:  # lost to a corrupt shard or file: repeat a good sample instead,
+                # which evaluation must not count twice
                 item = last_good if last_good is not None else self._fallback(pos)
+                valid = False
             last_good = item
-            batch.append({**item, "valid": pos < self.plan.lo + self.plan.valid})
+            batch.append({**item, "valid": valid})
             if len(batch) == self.batch_size:
                 yield collate(batch)
                 batch = []

@@ -182,6 +182,19 @@ def test_corrupt_shard_is_skipped_with_a_warning_and_batches_stay_equal(
     assert warned and any("lost" in w for w in warned)
 
 
+def test_samples_lost_in_a_damaged_val_shard_are_not_counted_twice(tmp_path: Path) -> None:
+    """A lost sample is replaced by a repeat, which evaluation must skip: each key once."""
+    make_pairs(tmp_path / "src", 20)
+    shard(tmp_path / "src", tmp_path / "sh", val_fraction=0.9, shard_size=5)
+    n = L.read_manifest(tmp_path / "sh").count("val")
+    victim = tmp_path / "sh" / "val" / "shard-000001.tar"
+    victim.write_bytes(victim.read_bytes()[:1500])
+    batches = list(L.build_loader(cfg(tmp_path / "sh"), "val", crop=8, seed=0))
+    keys = [k for b in batches for k, ok in zip(b["key"], b["valid"].tolist()) if ok]
+    assert len(keys) == len(set(keys)) and n - 5 <= len(keys) < n
+    assert sum(len(b["key"]) for b in batches) == n  # the batches keep their size
+
+
 def test_missing_shard_is_an_error_before_training(tmp_path: Path) -> None:
     make_pairs(tmp_path / "src", 8)
     shard(tmp_path / "src", tmp_path / "sh", val_fraction=0.0, shard_size=4)
