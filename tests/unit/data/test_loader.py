@@ -190,7 +190,8 @@ def test_samples_lost_in_a_damaged_val_shard_are_not_counted_twice(tmp_path: Pat
     victim = tmp_path / "sh" / "val" / "shard-000001.tar"
     victim.write_bytes(victim.read_bytes()[:1500])
     batches = list(L.build_loader(cfg(tmp_path / "sh"), "val", crop=8, seed=0))
-    keys = [k for b in batches for k, ok in zip(b["key"], b["valid"].tolist()) if ok]
+    pairs = [zip(b["key"], b["valid"].tolist(), strict=True) for b in batches]
+    keys = [k for batch in pairs for k, ok in batch if ok]
     assert len(keys) == len(set(keys)) and n - 5 <= len(keys) < n
     assert sum(len(b["key"]) for b in batches) == n  # the batches keep their size
 
