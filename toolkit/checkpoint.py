@@ -162,6 +162,11 @@ def consolidated(engine: Engine, ckpt: Path) -> dict[str, torch.Tensor]:
     return _with_frozen(engine.consolidated(ckpt), ckpt)
 
 
+def frozen_weights(ckpt: Path) -> dict[str, torch.Tensor]:
+    """The exact fp32 frozen parameters a DeepSpeed checkpoint keeps aside (none: empty)."""
+    return _with_frozen({}, ckpt)
+
+
 def _with_frozen(weights: dict[str, torch.Tensor], ckpt: Path) -> dict[str, torch.Tensor]:
     if (ckpt / FROZEN).is_file():
         weights.update(load_file(str(ckpt / FROZEN)))
@@ -178,10 +183,15 @@ def resume_resharded(
     are restored in both cases."""
     state = TrainState.read(ckpt / STATE)
     if universal:
-        engine.load_universal(model, universal_dir(ckpt))
-        engine.barrier()  # every rank has read its share before the conversion is removed
-        if engine.is_main:
+        loaded = engine.load_universal(model, universal_dir(ckpt))  # agreed by every rank
+        if engine.is_main:  # every rank has read its share (or failed): the conversion can go
             shutil.rmtree(universal_dir(ckpt), ignore_errors=True)
+        if not loaded:
+            raise UserError(
+                f"{ckpt}: DeepSpeed could not load its universal conversion on "
+                f"{engine.world_size} processes (see the log above); relaunch on "
+                f"{state.world_size} processes, the number that wrote it, to resume"
+            )
     sched = torch.load(ckpt / "scheduler.bin", weights_only=True)
     scheduler.load_state_dict(sched)
     if (ckpt / FROZEN).is_file():
@@ -229,7 +239,10 @@ def read_weights(source: str | Path) -> dict[str, torch.Tensor]:
         from toolkit.engine.accel import is_zero_checkpoint, zero_weights
 
         if is_zero_checkpoint(ckpt):
-            return _with_frozen(zero_weights(ckpt), ckpt)
+            try:
+                return _with_frozen(zero_weights(ckpt), ckpt)
+            except Exception as err:  # DeepSpeed's errors: damaged shards, ZeRO stage 0, ...
+                raise UserError(f"{ckpt}: cannot gather its DeepSpeed weights ({err})") from None
     raise UserError(
         f"{path}: no weights found (expected {WEIGHTS} of a finished run, or a complete "
         "checkpoint under checkpoints/)"

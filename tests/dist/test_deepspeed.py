@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import shutil
 import socket
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from toolkit.data.loader import build_loader
 from toolkit.engine.accel import to_universal
 from toolkit.engine.validate import validate
 from toolkit.models import build_model
+from toolkit.errors import UserError
 from toolkit.shard import shard
 
 pytestmark = pytest.mark.slow
@@ -195,6 +197,16 @@ def test_restart_on_fewer_then_more_processes(shards, tmp_path, zero, frozen) ->
         assert enc and all(torch.equal(p[k], f[k]) for k in enc)
 
 
+def one_process_here(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The environment torchrun gives one process, in this one; restored after the test."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = str(sock.getsockname()[1])
+    for key, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1",
+                       "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port}.items():  # fmt: skip
+        monkeypatch.setenv(key, value)
+
+
 def test_restart_resets_the_optimiser_when_the_conversion_fails(
     shards, tmp_path, monkeypatch, caplog
 ) -> None:
@@ -212,13 +224,7 @@ def test_restart_resets_the_optimiser_when_the_conversion_fails(
         raise NotImplementedError("this layout cannot be converted")
 
     monkeypatch.setattr(accel, "to_universal", unsupported)
-    # one process, in this one: the environment torchrun would give, restored afterwards
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = str(sock.getsockname()[1])
-    for key, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1",
-                       "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port}.items():  # fmt: skip
-        monkeypatch.setenv(key, value)
+    one_process_here(monkeypatch)
     with caplog.at_level("INFO"):
         result = train(recipe.load(DEBUG_RECIPE, tiny(shards, run, "train.max_steps=4", *z2)))
     assert result.step == 4
@@ -226,3 +232,29 @@ def test_restart_resets_the_optimiser_when_the_conversion_fails(
     assert "the optimiser state (Adam moments) was RESET" in caplog.text
     assert all(torch.equal(two[k], v) for k, v in weights(run).items())
     assert not list((run / "checkpoints").glob(".universal-*"))
+
+
+def test_restart_stops_clearly_when_the_conversion_does_not_load(
+    shards, tmp_path, monkeypatch
+) -> None:
+    """A conversion DeepSpeed then fails to load (here: its per-parameter files gone) stops
+    the run with one line saying how to resume, and leaves the checkpoints as they were."""
+    import toolkit.engine.accel as accel
+    from toolkit.engine.loop import train
+
+    run = tmp_path / "run"
+    z2 = ["deepspeed.zero_stage=2"]
+    launch(*tiny(shards, run, "train.max_steps=2", *z2))
+    real = accel.to_universal
+
+    def damaged(checkpoint: Path, out: Path) -> Path:
+        folder = real(checkpoint, out)
+        shutil.rmtree(folder / "zero")
+        return folder
+
+    monkeypatch.setattr(accel, "to_universal", damaged)
+    one_process_here(monkeypatch)
+    with pytest.raises(UserError, match=r"relaunch on 2 processes, the number that wrote it"):
+        train(recipe.load(DEBUG_RECIPE, tiny(shards, run, "train.max_steps=4", *z2)))
+    ckpts = run / "checkpoints"
+    assert sorted(p.name for p in ckpts.iterdir()) == ["latest", "step-00000002"]

@@ -9,6 +9,7 @@ import io
 import logging
 import os
 import shutil
+import sys
 from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
@@ -257,13 +258,21 @@ class Engine:
                 ok = 0.0
         return self.all_sum([ok])[0] == self.world_size
 
-    def load_universal(self, model: nn.Module, universal: Path) -> None:
+    def load_universal(self, model: nn.Module, universal: Path) -> bool:
         """Load weights and optimiser state (Adam moments included) from a universal checkpoint,
-        each rank taking its share for the current number of processes. The model must have been
-        prepared with `universal=True`."""
-        model.load_checkpoint(
-            str(universal), tag=DS_TAG, load_optimizer_states=True, load_lr_scheduler_states=False
-        )
+        each rank taking its share for the current number of processes (collective; the model
+        must have been prepared with `universal=True`). True when every rank loaded it."""
+        ok = 1.0
+        try:
+            loaded, _ = model.load_checkpoint(str(universal), tag=DS_TAG,
+                                              load_optimizer_states=True,
+                                              load_lr_scheduler_states=False)  # fmt: skip
+            if loaded is None:  # DeepSpeed found nothing to load, and says so only in its log
+                raise FileNotFoundError(f"no DeepSpeed state under {universal / DS_TAG}")
+        except Exception as err:  # DeepSpeed raises assertions and its own errors
+            logger.error("rank %d could not load %s: %r", self.rank, universal, err)
+            ok = 0.0
+        return self.all_sum([ok])[0] == self.world_size
 
     @property
     def shards_optimizer(self) -> bool:
@@ -278,8 +287,20 @@ class Engine:
         gc.collect()
         self.barrier()
         self.accelerator.end_training()
+        self.abandon()
+
+    def abandon(self) -> None:
+        """Leave the process group without waiting for the other ranks: after a failure on this
+        one, they may never reach a barrier (the launcher ends the job when this rank exits)."""
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
+        # DeepSpeed caches the groups it made (a clone of the world group among them): drop
+        # them, or a later DeepSpeed run in this process meets the destroyed ones.
+        release = getattr(
+            sys.modules.get("deepspeed.utils.groups"), "_release_process_group_references", None
+        )
+        if release is not None:
+            release(group=None)
         # accelerate keeps process-wide singletons; reset them so another run in this process
         # (the chain of stages of a demo or a test) starts from a clean slate.
         AcceleratorState._reset_state(reset_partial_state=True)

@@ -57,14 +57,16 @@ def train(r: recipe.Recipe) -> TrainResult:
     resuming = bool(ckpts)
     # A job restarted on another number of processes: ZeRO shards the optimiser state by
     # process, so the checkpoint is converted to DeepSpeed's universal layout, which loads on
-    # any number. The consolidated weights are loaded before set-up all the same: they carry
-    # the frozen parameters, which the universal layout leaves out, and they are all there is
-    # (with an optimiser started afresh) should the conversion fail.
+    # any number. The frozen parameters, which that layout leaves out, are loaded before
+    # set-up; should the conversion fail, the consolidated weights are, and the optimiser
+    # starts afresh.
     reshard = (
         resuming and engine.shards_optimizer and checkpoint.world_of(ckpts[0]) != engine.world_size
     )
     universal = reshard and engine.to_universal(ckpts[0], checkpoint.universal_dir(ckpts[0]))
-    if reshard:
+    if universal:
+        model.load_state_dict(checkpoint.frozen_weights(ckpts[0]), strict=False)
+    elif reshard:
         model.load_state_dict(checkpoint.consolidated(engine, ckpts[0]))
     elif r.init.from_ and not resuming:
         init_from(model, r.init.from_, finetune)
