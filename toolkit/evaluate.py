@@ -15,6 +15,7 @@ import contextlib
 import dataclasses
 import json
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -39,7 +40,8 @@ class Target:
 
     recipe: recipe.Recipe
     source: Path  # run directory, checkpoint directory or .safetensors file
-    run_dir: Path  # where eval.json is written
+    run_dir: Path  # the run the weights belong to: where the evaluation is written
+    label: str  # "" for the run's own final weights, else what they are (e.g. step-00000500)
 
 
 def locate(source: str | Path, overrides: Sequence[str] = ()) -> Target:
@@ -47,20 +49,33 @@ def locate(source: str | Path, overrides: Sequence[str] = ()) -> Target:
     path = Path(source)
     if not path.exists():
         raise UserError(f"{path}: no such run directory, checkpoint or weights file")
-    if path.is_file():
-        run_dir = path.parent
-        described_by = run_dir / RECIPE
-    elif (path / checkpoint.STATE).is_file():  # checkpoints/step-N: it keeps its own recipe
-        run_dir = path.parent.parent
-        described_by = path / RECIPE
+    where = path.resolve()  # "." or "step-00000500" name no run otherwise
+    label = ""
+    if where.is_file():
+        folder = where.parent
+        if (folder / checkpoint.STATE).is_file():  # a checkpoint's model.safetensors (DDP)
+            run_dir, described_by, label = folder.parent.parent, folder / RECIPE, folder.name
+        else:
+            run_dir, described_by = folder, folder / RECIPE
+            label = "" if where.name == checkpoint.WEIGHTS else where.stem
+    elif (where / checkpoint.STATE).is_file():  # checkpoints/step-N: it keeps its own recipe
+        run_dir, described_by, label = where.parent.parent, where / RECIPE, where.name
     else:
-        run_dir = path
-        described_by = path / RECIPE
+        run_dir, described_by = where, where / RECIPE
     if not described_by.is_file():
         raise UserError(
             f"{path}: no {RECIPE} at {described_by} to say which model the weights are for"
         )
-    return Target(recipe.load(described_by, overrides), path, run_dir)
+    return Target(recipe.load(described_by, overrides), path, run_dir, label)
+
+
+def eval_path(target: Target, split: str, custom: bool) -> Path:
+    """`eval.json` for the run's own weights on its own validation data, the result the report
+    shows; any other evaluation gets a name of its own (eval-step-00000500.json,
+    eval-train.json, eval-custom.json for other shards or overrides) and leaves that one be."""
+    parts = [p for p in (target.label, "" if split == "val" else split, "custom" if custom else "")
+             if p]  # fmt: skip
+    return target.run_dir / ("eval.json" if not parts else f"eval-{'-'.join(parts)}.json")
 
 
 def load_model(target: Target) -> nn.Module:
@@ -118,8 +133,10 @@ def evaluate(target: Target, split: str = "val") -> dict[str, Any] | None:
             autocast=contextlib.nullcontext,
         ).gathered()
         summary = eval_summary(result, split, r.stage) if engine.is_main else None
-    finally:
-        engine.close(model)
+    except BaseException:
+        engine.abandon()  # no barrier: the other ranks may be waiting in a gather instead
+        raise
+    engine.close(model)
     if summary is not None:
         summary["source"] = str(target.source)
     return summary
@@ -152,22 +169,9 @@ def _fmt(metric: str, value: float | None) -> str:
     return {"psnr": f"{value:.2f}", "ssim": f"{value:.4f}"}.get(metric, f"{value:.6f}")
 
 
-def _relaunch(procs: int, argv: Sequence[str]) -> int:
-    """`--local --procs P`: the same command on P processes through torchrun."""
-    rest, skip = [], False
-    for arg in argv:
-        if skip:
-            skip = False
-        elif arg in ("--local", "--procs"):
-            skip = arg == "--procs"
-        elif not arg.startswith("--procs="):
-            rest.append(arg)
-    return env.torchrun(procs, "toolkit.evaluate", rest)
-
-
 def _main(argv: Sequence[str] | None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    p = cli.ArgumentParser(prog="python -m toolkit.evaluate", description=__doc__.splitlines()[0])
+    p = cli.ArgumentParser(prog="python -m toolkit.evaluate", description=__doc__.splitlines()[0],
+                           allow_abbrev=False)  # fmt: skip
     p.add_argument("source", help="run directory, checkpoint directory or .safetensors file")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="recipe overrides")
     p.add_argument("--split", default="val", choices=("val", "train"))
@@ -181,18 +185,20 @@ def _main(argv: Sequence[str] | None) -> int:
     overrides = [*args.overrides, *([f"data.shards={args.shards}"] if args.shards else [])]
     target = locate(args.source, overrides)
     check_shards(target.recipe, args.split)  # before starting any process
-    if args.local and args.procs > 1:
-        return _relaunch(args.procs, argv)
+    if args.local and args.procs > 1 and "RANK" not in os.environ:  # not inside a group yet
+        child = [args.source, *overrides, "--split", args.split, *(["--json"] if args.json else [])]
+        return env.torchrun(args.procs, "toolkit.evaluate", child)
     env.setup()  # an srun task: ranks from its SLURM_* variables
     summary = evaluate(target, args.split)
     if summary is None:  # not rank 0
         return 0
     from toolkit.engine.validate import write_eval
 
-    write_eval(target.run_dir, summary)
+    path = eval_path(target, args.split, custom=bool(overrides))
+    write_eval(path, summary)
     out = json.dumps(summary, indent=2) if args.json else text(summary, target.source)
     sys.stdout.write(out + "\n")
-    logger.info("wrote %s", target.run_dir / "eval.json")
+    logger.info("wrote %s", path)
     return 0
 
 

@@ -68,16 +68,25 @@ def test_evaluate_counts_every_sample_once_and_matches_on_two_processes(grey) ->
     # the train split, read once each, centre-cropped: every sample counted once there too
     train = evaluate_json(str(fine), "--split", "train")
     assert train["count"] == read_manifest(shards).count("train")
+    # ... written beside the run's own result, which stays the validation one
+    assert json.loads((fine / "eval-train.json").read_text()) == train
+    assert json.loads((fine / "eval.json").read_text())["split"] == "val"
 
 
-def test_evaluate_a_checkpoint_and_a_weights_file(grey) -> None:
+def test_evaluate_a_checkpoint_and_a_weights_file(grey, monkeypatch) -> None:
     _, _, fine = grey
     run = evaluate_json(str(fine))
     ckpt = evaluate_json(str(fine / "checkpoints" / "step-00000006"))
     weights = evaluate_json(str(fine / "model.safetensors"))
     assert ckpt["model"] == run["model"] == weights["model"]
-    earlier = evaluate_json(str(fine / "checkpoints" / "step-00000003"))
+    # a relative path from inside the checkpoints folder still finds the run
+    monkeypatch.chdir(fine / "checkpoints")
+    earlier = evaluate_json("step-00000003")
     assert earlier["model"] != run["model"]  # an earlier checkpoint is another model
+    # each checkpoint's evaluation has a file of its own; the run's eval.json is its final one
+    assert json.loads((fine / "eval-step-00000003.json").read_text()) == earlier
+    assert json.loads((fine / "eval-step-00000006.json").read_text()) == ckpt
+    assert json.loads((fine / "eval.json").read_text())["model"] == run["model"]
 
 
 def test_report_table_equals_eval_json_and_figures_are_real(grey, tmp_path) -> None:
@@ -162,6 +171,9 @@ def test_bad_inputs_are_one_line_with_exit_status_2(grey, tmp_path) -> None:
     assert not (tmp_path / "r").exists()
     line = one_line_error("toolkit.evaluate", str(tmp_path / "nowhere"))
     assert "no such run directory" in line
+    # no abbreviated flags: `--loc --proc 2` must not be read as --local --procs 2
+    line = one_line_error("toolkit.evaluate", str(fine), "--loc", "--proc", "2")
+    assert "unrecognized arguments" in line
 
 
 def test_report_of_a_run_reads_its_loss_curve(grey) -> None:

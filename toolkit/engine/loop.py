@@ -202,7 +202,7 @@ def train(r: recipe.Recipe) -> TrainResult:
         if engine.is_main:
             checkpoint.export(weights, run_dir, state.step)
             if last is not None:
-                summary = write_eval(run_dir, eval_summary(last, "val", r.stage))
+                summary = write_eval(run_dir / "eval.json", eval_summary(last, "val", r.stage))
     log.close()
     engine.close(model, optimizer, scheduler)
     return TrainResult(run_dir, state.step, stop_requested, summary)

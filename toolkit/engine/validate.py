@@ -123,10 +123,9 @@ def eval_summary(result: Validation, split: str, stage: str) -> dict[str, Any]:
     }
 
 
-def write_eval(run_dir: Path, summary: dict[str, Any]) -> dict[str, Any]:
-    """Write `eval.json` into the run directory (atomically: a reader never sees half of it)."""
-    path = run_dir / "eval.json"
-    tmp = path.with_name(f".eval.json.tmp-{os.getpid()}")
+def write_eval(path: Path, summary: dict[str, Any]) -> dict[str, Any]:
+    """Write an evaluation (a run's `eval.json`) atomically: a reader never sees half of it."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     tmp.write_text(json.dumps(summary, indent=2) + "\n")
     os.replace(tmp, path)
     return summary
