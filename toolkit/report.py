@@ -15,7 +15,6 @@ import logging
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
-from itertools import islice
 from pathlib import Path
 from typing import Any
 
@@ -177,8 +176,9 @@ def plot_loss(run: Run, path: Path) -> None:
     fig, ax = plt.subplots(figsize=LOSS_SIZE, dpi=DPI)
     for key, label, style in (("train/loss", "train loss", "-"), ("val/loss", "val loss", "o-")):
         points = [(m["epoch"], m[key]) for m in run.metrics if key in m and "epoch" in m]
-        if points:
-            ax.plot(*zip(*points, strict=True), style, label=label, markersize=4)
+        if points:  # a lone point needs a marker to be seen
+            ax.plot(*zip(*points, strict=True), style if len(points) > 1 else "o", label=label,
+                    markersize=4)  # fmt: skip
     ax.set_xlabel("epoch")
     ax.set_ylabel(f"loss ({run.recipe.train.loss or 'l1'})" if run.recipe.stage == "finetune"
                   else "loss (MSE on masked patches)")  # fmt: skip
@@ -221,9 +221,10 @@ def sample_tiles(run: Run, count: int) -> tuple[list[str], list[list[Any]], list
     loader = build_loader(r.data, "val", crop=r.model.img_size, seed=r.train.seed,
                           need_lr=r.stage == "finetune", evaluation=True)  # fmt: skip
     first = next(iter(loader))
+    first = {k: v[:count] for k, v in first.items()}  # only what the map shows goes through
     result = validate(
         model,
-        islice([first], 1),
+        [first],
         stage=r.stage,
         scale=r.data.scale,
         loss_name=r.train.loss or "l1",
@@ -290,9 +291,11 @@ def plot_compare(rows: list[dict[str, Any]], path: Path) -> None:
         ax.set_xticks(range(len(runs)), [f"{row['mode']}\n{row['run']}" for row in runs],
                       fontsize=7)  # fmt: skip
         ax.set_ylabel(metric.upper() + unit)
-        low = min(values + ([base[metric]] if base else []))
-        high = max(values)
-        ax.set_ylim(low - 0.1 * (high - low + 1e-9), high + 0.1 * (high - low + 1e-9))
+        shown = values + ([base[metric]] if base else [])
+        low, high = min(shown), max(shown)
+        # the bars' differences are what matters: zoom on them, with room when all are equal
+        pad = max(0.1 * (high - low), 0.02 * abs(high), 1e-3)
+        ax.set_ylim(low - pad, high + pad)
         if base:
             ax.axhline(base[metric], color="gray", linestyle="--", label="bicubic")
             ax.legend(fontsize=8)
@@ -318,7 +321,10 @@ def report(run_dirs: Sequence[Path], out: Path, samples: int = 4) -> dict[str, A
     (out / "results.md").write_text(markdown(rows))
     for run in runs:
         plot_loss(run, out / f"loss_{run.name}.png")
-        plot_samples(run, out / f"samples_{run.name}.png", samples)
+        try:
+            plot_samples(run, out / f"samples_{run.name}.png", samples)
+        except UserError as err:  # weights or shards gone: the rest of the report still stands
+            logger.warning("no sample map for %s: %s", run.name, err)
     if len(runs) > 1 and sum(row["psnr"] is not None for row in rows if row["run"]) > 0:
         plot_compare(rows, out / "compare.png")
     logger.info("report of %d run(s) in %s", len(runs), out)

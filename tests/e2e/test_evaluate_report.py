@@ -181,3 +181,23 @@ def test_report_of_a_run_reads_its_loss_curve(grey) -> None:
     run = report.read_run(fine)
     assert run.mode == "frozen encoder" and run.epochs > 0
     assert [m["step"] for m in run.metrics if "train/loss" in m][-1] == 6
+
+
+def test_report_without_the_shards_still_writes_the_table_and_curves(grey, tmp_path) -> None:
+    """Sample maps need the shards and weights; when they are gone the rest of the report
+    stands, and the log says which map is missing."""
+    _, _, fine = grey
+    moved = tmp_path / "moved"
+    shutil.copytree(fine, moved)
+    text = (moved / "recipe.yaml").read_text()
+    (moved / "recipe.yaml").write_text(
+        "\n".join(
+            f"  shards: {tmp_path / 'gone'}" if line.startswith("  shards:") else line
+            for line in text.splitlines()
+        )
+    )
+    out = tmp_path / "rep"
+    log = run_ok("toolkit.report", str(moved), "--out", str(out))
+    assert "no sample map for moved" in log
+    assert (out / "results.md").is_file() and (out / "loss_moved.png").is_file()
+    assert not (out / "samples_moved.png").exists()
