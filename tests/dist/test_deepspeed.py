@@ -258,3 +258,6 @@ def test_restart_stops_clearly_when_the_conversion_does_not_load(
         train(recipe.load(DEBUG_RECIPE, tiny(shards, run, "train.max_steps=4", *z2)))
     ckpts = run / "checkpoints"
     assert sorted(p.name for p in ckpts.iterdir()) == ["latest", "step-00000002"]
+    # the failed run left this process clean: another run trains in it
+    after = train(recipe.load(DEBUG_RECIPE, tiny(shards, tmp_path / "after", "train.max_steps=1")))
+    assert after.step == 1

@@ -44,9 +44,21 @@ class TrainResult:
 
 
 def train(r: recipe.Recipe) -> TrainResult:
+    """Train one recipe in this process (one rank of a job)."""
+    engine = Engine(r.train, r.deepspeed, micro_batch=r.data.batch_size)
+    try:
+        return _train(engine, r)
+    except BaseException:
+        # A failed run (a user error at resume, a non-finite loss, Ctrl-C) leaves the process
+        # group without a barrier the other ranks may never reach, and resets accelerate's and
+        # DeepSpeed's process-wide state, so a later run in this process starts clean.
+        engine.abandon()
+        raise
+
+
+def _train(engine: Engine, r: recipe.Recipe) -> TrainResult:
     run_dir, cfg = r.run_dir, r.train
     finetune = r.stage == "finetune"
-    engine = Engine(cfg, r.deepspeed, micro_batch=r.data.batch_size)
     engine.seed(cfg.seed, per_rank=False)  # the same initial model on every rank
 
     # --- build ---------------------------------------------------------------------------------
