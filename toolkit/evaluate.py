@@ -11,7 +11,6 @@ sample counts once. Writes `eval.json` into the run directory.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import logging
@@ -26,7 +25,7 @@ from torch import nn
 
 from toolkit import checkpoint, cli, recipe
 from toolkit.cluster import env
-from toolkit.data.loader import build_loader, mismatches, read_manifest
+from toolkit.data.loader import Loader, build_loader, mismatches, read_manifest
 from toolkit.errors import UserError
 
 logger = logging.getLogger(__name__)
@@ -107,11 +106,18 @@ def check_shards(r: recipe.Recipe, split: str) -> None:
         raise UserError(f"{Path(r.data.shards) / 'manifest.json'}: split {split!r} has no samples")
 
 
+def eval_loader(r: recipe.Recipe, split: str, rank: int = 0, world_size: int = 1) -> Loader:
+    """This rank's share of `split`, each sample once, centre-cropped, in a fixed order."""
+    return build_loader(r.data, split, crop=r.model.img_size, seed=r.train.seed, rank=rank,
+                        world_size=world_size, need_lr=r.stage == "finetune",
+                        evaluation=True)  # fmt: skip
+
+
 def evaluate(target: Target, split: str = "val") -> dict[str, Any] | None:
     """Evaluate on this process's share of `split` and gather; the summary on rank 0 (None on
     the others). Collective when several processes run it. Weights are evaluated in fp32."""
     from toolkit.engine.accel import Engine
-    from toolkit.engine.validate import eval_summary, validate
+    from toolkit.engine.validate import eval_summary, validate_run
 
     r = target.recipe
     check_shards(r, split)
@@ -119,19 +125,8 @@ def evaluate(target: Target, split: str = "val") -> dict[str, Any] | None:
     engine = Engine(dataclasses.replace(r.train, precision="no", grad_accum=1), None, 1)
     try:
         model.to(engine.device)
-        loader = build_loader(r.data, split, crop=r.model.img_size, seed=r.train.seed,
-                              rank=engine.rank, world_size=engine.world_size,
-                              need_lr=r.stage == "finetune", evaluation=True)  # fmt: skip
-        result = validate(
-            model,
-            iter(loader),
-            stage=r.stage,
-            scale=r.data.scale,
-            loss_name=r.train.loss or "l1",
-            seed=r.train.seed,
-            device=engine.device,
-            autocast=contextlib.nullcontext,
-        ).gathered()
+        loader = eval_loader(r, split, engine.rank, engine.world_size)
+        result = validate_run(model, iter(loader), r, device=engine.device).gathered()
         summary = eval_summary(result, split, r.stage) if engine.is_main else None
     except BaseException:
         engine.abandon()  # no barrier: the other ranks may be waiting in a gather instead
@@ -184,8 +179,8 @@ def _main(argv: Sequence[str] | None) -> int:
         raise UserError("--procs P needs --local and P >= 1")
     overrides = [*args.overrides, *([f"data.shards={args.shards}"] if args.shards else [])]
     target = locate(args.source, overrides)
-    check_shards(target.recipe, args.split)  # before starting any process
     if args.local and args.procs > 1 and "RANK" not in os.environ:  # not inside a group yet
+        check_shards(target.recipe, args.split)  # before starting any process
         child = [args.source, *overrides, "--split", args.split, *(["--json"] if args.json else [])]
         return env.torchrun(args.procs, "toolkit.evaluate", child)
     env.setup()  # an srun task: ranks from its SLURM_* variables

@@ -206,33 +206,19 @@ def sample_tiles(run: Run, count: int) -> tuple[list[str], list[list[Any]], list
     """The first `count` validation samples (of the first batch) through the run's exported
     model: column titles, rows of [C, H, W] tiles (LR | bicubic | SR | HR, or masked |
     reconstruction | HR), and the samples' keys."""
-    import contextlib
-
     import torch
 
-    from toolkit.data.loader import build_loader
-    from toolkit.engine.validate import validate
-    from toolkit.evaluate import check_shards, load_model, locate
+    from toolkit.engine.validate import validate_run
+    from toolkit.evaluate import check_shards, eval_loader, load_model, locate
 
     target = locate(run.dir)
     r = target.recipe
     check_shards(r, "val")
     model = load_model(target)
-    loader = build_loader(r.data, "val", crop=r.model.img_size, seed=r.train.seed,
-                          need_lr=r.stage == "finetune", evaluation=True)  # fmt: skip
-    first = next(iter(loader))
+    first = next(iter(eval_loader(r, "val")))
     first = {k: v[:count] for k, v in first.items()}  # only what the map shows goes through
-    result = validate(
-        model,
-        [first],
-        stage=r.stage,
-        scale=r.data.scale,
-        loss_name=r.train.loss or "l1",
-        seed=r.train.seed,
-        device=torch.device("cpu"),
-        autocast=contextlib.nullcontext,
-        grid_samples=count,
-    )
+    cpu = torch.device("cpu")
+    result = validate_run(model, [first], r, device=cpu, grid_samples=count)
     titles = (["LR", "bicubic", "SR", "HR"] if r.stage == "finetune"
               else ["masked input", "reconstruction", "HR"])  # fmt: skip
     return titles, result.grid_rows, list(first["key"][: len(result.grid_rows)])

@@ -4,7 +4,6 @@ is the live model; the stage chain runs under ZeRO-2."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import shutil
 import socket
@@ -18,7 +17,7 @@ from tests.helpers import DEBUG_RECIPE, evaluate_json, make_pairs, read_jsonl, r
 from toolkit import recipe
 from toolkit.data.loader import build_loader
 from toolkit.engine.accel import to_universal
-from toolkit.engine.validate import validate
+from toolkit.engine.validate import validate_run
 from toolkit.models import build_model
 from toolkit.errors import UserError
 from toolkit.shard import shard
@@ -84,16 +83,7 @@ def assert_export_is_the_live_model(run_dir: Path, tol: float) -> None:
     model = build_model(r.model, r.stage, r.data.scale)
     model.load_state_dict(weights(run_dir))
     val = build_loader(r.data, "val", crop=r.model.img_size, seed=r.train.seed)
-    result = validate(
-        model.eval(),
-        iter(val),
-        stage=r.stage,
-        scale=r.data.scale,
-        loss_name=r.train.loss or "l1",
-        seed=r.train.seed,
-        device=torch.device("cpu"),
-        autocast=contextlib.nullcontext,
-    )
+    result = validate_run(model.eval(), iter(val), r, device=torch.device("cpu"))
     live = json.loads((run_dir / "eval.json").read_text())["model"]
     assert result.model.summary()["mse"] == pytest.approx(live["mse"], rel=tol)
 

@@ -20,7 +20,7 @@ from toolkit import checkpoint, recipe
 from toolkit.data.loader import Loader, build_loader, read_manifest
 from toolkit.engine.accel import Engine
 from toolkit.engine.state import TrainState
-from toolkit.engine.validate import Validation, eval_summary, validate, write_eval
+from toolkit.engine.validate import Validation, eval_summary, validate_run, write_eval
 from toolkit.errors import UserError
 from toolkit.logging import RunLogger, image_grid
 from toolkit.models import apply_freeze, build_model, load_mae_weights, param_counts
@@ -286,17 +286,10 @@ def evaluate(
     """Validate on every rank's share, gather per-sample metrics, log them on rank 0."""
     module = engine.unwrap(model)
     module.eval()
-    result = validate(
-        module,
-        iter(val),
-        stage=r.stage,
-        scale=r.data.scale,
-        loss_name=r.train.loss or "l1",
-        seed=r.train.seed,
-        device=engine.device,
-        dtype=engine.input_dtype,
+    result = validate_run(
+        module, iter(val), r, device=engine.device, dtype=engine.input_dtype,
         autocast=engine.autocast,
-    )
+    )  # fmt: skip
     module.train()
     result = result.gathered()
     scalars = {f"val/{k}": v for k, v in result.model.summary().items()}

@@ -6,10 +6,10 @@ import hashlib
 import json
 import os
 from collections.abc import Callable, Iterable
-from contextlib import AbstractContextManager
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -17,6 +17,9 @@ from torch import nn
 
 from toolkit.data.degrade import upscale_bicubic
 from toolkit.metrics import MetricAccumulator, per_image
+
+if TYPE_CHECKING:
+    from toolkit.recipe import Recipe
 
 GRID_SAMPLES = 4  # val samples shown in the TensorBoard image grid
 
@@ -99,6 +102,31 @@ def validate(
                 grid = [list(t) for t in zip(up, bic, sr, hr, strict=False)]
         grid = grid[:grid_samples]
     return Validation(ours, base, [[t.cpu() for t in row] for row in grid])
+
+
+def validate_run(
+    model: nn.Module,
+    batches: Iterable[dict[str, Any]],
+    r: Recipe,
+    *,
+    device: torch.device,
+    autocast: Callable[[], AbstractContextManager] = nullcontext,
+    dtype: torch.dtype = torch.float32,
+    grid_samples: int = GRID_SAMPLES,
+) -> Validation:
+    """`validate` with the stage, scale, loss and masking seed of a run's recipe."""
+    return validate(
+        model,
+        batches,
+        stage=r.stage,
+        scale=r.data.scale,
+        loss_name=r.train.loss or "l1",
+        seed=r.train.seed,
+        device=device,
+        autocast=autocast,
+        dtype=dtype,
+        grid_samples=grid_samples,
+    )
 
 
 def _select(values: dict[str, torch.Tensor], mask: torch.Tensor) -> dict[str, torch.Tensor]:
