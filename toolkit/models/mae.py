@@ -2,19 +2,76 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
 
+from toolkit.models.registry import ModelSpec
 from toolkit.models.vit import Decoder, Encoder, init_vit_weights, patchify, unpatchify
+from toolkit.recipe import ModelBase, setting
+
+_VIT_FIELDS = ("in_chans", "img_size", "patch_size", "embed_dim", "depth", "num_heads",
+               "decoder_embed_dim", "decoder_depth", "decoder_num_heads", "mlp_ratio")  # fmt: skip
+
+
+@dataclass
+class MAEConfig(ModelBase):
+    """The ViT MAE's recipe section (`model.arch: mae`); SR-MAE extends it."""
+
+    # Side of a square ViT patch, in pixels.
+    patch_size: int = setting(10, gt=0)
+    # Encoder token width (the workload's embedding width).
+    embed_dim: int = setting(256, gt=0)
+    # Encoder transformer blocks.
+    depth: int = setting(8, gt=0)
+    # Encoder attention heads; must divide embed_dim.
+    num_heads: int = setting(8, gt=0)
+    # Decoder token width (the MAE's light decoder).
+    decoder_embed_dim: int = setting(128, gt=0)
+    # Decoder transformer blocks.
+    decoder_depth: int = setting(4, gt=0)
+    # Decoder attention heads; must divide decoder_embed_dim.
+    decoder_num_heads: int = setting(4, gt=0)
+    # Hidden width of each MLP as a multiple of the token width.
+    mlp_ratio: float = setting(4.0, gt=0)
+    # Fraction of patches hidden from the encoder during pretraining.
+    mask_ratio: float = setting(0.75, ge=0, lt=1)
+    # Pretraining target: each patch normalised by its own mean and variance.
+    norm_pix_loss: bool = False
+
+    def problems(self) -> Iterator[tuple[str, str]]:
+        if self.img_size % self.patch_size:
+            yield (
+                "img_size",
+                f"{self.img_size} is not divisible by model.patch_size {self.patch_size}",
+            )
+        if self.embed_dim % self.num_heads:
+            yield "num_heads", f"{self.num_heads} does not divide model.embed_dim {self.embed_dim}"
+        if self.embed_dim % 4 or self.decoder_embed_dim % 4:
+            yield "embed_dim", "model.embed_dim and model.decoder_embed_dim must be multiples of 4"
+        if self.decoder_embed_dim % self.decoder_num_heads:
+            yield (
+                "decoder_num_heads",
+                (
+                    f"{self.decoder_num_heads} does not divide model.decoder_embed_dim "
+                    f"{self.decoder_embed_dim}"
+                ),
+            )
+
+    def vit(self) -> dict[str, int | float]:
+        """The keyword arguments of the ViT parts (encoder and decoder)."""
+        return {name: getattr(self, name) for name in _VIT_FIELDS}
 
 
 class MAEOutput(NamedTuple):
     # A NamedTuple rather than a dataclass: DDP, accelerate and torch.compile all walk tuples.
-    loss: Tensor  # [] mean squared error over masked patches
+    loss: Tensor  # [] mean squared error over masked patches (the mean of sample_loss)
     pred: Tensor  # [N, L, p*p*C] prediction for every patch (in normalised units if norm_pix_loss)
     mask: Tensor  # [N, L] 1 = masked (hidden from the encoder), 0 = visible
+    sample_loss: Tensor  # [N] each sample's loss: what validation reports per sample
 
 
 class MAE(nn.Module):
@@ -119,10 +176,12 @@ class MAE(nn.Module):
         return self.decoder(x)  # [N, L, p*p*C]
 
     def forward_loss(self, imgs: Tensor, pred: Tensor, mask: Tensor) -> Tensor:
-        """Mean squared error per patch, averaged over the masked patches only.
+        """Each sample's mean squared error per patch, averaged over its masked patches only: [N].
 
         With nothing masked (mask_ratio 0) it averages over every patch instead, so the same
         model trains as a plain autoencoder (the benchmark's baseline) rather than giving 0/0.
+        Every sample has the same number of masked patches, so the batch loss is the mean of
+        these, and a validation sample's loss is exactly what training minimises for it.
         """
         target = self.patchify(imgs)  # [N, L, p*p*C]
         if self.norm_pix_loss:
@@ -132,7 +191,7 @@ class MAE(nn.Module):
         loss = ((pred - target) ** 2).mean(dim=-1)  # [N, L] per-patch MSE
         # Branch on a tensor, not on .item(), so there is no host sync on GPU.
         weight = torch.where(mask.sum() > 0, mask, torch.ones_like(mask))  # [N, L]
-        return (loss * weight).sum() / weight.sum()
+        return (loss * weight).sum(dim=1) / weight.sum(dim=1)
 
     def forward(
         self,
@@ -144,4 +203,12 @@ class MAE(nn.Module):
         ratio = self.mask_ratio if mask_ratio is None else mask_ratio
         latent, mask, ids_restore = self.forward_encoder(imgs, ratio, noise, generator)
         pred = self.forward_decoder(latent, ids_restore)  # [N, L, p*p*C]
-        return MAEOutput(self.forward_loss(imgs, pred, mask), pred, mask)
+        per_sample = self.forward_loss(imgs, pred, mask)  # [N]
+        return MAEOutput(per_sample.mean(), pred, mask, per_sample)
+
+
+def build(cfg: MAEConfig) -> MAE:
+    return MAE(**cfg.vit(), mask_ratio=cfg.mask_ratio, norm_pix_loss=cfg.norm_pix_loss)
+
+
+SPEC = ModelSpec("mae", MAEConfig, build, tasks=("mae",), title="MAE")

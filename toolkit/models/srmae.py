@@ -13,8 +13,8 @@ FSRCNN/EDSR), so the SR layers cost about a third of what the same parameters wo
 the MAE sees an image close to the HR images it was pretrained on (u starts near bicubic, since
 `to_img` and `tail` start small); the two HR convolutions (5x5 receptive field) span patch
 borders, where an unpatchified prediction has seams. Every parameter takes part in forward
-(DDP needs that), so the MAE's mask token is not a parameter here: `load_mae_weights` reports
-it as unused.
+(DDP needs that), so the MAE's mask token is not a parameter here: loading a pretrained MAE
+(`toolkit.models.params.load_weights`) reports it as unused.
 
 Parameters at the workload's width (C=1, embed 256, depth 8, decoder 128 x 4, patch 10,
 sr_channels 64; the same at scale 2, 3 and 4):
@@ -27,17 +27,16 @@ sr_channels 64; the same at scale 2, 3 and 4):
 
 from __future__ import annotations
 
-import logging
-from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from toolkit.models.mae import MAEConfig
+from toolkit.models.registry import ModelSpec
 from toolkit.models.vit import Decoder, Encoder, init_vit_weights, unpatchify
-
-logger = logging.getLogger(__name__)
+from toolkit.recipe import setting
 
 
 def _deconv_padding(lr_size: int, hr_size: int, scale: int, kernel: int) -> tuple[int, int]:
@@ -142,132 +141,26 @@ class SRMAE(nn.Module):
             return self(lr).clamp_(0.0, 1.0)
 
 
-# Finetune modes -> parameter-name prefixes they freeze. "mae" is everything but `sr.*`.
-FREEZE_PREFIXES: dict[str, tuple[str, ...]] = {
-    "encoder": ("encoder.",),
-    "mae": ("encoder.", "decoder."),
-}
-
-
-def apply_freeze(model: nn.Module, freeze: list[str]) -> None:
-    """Set requires_grad by finetune mode: [] trains all, ["encoder"], ["mae"] (all but sr.*).
-
-    Every parameter is set (not only the frozen ones), so calling it twice with different modes
-    gives the second mode. No train/eval switch is needed: the model has no dropout or batch
-    norm, so frozen parts compute the same in either mode.
-    """
-    prefixes: tuple[str, ...] = ()
-    for mode in freeze:
-        if mode not in FREEZE_PREFIXES:
-            raise ValueError(
-                f"unknown freeze mode {mode!r}; expected one of {list(FREEZE_PREFIXES)}"
-            )
-        prefixes += FREEZE_PREFIXES[mode]
-    for name, param in model.named_parameters():
-        param.requires_grad_(not name.startswith(prefixes))
-    total, trainable = param_counts(model)
-    logger.info("freeze %s: %d of %d parameters trainable", freeze, trainable, total)
-
-
-def param_counts(model: nn.Module) -> tuple[int, int]:
-    """(total, trainable) parameter counts."""
-    total = sum(p.numel() for p in model.parameters())
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    return total, trainable
-
-
 @dataclass
-class LoadReport:
-    """What `load_mae_weights` did, tensor by tensor name."""
+class SRMAEConfig(MAEConfig):
+    """SR-MAE's recipe section (`model.arch: srmae`): the MAE's, plus the added layers' width.
+    mask_ratio and norm_pix_loss are the pretraining's (SR-MAE masks nothing); they are accepted so
+    that one model section serves every stage of the workload."""
 
-    loaded: list[str] = field(default_factory=list)  # copied from the checkpoint
-    fresh: list[str] = field(default_factory=list)  # model tensors left at their initialisation
-    unused: list[str] = field(default_factory=list)  # checkpoint tensors deliberately not used
-
-    def summary(self) -> str:
-        fresh_layers = sorted({k.rsplit(".", 1)[0] for k in self.fresh})
-        return (
-            f"loaded {len(self.loaded)} tensors; fresh: {', '.join(fresh_layers) or 'none'}; "
-            f"unused: {', '.join(self.unused) or 'none'}"
-        )
+    # Channels of the convolution/deconvolution layers added for super-resolution.
+    sr_channels: int = setting(64, gt=0)
 
 
-# Top-level parts of MAE / SR-MAE state dicts. A part the model lacks altogether (the mask
-# token for SR-MAE, sr.* for an MAE) is skipped on purpose; a part present on both sides must
-# match tensor for tensor, or the two models differ (depth, width, patch size).
-_MAE_PARTS = ("encoder", "decoder")
-_KNOWN_PARTS = (*_MAE_PARTS, "sr", "mask_token")
-# Wrappers that prefix every key: DDP / DeepSpeed ("module.") and torch.compile ("_orig_mod.").
-_WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+def build(cfg: SRMAEConfig, scale: int = 2) -> SRMAE:
+    return SRMAE(**cfg.vit(), sr_channels=cfg.sr_channels, scale=scale)
 
 
-def _part(key: str) -> str:
-    return key.split(".", 1)[0]
-
-
-def _strip_wrappers(state: dict[str, Tensor]) -> dict[str, Tensor]:
-    for prefix in _WRAPPER_PREFIXES:
-        if state and all(k.startswith(prefix) for k in state):
-            state = {k[len(prefix) :]: v for k, v in state.items()}
-    return state
-
-
-def _width_hint(ckpt: dict[str, Tensor], own: dict[str, Tensor]) -> str:
-    hints = []
-    for key, name in (
-        ("encoder.norm.weight", "embed_dim"),
-        ("decoder.norm.weight", "decoder_embed_dim"),
-    ):
-        if key in ckpt and key in own and ckpt[key].shape != own[key].shape:
-            hints.append(
-                f"checkpoint {name} {ckpt[key].shape[0]}, model {name} {own[key].shape[0]}"
-            )
-    return f" ({'; '.join(hints)})" if hints else ""
-
-
-def load_mae_weights(model: nn.Module, state_dict: Mapping[str, Tensor]) -> LoadReport:
-    """Load the MAE tensors of an MAE or SR-MAE state dict into `model` by name.
-
-    Tensors of a part the checkpoint lacks (sr.* from a pretrain checkpoint) stay as
-    initialised and are reported `fresh`; checkpoint parts the model lacks (the MAE's
-    mask_token) are reported `unused`. Raises ValueError, before changing anything, on a shape
-    mismatch, a different width or depth, or a checkpoint without any encoder./decoder. tensor.
-    """
-    ckpt = _strip_wrappers({k: v for k, v in state_dict.items() if isinstance(v, Tensor)})
-    own = model.state_dict()
-    if not any(_part(k) in _MAE_PARTS for k in ckpt):
-        first = ", ".join(list(ckpt)[:3]) or "none"
-        raise ValueError(
-            f"checkpoint holds no MAE tensor (no encoder.* or decoder.* key); its keys: {first}"
-        )
-    for key, target in own.items():
-        if key in ckpt and ckpt[key].shape != target.shape:
-            raise ValueError(
-                f"{key}: checkpoint has {list(ckpt[key].shape)}, model expects "
-                f"{list(target.shape)}{_width_hint(ckpt, own)}"
-            )
-    ckpt_parts, own_parts = {_part(k) for k in ckpt}, {_part(k) for k in own}
-    missing = [k for k in own if k not in ckpt and _part(k) in ckpt_parts]
-    if missing:
-        raise ValueError(
-            f"{missing[0]}: missing from the checkpoint ({len(missing)} tensors in all) though it "
-            f"has other {_part(missing[0])}.* tensors; was it saved from a different depth?"
-        )
-    extra = [
-        k for k in ckpt if k not in own and (_part(k) in own_parts or _part(k) not in _KNOWN_PARTS)
-    ]
-    if extra:
-        raise ValueError(
-            f"{extra[0]}: checkpoint tensor with no place in the model ({len(extra)} in all); "
-            "was it saved from a different depth or model?"
-        )
-    report = LoadReport(
-        loaded=[k for k in own if k in ckpt],
-        fresh=[k for k in own if k not in ckpt],
-        unused=[k for k in ckpt if k not in own],
-    )
-    with torch.no_grad():
-        for key in report.loaded:
-            own[key].copy_(ckpt[key])
-    logger.info("load_mae_weights: %s", report.summary())
-    return report
+SPEC = ModelSpec(
+    "srmae",
+    SRMAEConfig,
+    build,
+    tasks=("sr",),
+    title="SR-MAE",
+    # The workload's finetune modes: "mae" is everything but the added sr.* layers.
+    freeze_modes={"encoder": ("encoder.",), "mae": ("encoder.", "decoder.")},
+)

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from tests.helpers import TINY_VIT
-from toolkit.models import MAE, MAEOutput
+from toolkit.models.mae import MAE, MAEOutput
 
 L = 25  # (20 / 4) ** 2 patches
 
@@ -66,17 +66,20 @@ def test_loss_ignores_predictions_on_visible_patches() -> None:
     mask[0, [1, 4, 7]] = 1
     mask[1, [0, 24]] = 1
     pred = torch.randn(2, L, 16, requires_grad=True)
-    loss = model.forward_loss(imgs, pred, mask)
-    loss.backward()
+    per_sample = model.forward_loss(imgs, pred, mask)
+    assert per_sample.shape == (2,)
+    per_sample.sum().backward()
     grad_norm = pred.grad.abs().sum(dim=-1)  # [N, L]
     assert (grad_norm[mask == 0] == 0).all()
     assert (grad_norm[mask == 1] > 0).all()
     # Changing visible predictions leaves the loss as it was; the value is the masked MSE.
     other = pred.detach().clone()
     other[mask == 0] += 10.0
-    assert model.forward_loss(imgs, other, mask).item() == pytest.approx(loss.item())
+    torch.testing.assert_close(model.forward_loss(imgs, other, mask), per_sample.detach())
     per_patch = ((pred.detach() - model.patchify(imgs)) ** 2).mean(-1)
-    assert loss.item() == pytest.approx(per_patch[mask == 1].mean().item(), rel=1e-6)
+    for i in range(2):  # each sample: the mean over its own masked patches
+        expected = per_patch[i][mask[i] == 1].mean().item()
+        assert per_sample[i].item() == pytest.approx(expected, rel=1e-6)
 
 
 def test_norm_pix_loss_targets_each_patch_normalised() -> None:
@@ -85,8 +88,8 @@ def test_norm_pix_loss_targets_each_patch_normalised() -> None:
     mask = torch.ones(2, L)
     target = model.patchify(imgs)
     normed = (target - target.mean(-1, keepdim=True)) / (target.var(-1, keepdim=True) + 1e-6).sqrt()
-    assert model.forward_loss(imgs, normed, mask).item() == pytest.approx(0.0, abs=1e-10)
-    assert model.forward_loss(imgs, target, mask).item() > 0.1
+    assert model.forward_loss(imgs, normed, mask).max().item() == pytest.approx(0.0, abs=1e-10)
+    assert model.forward_loss(imgs, target, mask).min().item() > 0.1
 
 
 def test_loss_with_nothing_masked_averages_every_patch() -> None:
@@ -97,6 +100,14 @@ def test_loss_with_nothing_masked_averages_every_patch() -> None:
     expected = ((out.pred - model.patchify(imgs)) ** 2).mean()
     assert out.loss.item() == pytest.approx(expected.item(), rel=1e-6)
     assert out.loss.item() > 0
+
+
+def test_batch_loss_is_the_mean_of_the_sample_losses() -> None:
+    """What training minimises is exactly the mean of what validation reports per sample."""
+    model = tiny_mae(norm_pix_loss=True)
+    out = model(torch.rand(3, 1, 20, 20), generator=torch.Generator().manual_seed(0))
+    assert out.sample_loss.shape == (3,) and len(set(out.sample_loss.tolist())) == 3
+    assert out.loss.item() == pytest.approx(out.sample_loss.mean().item(), rel=1e-6)
 
 
 @pytest.mark.parametrize("channels", [1, 3])

@@ -1,0 +1,49 @@
+"""The model registry: architecture name -> its recipe section, builder, tasks and freeze modes."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import nn
+
+from toolkit.recipe import ModelBase
+from toolkit.registry import Registry
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """One architecture. `build(cfg, **inputs)` gets its own recipe section (an instance of
+    `config`) and what the task provides (the SR scale, ...); it knows nothing of the recipe's
+    other sections or of distribution."""
+
+    name: str
+    config: type[ModelBase]
+    build: Callable[..., nn.Module]
+    tasks: tuple[str, ...]  # the tasks it can be trained for
+    title: str  # how reports name it, e.g. "SR-MAE"
+    # Named freeze modes -> the parameter-name prefixes they freeze (`freeze: [encoder]`).
+    freeze_modes: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+
+
+# One line per built-in architecture: name -> "module:ModelSpec".
+MODELS: Registry[ModelSpec] = Registry(
+    "model.arch",
+    {
+        "mae": "toolkit.models.mae:SPEC",
+        "srmae": "toolkit.models.srmae:SPEC",
+        "edsr": "toolkit.models.edsr:SPEC",
+        "rcan": "toolkit.models.rcan:SPEC",
+    },
+)
+
+
+def register_model(spec: ModelSpec) -> ModelSpec:
+    """Make an architecture known to recipes (`model.arch: <spec.name>`) and every command."""
+    return MODELS.register(spec.name, spec)
+
+
+def build_model(cfg: ModelBase, **inputs: Any) -> nn.Module:
+    """The architecture `cfg.arch` built from its section and the task's inputs."""
+    return MODELS.get(cfg.arch).build(cfg, **inputs)  # type: ignore[arg-type]
