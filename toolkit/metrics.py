@@ -1,6 +1,8 @@
-"""MSE, PSNR and SSIM on [0, 1] images, and per-sample accumulation that is safe across ranks.
+"""The one list of metrics (name, function, direction, format), MSE / PSNR / SSIM, and per-sample
+accumulation that is safe across ranks.
 
-The one convention, used everywhere in the toolkit (training-time eval, ``evaluate``, ``report``):
+``METRICS`` is what the loop, ``evaluate`` and ``report`` read: a task names the metrics it
+reports; each entry says whether higher is better and how to print it. The image convention:
 
 - Images are ``[N, C, H, W]`` tensors in [0, 1]; the data range is 1.0. Everything is computed in
   float64, whatever the input dtype or device, and each metric is a value *per image*.
@@ -21,6 +23,8 @@ The one convention, used everywhere in the toolkit (training-time eval, ``evalua
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -33,8 +37,6 @@ SSIM_WINDOW = 11
 SSIM_SIGMA = 1.5
 SSIM_K1 = 0.01
 SSIM_K2 = 0.03
-
-METRICS = ("mse", "psnr", "ssim")
 
 
 def _pair(sr: Tensor, hr: Tensor) -> tuple[Tensor, Tensor]:
@@ -88,20 +90,43 @@ def ssim(sr: Tensor, hr: Tensor) -> Tensor:
     return s.mean(dim=(1, 2, 3))
 
 
-def per_image(sr: Tensor, hr: Tensor) -> dict[str, Tensor]:
-    """``{"mse", "psnr", "ssim"}``, each ``[N]`` float64 on the CPU."""
-    err = mse(sr, hr)
-    return {
-        "mse": err.cpu(),
-        "psnr": _psnr_from_mse(err).cpu(),
-        "ssim": ssim(sr, hr).cpu(),
-    }
+@dataclass(frozen=True)
+class Metric:
+    """One per-sample metric. `fn(output, target) -> [N]` compares images; None: the task
+    computes the value itself (its loss)."""
+
+    name: str
+    title: str  # table column
+    higher_is_better: bool
+    fmt: str  # format of one value
+    fn: Callable[[Tensor, Tensor], Tensor] | None = None
+
+    def format(self, value: float | None) -> str:
+        return "-" if value is None else self.fmt.format(value)
 
 
-def higher_is_better(name: str) -> bool:
-    """PSNR- and SSIM-like metrics (any name containing them, e.g. "bicubic/psnr") rise as the
-    image gets better; anything else (mse, l1) is an error and falls."""
-    return "psnr" in name or "ssim" in name
+# The one list: a new metric is one line here (and its function above).
+METRICS: dict[str, Metric] = {
+    m.name: m
+    for m in (
+        Metric("loss", "val loss", False, "{:.6f}"),
+        Metric("mse", "MSE", False, "{:.6f}", mse),
+        Metric("psnr", "PSNR (dB)", True, "{:.2f}", psnr),
+        Metric("ssim", "SSIM", True, "{:.4f}", ssim),
+    )
+}
+
+
+def metric(name: str) -> Metric:
+    if name not in METRICS:
+        raise KeyError(f"no metric {name!r}; known: {', '.join(METRICS)}")
+    return METRICS[name]
+
+
+def image_metrics(names: tuple[str, ...], out: Tensor, target: Tensor) -> dict[str, Tensor]:
+    """The named image metrics of each sample (those with a function), ``[N]`` float64 on the
+    CPU."""
+    return {n: metric(n).fn(out, target).cpu() for n in names if metric(n).fn is not None}
 
 
 class MetricAccumulator:
@@ -187,7 +212,7 @@ class MetricAccumulator:
         v = self.values(name)
         if not len(v):
             raise ValueError("no samples to summarise")
-        order = torch.argsort(v, descending=not higher_is_better(name), stable=True)
+        order = torch.argsort(v, descending=not metric(name).higher_is_better, stable=True)
         return {
             "mean": v.mean().item(),
             "median": torch.quantile(v, 0.5).item(),

@@ -15,6 +15,8 @@ from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 from toolkit import metrics
 from toolkit.metrics import MetricAccumulator
 
+IMAGE = ("mse", "psnr", "ssim")
+
 
 def pair(n: int, c: int, size: int, noise: float, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """HR in [0, 1] with some structure, and SR = HR + clipped Gaussian noise."""
@@ -44,7 +46,7 @@ CASES = [(c, size, noise) for c in (1, 3) for size in (150, 75, 32) for noise in
 @pytest.mark.parametrize(("c", "size", "noise"), CASES)
 def test_ssim_and_psnr_match_scikit_image(c: int, size: int, noise: float) -> None:
     sr, hr = pair(3, c, size, noise, seed=c * 1000 + size)
-    got = metrics.per_image(torch.from_numpy(sr), torch.from_numpy(hr))
+    got = metrics.image_metrics(IMAGE, torch.from_numpy(sr), torch.from_numpy(hr))
     for i in range(len(sr)):
         assert got["ssim"][i].item() == pytest.approx(sk_ssim(sr[i], hr[i]), abs=1e-4)
         ref_psnr = peak_signal_noise_ratio(hr[i], sr[i], data_range=1.0)
@@ -63,7 +65,9 @@ def test_ssim_is_exact_to_float64_precision() -> None:
 def test_outputs_are_per_image_float64_whatever_the_input_dtype() -> None:
     sr, hr = pair(4, 1, 24, 0.05)
     for dtype in (torch.float32, torch.float16, torch.bfloat16):
-        out = metrics.per_image(torch.from_numpy(sr).to(dtype), torch.from_numpy(hr).to(dtype))
+        out = metrics.image_metrics(
+            IMAGE, torch.from_numpy(sr).to(dtype), torch.from_numpy(hr).to(dtype)
+        )
         assert set(out) == {"mse", "psnr", "ssim"}
         for v in out.values():
             assert v.shape == (4,) and v.dtype == torch.float64 and v.device.type == "cpu"
@@ -74,7 +78,7 @@ def test_outputs_are_per_image_float64_whatever_the_input_dtype() -> None:
 
 def test_identical_images_cap_psnr_at_100_db_and_give_ssim_one() -> None:
     x = torch.rand(2, 3, 16, 16)
-    out = metrics.per_image(x, x.clone())
+    out = metrics.image_metrics(IMAGE, x, x.clone())
     assert out["mse"].tolist() == [0.0, 0.0]
     assert out["psnr"].tolist() == pytest.approx([100.0, 100.0])
     assert out["ssim"].tolist() == pytest.approx([1.0, 1.0])
@@ -172,7 +176,7 @@ def _gather_worker(rank: int, world: int, init: str, out: str) -> None:
         n = 3 if rank == 0 else 2
         sr, hr = torch.rand(n, 1, 16, 16), torch.rand(n, 1, 16, 16)
         acc = MetricAccumulator()
-        acc.add([f"r{rank}-{i}" for i in range(n)], metrics.per_image(sr, hr))
+        acc.add([f"r{rank}-{i}" for i in range(n)], metrics.image_metrics(IMAGE, sr, hr))
         merged = acc.gather()
         torch.save(
             {"keys": merged.keys, "mse": merged.values("mse"), "local": acc.values("mse")},

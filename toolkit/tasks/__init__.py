@@ -1,0 +1,23 @@
+"""Tasks: a registry of what can be trained (`task:` in a recipe) and how it is scored.
+
+Built in: mae (masked-autoencoder pretraining) and sr (super-resolution). A new task is one
+module with a `Task` subclass plus one line in `TASKS` (or `TASKS.register(name, cls)` at run
+time).
+"""
+
+from toolkit.recipe import Recipe
+from toolkit.registry import Registry
+from toolkit.tasks.base import BatchResult, Placement, Task
+
+# One line per built-in task: name -> "module:Task subclass".
+TASKS: Registry[type[Task]] = Registry(
+    "task", {"mae": "toolkit.tasks.mae:MAETask", "sr": "toolkit.tasks.sr:SRTask"}
+)
+
+
+def task_of(r: Recipe) -> Task:
+    """The recipe's task, set up from it."""
+    return TASKS.get(r.task)(r)
+
+
+__all__ = ["TASKS", "BatchResult", "Placement", "Task", "task_of"]

@@ -1,0 +1,101 @@
+"""What a task is: the batch it needs, its loss, its per-sample metrics, its sample map and the
+reference row it is judged against. The loop, validation, `evaluate` and `report` ask a task;
+none of them knows which task it is."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from toolkit.models import MODELS, build_model
+from toolkit.recipe import Recipe
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where a batch goes: the device, the dtype the model takes (bf16 under DeepSpeed bf16,
+    whose weights are bf16) and the autocast context for a forward outside the prepared model."""
+
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    dtype: torch.dtype = torch.float32
+    autocast: Callable[[], AbstractContextManager] = nullcontext
+
+
+@dataclass
+class BatchResult:
+    """One evaluated batch: per-sample metric values ([N] each, any device) of the model and of
+    the task's reference (None without one), and sample-map rows ([C, H, W] tiles, one row per
+    sample, titled by `Task.tiles`) for the first `tiles` samples asked for."""
+
+    metrics: dict[str, Tensor]
+    reference: dict[str, Tensor] | None
+    tiles: list[list[Tensor]]
+
+
+class Task(ABC):
+    """A registered task (`task: <name>` in a recipe). Subclasses set the class attributes and
+    implement `losses` and `evaluate`; `problems` checks a recipe for the task."""
+
+    name: ClassVar[str]
+    title: ClassVar[str]  # report heading, e.g. "super-resolution"
+    default_arch: ClassVar[str]  # model.arch when the recipe names none
+    fields: ClassVar[tuple[str, ...]]  # batch tensors the loader must produce: "hr", "lr", ...
+    # Per-sample validation metrics (names in toolkit.metrics.METRICS), "loss" among them: the
+    # training loss of each sample, computed by `losses` as in training.
+    metrics: ClassVar[tuple[str, ...]]
+    table: ClassVar[tuple[str, ...]]  # the metrics the report's table shows
+    compare: ClassVar[tuple[str, ...]] = ()  # ... and its comparison figure (compare.png)
+    score: ClassVar[str]  # the metric that says which evaluation is best
+    reference: ClassVar[str | None] = None  # the row every model is judged against ("bicubic")
+    tiles: ClassVar[tuple[str, ...]]  # sample-map columns; the last two: output and target
+    scored_tiles: ClassVar[tuple[str, ...]] = ()  # tiles titled with their PSNR to the target
+    loss_label: ClassVar[str] = "loss"  # what the loss axis of a loss curve says
+
+    def __init__(self, r: Recipe) -> None:
+        self.seed = r.train.seed
+
+    @classmethod
+    def problems(cls, r: Recipe) -> Iterator[tuple[str, str]]:
+        """(dotted key, message) for what in `r` this task cannot train with."""
+        return iter(())
+
+    def model_inputs(self) -> dict[str, Any]:
+        """What the architecture's builder needs from the task (the SR scale, ...)."""
+        return {}
+
+    def build_model(self, r: Recipe) -> nn.Module:
+        return build_model(r.model, **self.model_inputs())
+
+    @abstractmethod
+    def losses(
+        self, model: nn.Module, batch: dict[str, Any], at: Placement, rng: torch.Generator | None
+    ) -> tuple[Tensor, Any]:
+        """(per-sample loss [N] in fp32, the model's output). `rng` is the training step's
+        random stream; None in evaluation, where any randomness must come from the sample keys
+        (the same result on any number of ranks)."""
+
+    def train_loss(
+        self, model: nn.Module, batch: dict[str, Any], at: Placement, rng: torch.Generator
+    ) -> Tensor:
+        """The scalar a training step minimises: the mean of the per-sample losses."""
+        return self.losses(model, batch, at, rng)[0].mean()
+
+    @abstractmethod
+    def evaluate(
+        self, model: nn.Module, batch: dict[str, Any], at: Placement, tiles: int
+    ) -> BatchResult:
+        """Every metric of `metrics` per sample (its "loss" from `losses`), the reference's, and
+        the sample-map rows of the first `tiles` samples."""
+
+    def label(self, r: Recipe) -> str:
+        """The row name of a run in tables: the recipe's label, else architecture and freeze."""
+        if r.label:
+            return r.label
+        title = MODELS.get(r.model.arch).title  # type: ignore[arg-type]
+        return f"{title}, frozen {', '.join(r.freeze)}" if r.freeze else title
