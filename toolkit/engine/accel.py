@@ -70,9 +70,8 @@ class Engine:
     once per process.
 
     With DeepSpeed, accelerate needs `cpu=False` (its CPU path never selects DeepSpeed) and a
-    process group even for one process. bf16 casts frozen parameters to bf16 and ZeRO-1
-    consolidation omits them, so their fp32 values are kept aside (`frozen`) from the start,
-    saved in every checkpoint and put back into the exported weights.
+    process group even for one process. What is saved, when and where is the Checkpointer's
+    (`engine/checkpointer.py`); this class only makes the accelerate and DeepSpeed calls.
     """
 
     def __init__(
@@ -98,7 +97,6 @@ class Engine:
             deepspeed_plugin=plugin,
         )
         self.deepspeed = deepspeed
-        self.frozen: dict[str, torch.Tensor] = {}
         if self.world_size != expected:
             raise RuntimeError(
                 f"WORLD_SIZE is {expected} but accelerate formed a group of {self.world_size}"
@@ -142,15 +140,9 @@ class Engine:
     ) -> tuple[nn.Module, Any, Any]:
         """Wrap for DDP or initialise DeepSpeed. `universal`: the state will come from a
         universal checkpoint (`load_universal`), which DeepSpeed must know at initialisation."""
-        if self.deepspeed is not None:
-            self.frozen = {
-                name: p.detach().float().cpu().clone()
-                for name, p in model.named_parameters()
-                if not p.requires_grad
-            }
-            if universal:
-                config = self.accelerator.state.deepspeed_plugin.deepspeed_config
-                config["checkpoint"] = {"load_universal": True}
+        if self.deepspeed is not None and universal:
+            config = self.accelerator.state.deepspeed_plugin.deepspeed_config
+            config["checkpoint"] = {"load_universal": True}
         return self.accelerator.prepare(model, optimizer, scheduler)
 
     def check_groups(self, optimizer: Any, expected: list[tuple[str, float, float, int]]) -> None:
@@ -231,18 +223,13 @@ class Engine:
 
         Under ZeRO the fp32 master weights are sharded across ranks (and bf16 parameters are
         only a rounded copy), so they are consolidated from `checkpoint`, the one just saved.
+        Frozen parameters may be missing or rounded (ZeRO-1, bf16): the caller keeps them.
         """
         if self.deepspeed is not None and self.deepspeed.zero_stage > 0:
             self.barrier()  # every rank's shard of `checkpoint` is on disk
-            return self.consolidated(checkpoint) if self.is_main else {}
+            return zero_weights(checkpoint) if self.is_main else {}
         state = self.accelerator.get_state_dict(model)
-        state = {k: v.detach().float().cpu().contiguous() for k, v in state.items()}
-        state.update(self.frozen)  # exact fp32 values of the frozen parameters
-        return state
-
-    def consolidated(self, checkpoint: Path) -> dict[str, torch.Tensor]:
-        """fp32 weights gathered from a DeepSpeed ZeRO checkpoint's shards (any world size)."""
-        return {**zero_weights(checkpoint), **self.frozen}
+        return {k: v.detach().float().cpu().contiguous() for k, v in state.items()}
 
     def to_universal(self, checkpoint: Path, out: Path) -> bool:
         """Convert a ZeRO checkpoint into a universal one under `out` (collective: the main
