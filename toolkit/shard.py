@@ -3,40 +3,40 @@
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import multiprocessing as mp
 import os
 import queue
 import sys
-import tarfile
 import time
-from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import (
     FIRST_COMPLETED,
     Future,
     ProcessPoolExecutor,
-    ThreadPoolExecutor,
     wait,
 )
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 from tqdm import tqdm
 
 from toolkit import cli
+from toolkit.data.format import (
+    MANIFEST,
+    SHARD_GLOB,
+    SPLITS,
+    TEMP_GLOB,
+    ShardResult,
+    TarWriter,
+    commit,
+    manifest_doc,
+)
 from toolkit.data.sources import Item, Source, list_source, probe
 from toolkit.errors import UserError
 
 logger = logging.getLogger(__name__)
-
-FORMAT = "srmae-shards/1"
-SPLITS = ("train", "val")
-MANIFEST = "manifest.json"
-_SHARD_GLOB = "shard-*.tar"
-_TEMP_GLOB = ".shard-*.tar.tmp-*"
 
 
 # ---------------------------------------------------------------- split and plan
@@ -57,10 +57,6 @@ def order_of(key: str, seed: int) -> str:
     return _hash_hex(f"{seed}:order:{key}")
 
 
-def shard_name(split: str, index: int) -> str:
-    return f"{split}/shard-{index:06d}.tar"
-
-
 @dataclass(frozen=True)
 class ShardJob:
     """One shard to write: its planned place and samples; a worker writes it whole."""
@@ -71,22 +67,6 @@ class ShardJob:
     root: Path
     items: list[Item]
     strict: bool
-
-
-@dataclass
-class ShardResult:
-    """What a worker wrote: a complete temporary tar (or none), its checksum and what it skipped."""
-
-    split: str
-    index: int
-    tmp: Path | None = None
-    count: int = 0
-    bytes: int = 0
-    sha256: str = ""
-    skipped: list[tuple[str, str]] = field(default_factory=list)
-    channels: set[int] = field(default_factory=set)
-    hr_min: tuple[int, int] = (sys.maxsize, sys.maxsize)
-    hr_max: tuple[int, int] = (0, 0)
 
 
 def plan(
@@ -106,80 +86,6 @@ def plan(
 
 
 # ---------------------------------------------------------------- writing one shard
-
-
-_MODE = 0o444
-
-
-def _header(name: str, size: int) -> bytes:
-    """The tar header of a regular member: mode 0444, owner 0, mtime 0 (same input, same bytes).
-
-    A short ASCII name gets a ustar header built here, byte for byte what tarfile would write
-    (a test checks), as tarfile's builder takes as long as copying the member's data; any other
-    name goes through tarfile, which adds a PAX record for it.
-    """
-    raw = name.encode() if name.isascii() else b""
-    if not raw or len(raw) > 100 or size >= 8**11:
-        info = tarfile.TarInfo(name)
-        info.size, info.mtime, info.mode = size, 0, _MODE
-        return info.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape")
-    head = bytearray(tarfile.BLOCKSIZE)
-    head[0 : len(raw)] = raw
-    head[100:148] = b"%07o\0%07o\0%07o\0%011o\0%011o\0" % (_MODE, 0, 0, size, 0)
-    head[148:156] = b" " * 8  # the checksum is summed with its own field as spaces
-    head[156:157] = tarfile.REGTYPE
-    head[257:265] = tarfile.POSIX_MAGIC
-    head[148:155] = b"%06o\0" % sum(head)
-    return bytes(head)
-
-
-class _TarOut:
-    """A tar written sample by sample, each member's data in one piece, hashed on the way out.
-
-    sha256 costs more CPU than reading, probing and writing together, so it runs on a helper
-    thread (hashlib releases the GIL) that overlaps the rest where a core is free. At most
-    _AHEAD samples wait to be hashed, which bounds memory.
-    """
-
-    _AHEAD = 16
-
-    def __init__(self, f: BinaryIO) -> None:
-        self.f, self.sha, self.size = f, hashlib.sha256(), 0
-        self._hasher = ThreadPoolExecutor(1, thread_name_prefix="shard-sha256")
-        self._waiting: deque[Future] = deque()
-
-    def __enter__(self) -> _TarOut:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._hasher.shutdown(wait=True, cancel_futures=True)
-
-    def _hash(self, chunks: list[bytes]) -> None:
-        for chunk in chunks:
-            self.sha.update(chunk)
-
-    def _submit(self, chunks: list[bytes]) -> None:
-        for chunk in chunks:
-            self.f.write(chunk)
-            self.size += len(chunk)
-        self._waiting.append(self._hasher.submit(self._hash, chunks))
-        while len(self._waiting) > self._AHEAD:
-            self._waiting.popleft().result()
-
-    def add(self, members: list[tuple[str, bytes]]) -> None:
-        chunks = []
-        for name, data in members:
-            chunks += [_header(name, len(data)), data, b"\0" * (-len(data) % tarfile.BLOCKSIZE)]
-        self._submit(chunks)
-
-    def close(self) -> str:
-        """End the archive, wait for the hashing, and return the sha256 of the whole file."""
-        # Two zero blocks end the archive; tarfile pads to a whole record, and so do we.
-        end = 2 * tarfile.BLOCKSIZE
-        self._submit([b"\0" * (end + (-(self.size + end) % tarfile.RECORDSIZE))])
-        while self._waiting:
-            self._waiting.popleft().result()
-        return self.sha.hexdigest()
 
 
 def _read_checked(path: Path) -> tuple[bytes, tuple[int, int, int]]:
@@ -220,7 +126,7 @@ def write_shard(job: ShardJob, report: Callable[[int], None]) -> ShardResult:
     result = ShardResult(job.split, job.index)
     tmp = job.out / job.split / f".shard-{job.index:06d}.tar.tmp-{os.getpid()}"
     try:
-        with open(tmp, "wb") as f, _TarOut(f) as tar:
+        with open(tmp, "wb") as f, TarWriter(f) as tar:
             for item in job.items:
                 members = _members(job, item, result)
                 report(1 if item.lr is None else 2)
@@ -341,7 +247,7 @@ def _check_out(out: Path, overwrite: bool) -> set[Path]:
         raise UserError(
             f"{out} is not empty: choose another OUT, or pass --overwrite to replace it"
         )
-    return {p for s in SPLITS for g in (_SHARD_GLOB, _TEMP_GLOB) for p in (out / s).glob(g)}
+    return {p for s in SPLITS for g in (SHARD_GLOB, TEMP_GLOB) for p in (out / s).glob(g)}
 
 
 def _make_dirs(out: Path) -> list[Path]:
@@ -351,51 +257,6 @@ def _make_dirs(out: Path) -> list[Path]:
             d.mkdir(parents=True)
             created.append(d)
     return created
-
-
-def _write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, path)
-
-
-def _commit(out: Path, results: list[ShardResult], manifest: dict, old: set[Path]) -> None:
-    """Make the new shards visible: manifest gone, shards renamed, manifest last, stale removed."""
-    # Without a manifest nobody reads OUT, so no reader ever sees old and new files mixed.
-    (out / MANIFEST).unlink(missing_ok=True)
-    named = set()
-    for split in SPLITS:
-        kept = sorted((r for r in results if r.split == split and r.tmp), key=lambda r: r.index)
-        for i, r in enumerate(kept):
-            name = shard_name(split, i)
-            os.replace(r.tmp, out / name)
-            named.add(out / name)
-            manifest["splits"][split]["shards"].append(
-                {"name": name, "count": r.count, "bytes": r.bytes, "sha256": r.sha256}
-            )
-    _write_json(out / MANIFEST, manifest)
-    for path in sorted(old - named):
-        path.unlink(missing_ok=True)
-
-
-def _manifest(source: Source, results: list[ShardResult], args: dict) -> dict:
-    kept = [r for r in results if r.count]
-    counts = {s: sum(r.count for r in results if r.split == s) for s in SPLITS}
-    return {
-        "format": FORMAT,
-        "kind": source.kind,
-        "source": str(source.root),
-        **args,
-        "channels": sorted(set().union(*(r.channels for r in kept))),
-        "hr_size": {
-            "min": [min(r.hr_min[0] for r in kept), min(r.hr_min[1] for r in kept)],
-            "max": [max(r.hr_max[0] for r in kept), max(r.hr_max[1] for r in kept)],
-        },
-        "splits": {s: {"count": counts[s], "shards": []} for s in SPLITS},
-        "skipped": [
-            {"path": p, "reason": why} for p, why in sorted(x for r in results for x in r.skipped)
-        ],
-    }
 
 
 # ---------------------------------------------------------------- the command
@@ -468,8 +329,8 @@ def shard(
                 d.rmdir()
         raise
     args = {"seed": seed, "val_fraction": val_fraction, "shard_size": shard_size}
-    manifest = _manifest(source, results, args)
-    _commit(out, results, manifest, old)
+    manifest = manifest_doc(source.kind, source.root, results, args)
+    commit(out, results, manifest, old)
     _log_summary(out, manifest, time.perf_counter() - start)
     return manifest
 

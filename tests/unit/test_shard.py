@@ -12,8 +12,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from toolkit.data.format import FORMAT, tar_header
 from toolkit.errors import UserError
-from toolkit.shard import FORMAT, _header, shard, split_of
+from toolkit.shard import shard, split_of
 
 RNG = np.random.default_rng(0)
 
@@ -291,7 +292,7 @@ def test_argument_checks(tmp_path: Path, kwargs: dict, flag: str) -> None:
 def test_fast_header_is_what_tarfile_writes(name: str, size: int) -> None:
     info = tarfile.TarInfo(name)
     info.size, info.mtime, info.mode = size, 0, 0o444
-    assert _header(name, size) == info.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape")
+    assert tar_header(name, size) == info.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape")
 
 
 def test_webdataset_reads_the_shards_as_samples(tmp_path: Path) -> None:

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from toolkit.data import loader as L
+from toolkit.data import plan as P
 from toolkit.data.degrade import degrade
 from toolkit.errors import UserError
 from toolkit.recipe import DataConfig
@@ -145,7 +146,7 @@ def test_hr_only_shards_make_lr_by_degradation_and_pretrain_skips_it(tmp_path: P
     shard(tmp_path / "src" / "hr", tmp_path / "sh", val_fraction=0.0, shard_size=4)
     batch = next(iter(L.build_loader(cfg(tmp_path / "sh"), "train", crop=8, seed=0)))
     torch.testing.assert_close(batch["lr"], degrade(batch["hr"], 2))
-    pre = next(iter(L.build_loader(cfg(tmp_path / "sh"), "train", crop=8, seed=0, need_lr=False)))
+    pre = next(iter(L.build_loader(cfg(tmp_path / "sh"), "train", crop=8, seed=0, fields=("hr",))))
     assert "lr" not in pre and pre["hr"].shape == (4, 1, 8, 8)
 
 
@@ -207,11 +208,11 @@ def test_missing_shard_is_an_error_before_training(tmp_path: Path) -> None:
 
 
 def test_plan_helpers() -> None:
-    assert L.split_even(7, 3) == [3, 2, 2]
+    assert P.split_even(7, 3) == [3, 2, 2]
     # Round robin over workers with 3, 2 and 2 batches; the next worker after 4 is worker 1.
-    assert L.resume_point(4, [3, 2, 2]) == ([2, 1, 1], 1)
-    assert L.resume_point(7, [3, 2, 2]) == ([3, 2, 2], 1)
-    order = L.buffered_shuffle(list(range(50)), 4, np.random.default_rng(0))
+    assert P.resume_point(4, [3, 2, 2]) == ([2, 1, 1], 1)
+    assert P.resume_point(7, [3, 2, 2]) == ([3, 2, 2], 1)
+    order = P.buffered_shuffle(list(range(50)), 4, np.random.default_rng(0))
     assert sorted(order) == list(range(50)) and order != list(range(50))
     # Nothing is emitted more than `size` items after it was read.
     assert all(pos >= item - 4 for pos, item in enumerate(order))

@@ -1,0 +1,291 @@
+"""The shard format, written by `toolkit.shard` and read by the loader: WebDataset tars per split
+and manifest.json (sample counts, checksums, channels, image sizes).
+
+A sample is a run of tar members sharing a key: `<key>.hr.<ext>` and, for paired data,
+`<key>.lr.<ext>`, holding the source file's bytes as they were (lossless). Members are plain
+ustar with mode 0444, owner 0 and mtime 0, so the same input gives the same bytes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+import tarfile
+from collections import deque
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, BinaryIO
+
+from toolkit.errors import UserError
+
+FORMAT = "srmae-shards/1"
+SPLITS = ("train", "val")
+MANIFEST = "manifest.json"
+SHARD_GLOB = "shard-*.tar"
+TEMP_GLOB = ".shard-*.tar.tmp-*"
+
+
+def shard_name(split: str, index: int) -> str:
+    return f"{split}/shard-{index:06d}.tar"
+
+
+# --- writing -------------------------------------------------------------------------------------
+
+
+_MODE = 0o444
+
+
+def tar_header(name: str, size: int) -> bytes:
+    """The tar header of a regular member: mode 0444, owner 0, mtime 0 (same input, same bytes).
+
+    A short ASCII name gets a ustar header built here, byte for byte what tarfile would write
+    (a test checks), as tarfile's builder takes as long as copying the member's data; any other
+    name goes through tarfile, which adds a PAX record for it.
+    """
+    raw = name.encode() if name.isascii() else b""
+    if not raw or len(raw) > 100 or size >= 8**11:
+        info = tarfile.TarInfo(name)
+        info.size, info.mtime, info.mode = size, 0, _MODE
+        return info.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape")
+    head = bytearray(tarfile.BLOCKSIZE)
+    head[0 : len(raw)] = raw
+    head[100:148] = b"%07o\0%07o\0%07o\0%011o\0%011o\0" % (_MODE, 0, 0, size, 0)
+    head[148:156] = b" " * 8  # the checksum is summed with its own field as spaces
+    head[156:157] = tarfile.REGTYPE
+    head[257:265] = tarfile.POSIX_MAGIC
+    head[148:155] = b"%06o\0" % sum(head)
+    return bytes(head)
+
+
+class TarWriter:
+    """A tar written sample by sample, each member's data in one piece, hashed on the way out.
+
+    sha256 costs more CPU than reading, probing and writing together, so it runs on a helper
+    thread (hashlib releases the GIL) that overlaps the rest where a core is free. At most
+    _AHEAD samples wait to be hashed, which bounds memory.
+    """
+
+    _AHEAD = 16
+
+    def __init__(self, f: BinaryIO) -> None:
+        self.f, self.sha, self.size = f, hashlib.sha256(), 0
+        self._hasher = ThreadPoolExecutor(1, thread_name_prefix="shard-sha256")
+        self._waiting: deque[Future] = deque()
+
+    def __enter__(self) -> TarWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._hasher.shutdown(wait=True, cancel_futures=True)
+
+    def _hash(self, chunks: list[bytes]) -> None:
+        for chunk in chunks:
+            self.sha.update(chunk)
+
+    def _submit(self, chunks: list[bytes]) -> None:
+        for chunk in chunks:
+            self.f.write(chunk)
+            self.size += len(chunk)
+        self._waiting.append(self._hasher.submit(self._hash, chunks))
+        while len(self._waiting) > self._AHEAD:
+            self._waiting.popleft().result()
+
+    def add(self, members: list[tuple[str, bytes]]) -> None:
+        chunks = []
+        for name, data in members:
+            chunks += [tar_header(name, len(data)), data, b"\0" * (-len(data) % tarfile.BLOCKSIZE)]
+        self._submit(chunks)
+
+    def close(self) -> str:
+        """End the archive, wait for the hashing, and return the sha256 of the whole file."""
+        # Two zero blocks end the archive; tarfile pads to a whole record, and so do we.
+        end = 2 * tarfile.BLOCKSIZE
+        self._submit([b"\0" * (end + (-(self.size + end) % tarfile.RECORDSIZE))])
+        while self._waiting:
+            self._waiting.popleft().result()
+        return self.sha.hexdigest()
+
+
+def write_json(path: Path, obj: Any) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+@dataclass
+class ShardResult:
+    """What a worker wrote: a complete temporary tar (or none), its checksum and what it skipped."""
+
+    split: str
+    index: int
+    tmp: Path | None = None
+    count: int = 0
+    bytes: int = 0
+    sha256: str = ""
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+    channels: set[int] = field(default_factory=set)
+    hr_min: tuple[int, int] = (sys.maxsize, sys.maxsize)
+    hr_max: tuple[int, int] = (0, 0)
+
+
+def commit(out: Path, results: list[ShardResult], manifest: dict, old: set[Path]) -> None:
+    """Make the new shards visible: manifest gone, shards renamed, manifest last, stale removed."""
+    # Without a manifest nobody reads OUT, so no reader ever sees old and new files mixed.
+    (out / MANIFEST).unlink(missing_ok=True)
+    named = set()
+    for split in SPLITS:
+        kept = sorted((r for r in results if r.split == split and r.tmp), key=lambda r: r.index)
+        for i, r in enumerate(kept):
+            name = shard_name(split, i)
+            os.replace(r.tmp, out / name)
+            named.add(out / name)
+            manifest["splits"][split]["shards"].append(
+                {"name": name, "count": r.count, "bytes": r.bytes, "sha256": r.sha256}
+            )
+    write_json(out / MANIFEST, manifest)
+    for path in sorted(old - named):
+        path.unlink(missing_ok=True)
+
+
+def manifest_doc(kind: str, root: Path, results: list[ShardResult], args: dict) -> dict:
+    """manifest.json of the shards `results` describe (their names are added by `commit`)."""
+    kept = [r for r in results if r.count]
+    counts = {s: sum(r.count for r in results if r.split == s) for s in SPLITS}
+    return {
+        "format": FORMAT,
+        "kind": kind,
+        "source": str(root),
+        **args,
+        "channels": sorted(set().union(*(r.channels for r in kept))),
+        "hr_size": {
+            "min": [min(r.hr_min[0] for r in kept), min(r.hr_min[1] for r in kept)],
+            "max": [max(r.hr_max[0] for r in kept), max(r.hr_max[1] for r in kept)],
+        },
+        "splits": {s: {"count": counts[s], "shards": []} for s in SPLITS},
+        "skipped": [
+            {"path": p, "reason": why} for p, why in sorted(x for r in results for x in r.skipped)
+        ],
+    }
+
+
+# --- reading -------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Shard:
+    name: str  # relative to the manifest's folder
+    count: int
+    path: Path
+
+
+@dataclass(frozen=True)
+class Manifest:
+    root: Path
+    kind: str  # "paired" (hr and lr stored) or "hr" (lr made by degradation)
+    channels: tuple[int, ...]
+    min_size: tuple[int, int]
+    splits: dict[str, tuple[Shard, ...]]
+
+    def count(self, split: str) -> int:
+        return sum(s.count for s in self.splits[split])
+
+
+def read_manifest(root: str | Path) -> Manifest:
+    """Read OUT/manifest.json of `toolkit.shard`; a missing shard file is an error up front."""
+    root = Path(root)
+    path = root / MANIFEST
+    try:
+        doc = json.loads(path.read_text())
+        splits = {
+            split: tuple(Shard(s["name"], int(s["count"]), root / s["name"]) for s in v["shards"])
+            for split, v in doc["splits"].items()
+        }
+        manifest = Manifest(
+            root=root,
+            kind=doc["kind"],
+            channels=tuple(doc["channels"]),
+            min_size=tuple(doc["hr_size"]["min"]),
+            splits=splits,
+        )
+    except FileNotFoundError:
+        raise UserError(f"{path}: not found: make shards with `python -m toolkit.shard`") from None
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise UserError(f"{path}: not a shard manifest ({type(err).__name__}: {err})") from None
+    for shards in manifest.splits.values():
+        for shard in shards:
+            if not shard.path.is_file():
+                raise UserError(f"{path}: names {shard.name}, but {shard.path} is missing")
+    return manifest
+
+
+def mismatches(manifest: Manifest, channels: int, crop: int) -> list[str]:
+    """Why the shards cannot feed a model of `channels` inputs on `crop`-sized images, if so."""
+    out = []
+    if set(manifest.channels) - {channels}:
+        out.append(
+            f"{manifest.root / MANIFEST}: shards hold {'/'.join(map(str, manifest.channels))}-"
+            f"channel images but model.in_chans is {channels}"
+        )
+    if min(manifest.min_size) < crop:
+        h, w = manifest.min_size
+        out.append(
+            f"{manifest.root / MANIFEST}: the smallest image is {h}x{w}, smaller than "
+            f"model.img_size {crop}"
+        )
+    return out
+
+
+_BLOCK = 512
+
+
+def read_tar(stream: BinaryIO) -> Iterator[tuple[str, bytes]]:
+    """(name, bytes) of each regular file of a tar stream.
+
+    Python's tarfile parses every header through a general state machine, five times slower than
+    this on shards of small files (measured: 0.21 s vs 0.04 s for 2,000 members); the shards are
+    plain ustar (with pax or GNU records for long names), which this reads. Truncation raises
+    EOFError; a bad header raises ValueError."""
+    long_name: str | None = None
+    while True:
+        header = stream.read(_BLOCK)
+        if len(header) < _BLOCK or header == bytes(_BLOCK):
+            if header.strip(b"\0"):
+                raise EOFError("tar ends inside a header")
+            return
+        if sum(header[:148]) + sum(header[156:]) + 8 * 32 != int(
+            header[148:156].strip(b"\0 ") or 0, 8
+        ):
+            raise ValueError("tar header checksum mismatch")
+        size = int(header[124:136].strip(b"\0 ") or 0, 8)
+        data = stream.read(size)
+        if len(data) < size:
+            raise EOFError("tar ends inside a member")
+        stream.seek(-size % _BLOCK, 1)
+        kind = header[156:157]
+        if kind == b"L":  # GNU long name: the next member's name
+            long_name = data.rstrip(b"\0").decode()
+            continue
+        if kind == b"x":  # pax extended header: look for its path record
+            for record in data.decode().splitlines():
+                _, _, kv = record.partition(" ")
+                if kv.startswith("path="):
+                    long_name = kv[len("path=") :]
+            continue
+        if kind not in (b"0", b"\0"):
+            long_name = None
+            continue
+        name = header[:100].rstrip(b"\0").decode()
+        prefix = header[345:500].rstrip(b"\0").decode() if header[257:262] == b"ustar" else ""
+        yield long_name or (f"{prefix}/{name}" if prefix else name), data
+        long_name = None
+
+
+def member(sample: dict[str, Any], side: str) -> tuple[bytes, str]:
+    for name, value in sample.items():
+        if name.startswith(side + "."):
+            return value, name[len(side) + 1 :]
+    raise ValueError(f"no {side} member")
