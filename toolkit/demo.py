@@ -1,4 +1,5 @@
-"""The demo: lensing data -> shards -> pretrain -> the three finetune modes -> the report.
+"""The demo: lensing data -> shards -> pretrain -> the three finetune modes, the ablation from
+scratch and two CNN baselines (EDSR, RCAN) -> the report, one table per task.
 
     python -m toolkit.demo [--count 2000] [--workers 2] [--max-steps N]
 
@@ -22,7 +23,7 @@ logger = logging.getLogger(__name__)
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes" / "demo"
 STAGES = ("pretrain.yaml", "finetune_frozen_mae.yaml", "finetune_frozen_encoder.yaml",
-          "finetune.yaml")  # fmt: skip
+          "finetune.yaml", "finetune_scratch.yaml", "edsr.yaml", "rcan.yaml")  # fmt: skip
 
 
 def make_data(shards: Path, count: int, workers: int, seed: int) -> None:
@@ -67,11 +68,11 @@ def _main(argv: Sequence[str] | None) -> int:
         ", ".join(f"{name} {s:.0f} s" for name, s in seconds.items()),
         sum(seconds.values()),
     )
-    from toolkit.report import markdown, report
+    from toolkit.report import markdown_all, report
 
     out = stages[-1].run_dir.parent / "report"
     doc = report([r.run_dir for r in stages], out)
-    sys.stdout.write(f"\n{markdown(doc['rows'])}\n(the report is in {out})\n")
+    sys.stdout.write(f"\n{markdown_all(doc)}\n(the report is in {out})\n")
     return 0
 
 

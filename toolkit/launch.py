@@ -15,6 +15,7 @@ from typing import Any
 
 from toolkit import cli, preflight, recipe
 from toolkit.errors import UserError
+from toolkit.runs import param_summary
 
 logger = logging.getLogger(__name__)
 
@@ -104,26 +105,6 @@ def world_of(r: recipe.Recipe, args: Any) -> World:
     return World(nodes=nodes, gpus_per_node=gpus, world_size=nodes * max(gpus, 1), mode="slurm")
 
 
-def param_summary(r: recipe.Recipe) -> dict[str, Any]:
-    """Parameter counts and optimiser groups of the recipe's model, built on the meta device
-    (shapes only: instant and allocation-free even for large models)."""
-    import torch
-
-    from toolkit.models import apply_freeze, build_model, param_counts
-    from toolkit.optim import build_groups
-
-    with torch.device("meta"):
-        model = build_model(r.model, r.stage, r.data.scale)
-    if r.stage == "finetune":
-        apply_freeze(model, r.freeze)
-    total, trainable = param_counts(model)
-    groups = [
-        {"rule": g.rule, "lr": g.lr, "weight_decay": g.weight_decay, "params": g.numel}
-        for g in build_groups(model, r.optim)
-    ]
-    return {"total": total, "trainable": trainable, "groups": groups}
-
-
 def group_table(params: dict[str, Any]) -> list[str]:
     rows = [("rule", "lr", "weight decay", "params")]
     rows += [(g["rule"], f"{g['lr']:.2e}", f"{g['weight_decay']:g}", f"{g['params']:,}")
@@ -169,7 +150,8 @@ def dry_run_text(
     where = "this machine" if world.mode == "local" else "Slurm"
     lines = [
         f"recipe: {path} -> {r.run_dir}",
-        f"stage: {r.stage}   freeze: {r.freeze or 'none'}   init.from: {r.init.from_ or 'none'}",
+        f"task: {r.task}   model: {r.model.arch}   freeze: {r.freeze or 'none'}   "
+        f"init.from: {r.init.from_ or 'none'}",
         f"world: {world.nodes} node(s) x {world.gpus_per_node} GPU(s) per node = "
         f"{world.world_size} process(es) on {where}",
         f"params: {params['total']:,} total, {params['trainable']:,} trainable",

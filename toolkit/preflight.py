@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from toolkit import recipe
-from toolkit.data.loader import MANIFEST, mismatches, read_manifest
+from toolkit.data.format import MANIFEST, mismatches, read_manifest
 from toolkit.errors import UserError
 
 

@@ -1,11 +1,11 @@
-"""Run directories -> the results table (Markdown, JSON), loss curves and sample image maps (PNG).
+"""Run directories -> results tables (one per task; Markdown, JSON), loss curves, sample maps.
 
     python -m toolkit.report RUN_DIR [RUN_DIR ...] [--out reports/] [--samples 4]
 
 Reads each run's `recipe.yaml`, `eval.json` (written at the end of training, or by
 `python -m toolkit.evaluate`) and `metrics.jsonl`; the sample maps run the exported model on the
 first validation samples. Writes `results.md`, `results.json`, `loss_<run>.png`,
-`samples_<run>.png` and, for several runs, `compare.png`.
+`samples_<run>.png` and, where runs can be compared, `compare.png` (PNG figures).
 """
 
 from __future__ import annotations
@@ -20,16 +20,16 @@ from typing import Any
 
 from toolkit import cli, recipe
 from toolkit.errors import UserError
+from toolkit.metrics import metric
+from toolkit.tasks import Task, task_of
 
 logger = logging.getLogger(__name__)
 
-METRICS = ("mse", "psnr", "ssim")
 # Figure sizes in pixels (100 dpi): fixed, so a report looks the same on every machine.
 DPI = 100
 LOSS_SIZE = (10.0, 5.0)
-COMPARE_SIZE = (10.0, 4.5)
-TILE_INCHES = 2.4  # one tile of a sample map; a map is 5 tiles wide, one row per sample
-SCORED = ("bicubic", "SR", "reconstruction")  # sample-map tiles titled with their PSNR
+COMPARE_PANEL = (5.0, 4.5)  # one metric's panel of the comparison
+TILE_INCHES = 2.4  # one tile of a sample map; one row per sample
 
 
 @dataclass
@@ -46,12 +46,13 @@ class Run:
         return self.dir.name
 
     @property
+    def task(self) -> Task:
+        return task_of(self.recipe)
+
+    @property
     def mode(self) -> str:
-        """The run's mode as the workload's table names it."""
-        if self.recipe.stage == "pretrain":
-            return "MAE pretrain"
-        frozen = set(self.recipe.freeze)
-        return "frozen MAE" if "mae" in frozen else "frozen encoder" if frozen else "full finetune"
+        """The run's row name: its recipe's label, else its architecture and freeze."""
+        return self.task.label(self.recipe)
 
     @property
     def epochs(self) -> float:
@@ -84,78 +85,99 @@ def read_run(run_dir: Path) -> Run:
     return Run(run_dir, recipe.load(run_dir / "recipe.yaml"), ev, metrics)
 
 
-# --- the table ---------------------------------------------------------------------------------
+# --- the tables --------------------------------------------------------------------------------
 
 
-def table_rows(runs: list[Run]) -> list[dict[str, Any]]:
-    """One row per run, then the bicubic baseline (from the first finetune run's evaluation)."""
-    from toolkit.launch import param_summary
+def tables(runs: list[Run]) -> list[dict[str, Any]]:
+    """One table per task, in the order the runs name them: a row per run with the task's
+    table metrics, then the task's reference row (bicubic for super-resolution)."""
+    from toolkit.runs import param_summary
 
-    rows = []
+    out: dict[str, dict[str, Any]] = {}
     for run in runs:
+        task = run.task
+        table = out.setdefault(task.name, {"task": task.name, "title": task.title,
+                                           "columns": list(task.table),
+                                           "compare": list(task.compare), "rows": []})  # fmt: skip
         ev = run.eval["model"]
-        rows.append({
+        table["rows"].append({
             "run": run.name,
             "mode": run.mode,
-            **{k: ev.get(k) for k in METRICS},
+            **{k: ev.get(k) for k in task.table},
             "trainable": param_summary(run.recipe)["trainable"],
             "epochs": round(run.epochs, 2),
             "init_from": run.recipe.init.from_,
             "split": run.eval.get("split"),
             "count": run.eval.get("count"),
         })  # fmt: skip
-    bicubic = [run.eval["bicubic"] for run in runs if run.eval.get("bicubic")]
-    if bicubic:
-        if any(b != bicubic[0] for b in bicubic):
-            logger.warning("the runs' bicubic baselines differ (other data?); the first is shown")
-        first = next(run.eval for run in runs if run.eval.get("bicubic"))
-        rows.append({"run": None, "mode": "bicubic", **{k: bicubic[0][k] for k in METRICS},
-                     "trainable": None, "epochs": None, "init_from": None,
-                     "split": first.get("split"), "count": first.get("count")})  # fmt: skip
-    return rows
+    for table in out.values():
+        task_runs = [run for run in runs if run.task.name == table["task"]]
+        ref = reference_row(task_runs)
+        if ref is not None:
+            table["rows"].append(ref)
+        table["best"] = best(table["rows"], table["columns"])
+    return list(out.values())
 
 
-def best(rows: list[dict[str, Any]]) -> dict[str, float]:
-    """The best value of each metric column: lowest MSE, highest PSNR and SSIM."""
+def reference_row(runs: list[Run]) -> dict[str, Any] | None:
+    """The task's reference on the same data (from the first run that has one)."""
+    name = runs[0].task.reference
+    refs = [(run, run.eval[name]) for run in runs if name and run.eval.get(name)]
+    if not refs:
+        return None
+    if any(values != refs[0][1] for _, values in refs):
+        logger.warning("the runs' %s rows differ (other data?); the first is shown", name)
+    first, values = refs[0]
+    columns = first.task.table
+    return {"run": None, "mode": name, **{k: values.get(k) for k in columns}, "trainable": None,
+            "epochs": None, "init_from": None, "split": first.eval.get("split"),
+            "count": first.eval.get("count")}  # fmt: skip
+
+
+def best(rows: list[dict[str, Any]], columns: list[str]) -> dict[str, float]:
+    """The best value of each metric column, by the metric's direction."""
     out = {}
-    for k in METRICS:
-        values = [row[k] for row in rows if row[k] is not None]
+    for k in columns:
+        values = [row[k] for row in rows if row.get(k) is not None]
         if values:
-            out[k] = min(values) if k == "mse" else max(values)
+            out[k] = max(values) if metric(k).higher_is_better else min(values)
     return out
 
 
-def markdown(rows: list[dict[str, Any]]) -> str:
-    """The workload-style table, best value per metric column in bold."""
-    top = best(rows)
-    fmt = {"mse": "{:.6f}", "psnr": "{:.2f}", "ssim": "{:.4f}"}
-    lines = [
-        "| Mode | MSE | PSNR (dB) | SSIM | trainable params | epochs | init from |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    for row in rows:
+def markdown(table: dict[str, Any]) -> str:
+    """One task's table, the best value per metric column in bold."""
+    columns, top = table["columns"], table["best"]
+    titles = ["Mode", *(metric(k).title for k in columns), "trainable params", "epochs",
+              "init from"]  # fmt: skip
+    lines = ["| " + " | ".join(titles) + " |", "|" + "---|" * len(titles)]
+    for row in table["rows"]:
         cells = [row["mode"] + (f" (`{row['run']}`)" if row["run"] else "")]
-        for k in METRICS:
-            v = row[k]
-            text = "-" if v is None else fmt[k].format(v)
+        for k in columns:
+            v = row.get(k)
+            text = metric(k).format(v)
             cells.append(f"**{text}**" if v is not None and v == top.get(k) else text)
         cells.append("-" if row["trainable"] is None else f"{row['trainable']:,}")
         cells.append("-" if row["epochs"] is None else f"{row['epochs']:g}")
         cells.append(f"`{Path(row['init_from']).name}`" if row["init_from"] else "-")
         lines.append("| " + " | ".join(cells) + " |")
-    splits = {(row["split"], row["count"]) for row in rows if row["split"]}
+    splits = {(row["split"], row["count"]) for row in table["rows"] if row["split"]}
+    ref = next((row["mode"] for row in table["rows"] if row["run"] is None), None)
     if len(splits) == 1:
         split, count = splits.pop()
-        lines += ["", f"{split} split, {count} images; bicubic upscaling of the same inputs."]
+        tail = f"; {ref}: the reference, on the same inputs" if ref else ""
+        lines += ["", f"{split} split, {count} images{tail}."]
     else:
-        lines += [
-            "",
-            "Runs evaluated on different splits: "
-            + ", ".join(
-                f"{row['run']} {row['split']} ({row['count']})" for row in rows if row["run"]
-            ),
-        ]
+        lines += ["", "Runs evaluated on different splits: " + ", ".join(
+            f"{row['run']} {row['split']} ({row['count']})" for row in table["rows"] if row["run"]
+        )]  # fmt: skip
     return "\n".join(lines) + "\n"
+
+
+def markdown_all(doc: dict[str, Any]) -> str:
+    """Every task's table; with several, each under its task's title."""
+    if len(doc["tables"]) == 1:
+        return markdown(doc["tables"][0])
+    return "\n".join(f"### {t['title']} (`{t['task']}`)\n\n{markdown(t)}" for t in doc["tables"])
 
 
 # --- the figures -------------------------------------------------------------------------------
@@ -180,8 +202,7 @@ def plot_loss(run: Run, path: Path) -> None:
             ax.plot(*zip(*points, strict=True), style if len(points) > 1 else "o", label=label,
                     markersize=4)  # fmt: skip
     ax.set_xlabel("epoch")
-    ax.set_ylabel(f"loss ({run.recipe.train.loss or 'l1'})" if run.recipe.stage == "finetune"
-                  else "loss (MSE on masked patches)")  # fmt: skip
+    ax.set_ylabel(run.task.loss_label)
     ax.set_yscale("log")
     ax.grid(True, alpha=0.3)
     lr_keys = sorted({k for m in run.metrics for k in m if k.startswith("train/lr/")})
@@ -204,12 +225,12 @@ def plot_loss(run: Run, path: Path) -> None:
 
 def sample_tiles(run: Run, count: int) -> tuple[list[str], list[list[Any]], list[str]]:
     """The first `count` validation samples (of the first batch) through the run's exported
-    model: column titles, rows of [C, H, W] tiles (LR | bicubic | SR | HR, or masked |
-    reconstruction | HR), and the samples' keys."""
+    model: the task's column titles, rows of [C, H, W] tiles, and the samples' keys."""
     import torch
 
-    from toolkit.engine.validate import validate_run
-    from toolkit.evaluate import check_shards, eval_loader, load_model, locate
+    from toolkit.engine.validate import validate
+    from toolkit.runs import check_shards, eval_loader, load_model, locate
+    from toolkit.tasks import Placement
 
     target = locate(run.dir)
     r = target.recipe
@@ -217,11 +238,8 @@ def sample_tiles(run: Run, count: int) -> tuple[list[str], list[list[Any]], list
     model = load_model(target)
     first = next(iter(eval_loader(r, "val")))
     first = {k: v[:count] for k, v in first.items()}  # only what the map shows goes through
-    cpu = torch.device("cpu")
-    result = validate_run(model, [first], r, device=cpu, grid_samples=count)
-    titles = (["LR", "bicubic", "SR", "HR"] if r.stage == "finetune"
-              else ["masked input", "reconstruction", "HR"])  # fmt: skip
-    return titles, result.grid_rows, list(first["key"][: len(result.grid_rows)])
+    result = validate(target.task, model, [first], Placement(torch.device("cpu")), count)
+    return list(target.task.tiles), result.tiles, list(first["key"][: len(result.tiles)])
 
 
 def plot_samples(run: Run, path: Path, count: int) -> None:
@@ -230,6 +248,7 @@ def plot_samples(run: Run, path: Path, count: int) -> None:
 
     plt = _pyplot()
     titles, rows, keys = sample_tiles(run, count)
+    scored = run.task.scored_tiles
     cols = len(titles) + 1
     fig, axes = plt.subplots(len(rows), cols, squeeze=False, dpi=DPI,
                              figsize=(cols * TILE_INCHES, len(rows) * TILE_INCHES))  # fmt: skip
@@ -240,7 +259,7 @@ def plot_samples(run: Run, path: Path, count: int) -> None:
             ax = axes[i][j]
             ax.imshow(_display(tile), cmap="gray", vmin=0, vmax=1, interpolation="nearest")
             title = titles[j]
-            if title in SCORED:
+            if title in scored:
                 title += f" {psnr(tile[None].clamp(0, 1), hr[None]).item():.2f} dB"
             ax.set_title(title, fontsize=8)
             ax.set_axis_off()
@@ -263,27 +282,30 @@ def _display(tile: Any) -> Any:
     return t[0].numpy() if t.shape[0] == 1 else t[:3].permute(1, 2, 0).numpy()
 
 
-def plot_compare(rows: list[dict[str, Any]], path: Path) -> None:
-    """PSNR and SSIM per run as bars, bicubic as a dashed line."""
+def plot_compare(table: dict[str, Any], path: Path) -> None:
+    """Each compared metric per run as bars, the reference as a dashed line."""
     plt = _pyplot()
-    runs = [row for row in rows if row["run"] is not None and row["psnr"] is not None]
-    base = next((row for row in rows if row["run"] is None), None)
-    fig, axes = plt.subplots(1, 2, figsize=COMPARE_SIZE, dpi=DPI)
-    for ax, metric, unit in ((axes[0], "psnr", " (dB)"), (axes[1], "ssim", "")):
-        values = [row[metric] for row in runs]
+    columns = table["compare"]
+    runs = [row for row in table["rows"] if row["run"] is not None and row[columns[0]] is not None]
+    base = next((row for row in table["rows"] if row["run"] is None), None)
+    width, height = COMPARE_PANEL
+    fig, axes = plt.subplots(1, len(columns), figsize=(width * len(columns), height), dpi=DPI,
+                             squeeze=False)  # fmt: skip
+    for ax, name in zip(axes[0], columns, strict=True):
+        m = metric(name)
+        values = [row[name] for row in runs]
         bars = ax.bar(range(len(runs)), values, color="tab:blue")
-        ax.bar_label(bars, labels=[f"{v:.2f}" if metric == "psnr" else f"{v:.4f}" for v in values],
-                     fontsize=8)  # fmt: skip
+        ax.bar_label(bars, labels=[m.format(v) for v in values], fontsize=8)
         ax.set_xticks(range(len(runs)), [f"{row['mode']}\n{row['run']}" for row in runs],
-                      fontsize=7)  # fmt: skip
-        ax.set_ylabel(metric.upper() + unit)
-        shown = values + ([base[metric]] if base else [])
+                      fontsize=7, rotation=20)  # fmt: skip
+        ax.set_ylabel(m.title)
+        shown = values + ([base[name]] if base else [])
         low, high = min(shown), max(shown)
         # the bars' differences are what matters: zoom on them, with room when all are equal
         pad = max(0.1 * (high - low), 0.02 * abs(high), 1e-3)
         ax.set_ylim(low - pad, high + pad)
         if base:
-            ax.axhline(base[metric], color="gray", linestyle="--", label="bicubic")
+            ax.axhline(base[name], color="gray", linestyle="--", label=base["mode"])
             ax.legend(fontsize=8)
         ax.grid(True, axis="y", alpha=0.3)
     fig.tight_layout()
@@ -300,21 +322,28 @@ def report(run_dirs: Sequence[Path], out: Path, samples: int = 4) -> dict[str, A
     names = [run.name for run in runs]
     if len(set(names)) != len(names):
         raise UserError(f"run directories must have distinct names (file names): {names}")
-    rows = table_rows(runs)
+    doc = {"tables": tables(runs), "runs": [str(run.dir) for run in runs]}
     out.mkdir(parents=True, exist_ok=True)
-    doc = {"rows": rows, "best": best(rows), "runs": [str(run.dir) for run in runs]}
     (out / "results.json").write_text(json.dumps(doc, indent=2) + "\n")
-    (out / "results.md").write_text(markdown(rows))
+    (out / "results.md").write_text(markdown_all(doc))
     for run in runs:
         plot_loss(run, out / f"loss_{run.name}.png")
         try:
             plot_samples(run, out / f"samples_{run.name}.png", samples)
         except UserError as err:  # weights or shards gone: the rest of the report still stands
             logger.warning("no sample map for %s: %s", run.name, err)
-    if len(runs) > 1 and sum(row["psnr"] is not None for row in rows if row["run"]) > 0:
-        plot_compare(rows, out / "compare.png")
+    compared = [t for t in doc["tables"] if _comparable(t)]
+    for i, table in enumerate(compared):
+        plot_compare(table, out / ("compare.png" if i == 0 else f"compare_{table['task']}.png"))
     logger.info("report of %d run(s) in %s", len(runs), out)
     return doc
+
+
+def _comparable(table: dict[str, Any]) -> bool:
+    """A comparison needs the task's compare metrics and two rows to compare, one a run."""
+    scored = [row for row in table["rows"] if table["compare"] and row[table["compare"][0]]
+              is not None]  # fmt: skip
+    return len(scored) > 1 and any(row["run"] for row in scored)
 
 
 def _main(argv: Sequence[str] | None) -> int:
@@ -326,7 +355,7 @@ def _main(argv: Sequence[str] | None) -> int:
     if not 1 <= args.samples <= 16:
         raise UserError("--samples must be between 1 and 16")
     doc = report(args.runs, args.out, args.samples)
-    sys.stdout.write(markdown(doc["rows"]) + f"\n(written to {args.out})\n")
+    sys.stdout.write(markdown_all(doc) + f"\n(written to {args.out})\n")
     return 0
 
 

@@ -1,0 +1,133 @@
+"""Run directories as a library: locate a run (or checkpoint, or weights file) and its recipe,
+build its model with its weights, its evaluation loader, where an evaluation is written, and
+its parameter counts. `evaluate`, `report` and `launch` use these; no CLI imports another."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from toolkit import recipe
+from toolkit.data.format import mismatches, read_manifest
+from toolkit.data.loader import Loader, build_loader
+from toolkit.engine.checkpointer import RECIPE, STATE, WEIGHTS, read_weights
+from toolkit.errors import UserError
+from toolkit.tasks import Task, task_of
+
+
+@dataclass
+class Target:
+    """What to evaluate: the recipe describing the model, and where its weights come from."""
+
+    recipe: recipe.Recipe
+    source: Path  # run directory, checkpoint directory or .safetensors file
+    run_dir: Path  # the run the weights belong to: where an evaluation is written
+    label: str  # "" for the run's own final weights, else what they are (e.g. step-00000500)
+
+    @property
+    def task(self) -> Task:
+        return task_of(self.recipe)
+
+
+def locate(source: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Target:
+    """The recipe and run directory of a run directory, checkpoint directory or weights file."""
+    path = Path(source)
+    if not path.exists():
+        raise UserError(f"{path}: no such run directory, checkpoint or weights file")
+    where = path.resolve()  # "." or "step-00000500" name no run otherwise
+    label = ""
+    if where.is_file():
+        folder = where.parent
+        if (folder / STATE).is_file():  # a checkpoint's model.safetensors (DDP)
+            run_dir, described_by, label = folder.parent.parent, folder / RECIPE, folder.name
+        else:
+            run_dir, described_by = folder, folder / RECIPE
+            label = "" if where.name == WEIGHTS else where.stem
+    elif (where / STATE).is_file():  # checkpoints/step-N: it keeps its own recipe
+        run_dir, described_by, label = where.parent.parent, where / RECIPE, where.name
+    else:
+        run_dir, described_by = where, where / RECIPE
+    if not described_by.is_file():
+        raise UserError(
+            f"{path}: no {RECIPE} at {described_by} to say which model the weights are for"
+        )
+    return Target(recipe.load(described_by, overrides), path, run_dir, label)
+
+
+def build_model(r: recipe.Recipe, task: Task | None = None) -> nn.Module:
+    """The recipe's architecture for its task, with its parameters frozen as the recipe says."""
+    from toolkit.models import MODELS, apply_freeze
+
+    model = (task or task_of(r)).build_model(r)
+    if r.freeze:
+        try:
+            apply_freeze(model, r.freeze, MODELS.get(r.model.arch).freeze_modes)  # type: ignore[arg-type]
+        except ValueError as err:
+            raise UserError(f"freeze: {err}") from None
+    return model
+
+
+def load_model(target: Target) -> nn.Module:
+    """The recipe's model with the target's weights, every tensor accounted for, in eval mode."""
+    from toolkit.models import load_weights
+
+    r = target.recipe
+    model = target.task.build_model(r)
+    try:
+        report = load_weights(model, read_weights(target.source))
+    except ValueError as err:
+        raise UserError(f"{target.source}: {err}") from None
+    if report.fresh:
+        raise UserError(
+            f"{target.source}: the weights lack {report.fresh[0]} ({len(report.fresh)} tensors "
+            f"in all) of the {r.model.arch} model its {RECIPE} describes; are they of an earlier "
+            "stage?"
+        )
+    return model.eval()
+
+
+def check_shards(r: recipe.Recipe, split: str) -> None:
+    """Shards the model can read, with samples in `split`: a user error otherwise."""
+    manifest = read_manifest(r.data.shards)
+    problems = mismatches(manifest, r.model.in_chans, r.model.img_size)
+    if problems:
+        raise UserError(problems[0])
+    if not manifest.count(split):
+        raise UserError(f"{Path(r.data.shards) / 'manifest.json'}: split {split!r} has no samples")
+
+
+def eval_loader(r: recipe.Recipe, split: str, rank: int = 0, world_size: int = 1) -> Loader:
+    """This rank's share of `split`, each sample once, centre-cropped, in a fixed order."""
+    return build_loader(r.data, split, crop=r.model.img_size, seed=r.train.seed, rank=rank,
+                        world_size=world_size, fields=task_of(r).fields,
+                        evaluation=True)  # fmt: skip
+
+
+def eval_path(target: Target, split: str, custom: bool) -> Path:
+    """`eval.json` for the run's own weights on its own validation data, the result the report
+    shows; any other evaluation gets a name of its own (eval-step-00000500.json,
+    eval-train.json, eval-custom.json for other shards or overrides) and leaves that one be."""
+    parts = [p for p in (target.label, "" if split == "val" else split, "custom" if custom else "")
+             if p]  # fmt: skip
+    return target.run_dir / ("eval.json" if not parts else f"eval-{'-'.join(parts)}.json")
+
+
+def param_summary(r: recipe.Recipe) -> dict[str, Any]:
+    """Parameter counts and optimiser groups of the recipe's model, built on the meta device
+    (shapes only: instant and allocation-free even for large models)."""
+    import torch
+
+    from toolkit.models import param_counts
+    from toolkit.optim import build_groups
+
+    with torch.device("meta"):
+        model = build_model(r)
+    total, trainable = param_counts(model)
+    groups = [
+        {"rule": g.rule, "lr": g.lr, "weight_decay": g.weight_decay, "params": g.numel}
+        for g in build_groups(model, r.optim)
+    ]
+    return {"total": total, "trainable": trainable, "groups": groups}
