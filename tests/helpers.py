@@ -43,18 +43,21 @@ def make_pairs(root: Path, count: int, size: int = 32, scale: int = 2, seed: int
     return root
 
 
-def tiny(shards: Path, run_dir: Path, *extra: str, stage: str = "finetune") -> list[str]:
-    """Overrides that turn the debug recipe into a seconds-long run on `shards`."""
+# Turn the debug recipe's tiny MAE into a tiny SR-MAE (the same ViT, 8 channels of SR layers).
+SR = ("task=sr", "model.arch=srmae", "model.sr_channels=8", "train.loss=l1")
+
+
+def tiny(shards: Path, run_dir: Path, *extra: str, task: str = "sr") -> list[str]:
+    """Overrides that turn the debug recipe into a seconds-long run on `shards`: SR-MAE for
+    task "sr", the debug recipe's MAE for "mae"."""
     out = [
         f"data.shards={shards}",
         f"run.dir={run_dir}",
-        f"stage={stage}",
         "data.batch_size=4",
         "train.log_every=1",
         "train.eval_every=0",
     ]
-    if stage == "finetune":
-        out.append("train.loss=l1")
+    out += SR if task == "sr" else [f"task={task}"]
     return out + list(extra)
 
 

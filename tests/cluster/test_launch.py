@@ -17,6 +17,7 @@ import torch
 from safetensors.torch import load_file
 
 from tests.helpers import DEBUG_RECIPE, ROOT, make_pairs, read_jsonl, tiny
+from toolkit.data.format import read_manifest
 from toolkit.shard import shard
 
 pytestmark = pytest.mark.cluster
@@ -142,7 +143,7 @@ def task_pid(job: str, rank: int, needle: str) -> int:
 
 def submit(how: str, cluster, cwd: Path, shards: Path, run_dir: Path, *extra: str) -> str:
     """A 2-node job through `toolkit.launch` or through slurm/pretrain.sh."""
-    overrides = [*tiny(shards, run_dir, stage="pretrain"), *extra]
+    overrides = [*tiny(shards, run_dir, task="mae"), *extra]
     if how == "launch":
         return launched(launch(cluster, cwd, str(DEBUG_RECIPE), *overrides, "--nodes", "2"))[0]
     (cwd / "runs").mkdir(exist_ok=True)
@@ -155,7 +156,7 @@ def submit(how: str, cluster, cwd: Path, shards: Path, run_dir: Path, *extra: st
 
 def test_launch_two_nodes_form_one_group(slurm_cluster, shards, tmp_path) -> None:
     run_dir = tmp_path / "run"
-    overrides = [*tiny(shards, run_dir, stage="pretrain"), *SMALL]
+    overrides = [*tiny(shards, run_dir, task="mae"), *SMALL]
     proc = launch(slurm_cluster, tmp_path, str(DEBUG_RECIPE), *overrides, "--nodes", "2",
                   "--wait", timeout=180)  # fmt: skip
     (job,) = launched(proc)
@@ -191,16 +192,17 @@ def test_sbatch_finetune_script(slurm_cluster, shards, tmp_path) -> None:
     assert wait_done(job) == ("COMPLETED", "0:0"), log.read_text()
     text = log.read_text()
     assert "rank 0 of 2 on n1" in text and "rank 1 of 2 on n2" in text
-    assert "debug: finetune, " in text and "world 2" in text
+    assert "debug: task sr, model srmae, " in text and "world 2" in text
     complete_final_checkpoint(run_dir, 6)
-    assert json.loads((run_dir / "eval.json").read_text())["model"]["psnr"] > 0
+    val = read_manifest(shards).count("val")
+    assert json.loads((run_dir / "eval.json").read_text())["count"] == val
 
 
 @pytest.fixture(scope="module")
 def uninterrupted(slurm_cluster, shards: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The LONG run straight through on 2 local processes (torchrun, gloo): the reference."""
     run_dir = tmp_path_factory.mktemp("reference") / "run"
-    overrides = [*tiny(shards, run_dir, stage="pretrain"), *LONG]
+    overrides = [*tiny(shards, run_dir, task="mae"), *LONG]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     cmd = [slurm_cluster.python, "-m", "toolkit.launch", str(DEBUG_RECIPE), *overrides,
            "--local", "--procs", "2"]  # fmt: skip
@@ -275,7 +277,8 @@ def test_chain_and_after_wait_for_their_predecessors(slurm_cluster, shards, tmp_
         f"extends: {DEBUG_RECIPE}\nname: pre\nrun: {{dir: {pre_dir}}}\n"
     )
     (tmp_path / "ft.yaml").write_text(
-        f"extends: {DEBUG_RECIPE}\nname: ft\nstage: finetune\ntrain: {{loss: l1}}\n"
+        f"extends: {DEBUG_RECIPE}\nname: ft\ntask: sr\nmodel: {{arch: srmae}}\n"
+        "train: {loss: l1}\n"
         f"init: {{from: {pre_dir}}}\nrun: {{dir: {ft_dir}}}\n"
     )
     sleeper = sbatch(slurm_cluster, tmp_path, "-o", "sleeper.out", "--wrap", "sleep 8")
@@ -318,7 +321,7 @@ def test_zero2_on_two_nodes_trains_and_resumes(slurm_cluster, shards, tmp_path) 
     """A 3-step ZeRO-2 job, then a 6-step one after it in the same run directory: the second
     resumes from the first's sharded checkpoint (each rank wrote its own optimiser shard)."""
     run_dir = tmp_path / "run"
-    overrides = [*tiny(shards, run_dir, stage="pretrain"), *SMALL, "deepspeed.zero_stage=2"]
+    overrides = [*tiny(shards, run_dir, task="mae"), *SMALL, "deepspeed.zero_stage=2"]
     args = [str(DEBUG_RECIPE), *overrides, "--nodes", "2"]
     (first,) = launched(launch(slurm_cluster, tmp_path, *args, "train.max_steps=3"))
     proc = launch(slurm_cluster, tmp_path, *args, "--after", first, "--wait", timeout=240)
@@ -337,7 +340,7 @@ def test_zero2_on_two_nodes_trains_and_resumes(slurm_cluster, shards, tmp_path) 
 
 
 def test_a_job_sbatch_refuses_is_one_user_error(slurm_cluster, shards, tmp_path) -> None:
-    overrides = tiny(shards, tmp_path / "run", stage="pretrain")
+    overrides = tiny(shards, tmp_path / "run", task="mae")
     proc = launch(slurm_cluster, tmp_path, str(DEBUG_RECIPE), *overrides, "--partition", "nope")
     assert proc.returncode == 2 and proc.stdout == ""
     assert proc.stderr.splitlines() == [

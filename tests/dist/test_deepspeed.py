@@ -15,11 +15,12 @@ from safetensors.torch import load_file
 
 from tests.helpers import DEBUG_RECIPE, evaluate_json, make_pairs, read_jsonl, run_cli, tiny
 from toolkit import recipe
-from toolkit.data.loader import build_loader
+from toolkit.data.format import read_manifest
 from toolkit.engine.accel import to_universal
-from toolkit.engine.validate import validate_run
-from toolkit.models import build_model
+from toolkit.engine.validate import validate
 from toolkit.errors import UserError
+from toolkit.runs import build_model, eval_loader
+from toolkit.tasks import Placement, task_of
 from toolkit.shard import shard
 
 pytestmark = pytest.mark.slow
@@ -80,10 +81,10 @@ def assert_export_is_the_live_model(run_dir: Path, tol: float) -> None:
     """eval.json was computed by the live model at the end of training; the exported weights,
     loaded into a fresh model, must score the same on the same split."""
     r = recipe.load(run_dir / "recipe.yaml")
-    model = build_model(r.model, r.stage, r.data.scale)
+    model = build_model(r)
     model.load_state_dict(weights(run_dir))
-    val = build_loader(r.data, "val", crop=r.model.img_size, seed=r.train.seed)
-    result = validate_run(model.eval(), iter(val), r, device=torch.device("cpu"))
+    val = eval_loader(r, "val")
+    result = validate(task_of(r), model.eval(), iter(val), Placement())
     live = json.loads((run_dir / "eval.json").read_text())["model"]
     assert result.model.summary()["mse"] == pytest.approx(live["mse"], rel=tol)
 
@@ -91,7 +92,7 @@ def assert_export_is_the_live_model(run_dir: Path, tol: float) -> None:
 @pytest.mark.parametrize("precision", ["no", "bf16"])
 def test_frozen_weights_stay_exact_under_zero(shards, tmp_path, precision) -> None:
     pre, frozen = tmp_path / "pre", tmp_path / "frozen"
-    launch(*tiny(shards, pre, "train.max_steps=2", stage="pretrain"), procs=1)
+    launch(*tiny(shards, pre, "train.max_steps=2", task="mae"), procs=1)
     launch(
         *tiny(
             shards,
@@ -114,10 +115,11 @@ def test_frozen_weights_stay_exact_under_zero(shards, tmp_path, precision) -> No
 def test_stage_chain_under_zero2(shards, tmp_path) -> None:
     pre, fz, full = tmp_path / "pre", tmp_path / "fz", tmp_path / "full"
     z2 = ["deepspeed.zero_stage=2", "train.precision=bf16"]
-    launch(*tiny(shards, pre, "train.max_steps=2", *z2, stage="pretrain"))
+    launch(*tiny(shards, pre, "train.max_steps=2", *z2, task="mae"))
     launch(*tiny(shards, fz, "train.max_steps=2", f"init.from={pre}", "freeze=[encoder]", *z2))
     launch(*tiny(shards, full, "train.max_steps=2", f"init.from={fz}", *z2))
-    assert json.loads((full / "eval.json").read_text())["model"]["psnr"] > 0
+    val = read_manifest(shards).count("val")
+    assert json.loads((full / "eval.json").read_text())["count"] == val  # every sample, once
     # evaluation reads a ZeRO checkpoint (shards gathered) as it reads the exported weights
     ckpt = evaluate_json(str(full / "checkpoints" / "step-00000002"))
     exported = evaluate_json(str(full / "model.safetensors"))
@@ -145,7 +147,7 @@ def test_restart_on_fewer_then_more_processes(shards, tmp_path, zero, frozen) ->
     run, pre = tmp_path / "run", tmp_path / "pre"
     backend = [f"deepspeed.zero_stage={zero}"] if zero else ["deepspeed=null"]
     if frozen:
-        launch(*tiny(shards, pre, "train.max_steps=2", stage="pretrain"), procs=1)
+        launch(*tiny(shards, pre, "train.max_steps=2", task="mae"), procs=1)
         backend += [f"init.from={pre}", "freeze=[encoder]"]
 
     def step(procs: int, max_steps: int) -> str:

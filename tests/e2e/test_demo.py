@@ -1,4 +1,4 @@
-"""The demo, the README's main command, end to end at a tiny size: data, four stages, table."""
+"""The demo, the README's main command, end to end at a tiny size: data, seven runs, tables."""
 
 from __future__ import annotations
 
@@ -11,24 +11,37 @@ from toolkit import demo
 
 pytestmark = pytest.mark.slow
 
+RUNS = ("pretrain", "finetune_frozen_mae", "finetune_frozen_encoder", "finetune",
+        "finetune_scratch", "edsr", "rcan")  # fmt: skip
+
+
+def modes(out: str) -> list[str]:
+    rows = [line for line in out.splitlines() if line.startswith("| ") and "| Mode |" not in line]
+    return [r.split("|")[1].split(" (`")[0].strip() for r in rows]
+
 
 def test_demo_runs_every_stage_and_writes_the_report(tmp_path, monkeypatch, capsys) -> None:
     pytest.importorskip("lenstronomy")
     monkeypatch.chdir(tmp_path)
     assert demo.main(["--count", "30", "--workers", "1", "--max-steps", "2"]) == 0
     out = capsys.readouterr().out
-    rows = [line for line in out.splitlines() if line.startswith("| ")]
-    assert [r.split("|")[1].split(" (`")[0].strip() for r in rows[1:]] == [
-        "MAE pretrain", "frozen MAE", "frozen encoder", "full finetune", "bicubic",
+    assert modes(out) == [
+        "MAE pretrain",  # the pretraining's own table, then the SR table
+        "frozen MAE", "frozen encoder", "full finetune", "full from scratch", "EDSR", "RCAN",
+        "bicubic",
     ]  # fmt: skip
+    assert "### super-resolution (`sr`)" in out
     full = json.loads(Path("runs/demo/finetune/eval.json").read_text())
-    assert f"{full['model']['psnr']:.2f}" in rows[4]
+    row = next(line for line in out.splitlines() if line.startswith("| full finetune"))
+    assert f"{full['model']['psnr']:.2f}" in row
     report = Path("runs/demo/report")
-    saved = (report / "results.md").read_text().splitlines()
-    assert [line for line in saved if line.startswith("| ")] == rows
-    for run in ("pretrain", "finetune_frozen_mae", "finetune_frozen_encoder", "finetune"):
+    saved = (report / "results.md").read_text()
+    assert modes(saved) == modes(out)
+    for run in RUNS:
         assert (report / f"loss_{run}.png").is_file() and (report / f"samples_{run}.png").is_file()
     assert (report / "compare.png").is_file()
+    doc = json.loads((report / "results.json").read_text())
+    assert [t["task"] for t in doc["tables"]] == ["mae", "sr"]
     # A second run finds everything done and only writes the report again.
     assert demo.main(["--count", "30", "--workers", "1", "--max-steps", "2"]) == 0
-    assert "| bicubic |" in capsys.readouterr().out
+    assert modes(capsys.readouterr().out) == modes(out)

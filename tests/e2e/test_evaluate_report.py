@@ -13,7 +13,7 @@ from PIL import Image
 
 from tests.helpers import DEBUG_RECIPE, evaluate_json, make_pairs, run_cli, tiny
 from toolkit import report
-from toolkit.data.loader import read_manifest
+from toolkit.data.format import read_manifest
 from toolkit.shard import shard
 
 pytestmark = pytest.mark.slow
@@ -44,7 +44,7 @@ def grey(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path]:
     shard(root / "src", root / "shards", val_fraction=0.25, shard_size=8)
     pre, fine = root / "pre", root / "fine"
     run_ok("toolkit.launch", str(DEBUG_RECIPE), "--local",
-           *tiny(root / "shards", pre, "train.max_steps=4", stage="pretrain"))  # fmt: skip
+           *tiny(root / "shards", pre, "train.max_steps=4", task="mae"))  # fmt: skip
     run_ok("toolkit.launch", str(DEBUG_RECIPE), "--local",
            *tiny(root / "shards", fine, "train.max_steps=6", f"init.from={pre}",
                  "freeze=[encoder]", "train.checkpoint_every=3"))  # fmt: skip
@@ -95,14 +95,17 @@ def test_report_table_equals_eval_json_and_figures_are_real(grey, tmp_path) -> N
     run_ok("toolkit.report", str(pre), str(fine), "--out", str(out))
     doc = json.loads((out / "results.json").read_text())
     ev = json.loads((fine / "eval.json").read_text())
-    row = next(r for r in doc["rows"] if r["run"] == "fine")
-    assert row["mode"] == "frozen encoder" and row["init_from"] == str(pre)
+    mae, sr = doc["tables"]
+    assert [r["run"] for r in mae["rows"]] == ["pre"] and mae["columns"] == ["loss"]
+    assert mae["rows"][0]["loss"] == json.loads((pre / "eval.json").read_text())["model"]["loss"]
+    row = next(r for r in sr["rows"] if r["run"] == "fine")
+    assert row["mode"] == "SR-MAE, frozen encoder" and row["init_from"] == str(pre)
     assert all(row[k] == ev["model"][k] for k in ("mse", "psnr", "ssim"))
-    bicubic = next(r for r in doc["rows"] if r["mode"] == "bicubic")
+    bicubic = next(r for r in sr["rows"] if r["mode"] == "bicubic")
     assert all(bicubic[k] == ev["bicubic"][k] for k in ("mse", "psnr", "ssim"))
     md = (out / "results.md").read_text()
-    best = doc["best"]["psnr"]
-    assert f"**{best:.2f}**" in md and md.count("**") == 2 * len(doc["best"])
+    best = sr["best"]["psnr"]
+    assert f"**{best:.2f}**" in md and md.count("**") == 2 * (len(sr["best"]) + len(mae["best"]))
     sizes = {
         "loss_fine.png": (1000, 500),
         "loss_pre.png": (1000, 500),
@@ -177,9 +180,10 @@ def test_bad_inputs_are_one_line_with_exit_status_2(grey, tmp_path) -> None:
 
 
 def test_report_of_a_run_reads_its_loss_curve(grey) -> None:
-    _, _, fine = grey
+    shards, _, fine = grey
     run = report.read_run(fine)
-    assert run.mode == "frozen encoder" and run.epochs > 0
+    per_epoch = -(-read_manifest(shards).count("train") // 4)  # batches of 4
+    assert run.mode == "SR-MAE, frozen encoder" and run.epochs == pytest.approx(6 / per_epoch)
     assert [m["step"] for m in run.metrics if "train/loss" in m][-1] == 6
 
 

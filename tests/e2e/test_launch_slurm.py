@@ -82,7 +82,7 @@ def test_chain_dry_run(capsys, tmp_path, monkeypatch) -> None:
     pre = write(tmp_path / "pre.yaml", f"extends: {DEBUG}\nname: pre\n")
     ft = write(
         tmp_path / "ft.yaml",
-        f"extends: {DEBUG}\nname: ft\nstage: finetune\ninit: {{from: runs/pre}}\n",
+        f"extends: {DEBUG}\nname: ft\ntask: sr\nmodel: {{arch: srmae}}\ninit: {{from: runs/pre}}\n",
     )
     elsewhere = write(tmp_path / "other.yaml", f"extends: {ft}\nname: other\ninit: {{from: x}}\n")
     code, out, _ = run(capsys, pre, ft, elsewhere, "train.max_steps=5", "--dry-run", "--json")
