@@ -23,8 +23,8 @@ from benchmarks.common import report
 from toolkit import recipe
 from toolkit.data.loader import build_loader
 from toolkit.engine.loop import train
-from toolkit.models import apply_freeze, build_model
-from toolkit.optim import build_groups, build_loss, build_optimizer
+from toolkit.optim import build_groups, build_optimizer
+from toolkit.runs import build_model
 from toolkit.shard import shard
 
 
@@ -63,10 +63,9 @@ def step_times(run_dir: Path) -> tuple[list[float], dict[str, float]]:
 def bare_loop(r: recipe.Recipe, steps: int) -> list[float]:
     """The floor: the same model, optimiser and loss on one batch held in memory; nothing else."""
     torch.manual_seed(r.train.seed)
-    model = build_model(r.model, r.stage, r.data.scale)
-    apply_freeze(model, r.freeze)
+    model = build_model(r)
     optimizer = build_optimizer(build_groups(model, r.optim), r.optim)
-    loss_fn = build_loss(r.train.loss or "l1")
+    loss_fn = torch.nn.functional.l1_loss
     batch = next(iter(build_loader(r.data, "train", crop=r.model.img_size, seed=0)))
     times = []
     for _ in range(steps):

@@ -207,13 +207,13 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from toolkit import recipe
-from toolkit.models import build_model
+from toolkit.runs import build_model
 
 out, batch, precision, overrides = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4:]
 r = recipe.load("recipes/finetune.yaml", [*overrides, "train.max_steps=1"])
 device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 torch.manual_seed(0)
-model = build_model(r.model, r.stage, r.data.scale).to(device)
+model = build_model(r).to(device)
 side = r.model.img_size // r.data.scale
 lr = torch.rand(batch, r.model.in_chans, side, side, device=device)
 hr = torch.rand(batch, r.model.in_chans, r.model.img_size, r.model.img_size, device=device)

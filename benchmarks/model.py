@@ -24,9 +24,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from benchmarks.common import report
-from toolkit.models import apply_freeze, build_model, param_counts
-from toolkit.recipe import ModelConfig
+from toolkit import recipe
+from toolkit.models import MODELS, apply_freeze, build_model, param_counts
 
+ROOT = Path(__file__).resolve().parents[1]
 SR_SCALE = 2
 
 
@@ -70,7 +71,9 @@ def make_step(model: nn.Module, loss_fn: Callable[[], torch.Tensor]) -> Callable
 
 def run(args: argparse.Namespace) -> dict:
     device = torch.device(args.device)
-    cfg = ModelConfig()
+    # The workload's models, as its recipes describe them.
+    cfg = recipe.load(ROOT / "recipes/pretrain.yaml").model
+    sr_cfg = recipe.load(ROOT / "recipes/finetune.yaml").model
     torch.manual_seed(0)
     hr = torch.rand(args.batch, cfg.in_chans, cfg.img_size, cfg.img_size, device=device)
     lr = F.interpolate(hr, scale_factor=1 / SR_SCALE, mode="bicubic", antialias=True)
@@ -79,12 +82,12 @@ def run(args: argparse.Namespace) -> dict:
     # optimiser, so settings can be interleaved.
     settings: dict[tuple[str, str], tuple[int, Callable[[], None]]] = {}
     for ratio in (0.75, 0.0):
-        mae = build_model(cfg, "pretrain", SR_SCALE).to(device)
+        mae = build_model(cfg).to(device)
         step = make_step(mae, lambda m=mae, r=ratio: m(hr, mask_ratio=r).loss)
         settings["mae", f"mask {ratio}"] = (param_counts(mae)[1], step)
     for label, freeze in (("frozen mae", ["mae"]), ("frozen encoder", ["encoder"]), ("full", [])):
-        sr = build_model(cfg, "finetune", SR_SCALE).to(device)
-        apply_freeze(sr, freeze)
+        sr = build_model(sr_cfg, scale=SR_SCALE).to(device)
+        apply_freeze(sr, freeze, MODELS.get("srmae").freeze_modes)
         step = make_step(sr, lambda m=sr: F.l1_loss(m(lr), hr))
         settings["srmae", label] = (param_counts(sr)[1], step)
 

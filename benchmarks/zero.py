@@ -130,16 +130,19 @@ def worker(args: argparse.Namespace) -> int:
 
     from toolkit import recipe
     from toolkit.engine.accel import Engine
-    from toolkit.engine.loop import train_step
+    from toolkit.engine.checkpointer import Parts
+    from toolkit.engine.loop import Run, StepPlan, train_step
     from toolkit.engine.state import TrainState
-    from toolkit.models import build_model
-    from toolkit.optim import build_groups, build_loss, build_optimizer, build_scheduler
+    from toolkit.optim import build_groups, build_optimizer, build_scheduler
+    from toolkit.runs import build_model
+    from toolkit.tasks import task_of
 
     r = recipe.load(args.recipe, overrides_for(args.setting, args.precision, args.batch))
     total = args.warmup + args.steps
     engine = Engine(r.train, r.deepspeed, micro_batch=r.data.batch_size)
     engine.seed(r.train.seed, per_rank=False)
-    model = build_model(r.model, r.stage, r.data.scale)
+    task = task_of(r)
+    model = build_model(r, task)
     groups = build_groups(model, r.optim)
     optimizer = build_optimizer(groups, r.optim)
     scheduler = build_scheduler(
@@ -150,13 +153,15 @@ def worker(args: argparse.Namespace) -> int:
     trainable = sum(g.numel for g in groups)
     model, optimizer, scheduler = engine.prepare(model, optimizer, scheduler)
     engine.check_groups(optimizer, expected)
-    loss_fn = build_loss(r.train.loss or "l1")
+    # The loop's own step on batches held in memory: no loader, checkpointer or validation.
+    run = Run(r, task, engine, Parts(model, optimizer, scheduler, None), None,
+              StepPlan(total, r.train), None, None)  # type: ignore[arg-type]  # fmt: skip
 
     g = torch.Generator().manual_seed(1000 + engine.rank)
     hr_side, c = r.model.img_size, r.model.in_chans
     hr = torch.rand(r.data.batch_size, c, hr_side, hr_side, generator=g)
-    batch = {"hr": hr}
-    if r.stage == "finetune":
+    batch = {"hr": hr, "key": [f"{engine.rank}-{i}" for i in range(len(hr))]}
+    if "lr" in task.fields:
         lr_side = hr_side // r.data.scale
         batch["lr"] = torch.nn.functional.interpolate(hr, size=(lr_side, lr_side), mode="area")
 
@@ -171,7 +176,7 @@ def worker(args: argparse.Namespace) -> int:
     for i in range(total):
         engine.barrier()
         start = time.perf_counter()
-        loss_sum, count, _, _ = train_step(engine, model, optimizer, it, state, r, loss_fn)
+        loss_sum, count, _, _ = train_step(run, it, state)
         scheduler.step()
         state.step += 1
         elapsed = time.perf_counter() - start
