@@ -248,3 +248,28 @@ def test_bf16_trains_and_exports_fp32(shards: Path, tmp_path: Path) -> None:
     assert all(v.dtype == torch.float32 for v in w.values())
     losses = [x["train/loss"] for x in read_jsonl(run / "metrics.jsonl") if "train/loss" in x]
     assert len(losses) == 3 and all(0 < x < 1 for x in losses)
+
+
+def test_a_norm_pix_mae_run_logs_its_training_loss_as_validation_loss(shards, tmp_path) -> None:
+    """The logged val/loss is the mean, over the validation samples, of the exported model's
+    own loss (norm_pix_loss included) with each sample's evaluation mask."""
+    from toolkit import recipe
+    from toolkit.runs import build_model, eval_loader
+    from toolkit.tasks.mae import mask_noise
+
+    run = tmp_path / "run"
+    assert (
+        train(*tiny(shards, run, "train.max_steps=2", "model.norm_pix_loss=true", task="mae")) == 0
+    )
+    r = recipe.load(run / "recipe.yaml")
+    model = build_model(r).eval()
+    model.load_state_dict(weights(run))
+    losses = []
+    with torch.no_grad():
+        for batch in eval_loader(r, "val"):
+            noise = mask_noise(batch["key"], model.patchify(batch["hr"]).shape[1], r.train.seed)
+            out = model(batch["hr"], noise=noise)
+            losses += out.sample_loss[batch["valid"]].tolist()
+    logged = [x["val/loss"] for x in read_jsonl(run / "metrics.jsonl") if "val/loss" in x][-1]
+    assert logged == pytest.approx(sum(losses) / len(losses), rel=1e-6)
+    assert len(losses) == json_of(run / "eval.json")["count"]

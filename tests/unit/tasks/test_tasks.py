@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from tests.helpers import TINY_VIT
 from toolkit import recipe
-from toolkit.engine.validate import summary, validate
+from toolkit.engine.validate import validate
 from toolkit.metrics import psnr
 from toolkit.runs import build_model
 from toolkit.tasks import TASKS, Placement, task_of
@@ -86,27 +86,6 @@ def test_sr_losses_metrics_and_bicubic_reference(loss: str) -> None:
     assert set(res.reference) == {"mse", "psnr", "ssim"}  # no loss for a reference
     assert [len(row) for row in res.tiles] == [4, 4]  # 2 samples: LR | bicubic | SR | HR
     assert res.tiles[0][0].shape == (1, 20, 20)  # LR shown at HR size
-
-
-def test_validation_counts_valid_samples_only_and_summarises_with_the_reference() -> None:
-    r = tiny_recipe("task=sr", "model.arch=srmae", "model.sr_channels=4")
-    task, model = task_of(r), build_model(r).eval()
-    result = validate(task, model, [batch(4), batch(3, valid=1)], Placement(), grid_samples=3)
-    assert result.model.keys == ["k0", "k1", "k2", "k3", "k0"]  # the second batch's k0 only
-    assert result.reference is not None and result.reference.count == 5
-    assert len(result.tiles) == 3
-    doc = summary(task, result, "val")
-    assert (doc["split"], doc["count"], doc["task"], doc["reference"]) == (
-        "val",
-        5,
-        "sr",
-        "bicubic",
-    )
-    assert set(doc["model"]) == {"loss", "mse", "psnr", "ssim"} and set(doc["bicubic"]) == {
-        "mse", "psnr", "ssim"
-    }  # fmt: skip
-    assert doc["model"]["psnr"] == pytest.approx(result.model.values("psnr").mean().item())
-    assert set(doc["per_image"]) == {"model", "bicubic"}
 
 
 def test_the_registry_names_the_builtin_tasks_and_says_did_you_mean() -> None:
