@@ -289,6 +289,10 @@ def plot_compare(table: dict[str, Any], path: Path) -> None:
     runs = [row for row in table["rows"] if row["run"] is not None and row[columns[0]] is not None]
     base = next((row for row in table["rows"] if row["run"] is None), None)
     width, height = COMPARE_PANEL
+    width = max(width, 0.8 * len(runs) + 1.5)  # room for every bar's label
+    modes = [row["mode"] for row in runs]
+    if len(set(modes)) < len(modes):  # the same label twice: the run names tell them apart
+        modes = [f"{m}\n{row['run']}" for m, row in zip(modes, runs, strict=True)]
     fig, axes = plt.subplots(1, len(columns), figsize=(width * len(columns), height), dpi=DPI,
                              squeeze=False)  # fmt: skip
     for ax, name in zip(axes[0], columns, strict=True):
@@ -296,8 +300,8 @@ def plot_compare(table: dict[str, Any], path: Path) -> None:
         values = [row[name] for row in runs]
         bars = ax.bar(range(len(runs)), values, color="tab:blue")
         ax.bar_label(bars, labels=[m.format(v) for v in values], fontsize=8)
-        ax.set_xticks(range(len(runs)), [f"{row['mode']}\n{row['run']}" for row in runs],
-                      fontsize=7, rotation=20)  # fmt: skip
+        ax.set_xticks(range(len(runs)), modes, fontsize=8, rotation=30, ha="right",
+                      rotation_mode="anchor")  # fmt: skip
         ax.set_ylabel(m.title)
         shown = values + ([base[name]] if base else [])
         low, high = min(shown), max(shown)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -142,64 +143,43 @@ def test_wrong_type_or_range_names_key_value_and_expectation(
     assert f"{key}:" in msg and expected in msg and override.split("=", 1)[1] in msg
 
 
-@pytest.mark.parametrize(
-    ("text", "key", "expected"),
-    [
-        ("task: sr\nfreeze: [mae]\n", "init.from", "needs trained weights"),
-        ("task: mae\nmodel: {img_size: 155, patch_size: 10}\n", "model.img_size", "not divisible"),
-        (
-            "task: mae\nmodel: {embed_dim: 100, num_heads: 8}\n",
-            "model.num_heads",
-            "does not divide",
-        ),
-        ("task: sr\nmodel: {img_size: 150}\ndata: {scale: 4}\n", "data.scale", "divide"),
-        ("task: sr\nfreeze: ['(dec']\ninit: {from: x}\n", "freeze[0]", "nor a valid regex"),
-        (
-            "task: mae\noptim: {groups: [{match: '(enc'}]}\n",
-            "optim.groups[0].match",
-            "not a valid regex",
-        ),
-        (
-            "task: mae\noptim: {groups: [{lr: 1.0}]}\n",
-            "optim.groups[0].match",
-            "missing required key",
-        ),
-        (
-            "task: mae\ndeepspeed: {zero_stage: 2, offload_param: cpu}\n",
-            "deepspeed.offload_param",
-            "3",
-        ),
-        ("task: mae\ntrain: {epochs: 0}\n", "train.epochs", "nothing to train"),
-        ("task: mae\ntrain: {loss: l1}\n", "train.loss", "MSE on masked patches"),
-        ("task: mae\ncluster: {time: 24:00:00}\n", "cluster.time", "quote it"),
-        ("task: mae\ncluster: {time: 'tomorrow'}\n", "cluster.time", "HH:MM:SS"),
-        ("task: mae\nname: a/b\n", "name", "directory name"),
-        ("task: mae\noptim: {betas: [0.9]}\n", "optim.betas", "two numbers"),
-        ("task: mae\ndata: [1, 2]\n", "data", "a mapping"),
-        # tasks and architectures
-        ("name: a\n", "task", "missing: name what to train, one of: mae, sr"),
-        ("task: ssr\n", "task", "'ssr' is not one of: mae, sr; did you mean 'sr'?"),
-        ("task: sr\nmodel: {arch: edsrr}\n", "model.arch", "did you mean 'edsr'?"),
-        ("task: mae\nmodel: {arch: edsr}\n", "model.arch", "does not do task 'mae' (it does: sr)"),
-        (
-            "task: sr\nmodel: {arch: edsr, n_feat: 8}\n",
-            "model.n_feat",
-            "did you mean 'model.n_feats'",
-        ),
-        ("task: sr\nmodel: {arch: edsr, patch_size: 8}\n", "model.patch_size", "unknown key"),
-        ("task: sr\nmodel: {arch: srmae, n_feats: 8}\n", "model.n_feats", "unknown key"),
-        (
-            "task: sr\nmodel: {arch: rcan, n_feats: 48, reduction: 10}\n",
-            "model.reduction",
-            "does not divide",
-        ),
-        ("task: sr\nmodel: {arch: edsr, n_resblocks: 0}\n", "model.n_resblocks", "> 0"),
-        # the recipes of before tasks: mapped, or refused with what to write instead
-        ("stage: finetune\ntask: sr\n", "stage", "replaced by `task`; remove `stage`"),
-        ("stage: classify\n", "stage", "write `task: mae` for `stage: pretrain`, `task: sr` for"),
-    ],
-)
+# Each recipe text; a text naming no task (and no stage) is read as a `task: mae` recipe.
+CHECKS = [
+    ("task: sr\nfreeze: [mae]\n", "init.from", "needs trained weights"),
+    ("model: {img_size: 155, patch_size: 10}\n", "model.img_size", "not divisible"),
+    ("model: {embed_dim: 100, num_heads: 8}\n", "model.num_heads", "does not divide"),
+    ("task: sr\nmodel: {img_size: 150}\ndata: {scale: 4}\n", "data.scale", "divide"),
+    ("task: sr\nfreeze: ['(dec']\ninit: {from: x}\n", "freeze[0]", "nor a valid regex"),
+    ("optim: {groups: [{match: '(enc'}]}\n", "optim.groups[0].match", "not a valid regex"),
+    ("optim: {groups: [{lr: 1.0}]}\n", "optim.groups[0].match", "missing required key"),
+    ("deepspeed: {zero_stage: 2, offload_param: cpu}\n", "deepspeed.offload_param", "3"),
+    ("train: {epochs: 0}\n", "train.epochs", "nothing to train"),
+    ("train: {loss: l1}\n", "train.loss", "MSE on masked patches"),
+    ("cluster: {time: 24:00:00}\n", "cluster.time", "quote it"),
+    ("cluster: {time: 'tomorrow'}\n", "cluster.time", "HH:MM:SS"),
+    ("name: a/b\n", "name", "directory name"),
+    ("optim: {betas: [0.9]}\n", "optim.betas", "two numbers"),
+    ("data: [1, 2]\n", "data", "a mapping"),
+    # tasks and architectures
+    ("task: ''\n", "task", "missing: name what to train, one of: mae, sr"),
+    ("task: ssr\n", "task", "'ssr' is not one of: mae, sr; did you mean 'sr'?"),
+    ("task: sr\nmodel: {arch: edsrr}\n", "model.arch", "did you mean 'edsr'?"),
+    ("model: {arch: edsr}\n", "model.arch", "does not do task 'mae' (it does: sr)"),
+    ("task: sr\nmodel: {arch: edsr, n_feat: 8}\n", "model.n_feat", "'model.n_feats'"),
+    ("task: sr\nmodel: {arch: edsr, patch_size: 8}\n", "model.patch_size", "unknown key"),
+    ("task: sr\nmodel: {arch: srmae, n_feats: 8}\n", "model.n_feats", "unknown key"),
+    ("task: sr\nmodel: {arch: rcan, reduction: 10}\n", "model.reduction", "does not divide"),
+    ("task: sr\nmodel: {arch: edsr, n_resblocks: 0}\n", "model.n_resblocks", "> 0"),
+    # the recipes of before tasks: mapped, or refused with what to write instead
+    ("stage: finetune\ntask: sr\n", "stage", "replaced by `task`; remove `stage`"),
+    ("stage: classify\n", "stage", "write `task: mae` for `stage: pretrain`, `task: sr` for"),
+]
+
+
+@pytest.mark.parametrize(("text", "key", "expected"), CHECKS)
 def test_checks_name_file_and_key(tmp_path: Path, text: str, key: str, expected: str) -> None:
+    if not re.search(r"^(task|stage):", text, flags=re.MULTILINE):
+        text = "task: mae\n" + text
     path = write(tmp_path / "bad.yaml", text)
     with pytest.raises(RecipeError) as err:
         recipe.load(path)
