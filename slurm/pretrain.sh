@@ -20,9 +20,12 @@
 # `scancel --signal=USR2 JOBID`); they finish the step, write a checkpoint and exit with status 3;
 # this script then requeues the job, which resumes from that checkpoint in the same run directory.
 #
-# Log: --output cannot depend on the recipe, so it is runs/slurm-<job name>-<job id>.out under the
-# submit directory, appended to across requeues. runs/ must exist before sbatch (`mkdir -p runs`):
-# Slurm does not create it, and a job that cannot open its log fails without a word.
+# Log: slurm-<job name>-<job id>.out in the directory sbatch was called from, appended to across
+# requeues (--output cannot depend on the recipe, and Slurm creates no folder for it: a folder
+# that does not exist yet would make the job fail without a word).
+#
+# CPUs: every task gets --cpus-per-task of them (its data-loading workers live there); srun is
+# told so explicitly, since srun of Slurm 22.05-23.02 does not take it from the job.
 #SBATCH --job-name=srmae-pretrain
 #SBATCH --nodes=1
 #SBATCH --ntasks-per-node=8
@@ -32,7 +35,7 @@
 #SBATCH --signal=USR2@120
 #SBATCH --requeue
 #SBATCH --open-mode=append
-#SBATCH --output=runs/slurm-%x-%j.out
+#SBATCH --output=slurm-%x-%j.out
 
 recipe=recipes/pretrain.yaml
 case ${1-} in
@@ -44,7 +47,8 @@ echo "job ${SLURM_JOB_ID} (restart ${SLURM_RESTART_COUNT:-0}) on ${SLURM_JOB_NOD
 # A task that fails ends the others 30 s later (--wait) instead of leaving them in a collective
 # until the time limit. Not --kill-on-bad-exit=1: the first task to exit with status 3 would get
 # the others terminated, and srun would then report their SIGTERM (143), not 3.
-srun --kill-on-bad-exit=0 --wait=30 "$python" -m toolkit.train "$recipe" "$@"
+srun --kill-on-bad-exit=0 --wait=30 ${SLURM_CPUS_PER_TASK:+--cpus-per-task="$SLURM_CPUS_PER_TASK"} \
+    "$python" -m toolkit.train "$recipe" "$@"
 status=$?
 # Only a job that is still running: the tasks also stop on the SIGTERM of `scancel` and of the
 # time limit, and a cancelled job must stay cancelled.

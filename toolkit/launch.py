@@ -31,7 +31,8 @@ class World:
 
 
 RECIPE_SUFFIXES = (".yaml", ".yml")
-SLURM_FLAGS = ("nodes", "gpus_per_node", "partition", "time", "account", "qos", "constraint")
+SLURM_FLAGS = ("nodes", "gpus_per_node", "gres", "mem", "partition", "time", "account", "qos",
+               "constraint", "wckey")  # fmt: skip
 
 
 def parse_args(argv: Sequence[str] | None) -> Any:
@@ -53,6 +54,10 @@ def parse_args(argv: Sequence[str] | None) -> Any:
     p.add_argument("--account", help="Slurm account (default: cluster.account)")
     p.add_argument("--qos", help="Slurm quality of service (default: cluster.qos)")
     p.add_argument("--constraint", help="Slurm node features (default: cluster.constraint)")
+    p.add_argument("--gres", help="GPUs as generic resources instead of --gpus-per-node, e.g. "
+                   "gpu:a100:8 (default: cluster.gres)")  # fmt: skip
+    p.add_argument("--mem", help="memory per node, e.g. 64G (default: cluster.mem)")
+    p.add_argument("--wckey", help="Slurm wckey, where the site asks for one (default: none)")
     p.add_argument("--after", metavar="JOBID", help="start after this Slurm job succeeded")
     p.add_argument("--wait", action="store_true", help="wait for the Slurm job(s) to end")
     p.add_argument("--local", action="store_true", help="run on this machine instead of Slurm")
@@ -99,10 +104,12 @@ def world_of(r: recipe.Recipe, args: Any) -> World:
     if args.local:
         procs = args.procs or 1
         return World(nodes=1, gpus_per_node=procs, world_size=procs, mode="local")
-    nodes = args.nodes if args.nodes is not None else r.cluster.nodes
-    gpus = args.gpus_per_node if args.gpus_per_node is not None else r.cluster.gpus_per_node
+    from toolkit.cluster import slurm
+
+    spec = slurm.job_spec(r, {k: getattr(args, k) for k in SLURM_FLAGS})
     # CPU nodes (0 GPUs) still run one process each.
-    return World(nodes=nodes, gpus_per_node=gpus, world_size=nodes * max(gpus, 1), mode="slurm")
+    return World(nodes=spec.nodes, gpus_per_node=spec.gpus_per_node,
+                 world_size=spec.nodes * spec.tasks_per_node, mode="slurm")  # fmt: skip
 
 
 def group_table(params: dict[str, Any]) -> list[str]:
@@ -170,6 +177,9 @@ def dry_run_text(
 
 def run_local(args: Any, r: recipe.Recipe) -> int:
     """P=1: train in this process (the debug run). P>1: torchrun starts P processes here."""
+    from toolkit.cluster import devices
+
+    devices.check_local(args.procs or 1)
     if (args.procs or 1) == 1:
         from toolkit.train import run
 

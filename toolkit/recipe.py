@@ -149,6 +149,13 @@ class ClusterConfig:
     nodes: int = setting(1, gt=0)
     # GPUs per node, one task each; 0: CPU nodes, one task per node.
     gpus_per_node: int = setting(8, ge=0)
+    # Slurm generic resources instead of --gpus-per-node, e.g. gpu:a100:8 (its count, the last
+    # number, is then the GPUs per node); null: --gpus-per-node.
+    gres: str | None = None
+    # Memory per node, Slurm syntax (e.g. 64G); null: the site's default.
+    mem: str | None = None
+    # Slurm workload characterisation key; null: none (sites that enforce wckeys name theirs).
+    wckey: str | None = None
     # Slurm partition; null: the site's default.
     partition: str | None = "gpu"
     # Wall-clock limit, Slurm syntax: MM, HH:MM:SS or D-HH:MM:SS.
@@ -310,6 +317,8 @@ def _validated(data: dict[str, Any], origins: Origins) -> Recipe:
 
 _TIME = re.compile(r"^(\d+-)?\d+(:\d{1,2}){0,2}$")
 _NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
+_GRES = re.compile(r"^gpu(:[A-Za-z0-9_.-]+)?:\d+$")
+_MEM = re.compile(r"^\d+[KMGT]?$")
 
 
 def _check(r: Recipe, origins: Origins) -> None:
@@ -354,3 +363,7 @@ def _check(r: Recipe, origins: Origins) -> None:
             fail("deepspeed.offload_param", "needs deepspeed.zero_stage 3")
     if not _TIME.match(r.cluster.time):
         fail("cluster.time", f"{r.cluster.time!r} is not MM, HH:MM:SS or D-HH:MM:SS")
+    if r.cluster.gres is not None and not _GRES.match(r.cluster.gres):
+        fail("cluster.gres", f"{r.cluster.gres!r} is not gpu:N or gpu:TYPE:N")
+    if r.cluster.mem is not None and not _MEM.match(r.cluster.mem):
+        fail("cluster.mem", f"{r.cluster.mem!r} is not a Slurm memory size such as 64G or 512000M")

@@ -211,9 +211,10 @@ SlurmctldLogFile=$LOG/slurmctld.log
 SlurmdLogFile=$LOG/slurmd-%n.log
 SlurmctldDebug=info
 SlurmdDebug=info
-# No cgroups: the nodes share one kernel and /sys.
+# No cgroups: the nodes share one kernel and /sys. Tasks are bound to their CPUs by affinity,
+# as on a real cluster, so a task's CPU count is what Slurm gave it.
 ProctrackType=proctrack/linuxproc
-TaskPlugin=task/none
+TaskPlugin=task/affinity
 JobAcctGatherType=jobacct_gather/none
 SwitchType=switch/none
 MpiDefault=none
@@ -237,14 +238,24 @@ InactiveLimit=0
 SlurmctldTimeout=30
 SlurmdTimeout=30
 Waittime=0
+# Two "GPUs" per node: GRES scheduling without hardware, on device files named like NVIDIA's
+# (gres.conf below), so jobs can ask for GPUs per node or per task and see CUDA_VISIBLE_DEVICES.
+GresTypes=gpu
 EOF
+    local node_spec="CPUs=2 RealMemory=4000 Gres=gpu:2 State=UNKNOWN"
     for n in "${NODES[@]}"; do
         if [[ $MODE == netns ]]; then
-            echo "NodeName=$n NodeAddr=$(node_ip "$n") CPUs=2 RealMemory=4000 State=UNKNOWN" >>"$CONF.new"
+            echo "NodeName=$n NodeAddr=$(node_ip "$n") $node_spec" >>"$CONF.new"
         else
-            echo "NodeName=$n NodeAddr=127.0.0.1 Port=$((SLURMD_PORT + 10 + ${n#n})) CPUs=2 RealMemory=4000 State=UNKNOWN" >>"$CONF.new"
+            echo "NodeName=$n NodeAddr=127.0.0.1 Port=$((SLURMD_PORT + 10 + ${n#n})) $node_spec" >>"$CONF.new"
         fi
     done
+    mkdir -p "$STATE/dev"
+    local i
+    for i in 0 1; do # character devices (those of /dev/null) with the names slurmd parses an index from
+        [[ -c $STATE/dev/nvidia$i ]] || mknod "$STATE/dev/nvidia$i" c 1 3
+    done
+    echo "Name=gpu File=$STATE/dev/nvidia[0-1]" >"$ETC/gres.conf"
     echo "PartitionName=debug Nodes=$(IFS=,; echo "${NODES[*]}") Default=YES MaxTime=INFINITE OverSubscribe=YES State=UP" >>"$CONF.new"
     mv "$CONF.new" "$CONF"
 

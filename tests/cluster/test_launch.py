@@ -16,14 +16,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from tests.cluster.jobs import launch, launched, sacct, sbatch, wait_done
 from tests.helpers import DEBUG_RECIPE, ROOT, make_pairs, read_jsonl, tiny
 from toolkit.data.format import read_manifest
 from toolkit.shard import shard
 
 pytestmark = pytest.mark.cluster
 
-TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY",
-            "BOOT_FAIL", "DEADLINE"}  # fmt: skip
 # Seconds-long runs: the cluster's 2 nodes share this machine's cores with everything else.
 SMALL = ["train.max_steps=6", "train.checkpoint_every=2", "cluster.gpus_per_node=0",
          "cluster.partition=debug", "cluster.time=00:10:00", "cluster.cpus_per_task=1"]  # fmt: skip
@@ -39,61 +38,6 @@ def shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
     make_pairs(root / "src", 40)
     shard(root / "src", root / "shards", val_fraction=0.2, shard_size=8)
     return root / "shards"
-
-
-def job_env(cluster) -> dict[str, str]:
-    """What sbatch hands on to the jobs (it exports the submitter's environment)."""
-    return {
-        **os.environ,
-        "PYTHONPATH": str(ROOT),
-        "SRMAE_PYTHON": cluster.python,  # the sbatch scripts' interpreter
-        # One thread per process: both nodes share 2 cores, and the reference runs match it.
-        "OMP_NUM_THREADS": "1",
-        # The node namespaces reach no DNS server: without this, each reverse lookup of a peer's
-        # address by torch.distributed waits out glibc's 5 s x 2 default before giving up.
-        "RES_OPTIONS": "timeout:1 attempts:1",
-    }
-
-
-def launch(cluster, cwd: Path, *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
-    cmd = [cluster.python, "-m", "toolkit.launch", *args]
-    return subprocess.run(cmd, cwd=cwd, env=job_env(cluster), capture_output=True, text=True,
-                          timeout=timeout, check=False)  # fmt: skip
-
-
-def launched(proc: subprocess.CompletedProcess) -> list[str]:
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    jobs = re.findall(r"^job (\d+): .* process\(es\)", proc.stdout, flags=re.M)
-    assert jobs, proc.stdout
-    return jobs
-
-
-def sbatch(cluster, cwd: Path, *args: str) -> str:
-    proc = subprocess.run(["sbatch", "--parsable", *args], cwd=cwd, env=job_env(cluster),
-                          capture_output=True, text=True, timeout=30, check=False)  # fmt: skip
-    assert proc.returncode == 0, proc.stderr
-    return proc.stdout.strip().split(";")[0]
-
-
-def sacct(job: str, fields: str) -> list[list[str]]:
-    """One row per run of the job allocation (-D: a requeued job's earlier runs too)."""
-    out = subprocess.run(["sacct", "-D", "-X", "-n", "-P", "-j", job, "-o", fields],
-                         capture_output=True, text=True, timeout=30, check=True).stdout  # fmt: skip
-    return [line.split("|") for line in out.strip().splitlines() if line]
-
-
-def wait_done(job: str, timeout: float = 120) -> tuple[str, str]:
-    """(State, ExitCode) once accounting has the job's current run in a terminal state."""
-    end = time.monotonic() + timeout
-    state = exit_code = ""
-    while time.monotonic() < end:
-        rows = sacct(job, "State,ExitCode")
-        if rows:
-            state, exit_code = rows[-1][0].split()[0], rows[-1][1]
-            if state in TERMINAL:
-                return state, exit_code
-        time.sleep(0.5)
-    pytest.fail(f"job {job}: still {state or 'unknown'} after {timeout} s")
 
 
 def steps(run_dir: Path) -> list[int]:
@@ -146,7 +90,6 @@ def submit(how: str, cluster, cwd: Path, shards: Path, run_dir: Path, *extra: st
     overrides = [*tiny(shards, run_dir, task="mae"), *extra]
     if how == "launch":
         return launched(launch(cluster, cwd, str(DEBUG_RECIPE), *overrides, "--nodes", "2"))[0]
-    (cwd / "runs").mkdir(exist_ok=True)
     script = str(ROOT / "slurm/pretrain.sh")
     return sbatch(cluster, cwd, *SCRIPT_SIZE, script, str(DEBUG_RECIPE), *overrides)
 
@@ -167,8 +110,9 @@ def test_launch_two_nodes_form_one_group(slurm_cluster, shards, tmp_path) -> Non
     assert wait_done(job) == ("COMPLETED", "0:0")
     logs = [(run_dir / "slurm" / f"{job}_{t}_log.err").read_text() for t in (0, 1)]
     port = 20000 + int(job) % 10000
-    assert f"rank 0 of 2 on n1 (node 0, local rank 0 of 1); master n1:{port}" in logs[0]
-    assert f"rank 1 of 2 on n2 (node 1, local rank 0 of 1); master n1:{port}" in logs[1]
+    assert "rank 0 of 2 on n1 (node 0, local rank 0 of 1, GPU - of all, 1 CPUs)" in logs[0]
+    assert "rank 1 of 2 on n2 (node 1, local rank 0 of 1, GPU - of all, 1 CPUs)" in logs[1]
+    assert all(f"master n1:{port}" in log for log in logs)
     assert all("world 2" in log for log in logs)  # the engine checks the group has 2 members
     ckpt = complete_final_checkpoint(run_dir, 6)
     assert {p.name for p in ckpt.glob("random_states_*.pkl")} == {
@@ -179,16 +123,19 @@ def test_launch_two_nodes_form_one_group(slurm_cluster, shards, tmp_path) -> Non
 
 
 def test_sbatch_finetune_script(slurm_cluster, shards, tmp_path) -> None:
-    """Spaces in the recipe path and in an override: the script quotes everything."""
-    recipes = tmp_path / "my recipes"
+    """`sbatch slurm/finetune.sh` from a fresh clone (no runs/ folder yet) runs, and its log
+    lands in the submit directory; spaces in the recipe path and in an override: the script
+    quotes everything."""
+    clone = tmp_path / "clone"  # what a fresh clone holds of what sbatch needs: no runs/
+    shutil.copytree(ROOT / "slurm", clone / "slurm")
+    recipes = clone / "my recipes"
     recipes.mkdir()
     shutil.copy(DEBUG_RECIPE, recipes / "debug run.yaml")
     shutil.copy(ROOT / "recipes/_base.yaml", recipes)
-    (tmp_path / "runs").mkdir()  # sbatch's --output directory
     run_dir = tmp_path / "run dir"
-    job = sbatch(slurm_cluster, tmp_path, *SCRIPT_SIZE, str(ROOT / "slurm/finetune.sh"),
-                 str(recipes / "debug run.yaml"), *tiny(shards, run_dir), *SMALL)  # fmt: skip
-    log = tmp_path / "runs" / f"slurm-srmae-finetune-{job}.out"
+    job = sbatch(slurm_cluster, clone, *SCRIPT_SIZE, "slurm/finetune.sh",
+                 "my recipes/debug run.yaml", *tiny(shards, run_dir), *SMALL)  # fmt: skip
+    log = clone / f"slurm-srmae-finetune-{job}.out"
     assert wait_done(job) == ("COMPLETED", "0:0"), log.read_text()
     text = log.read_text()
     assert "rank 0 of 2 on n1" in text and "rank 1 of 2 on n2" in text
@@ -227,7 +174,7 @@ def test_usr2_checkpoints_requeues_and_resumes_exactly(
     if how == "launch":
         log = (run_dir / "slurm" / f"{job}_0_log.err").read_text()
     else:
-        log = (tmp_path / "runs" / f"slurm-srmae-pretrain-{job}.out").read_text()
+        log = (tmp_path / f"slurm-srmae-pretrain-{job}.out").read_text()
     resumed = [int(s) for s in re.findall(r"resumed from \S+/step-(\d{8})", log)]
     assert resumed and 20 <= resumed[0] < 400, log[-3000:]
     assert steps(run_dir) == list(range(1, 401))

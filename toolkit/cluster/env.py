@@ -10,6 +10,8 @@ import sys
 from collections.abc import Mapping, MutableMapping
 from dataclasses import dataclass
 
+from toolkit.cluster import devices
+
 logger = logging.getLogger(__name__)
 
 # MASTER_PORT = PORT_BASE + job id % PORT_SPAN: every task of a job computes the same port with
@@ -188,18 +190,24 @@ def setup(environ: MutableMapping[str, str] | None = None) -> Ranks | None:
         found = from_slurm(environ, scontrol_hostnames(nodelist))
     assert found is not None
     environ.update(found.as_env())
+    gpus = devices.visible(environ)
+    if gpus:  # GPUs bound per task show in their count: LOCAL_RANK is the index of its own
+        index = devices.device_index(found.local_rank, found.local_world_size, len(gpus))
+        environ["LOCAL_RANK"] = str(index)
     logger.info(
-        "Slurm task: rank %d of %d on %s (node %d, local rank %d of %d); master %s:%d",
-        found.rank,
-        found.world_size,
-        environ.get("SLURMD_NODENAME", "?"),
-        found.node_rank,
-        found.local_rank,
-        found.local_world_size,
-        found.master_addr,
+        "Slurm task: rank %d of %d on %s (node %d, local rank %d of %d, GPU %s of %s, %d CPUs); "
+        "master %s:%d",
+        found.rank, found.world_size, environ.get("SLURMD_NODENAME", "?"), found.node_rank,
+        found.local_rank, found.local_world_size, environ["LOCAL_RANK"] if gpus else "-",
+        environ.get("CUDA_VISIBLE_DEVICES", "all"), cpu_count(), found.master_addr,
         found.master_port,
-    )
+    )  # fmt: skip
     return found
+
+
+def cpu_count() -> int:
+    """The CPUs this process may run on (its affinity: what Slurm bound it to, if it did)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def torchrun(procs: int, module: str, args: list[str]) -> int:
@@ -212,13 +220,18 @@ def torchrun(procs: int, module: str, args: list[str]) -> int:
 
 
 def main() -> int:
-    """`srun python -m toolkit.cluster.env`: print the variables each task would train with."""
+    """`srun python -m toolkit.cluster.env`: print the variables each task would train with,
+    the GPUs it sees and the CPUs it may use."""
     logging.basicConfig(level="INFO", format="%(message)s", stream=sys.stderr)
     setup()
     found = ranks(os.environ)
-    for key, value in (found.as_env() if found else {}).items():
-        sys.stdout.write(f"{key}={value}\n")
-    return 0 if found else 1
+    if found is None:
+        return 1
+    shown = {**found.as_env(), "LOCAL_RANK": os.environ.get("LOCAL_RANK", str(found.local_rank)),
+             "CUDA_VISIBLE_DEVICES": os.environ.get("CUDA_VISIBLE_DEVICES", ""),
+             "CPUS": str(cpu_count())}  # fmt: skip
+    sys.stdout.write("".join(f"{key}={value}\n" for key, value in shown.items()))
+    return 0
 
 
 if __name__ == "__main__":

@@ -32,7 +32,8 @@ SIGNAL_DELAY_S = 120
 # limit is too short to reach a checkpoint from requeueing forever.
 MAX_TIMEOUTS = 20
 # submitit's srun runs every task with this: one task that dies ends the step at once, instead
-# of the others waiting in a collective until the time limit.
+# of the others waiting in a collective until the time limit. --cpus-per-task is added per job:
+# srun of Slurm 22.05-23.02 does not take it from the job, and its tasks would get one CPU each.
 SRUN_ARGS = ("--kill-on-bad-exit=1",)
 
 
@@ -43,6 +44,9 @@ class JobSpec:
     name: str
     nodes: int
     gpus_per_node: int  # 0: CPU nodes, one task each
+    gres: str | None  # asked for instead of --gpus-per-node (its count is gpus_per_node)
+    mem: str | None
+    wckey: str | None
     cpus_per_task: int
     time: str  # Slurm syntax, as given
     minutes: int
@@ -92,10 +96,20 @@ def job_spec(r: recipe.Recipe, flags: dict[str, Any]) -> JobSpec:
 
     time = pick("time")
     where = "--time" if flags.get("time") is not None else f"cluster.time of {r.name}"
+    gres, gpus = pick("gres"), pick("gpus_per_node")
+    if flags.get("gpus_per_node") is not None and flags.get("gres") is None:
+        gres = None  # --gpus-per-node on the command line wins over the recipe's gres
+    if gres is not None:
+        if not re.fullmatch(r"gpu(:[\w.-]+)?:\d+", gres):
+            raise UserError(f"--gres: expected gpu:N or gpu:TYPE:N, got {gres!r}")
+        gpus = int(gres.rsplit(":", 1)[1])
     return JobSpec(
         name=r.name,
         nodes=pick("nodes"),
-        gpus_per_node=pick("gpus_per_node"),
+        gpus_per_node=gpus,
+        gres=gres,
+        mem=pick("mem"),
+        wckey=pick("wckey"),
         cpus_per_task=c.cpus_per_task,
         time=str(time),
         minutes=time_minutes(time, where),
@@ -121,14 +135,17 @@ def parameters(spec: JobSpec, dependency: str | None = None) -> dict[str, Any]:
         "cpus_per_task": spec.cpus_per_task,
         "time": spec.minutes,  # submitit also times the job with it: whole minutes
         "signal_delay_s": SIGNAL_DELAY_S,
-        "srun_args": list(SRUN_ARGS),
+        "srun_args": [*SRUN_ARGS, f"--cpus-per-task={spec.cpus_per_task}"],
+        "wckey": spec.wckey,  # submitit sets --wckey=submitit unless told None
         # The job imports toolkit from this checkout, whatever the nodes' environment has.
         "setup": [f"export PYTHONPATH={shlex.quote(str(ROOT))}${{PYTHONPATH:+:$PYTHONPATH}}"],
         "additional_parameters": {"requeue" if spec.requeue else "no-requeue": True},
     }
-    if spec.gpus_per_node:
+    if spec.gres:
+        params["gres"] = spec.gres
+    elif spec.gpus_per_node:
         params["gpus_per_node"] = spec.gpus_per_node
-    for key in ("partition", "account", "qos", "constraint"):
+    for key in ("partition", "account", "qos", "constraint", "mem"):
         if getattr(spec, key):
             params[key] = getattr(spec, key)
     if dependency:

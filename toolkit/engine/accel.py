@@ -21,6 +21,7 @@ from accelerate.state import AcceleratorState, GradientState
 from accelerate.utils import DeepSpeedPlugin, InitProcessGroupKwargs, set_seed
 from torch import nn
 
+from toolkit.cluster import devices
 from toolkit.recipe import DeepSpeedConfig, TrainConfig
 
 logger = logging.getLogger(__name__)
@@ -77,9 +78,11 @@ class Engine:
     def __init__(
         self, train: TrainConfig, deepspeed: DeepSpeedConfig | None, micro_batch: int
     ) -> None:
-        cpu = not torch.cuda.is_available()
         if deepspeed is not None:
             _single_process_env()
+        # The process's own GPU (LOCAL_RANK mapped to those it sees), or the CPU where it was
+        # given none; given GPUs without a working CUDA, it stops here with the cause.
+        cpu = devices.bind() == "cpu"
         expected = int(os.environ.get("WORLD_SIZE", "1"))
         handlers = []
         if expected > 1 or deepspeed is not None:  # for one DDP process, naming a backend fails

@@ -7,13 +7,12 @@ from pathlib import Path
 
 import pytest
 
-from toolkit import recipe
+from toolkit import launch, recipe
 from toolkit.cluster import slurm
 from toolkit.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[3]
-NO_FLAGS = dict.fromkeys(("nodes", "gpus_per_node", "partition", "time", "account", "qos",
-                          "constraint"))  # fmt: skip
+NO_FLAGS = dict.fromkeys(launch.SLURM_FLAGS)
 
 
 @pytest.mark.parametrize(
@@ -52,10 +51,28 @@ def test_parameters_of_a_chained_cpu_stage() -> None:
     assert params["dependency"] == "afterok:41"
     assert params["additional_parameters"] == {"no-requeue": True, "kill-on-invalid-dep": "yes"}
     assert "gpus_per_node" not in params and "partition" not in params
-    assert params["srun_args"] == ["--kill-on-bad-exit=1"] and params["signal_delay_s"] == 120
+    # srun is told the CPUs per task: Slurm 22.05-23.02 srun would give each task one
+    assert params["srun_args"] == ["--kill-on-bad-exit=1", "--cpus-per-task=2"]
+    assert params["signal_delay_s"] == 120 and params["wckey"] is None
     text = slurm.sbatch_script(Path("/runs/x/slurm"), params, python="py")
     assert "#SBATCH --dependency=afterok:41" in text and "#SBATCH --no-requeue" in text
     assert "py -u -m submitit.core._submit /runs/x/slurm" in text
+    assert "--wckey" not in text  # submitit's default wckey is refused where wckeys are enforced
+    assert "--kill-on-bad-exit=1 --cpus-per-task=2 " in text
+
+
+def test_gres_mem_and_wckey_reach_the_job() -> None:
+    r = recipe.load(ROOT / "recipes/pretrain.yaml", ["cluster.gres=gpu:a100:4", "cluster.mem=64G"])
+    spec = slurm.job_spec(r, {**NO_FLAGS, "wckey": "proj"})
+    assert (spec.gpus_per_node, spec.tasks_per_node) == (4, 4)  # the count of the gres
+    params = slurm.parameters(spec)
+    assert (params["gres"], params["mem"], params["wckey"]) == ("gpu:a100:4", "64G", "proj")
+    assert "gpus_per_node" not in params
+    # --gpus-per-node on the command line wins over the recipe's gres
+    flagged = slurm.job_spec(r, {**NO_FLAGS, "gpus_per_node": 2})
+    assert (flagged.gres, flagged.gpus_per_node) == (None, 2)
+    with pytest.raises(UserError, match="--gres: expected gpu:N or gpu:TYPE:N"):
+        slurm.job_spec(r, {**NO_FLAGS, "gres": "gpu:many"})
 
 
 def test_no_slurm_on_path_is_one_line_suggesting_local(monkeypatch, tmp_path) -> None:
