@@ -180,7 +180,7 @@ def worker(args: argparse.Namespace) -> int:
         scheduler.step()
         state.step += 1
         elapsed = time.perf_counter() - start
-        losses.append(loss_sum / count)
+        losses.append(float(loss_sum) / count)
         if i >= args.warmup:
             times.append(elapsed)
     counted = count_bytes(model, optimizer)

@@ -45,8 +45,9 @@ def evaluate(target: Target, split: str = "val") -> dict[str, Any] | None:
     try:
         model.to(engine.device)
         loader = eval_loader(r, split, engine.rank, engine.world_size)
-        result = validate(task, model, iter(loader), Placement(engine.device)).gathered()
-        summary = eval_summary(task, result, split) if engine.is_main else None
+        result = validate(task, model, iter(loader), Placement(engine.device)).gathered(task)
+        loader.close()
+        summary = eval_summary(task, result, split) if result is not None else None
     except BaseException:
         engine.abandon()  # no barrier: the other ranks may be waiting in a gather instead
         raise

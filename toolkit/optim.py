@@ -77,12 +77,16 @@ def build_groups(model: nn.Module, cfg: OptimConfig) -> list[Group]:
     return out
 
 
-def build_optimizer(groups: list[Group], cfg: OptimConfig) -> torch.optim.Optimizer:
+def build_optimizer(
+    groups: list[Group], cfg: OptimConfig, fused: bool = False
+) -> torch.optim.Optimizer:
+    """AdamW over the groups; `fused`: one kernel for all parameters (CUDA), not a loop of them."""
     torch_groups = [
         {"params": g.params, "lr": g.lr, "weight_decay": g.weight_decay, "name": g.rule}
         for g in groups
     ]
-    return torch.optim.AdamW(torch_groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
+    return torch.optim.AdamW(torch_groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps,
+                             fused=fused or None)  # fmt: skip
 
 
 def lr_at(

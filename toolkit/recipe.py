@@ -129,8 +129,11 @@ class TrainConfig:
     checkpoint_every: int = setting(500, ge=0)
     # Complete checkpoints kept on disk (older ones are deleted).
     keep_last: int = setting(3, gt=0)
-    # Log training scalars every N optimiser steps.
+    # Log training scalars every N optimiser steps (the loss is read from the device then).
     log_every: int = setting(10, gt=0)
+    # Compile the model with torch.compile (in place: parameter names do not change, so
+    # checkpoints move freely between compiled and uncompiled runs).
+    compile: bool = False
 
 
 @dataclass
@@ -141,6 +144,9 @@ class DeepSpeedConfig:
     offload_optimizer: str = setting("none", choices=("none", "cpu"))
     # Keep parameters in CPU memory (ZeRO 3).
     offload_param: str = setting("none", choices=("none", "cpu"))
+    # Data type of the gradients ranks exchange: fp32 keeps every bit of the bf16 run's gradient
+    # sums (twice the traffic); null: DeepSpeed's own (the training precision).
+    grad_comm_dtype: str | None = setting(None, choices=("fp32", "bf16"))
 
 
 @dataclass
@@ -361,6 +367,10 @@ def _check(r: Recipe, origins: Origins) -> None:
             fail("deepspeed.offload_optimizer", "needs deepspeed.zero_stage >= 1")
         if ds.offload_param != "none" and ds.zero_stage != 3:
             fail("deepspeed.offload_param", "needs deepspeed.zero_stage 3")
+        if ds.zero_stage == 0 and r.train.precision == "bf16":
+            fail("deepspeed.zero_stage", "0 with train.precision bf16 would export a bf16 copy of "
+                 "the weights: use zero_stage 1 or more, precision 'no', or deepspeed: null "
+                 "(DDP, whose bf16 autocasts fp32 weights)")  # fmt: skip
     if not _TIME.match(r.cluster.time):
         fail("cluster.time", f"{r.cluster.time!r} is not MM, HH:MM:SS or D-HH:MM:SS")
     if r.cluster.gres is not None and not _GRES.match(r.cluster.gres):

@@ -32,6 +32,7 @@ from toolkit.data.format import (
     TarWriter,
     commit,
     manifest_doc,
+    verify,
 )
 from toolkit.data.sources import Item, Source, list_source, probe
 from toolkit.errors import UserError
@@ -341,8 +342,12 @@ def parse_args(argv: Sequence[str] | None) -> Any:
         description="Shard a folder of images/.npy (HR only, or paired hr/ and lr/) into "
         "WebDataset tars: OUT/train, OUT/val and OUT/manifest.json.",
     )
-    p.add_argument("src", metavar="SRC", help="source folder (images/.npy, or hr/ + lr/)")
-    p.add_argument("out", metavar="OUT", help="output folder")
+    p.add_argument(
+        "src", metavar="SRC", nargs="?", help="source folder (images/.npy, or hr/ + lr/)"
+    )
+    p.add_argument("out", metavar="OUT", nargs="?", help="output folder")
+    p.add_argument("--verify", metavar="DIR", help="check DIR's shards against the sha256 and size "
+                   "its manifest.json records (nothing is written)")  # fmt: skip
     p.add_argument(
         "--val-fraction",
         type=float,
@@ -356,11 +361,25 @@ def parse_args(argv: Sequence[str] | None) -> Any:
     p.add_argument("--seed", type=int, default=0, metavar="S", help="seed of the split and order")
     p.add_argument("--overwrite", action="store_true", help="replace the shards in a non-empty OUT")
     p.add_argument("--strict", action="store_true", help="a corrupt file is an error, not a skip")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.verify is not None and (args.src or args.out):
+        p.error("--verify DIR checks shards: give no SRC or OUT with it")
+    if args.verify is None and not (args.src and args.out):
+        p.error("expected SRC and OUT (or --verify DIR)")
+    return args
 
 
 def _main(argv: Sequence[str] | None) -> int:
     a = parse_args(argv)
+    if a.verify is not None:
+        checked, problems = verify(a.verify)
+        for line in problems[1:]:
+            logger.error("%s", line)
+        if problems:
+            raise UserError(f"{problems[0]} ({len(problems)} of {checked} shards differ)")
+        logger.info("%s: %d shards match their manifest entries (size and sha256)", a.verify,
+                    checked)  # fmt: skip
+        return 0
     shard(
         a.src,
         a.out,

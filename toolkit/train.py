@@ -9,6 +9,7 @@ after a checkpoint (the Slurm scripts requeue the job on it); relaunching resume
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from collections.abc import Sequence
 
@@ -25,7 +26,8 @@ def run(r: recipe.Recipe) -> int:
     signal stopped it after a checkpoint."""
     from toolkit.engine.loop import NonFiniteLoss, train  # torch/accelerate: only when training
 
-    preflight.require(r)
+    if os.environ.get("RANK", "0") == "0":  # one process checks the inputs for the job
+        preflight.require(r)
     try:
         result = train(r)
     except NonFiniteLoss as err:

@@ -65,11 +65,8 @@ def test_zero_trains_checkpoints_and_resumes(shards, tmp_path, stage, precision)
     assert "resumed from" in out and "step-00000003" in out
     a, b = weights(straight), weights(resumed)
     assert a.keys() == b.keys()
-    for k in a:
-        if precision == "no":
-            assert torch.equal(a[k], b[k]), k  # fp32: bit-exact
-        else:
-            torch.testing.assert_close(a[k], b[k], rtol=2e-2, atol=2e-3)
+    for k in a:  # bit-exact in bf16 too: a resume that lost the Adam state or a step differs
+        assert torch.equal(a[k], b[k]), k
     # The live optimiser kept the recipe's two learning rates (constant schedule in debug).
     lines = read_jsonl(straight / "metrics.jsonl")
     lrs = {k: v for x in lines for k, v in x.items() if k.startswith("train/lr/")}
@@ -253,3 +250,32 @@ def test_restart_stops_clearly_when_the_conversion_does_not_load(
     # the failed run left this process clean: another run trains in it
     after = train(recipe.load(DEBUG_RECIPE, tiny(shards, tmp_path / "after", "train.max_steps=1")))
     assert after.step == 1
+
+
+@pytest.mark.parametrize("task", ["sr", "mae"])
+def test_bf16_deepspeed_keeps_residual_loss_and_outputs_in_fp32(shards, task) -> None:
+    """Under DeepSpeed bf16 the weights are bf16 and the matrix products run in bf16, but the
+    SR output (bicubic skip plus residuals) and the per-sample losses come out in fp32."""
+    from toolkit.engine.accel import Engine
+    from toolkit.optim import build_groups, build_optimizer, build_scheduler
+    from toolkit.tasks import task_of
+
+    r = recipe.load(DEBUG_RECIPE, [*tiny(shards, Path("unused"), task=task),
+                                   "deepspeed.zero_stage=2", "train.precision=bf16"])  # fmt: skip
+    engine = Engine(r.train, r.deepspeed, micro_batch=r.data.batch_size)
+    try:
+        model = build_model(r)
+        optimizer = build_optimizer(build_groups(model, r.optim), r.optim)
+        scheduler = build_scheduler(optimizer, r.optim.scheduler, steps_per_epoch=1, total_steps=1)
+        model, optimizer, scheduler = engine.prepare(model, optimizer, scheduler)
+        assert next(model.parameters()).dtype == torch.bfloat16
+        batch = next(iter(eval_loader(r, "train")))
+        at = Placement(engine.device, engine.train_autocast)
+        losses, out = task_of(r).losses(model, batch, at, torch.Generator().manual_seed(0))
+        assert losses.dtype == torch.float32
+        if task == "sr":
+            assert out.dtype == torch.float32  # bicubic + residuals added in fp32
+        else:
+            assert out.sample_loss.dtype == torch.float32 and out.pred.dtype == torch.bfloat16
+    finally:
+        engine.abandon()

@@ -207,3 +207,21 @@ def test_killed_overwrite_keeps_the_old_run_or_none(many_files: Path, tmp_path: 
     new = shard.shard(many_files, out, shard_size=1000, overwrite=True)
     named = {out / s["name"] for sp in new["splits"].values() for s in sp["shards"]}
     assert {p for p in out.glob("*/*") if p.is_file()} | set(out.glob("*/.*")) == named
+
+
+def test_verify_checks_every_shard_against_its_manifest(capsys, caplog, tmp_path: Path) -> None:
+    src = make_pairs(tmp_path / "src", 12)
+    out = tmp_path / "out"
+    assert run(capsys, src, out, "--shard-size", "4")[0] == 0
+    caplog.set_level("INFO")
+    assert run(capsys, "--verify", out)[0] == 0
+    assert "shards match their manifest entries (size and sha256)" in caplog.text
+    shard_file = sorted((out / "train").glob("shard-*.tar"))[0]
+    data = bytearray(shard_file.read_bytes())
+    data[600] ^= 0xFF  # one flipped byte inside a member: same size, another sha256
+    shard_file.write_bytes(bytes(data))
+    code, _, err = run(capsys, "--verify", out)
+    line = [x for x in err.splitlines() if x.startswith("error:")]
+    assert code == 2 and len(line) == 1 and str(shard_file) in line[0] and "sha256" in line[0]
+    assert "1 of" in line[0]
+    assert run(capsys, "--verify", out, src)[0] == 2  # --verify takes no SRC/OUT

@@ -145,13 +145,13 @@ def test_accumulator_rejects_inconsistent_input() -> None:
         acc.add(["c"], {"psnr": torch.tensor([30.0])})
     acc.add(["a"], {"mse": torch.tensor([0.3])})
     with pytest.raises(ValueError, match="more than once"):
-        acc.gather()
+        acc.gather(["mse"])
 
 
 def test_gather_without_a_process_group_is_the_accumulator_itself() -> None:
     assert not dist.is_initialized()
     acc = filled({"mse": [0.1, 0.2]})
-    assert acc.gather() is acc
+    assert acc.gather(["mse"]) is acc
 
 
 def test_gather_in_a_one_process_group_round_trips(tmp_path: Path) -> None:
@@ -160,10 +160,10 @@ def test_gather_in_a_one_process_group_round_trips(tmp_path: Path) -> None:
     )
     try:
         acc = filled({"mse": [0.1, 0.2, 0.3], "psnr": [10.0, 7.0, 5.2]})
-        merged = acc.gather()
+        merged = acc.gather(["mse", "psnr"])
     finally:
         dist.destroy_process_group()
-    assert merged is not acc
+    assert merged is not None and merged is not acc
     assert merged.keys == ["s0", "s1", "s2"]
     assert torch.equal(merged.values("psnr"), acc.values("psnr"))
     assert merged.summary() == acc.summary()
@@ -177,11 +177,9 @@ def _gather_worker(rank: int, world: int, init: str, out: str) -> None:
         sr, hr = torch.rand(n, 1, 16, 16), torch.rand(n, 1, 16, 16)
         acc = MetricAccumulator()
         acc.add([f"r{rank}-{i}" for i in range(n)], metrics.image_metrics(IMAGE, sr, hr))
-        merged = acc.gather()
-        torch.save(
-            {"keys": merged.keys, "mse": merged.values("mse"), "local": acc.values("mse")},
-            Path(out) / f"rank{rank}.pt",
-        )
+        merged = acc.gather(list(IMAGE))
+        found = None if merged is None else {"keys": merged.keys, "mse": merged.values("mse")}
+        torch.save({"merged": found, "local": acc.values("mse")}, Path(out) / f"rank{rank}.pt")
     finally:
         dist.destroy_process_group()
 
@@ -192,6 +190,6 @@ def test_gather_across_two_gloo_ranks_counts_each_sample_once(tmp_path: Path) ->
     mp.spawn(_gather_worker, args=(2, init, str(tmp_path)), nprocs=2, join=True)
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
     expected = ["r0-0", "r0-1", "r0-2", "r1-0", "r1-1"]
-    assert r0["keys"] == r1["keys"] == expected
-    assert torch.equal(r0["mse"], r1["mse"])
-    assert torch.equal(r0["mse"], torch.cat([r0["local"], r1["local"]]))
+    assert r0["merged"]["keys"] == expected
+    assert r1["merged"] is None  # the per-image values go to rank 0 alone
+    assert torch.equal(r0["merged"]["mse"], torch.cat([r0["local"], r1["local"]]))

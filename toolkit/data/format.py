@@ -11,10 +11,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import sys
 import tarfile
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -222,6 +223,31 @@ def read_manifest(root: str | Path) -> Manifest:
     return manifest
 
 
+def verify(root: str | Path) -> tuple[int, list[str]]:
+    """Check every shard against its manifest entry, size and sha256: (shards checked, one
+    line per shard that differs)."""
+    root = Path(root)
+    read_manifest(root)  # a readable manifest whose shards all exist
+    doc = json.loads((root / MANIFEST).read_text())
+    entries = [s for split in doc["splits"].values() for s in split["shards"]]
+    problems = []
+    for entry in entries:
+        path = root / entry["name"]
+        size = path.stat().st_size
+        if size != entry["bytes"]:
+            problems.append(f"{path}: {size} bytes, the manifest says {entry['bytes']}")
+            continue
+        sha = hashlib.sha256()
+        with open(path, "rb") as f:
+            for chunk in iter(lambda f=f: f.read(1 << 20), b""):
+                sha.update(chunk)
+        if sha.hexdigest() != entry["sha256"]:
+            problems.append(
+                f"{path}: sha256 {sha.hexdigest()}, the manifest says {entry['sha256']}"
+            )
+    return len(entries), problems
+
+
 def mismatches(manifest: Manifest, channels: int, crop: int) -> list[str]:
     """Why the shards cannot feed a model of `channels` inputs on `crop`-sized images, if so."""
     out = []
@@ -242,46 +268,100 @@ def mismatches(manifest: Manifest, channels: int, crop: int) -> list[str]:
 _BLOCK = 512
 
 
-def read_tar(stream: BinaryIO) -> Iterator[tuple[str, bytes]]:
-    """(name, bytes) of each regular file of a tar stream.
+class _Member:
+    """One regular file of a tar: its name and size; its bytes only when asked for."""
+
+    def __init__(self, stream: BinaryIO, name: str, size: int) -> None:
+        self.stream, self.name, self.size, self.taken = stream, name, size, False
+
+    def read(self) -> bytes:
+        self.taken = True
+        data = self.stream.read(self.size)
+        if len(data) < self.size:
+            raise EOFError("tar ends inside a member")
+        return data
+
+
+def tar_members(stream: BinaryIO) -> Iterator[_Member]:
+    """Each regular file of a tar stream; a member whose bytes are not read is skipped with a
+    seek, not read (a reader positioned deep into a shard reads only what it uses).
 
     Python's tarfile parses every header through a general state machine, five times slower than
     this on shards of small files (measured: 0.21 s vs 0.04 s for 2,000 members); the shards are
     plain ustar (with pax or GNU records for long names), which this reads. Truncation raises
     EOFError; a bad header raises ValueError."""
+    end = os.fstat(stream.fileno()).st_size if hasattr(stream, "fileno") else None
     long_name: str | None = None
     while True:
         header = stream.read(_BLOCK)
-        if len(header) < _BLOCK or header == bytes(_BLOCK):
-            if header.strip(b"\0"):
-                raise EOFError("tar ends inside a header")
+        if len(header) < _BLOCK:  # every tar ends with zero blocks: a file without is cut short
+            raise EOFError("tar ends inside a header" if header else "tar ends before its end")
+        if header == bytes(_BLOCK):
             return
         if sum(header[:148]) + sum(header[156:]) + 8 * 32 != int(
             header[148:156].strip(b"\0 ") or 0, 8
         ):
             raise ValueError("tar header checksum mismatch")
         size = int(header[124:136].strip(b"\0 ") or 0, 8)
-        data = stream.read(size)
-        if len(data) < size:
-            raise EOFError("tar ends inside a member")
-        stream.seek(-size % _BLOCK, 1)
         kind = header[156:157]
-        if kind == b"L":  # GNU long name: the next member's name
-            long_name = data.rstrip(b"\0").decode()
-            continue
-        if kind == b"x":  # pax extended header: look for its path record
-            for record in data.decode().splitlines():
-                _, _, kv = record.partition(" ")
-                if kv.startswith("path="):
-                    long_name = kv[len("path=") :]
-            continue
-        if kind not in (b"0", b"\0"):
+        if kind in (b"L", b"x"):  # a long name for the next member: GNU record or pax header
+            data = _Member(stream, "", size).read()
+            long_name = data.rstrip(b"\0").decode() if kind == b"L" else _pax_path(data)
+        elif kind in (b"0", b"\0"):
+            name = header[:100].rstrip(b"\0").decode()
+            prefix = header[345:500].rstrip(b"\0").decode() if header[257:262] == b"ustar" else ""
+            entry = _Member(stream, long_name or (f"{prefix}/{name}" if prefix else name), size)
             long_name = None
-            continue
-        name = header[:100].rstrip(b"\0").decode()
-        prefix = header[345:500].rstrip(b"\0").decode() if header[257:262] == b"ustar" else ""
-        yield long_name or (f"{prefix}/{name}" if prefix else name), data
-        long_name = None
+            yield entry
+            if not entry.taken:
+                stream.seek(size, 1)
+        else:
+            long_name = None
+            stream.seek(size, 1)
+        stream.seek(-size % _BLOCK, 1)
+        if end is not None and stream.tell() > end:
+            raise EOFError("tar ends inside a member")
+
+
+def _pax_path(data: bytes) -> str | None:
+    for record in data.decode().splitlines():
+        _, _, kv = record.partition(" ")
+        if kv.startswith("path="):
+            return kv[len("path=") :]
+    return None
+
+
+def read_tar(stream: BinaryIO) -> Iterator[tuple[str, bytes]]:
+    """(name, bytes) of each regular file of a tar stream."""
+    for entry in tar_members(stream):
+        yield entry.name, entry.read()
+
+
+_KEY = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")  # webdataset's split: key, then extension
+
+
+def read_samples(
+    stream: BinaryIO, start: int, stop: int, wanted: Callable[[int], bool]
+) -> Iterator[tuple[int, dict[str, Any] | None]]:
+    """Samples `start` <= i < `stop` of a shard (a sample: the members sharing a key, as
+    webdataset groups them), each as {"__key__", extension: bytes} or None where `wanted(i)`
+    says no. Members of samples not wanted, or before `start`, are seeked over, not read."""
+    index, key, sample = -1, None, None
+    for entry in tar_members(stream):
+        m = _KEY.match(entry.name)
+        if m is None:
+            continue  # a member without an extension belongs to no sample
+        if m.group(1) != key:
+            if start <= index < stop:
+                yield index, sample
+            index, key = index + 1, m.group(1)
+            if index >= stop:
+                return
+            sample = {"__key__": key} if start <= index and wanted(index) else None
+        if sample is not None:
+            sample[m.group(2)] = entry.read()
+    if key is not None and start <= index < stop:
+        yield index, sample
 
 
 def member(sample: dict[str, Any], side: str) -> tuple[bytes, str]:

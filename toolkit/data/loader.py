@@ -20,17 +20,15 @@ not depend on the worker count or on resuming.
 from __future__ import annotations
 
 import logging
-import tarfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, default_collate, get_worker_info
-from webdataset.tariterators import group_by_keys
 
 from toolkit.data.degrade import degrade
-from toolkit.data.format import MANIFEST, Manifest, member, read_manifest, read_tar
+from toolkit.data.format import MANIFEST, Manifest, member, read_manifest, read_samples
 from toolkit.data.plan import (
     Segment,
     buffered_shuffle,
@@ -79,8 +77,21 @@ class ShardStream(IterableDataset):
         # depends on it, so a resumed job must use the same count, which the recipe fixes.
         self.workers = max(workers, 1)
         self.plan = rank_plan(manifest.count(split), batch_size, rank, world_size, self.train)
-        self.epoch = 0
-        self.skip = 0  # batches of this epoch already consumed (the resume cursor)
+        # (epoch, batches of it already consumed) in shared memory: DataLoader workers that live
+        # across epochs read each pass's cursor from here when they start it.
+        self.cursor = torch.zeros(2, dtype=torch.int64).share_memory_()
+
+    @property
+    def epoch(self) -> int:
+        return int(self.cursor[0])
+
+    @property
+    def skip(self) -> int:
+        return int(self.cursor[1])
+
+    def start(self, epoch: int, skip: int) -> None:
+        """The next pass reads `epoch` from its batch `skip` on."""
+        self.cursor[0], self.cursor[1] = epoch, skip
 
     def worker_runs(self, workers: int) -> list[tuple[int, int, int]]:
         """(first position, end position, batch count) of each worker's run of batches."""
@@ -100,17 +111,24 @@ class ShardStream(IterableDataset):
         worker = (loader_worker + first) % self.workers
         lo, hi, _ = runs[worker]
         skip = done[worker] * self.batch_size
-        order = list(range(lo, hi))
+        order = np.arange(lo, hi, dtype=np.int64)
         if self.train:
             rng = np.random.default_rng([self.seed, self.epoch, self.rank, worker, 0x5B])
             order = buffered_shuffle(order, self.shuffle_buffer, rng)
         todo = order[skip:]
+        if not len(todo):
+            return
+        wanted = np.zeros(hi - lo, dtype=bool)
+        wanted[todo - lo] = True
         shards = shard_order(self.manifest.splits[self.split], self.seed, self.epoch, self.train)
-        raw = self._read(segments(shards, lo, hi), set(todo))
+        # Reading starts at the first position still to come (a resumed epoch does not go
+        # through what it consumed) and ends at the last.
+        first, last = int(todo.min()), int(todo.max()) + 1
+        raw = self._read(segments(shards, first, last), lambda pos: bool(wanted[pos - lo]))
         batch: list[dict[str, Any]] = []
         cache: dict[int, dict[str, Any] | None] = {}
         last_good: dict[str, Any] | None = None
-        for pos in todo:
+        for pos in todo.tolist():
             while pos not in cache:
                 got_pos, sample = next(raw)
                 cache[got_pos] = sample
@@ -128,25 +146,24 @@ class ShardStream(IterableDataset):
         if batch:
             yield collate(batch)
 
-    def _read(self, segs: list[Segment], wanted: set[int]) -> Iterator[tuple[int, Any]]:
-        """(position, raw sample or None if lost) for every position of the segments, in order."""
+    def _read(
+        self, segs: list[Segment], wanted: Callable[[int], bool]
+    ) -> Iterator[tuple[int, Any]]:
+        """(position, raw sample or None if lost or not wanted) for every position of the
+        segments, in order; samples not wanted are seeked over in the tar, not read."""
         for seg in segs:
             got = 0
             try:
                 with open(seg.shard.path, "rb") as stream:
-                    files = (
-                        {"fname": n, "data": d, "__url__": seg.shard.name}
-                        for n, d in read_tar(stream)
-                    )
-                    for i, sample in enumerate(group_by_keys(files)):
-                        if i < seg.start:
-                            continue
-                        if i >= seg.stop:
-                            break
-                        pos = seg.first + i - seg.start
-                        yield pos, (sample if pos in wanted else None)
+                    shift = seg.first - seg.start  # shard sample i is position i + shift
+                    rows = read_samples(stream, seg.start, seg.stop,
+                                        lambda i, shift=shift: wanted(i + shift))  # fmt: skip
+                    for i, sample in rows:
+                        if sample is not None:
+                            sample["__url__"] = seg.shard.name
+                        yield i + shift, sample
                         got += 1
-            except (tarfile.TarError, OSError, EOFError, ValueError) as err:
+            except (OSError, EOFError, ValueError) as err:
                 logger.warning("shard %s is damaged (%s)", seg.shard.name, err)
             lost = seg.stop - seg.start - got
             if lost:
@@ -210,7 +227,7 @@ class ShardStream(IterableDataset):
         """A good sample from anywhere in the split, when a worker's whole run so far is lost."""
         for shard in self.manifest.splits[self.split]:
             segs = [Segment(shard, 0, shard.count, 0)]
-            for _, sample in self._read(segs, set(range(shard.count))):
+            for _, sample in self._read(segs, lambda _: True):
                 item = self._transform(sample, pos)
                 if item is not None:
                     return item
@@ -250,9 +267,27 @@ class Loader:
     def __init__(self, stream: ShardStream, num_workers: int, pin_memory: bool = False) -> None:
         self.stream = stream
         self.num_workers = num_workers
-        self.pin_memory = pin_memory
+        self.pin_memory = pin_memory  # page-locked batches: copies to a GPU need not wait
         self.epoch = 0
         self.batch = 0
+        self._loader: DataLoader | None = None
+
+    def _dataloader(self) -> DataLoader:
+        """One DataLoader for the loader's life: its workers start once and serve every epoch
+        (and every evaluation) instead of being forked again each time."""
+        if self._loader is None:
+            self._loader = DataLoader(
+                self.stream, batch_size=None, num_workers=self.num_workers,
+                pin_memory=self.pin_memory, persistent_workers=self.num_workers > 0,
+            )  # fmt: skip
+        return self._loader
+
+    def close(self) -> None:
+        """End the workers now (they would also end with the loader)."""
+        iterator = getattr(self._loader, "_iterator", None)
+        if iterator is not None and hasattr(iterator, "_shutdown_workers"):
+            iterator._shutdown_workers()
+        self._loader = None
 
     @property
     def batches_per_epoch(self) -> int:
@@ -271,11 +306,8 @@ class Loader:
     def __iter__(self) -> Iterator[dict[str, Any]]:
         if self.batch >= self.batches_per_epoch:
             self.epoch, self.batch = self.epoch + 1, 0
-        self.stream.epoch, self.stream.skip = self.epoch, self.batch
-        loader = DataLoader(
-            self.stream, batch_size=None, num_workers=self.num_workers, pin_memory=self.pin_memory
-        )
-        for batch in loader:
+        self.stream.start(self.epoch, self.batch)
+        for batch in self._dataloader():
             self.batch += 1
             yield batch
         self.epoch, self.batch = self.epoch + 1, 0
@@ -292,15 +324,17 @@ def build_loader(
     fields: tuple[str, ...] = ("hr", "lr"),
     pin_memory: bool = False,
     evaluation: bool = False,
+    manifest: Manifest | None = None,
 ) -> Loader:
     """The loader of one split for one rank, from the recipe's `data` section.
 
     `crop` is the HR side the model works on (model.img_size); `fields` are the tensors the task
     needs besides the sample key ("hr", and "lr" for super-resolution). The train split is read
     in training order (shuffled, random crops, padded by repeats) unless `evaluation` asks for
-    every sample exactly once, centre-cropped, as the validation split always is.
+    every sample exactly once, centre-cropped, as the validation split always is. `manifest`:
+    the shards' manifest as already read (by the main process of a job), else read here.
     """
-    manifest = read_manifest(data.shards)
+    manifest = manifest if manifest is not None else read_manifest(data.shards)
     if split not in manifest.splits or not manifest.count(split):
         raise UserError(f"{manifest.root / MANIFEST}: split {split!r} has no samples")
     train = split == "train" and not evaluation

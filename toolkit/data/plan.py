@@ -31,19 +31,21 @@ def shard_order(shards: tuple[Shard, ...], seed: int, epoch: int, shuffle: bool)
 
 
 def segments(order: list[Shard], lo: int, hi: int) -> list[Segment]:
-    """Virtual positions [lo, hi) of the shard sequence, wrapping around past its end."""
-    total = sum(s.count for s in order)
+    """Virtual positions [lo, hi) of the shard sequence, wrapping around past its end. Each
+    segment's shard is found by bisection in the cumulative counts: a range spanning k of S
+    shards costs O(S + k log S), not O(S k)."""
+    counts = np.fromiter((s.count for s in order), dtype=np.int64, count=len(order))
+    ends = np.cumsum(counts)
+    total = int(ends[-1])
     out: list[Segment] = []
     pos = lo
     while pos < hi:
         offset = pos % total
-        for shard in order:
-            if offset < shard.count:
-                take = min(shard.count - offset, hi - pos)
-                out.append(Segment(shard, offset, offset + take, pos))
-                pos += take
-                break
-            offset -= shard.count
+        i = int(np.searchsorted(ends, offset, side="right"))  # the shard holding `offset`
+        start = offset - int(ends[i] - counts[i])
+        take = min(int(counts[i]) - start, hi - pos)
+        out.append(Segment(order[i], start, start + take, pos))
+        pos += take
     return out
 
 
@@ -68,20 +70,27 @@ def resume_point(consumed: int, counts: list[int]) -> tuple[list[int], int]:
     return done, w
 
 
-def buffered_shuffle(items: list[int], size: int, rng: np.random.Generator) -> list[int]:
+def buffered_shuffle(items: np.ndarray, size: int, rng: np.random.Generator) -> np.ndarray:
     """WebDataset-style shuffle buffer over positions: an item is emitted at most `size` items
-    after it is read, so a streaming reader never holds more than `size` samples."""
-    if size <= 1:
-        return list(items)
-    out, buf = [], []
-    for item in items:
+    after it is read, so a streaming reader never holds more than `size` samples. Positions stay
+    in an int64 array (8 bytes each); the buffer is a list of at most `size`."""
+    items = np.asarray(items, dtype=np.int64)
+    if size <= 1 or len(items) < size:
+        out = items.copy()
+        if size > 1:
+            rng.shuffle(out)
+        return out
+    out = np.empty(len(items), dtype=np.int64)
+    draws = rng.integers(size, size=len(items) - size + 1)  # the buffer is full at each draw
+    buf = items[: size - 1].tolist()
+    for n, (item, j) in enumerate(zip(items[size - 1 :].tolist(), draws.tolist(), strict=True)):
         buf.append(item)
-        if len(buf) >= size:
-            j = int(rng.integers(len(buf)))
-            buf[j], buf[-1] = buf[-1], buf[j]
-            out.append(buf.pop())
-    rng.shuffle(buf)
-    return out + buf
+        buf[j], buf[-1] = buf[-1], buf[j]
+        out[n] = buf.pop()
+    rest = np.array(buf, dtype=np.int64)
+    rng.shuffle(rest)
+    out[len(items) - len(rest) :] = rest
+    return out
 
 
 @dataclass(frozen=True)

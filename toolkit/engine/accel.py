@@ -22,6 +22,7 @@ from accelerate.utils import DeepSpeedPlugin, InitProcessGroupKwargs, set_seed
 from torch import nn
 
 from toolkit.cluster import devices
+from toolkit.engine.sums import LaggedSum
 from toolkit.recipe import DeepSpeedConfig, TrainConfig
 
 logger = logging.getLogger(__name__)
@@ -53,6 +54,7 @@ def deepspeed_config(train: TrainConfig, ds: DeepSpeedConfig, micro_batch: int) 
         "zero_optimization": zero,
         "bf16": {"enabled": train.precision == "bf16"},
         "fp16": {"enabled": False},
+        **({"communication_data_type": ds.grad_comm_dtype} if ds.grad_comm_dtype else {}),
         # The recipe's AdamW with its param groups is the client optimiser, offloaded or not.
         "zero_allow_untested_optimizer": True,
         "zero_force_ds_cpu_optimizer": False,
@@ -123,11 +125,10 @@ class Engine:
         return self.accelerator.device
 
     @property
-    def input_dtype(self) -> torch.dtype:
-        """What the model takes: DeepSpeed's bf16 mode holds bf16 weights and, unlike
-        accelerate's DDP path, does not autocast the forward, so inputs are cast to match."""
-        bf16 = self.deepspeed is not None and self.accelerator.mixed_precision == "bf16"
-        return torch.bfloat16 if bf16 else torch.float32
+    def fused_optimizer(self) -> bool:
+        """AdamW's fused kernel: on CUDA, where DeepSpeed does not keep the state on the CPU."""
+        offload = self.deepspeed is not None and self.deepspeed.offload_optimizer != "none"
+        return self.device.type == "cuda" and not offload
 
     def seed(self, seed: int, per_rank: bool) -> None:
         """Seed python, numpy and torch: the same on every rank (model init) or per rank."""
@@ -184,21 +185,43 @@ class Engine:
     def backward(self, loss: torch.Tensor) -> None:
         self.accelerator.backward(loss)
 
-    def clip_grad_norm(self, model: nn.Module, max_norm: float | None) -> float:
-        """Clip the global gradient norm (no clipping when max_norm is None); return the norm."""
+    def clip_grad_norm(self, model: nn.Module, max_norm: float | None) -> torch.Tensor | None:
+        """Clip the global gradient norm (no clipping when max_norm is None); the norm as a
+        tensor on the device, not read (reading it would wait for the step). DeepSpeed clips
+        inside its own step (`gradient_clipping`): None here, `grad_norm` after the step."""
+        if self.deepspeed is not None:
+            return None
         params = [p for p in model.parameters() if p.grad is not None]
-        norm = self.accelerator.clip_grad_norm_(params, max_norm or float("inf"))
+        return self.accelerator.clip_grad_norm_(params, max_norm or float("inf"))
+
+    def grad_norm(self, model: nn.Module, norm: torch.Tensor | None) -> float:
+        """The last step's global gradient norm as a number (a read: at log steps only)."""
+        if self.deepspeed is not None:
+            norm = model.get_global_grad_norm()  # DeepSpeed's, cached until its next step
         return float(norm) if norm is not None else float("nan")
+
+    @property
+    def _deepspeed_bf16(self) -> bool:
+        return self.deepspeed is not None and self.accelerator.mixed_precision == "bf16"
 
     @contextlib.contextmanager
     def autocast(self) -> Iterator[None]:
-        """Mixed precision for a forward outside the prepared model (evaluation). DeepSpeed
-        holds bf16 weights instead; autocast there would cast inputs back to fp32 for norms."""
-        if self.deepspeed is not None:
+        """Mixed precision for a forward outside the prepared model (evaluation)."""
+        if self._deepspeed_bf16:
+            with torch.autocast(self.device.type, dtype=torch.bfloat16):
+                yield
+        elif self.deepspeed is not None:
             yield
-            return
-        with self.accelerator.autocast():
-            yield
+        else:
+            with self.accelerator.autocast():
+                yield
+
+    def train_autocast(self) -> contextlib.AbstractContextManager:
+        """Mixed precision for the training forward. accelerate autocasts a DDP model's forward
+        itself; DeepSpeed's bf16 mode holds bf16 weights and autocasts nothing, so it runs under
+        torch's autocast: matrix products in bf16, while inputs, the residuals added to them
+        (SR-MAE's bicubic skip), the losses and the norms stay in fp32."""
+        return self.autocast() if self._deepspeed_bf16 else contextlib.nullcontext()
 
     def unwrap(self, model: nn.Module) -> nn.Module:
         return self.accelerator.unwrap_model(model)
@@ -209,8 +232,29 @@ class Engine:
         t = torch.tensor(values, dtype=torch.float64, device=self.device)
         return self.accelerator.reduce(t, reduction="sum").tolist()
 
+    def start_sum(self, values: torch.Tensor) -> LaggedSum:
+        """Start summing a small tensor of this device over all ranks without waiting for it
+        (collective: every rank starts the same sums in the same order)."""
+        return LaggedSum(values)
+
     def barrier(self) -> None:
         self.accelerator.wait_for_everyone()
+
+    def broadcast(self, obj: Any) -> Any:
+        """The main process's `obj` on every rank (collective)."""
+        if not torch.distributed.is_initialized():
+            return obj
+        box = [obj]
+        torch.distributed.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def gather(self, obj: Any) -> list[Any] | None:
+        """Every rank's `obj` on the main process, in rank order; None elsewhere (collective)."""
+        if not torch.distributed.is_initialized():
+            return [obj]
+        out = [None] * self.world_size if self.is_main else None
+        torch.distributed.gather_object(obj, out, dst=0)
+        return out
 
     # --- state on disk -------------------------------------------------------------------------
     def save_state(self, path: Path) -> None:

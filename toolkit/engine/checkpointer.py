@@ -76,10 +76,16 @@ class Checkpointer:
         self.frozen: dict[str, torch.Tensor] = {}
 
     # --- before set-up ---------------------------------------------------------------------------
+    def checkpoints(self) -> list[Path]:
+        """Complete checkpoints, newest first, as the main process finds them (collective: one
+        process checks every file of every checkpoint, not each of them)."""
+        found = complete_checkpoints(self.run_dir) if self.engine.is_main else None
+        return self.engine.broadcast(found)
+
     def find(self) -> Resume | None:
         """The newest complete checkpoint, if any. A ZeRO checkpoint of another number of
         processes is converted to the universal layout here (collective), which loads on any."""
-        ckpts = complete_checkpoints(self.run_dir)
+        ckpts = self.checkpoints()
         if not ckpts:
             return None
         written = TrainState.read(ckpts[0] / STATE).world_size
@@ -121,15 +127,19 @@ class Checkpointer:
         return state
 
     def _resume(self, parts: Parts) -> TrainState:
-        """The newest checkpoint that loads; older ones when one fails."""
-        for ckpt in complete_checkpoints(self.run_dir):
+        """The newest checkpoint that loads on every rank; older ones when one fails on any."""
+        for ckpt in self.checkpoints():
             try:
                 self.engine.load_state(ckpt)
                 state = TrainState.read(ckpt / STATE)
                 self._read_frozen(ckpt)
+                failed = 0.0
             except Exception as err:  # any failure means: try the previous checkpoint
-                logger.warning("checkpoint %s failed to load (%s); trying the previous one", ckpt,
-                               err)  # fmt: skip
+                logger.warning("checkpoint %s failed to load (%s)", ckpt, err)
+                failed = 1.0
+            if self.engine.all_sum([failed])[0]:  # every rank goes back together
+                logger.warning("checkpoint %s did not load everywhere; trying the previous one",
+                               ckpt)  # fmt: skip
                 continue
             logger.info("resumed from %s (step %d, epoch %d)", ckpt, state.step, state.epoch)
             return state
@@ -183,17 +193,20 @@ class Checkpointer:
             shutil.rmtree(tmp, ignore_errors=True)
         engine.barrier()
         engine.save_state(tmp)
-        engine.barrier()  # every rank's files are written before the checkpoint is complete
+        # Every rank lists the files it wrote itself (its own view of them is current even on a
+        # file system whose other clients may still see them stale); the main process merges.
+        written = engine.gather(own_files(tmp, engine.rank))
         if engine.is_main:
+            assert written is not None
+            files = {name: size for part in written for name, size in part.items()}
             if self.frozen:
                 save_file(self.frozen, str(tmp / FROZEN))
             (tmp / STATE).write_text(state.to_json())
             (tmp / RECIPE).write_text(self.recipe_yaml)
-            files = {str(p.relative_to(tmp)): p.stat().st_size
-                     for p in sorted(tmp.rglob("*")) if p.is_file()}  # fmt: skip
-            _write_atomic(
-                tmp / COMPLETE, json.dumps({"step": state.step, "files": files}, indent=1)
-            )
+            for name in (STATE, RECIPE, *([FROZEN] if self.frozen else [])):
+                files[name] = (tmp / name).stat().st_size
+            listing = {"step": state.step, "files": dict(sorted(files.items()))}
+            _write_atomic(tmp / COMPLETE, json.dumps(listing, indent=1))
             if final.exists():  # the same step saved again after a resume: replace it whole
                 shutil.rmtree(final)
             os.replace(tmp, final)
@@ -259,6 +272,21 @@ def universal_dir(ckpt: Path) -> Path:
     """Where a checkpoint's universal conversion is written (beside it, so every node sees it;
     removed once loaded, and by `prune` if a run dies first)."""
     return ckpt.parent / f".universal-{ckpt.name}"
+
+
+# Files accelerate and DeepSpeed write once per rank carry the rank in their names; everything
+# else in a checkpoint is written by the main process.
+_RANK_FILE = re.compile(r"(?:zero_pp_rank_|random_states_)(\d+)")
+
+
+def own_files(tmp: Path, rank: int) -> dict[str, int]:
+    """{relative path: size} of the files of a checkpoint being written that `rank` wrote."""
+    out = {}
+    for path in sorted(tmp.rglob("*")):
+        m = _RANK_FILE.search(path.name)
+        if path.is_file() and (int(m.group(1)) if m else 0) == rank:
+            out[str(path.relative_to(tmp))] = path.stat().st_size
+    return out
 
 
 def _write_atomic(path: Path, text: str) -> None:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import math
 import signal
 import time
 from collections.abc import Generator, Iterator
@@ -17,11 +16,12 @@ from typing import Any
 import torch
 
 from toolkit import recipe
-from toolkit.data.format import read_manifest
+from toolkit.data.format import Manifest, read_manifest
 from toolkit.data.loader import Loader, build_loader
 from toolkit.engine.accel import Engine
 from toolkit.engine.checkpointer import Checkpointer, Parts, Resume
 from toolkit.engine.state import TrainState
+from toolkit.engine.sums import NonFiniteLoss, StepSums, Window
 from toolkit.engine.validate import Validation, summary, validate, write_eval
 from toolkit.logging import RunLogger, image_grid
 from toolkit.metrics import metric
@@ -33,10 +33,6 @@ from toolkit.tasks import Placement, Task, task_of
 logger = logging.getLogger(__name__)
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
-
-
-class NonFiniteLoss(RuntimeError):
-    """The loss became NaN or infinite: the run stops; the last good checkpoint stays."""
 
 
 @dataclass
@@ -61,10 +57,17 @@ class Run:
     resume: Resume | None
     log: RunLogger | None = None
 
+    def close_loaders(self) -> None:
+        """End the data workers, which live across epochs and evaluations until here."""
+        self.parts.data.close()
+        if self.val is not None:
+            self.val.close()
+
 
 def train(r: recipe.Recipe) -> TrainResult:
     """Train one recipe in this process (one rank of a job)."""
     engine = Engine(r.train, r.deepspeed, micro_batch=r.data.batch_size)
+    run = None
     try:
         run = build(engine, r)
         state = restore(run)
@@ -75,6 +78,9 @@ def train(r: recipe.Recipe) -> TrainResult:
         # DeepSpeed's process-wide state, so a later run in this process starts clean.
         engine.abandon()
         raise
+    finally:
+        if run is not None:
+            run.close_loaders()
 
 
 def build(engine: Engine, r: recipe.Recipe) -> Run:
@@ -87,12 +93,14 @@ def build(engine: Engine, r: recipe.Recipe) -> Run:
     ckpt = Checkpointer(engine, r.run_dir, r.train.keep_last, recipe_yaml)
     resume = ckpt.find()
     ckpt.prepare_model(model, resume, r.init.from_)
+    if r.train.compile:
+        model.compile()  # in place: the parameter names, and so the checkpoints, stay the same
     groups = build_groups(model, r.optim)
-    optimizer = build_optimizer(groups, r.optim)
-    data = split_loader(r, task, "train", engine)
-    val = (
-        split_loader(r, task, "val", engine) if read_manifest(r.data.shards).count("val") else None
-    )
+    optimizer = build_optimizer(groups, r.optim, fused=engine.fused_optimizer)
+    # One read of the manifest (and one check of its shards) per job, by the main process.
+    manifest = engine.broadcast(read_manifest(r.data.shards) if engine.is_main else None)
+    data = split_loader(r, task, "train", engine, manifest)
+    val = split_loader(r, task, "val", engine, manifest) if manifest.count("val") else None
     if val is None:
         logger.warning("%s has no validation samples: the run is not evaluated", r.data.shards)
     plan = StepPlan(data.batches_per_epoch, r.train)
@@ -111,10 +119,12 @@ def build(engine: Engine, r: recipe.Recipe) -> Run:
     return Run(r, task, engine, parts, val, plan, ckpt, resume)
 
 
-def split_loader(r: recipe.Recipe, task: Task, split: str, engine: Engine) -> Loader:
+def split_loader(
+    r: recipe.Recipe, task: Task, split: str, engine: Engine, manifest: Manifest
+) -> Loader:
     return build_loader(r.data, split, crop=r.model.img_size, seed=r.train.seed,
-                        rank=engine.rank, world_size=engine.world_size,
-                        fields=task.fields)  # fmt: skip
+                        rank=engine.rank, world_size=engine.world_size, fields=task.fields,
+                        pin_memory=engine.device.type == "cuda", manifest=manifest)  # fmt: skip
 
 
 def restore(run: Run) -> TrainState:
@@ -139,7 +149,8 @@ class Outcome:
     """Where the loop left off."""
 
     state: TrainState
-    last: Validation | None  # the latest validation
+    last: Validation | None  # the latest validation (on the main process)
+    validated: int | None  # the step it ran at, the same on every rank
     stopped: bool  # by a signal, before the last step
     saved: int | None  # the step of the latest checkpoint this run wrote or resumed from
 
@@ -154,49 +165,50 @@ def loop(run: Run, state: TrainState) -> Outcome:
         else None  # fmt: skip
     batches = _endless(run.parts.data)
     stop = _StopFlag()
+    sums = StepSums(engine, run.ckpt.root)
+    window = Window()
     last: Validation | None = None
-    stopped = False
+    validated: int | None = None
     try:
         while True:
             # A resumed run skips the eval of its first step: it ran before that checkpoint.
-            if (
-                run.val is not None
-                and state.step not in (0, resumed_at)
-                and plan.eval_due(state.step)
-            ):
-                last = run_validation(run, state)
-            if state.step > 0 and plan.checkpoint_due(state.step) and state.step != saved:
+            evaluate = run.val is not None and state.step not in (0, resumed_at) \
+                and plan.eval_due(state.step)  # fmt: skip
+            checkpoint = state.step > 0 and plan.checkpoint_due(state.step) and state.step != saved
+            if evaluate or checkpoint:
+                sums.read_all()  # a non-finite loss stops here, before it is saved or scored
+            if evaluate:
+                last, validated = run_validation(run, state), state.step
+            if checkpoint:
                 saved = save(run, state)
-            if state.step >= plan.total or stopped:
+            if state.step >= plan.total or sums.stopped:
                 break
-            t0 = time.perf_counter()
             loss_sum, count, grad_norm, wait = train_step(run, batches, state)
             run.parts.scheduler.step()
-            # One small all-reduce per step: the mean loss, and whether any rank was asked to
-            # stop or saw a non-finite loss, so every rank decides the same at the same step.
-            loss_sum, count, stop_votes = engine.all_sum([loss_sum, count, float(stop.requested)])
             state.step += 1
-            state.samples += int(count)
+            # Every rank takes as many samples per step (the epoch plan pads ranks to equal
+            # batches), so the count needs no reduction.
+            state.samples += count * engine.world_size
             state.data = run.parts.data.state_dict()
             state.epoch = state.data["epoch"]
-            loss = loss_sum / count
-            if not math.isfinite(loss):
-                raise NonFiniteLoss(f"loss is {loss} at step {state.step}; stopping. The last good "
-                                    f"checkpoint stays in {run.ckpt.root}")  # fmt: skip
-            stopped = stop_votes > 0
+            window.add(count * engine.world_size, wait)
+            sums.start(state.step, loss_sum, count * engine.world_size, stop.requested)
+            sums.read_all(keep=1)  # the step before's: done by now, so reading waits for nothing
             if state.step % cfg.log_every == 0 or state.step == plan.total:
-                elapsed = time.perf_counter() - t0
-                rates = (count / elapsed, wait / elapsed)
-                epochs = plan.epochs_done(state.step)
-                scalars = step_scalars(loss, grad_norm, run.parts.optimizer, *rates, epochs)
+                loss = sums.read_all()
+                norm = engine.grad_norm(run.parts.model, grad_norm)
+                images_per_s, wait_share = window.rates()
+                scalars = step_scalars(loss, norm, run.parts.optimizer, images_per_s, wait_share,
+                                       plan.epochs_done(state.step))  # fmt: skip
                 log.log(scalars, state.step)
+        sums.read_all()
     except NonFiniteLoss:
         log.close()
         raise
     finally:
         stop.restore()
-        batches.close()  # ends the DataLoader workers of the current epoch
-    return Outcome(state, last, stopped, saved)
+        batches.close()
+    return Outcome(state, last, validated, sums.stopped, saved)
 
 
 def finish(run: Run, end: Outcome) -> TrainResult:
@@ -205,7 +217,7 @@ def finish(run: Run, end: Outcome) -> TrainResult:
     r, engine, state, last = run.r, run.engine, end.state, end.last
     if end.stopped:
         logger.info("stopped by a signal at step %d; relaunch to resume", state.step)
-    elif run.val is not None and (last is None or not run.plan.eval_due(state.step)):
+    elif run.val is not None and end.validated != state.step:
         last = run_validation(run, state)
     if state.step != end.saved:
         save(run, state)
@@ -225,12 +237,14 @@ def finish(run: Run, end: Outcome) -> TrainResult:
 
 def train_step(
     run: Run, batches: Iterator[dict[str, Any]], state: TrainState
-) -> tuple[float, float, float, float]:
-    """One optimiser step over `grad_accum` micro-batches: (loss x samples, samples, grad norm,
+) -> tuple[torch.Tensor, int, torch.Tensor | None, float]:
+    """One optimiser step over `grad_accum` micro-batches, queued on the device and not waited
+    for: (loss x samples on the device, samples of this rank, the gradient norm on the device,
     seconds spent waiting for data)."""
     engine, model, optimizer = run.engine, run.parts.model, run.parts.optimizer
-    at = Placement(engine.device, engine.input_dtype)
-    loss_sum, count, wait, grad_norm = 0.0, 0, 0.0, float("nan")
+    at = Placement(engine.device, engine.train_autocast)
+    loss_sum = torch.zeros((), dtype=torch.float64, device=engine.device)
+    count, wait, grad_norm = 0, 0.0, None
     for micro in range(run.r.train.grad_accum):
         t0 = time.perf_counter()
         batch = next(batches)
@@ -246,20 +260,23 @@ def train_step(
             optimizer.step()  # accelerate makes these no-ops until the gradients are synced
             optimizer.zero_grad(set_to_none=True)
         n = len(batch["key"])
-        loss_sum += loss.detach().float().item() * n
+        loss_sum = loss_sum + loss.detach().double() * n
         count += n
     return loss_sum, count, grad_norm, wait
 
 
-def run_validation(run: Run, state: TrainState) -> Validation:
-    """Validate on every rank's share, gather per-sample metrics, log them on rank 0."""
+def run_validation(run: Run, state: TrainState) -> Validation | None:
+    """Validate on every rank's share, gather the per-sample metrics on the main process and
+    log them there (None on the other ranks)."""
     engine, task = run.engine, run.task
     assert run.val is not None and run.log is not None
     module = engine.unwrap(run.parts.model)
     module.eval()
-    at = Placement(engine.device, engine.input_dtype, engine.autocast)
-    result = validate(task, module, iter(run.val), at).gathered()
+    at = Placement(engine.device, engine.autocast)
+    result = validate(task, module, iter(run.val), at).gathered(task)
     module.train()
+    if result is None:
+        return None
     scalars = {f"val/{k}": v for k, v in result.model.summary().items()}
     if result.reference is not None:
         scalars.update({f"val/{k}_{task.reference}": v

@@ -25,10 +25,14 @@ class Validation:
     reference: MetricAccumulator | None  # the task's reference on the same samples (bicubic)
     tiles: list[list[Tensor]]  # sample-map rows, from this rank's first batch
 
-    def gathered(self) -> Validation:
-        """Every rank's per-sample metrics, on every rank (collective)."""
-        reference = self.reference.gather() if self.reference is not None else None
-        return Validation(self.model.gather(), reference, self.tiles)
+    def gathered(self, task: Task) -> Validation | None:
+        """Every rank's per-sample metrics on the main process; None on the others
+        (collective: every rank calls it)."""
+        model = self.model.gather(list(task.metrics))
+        reference = None
+        if self.reference is not None:
+            reference = self.reference.gather(task.reference_metrics)
+        return None if model is None else Validation(model, reference, self.tiles)
 
 
 @torch.no_grad()

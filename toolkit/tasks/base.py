@@ -19,11 +19,11 @@ from toolkit.recipe import Recipe
 
 @dataclass(frozen=True)
 class Placement:
-    """Where a batch goes: the device, the dtype the model takes (bf16 under DeepSpeed bf16,
-    whose weights are bf16) and the autocast context for a forward outside the prepared model."""
+    """Where a batch goes: the device, and the mixed-precision context a forward runs in. Inputs
+    stay fp32: under autocast (bf16 training) the model's matrix products cast what they take,
+    and what the task computes from the output (losses, metrics) is in fp32."""
 
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
-    dtype: torch.dtype = torch.float32
     autocast: Callable[[], AbstractContextManager] = nullcontext
 
 
@@ -92,6 +92,13 @@ class Task(ABC):
     ) -> BatchResult:
         """Every metric of `metrics` per sample (its "loss" from `losses`), the reference's, and
         the sample-map rows of the first `tiles` samples."""
+
+    @property
+    def reference_metrics(self) -> list[str]:
+        """The metrics reported for the reference: those computed from images (not the loss)."""
+        from toolkit.metrics import metric
+
+        return [n for n in self.metrics if metric(n).fn is not None]
 
     def label(self, r: Recipe) -> str:
         """The row name of a run in tables: the recipe's label, else architecture and freeze."""

@@ -62,8 +62,10 @@ class MAETask(Task):
             noise = torch.rand(n, self.patches, generator=rng)
         else:
             noise = mask_noise(batch["key"], self.patches, self.seed)
+        if at.device.type == "cuda":  # page-locked: the copy does not wait for the device
+            noise = noise.pin_memory()
         with at.autocast():
-            out = model(hr.to(at.dtype), noise=noise.to(at.device))
+            out = model(hr, noise=noise.to(at.device, non_blocking=True))
         return out.sample_loss.float(), out
 
     @torch.no_grad()

@@ -51,7 +51,7 @@ class SRTask(Task):
     def losses(
         self, model: nn.Module, batch: dict[str, Any], at: Placement, rng: torch.Generator | None
     ) -> tuple[Tensor, Any]:
-        lr = batch["lr"].to(at.device, at.dtype, non_blocking=True)
+        lr = batch["lr"].to(at.device, non_blocking=True)
         hr = batch["hr"].to(at.device, non_blocking=True)
         with at.autocast():
             out = model(lr)

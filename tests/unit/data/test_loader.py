@@ -212,7 +212,91 @@ def test_plan_helpers() -> None:
     # Round robin over workers with 3, 2 and 2 batches; the next worker after 4 is worker 1.
     assert P.resume_point(4, [3, 2, 2]) == ([2, 1, 1], 1)
     assert P.resume_point(7, [3, 2, 2]) == ([3, 2, 2], 1)
-    order = P.buffered_shuffle(list(range(50)), 4, np.random.default_rng(0))
+    order = P.buffered_shuffle(np.arange(50), 4, np.random.default_rng(0)).tolist()
     assert sorted(order) == list(range(50)) and order != list(range(50))
     # Nothing is emitted more than `size` items after it was read.
     assert all(pos >= item - 4 for pos, item in enumerate(order))
+
+
+def test_segments_cover_a_range_with_wraparound_as_an_explicit_listing_would() -> None:
+    """Bisection in the cumulative counts against the plain listing of every position."""
+    from toolkit.data.format import Shard
+
+    rng = np.random.default_rng(1)
+    order = [Shard(f"s{i}", int(c), Path(f"s{i}")) for i, c in enumerate(rng.integers(1, 9, 40))]
+    listing = [(s.name, j) for s in order for j in range(s.count)]  # position -> (shard, index)
+    total = len(listing)
+    for lo, hi in [
+        (0, total),
+        (5, 6),
+        (17, 90),
+        (total - 3, total + 10),
+        (2 * total + 1, 3 * total),
+    ]:
+        segs = P.segments(order, lo, hi)
+        got = [
+            (g.shard.name, g.start + k, g.first + k) for g in segs for k in range(g.stop - g.start)
+        ]
+        assert got == [(*listing[p % total], p) for p in range(lo, hi)]
+
+
+def test_workers_live_across_epochs_and_each_epoch_is_a_fresh_one(shards: Path) -> None:
+    """Persistent workers: the same processes serve every epoch, and still read each epoch in
+    that epoch's order (what a loader made afresh for it reads), from the cursor it resumes."""
+    c = cfg(shards, num_workers=2)
+    ld = L.build_loader(c, "train", crop=8, seed=3)
+    first = keys_of(list(ld))
+    pids = {w.pid for w in ld._loader._iterator._workers}
+    second = keys_of(list(ld))
+    assert {w.pid for w in ld._loader._iterator._workers} == pids  # not forked again
+    fresh = L.build_loader(c, "train", crop=8, seed=3)
+    fresh.load_state_dict({"epoch": 1, "batch": 0})
+    assert second == keys_of(list(fresh)) and second != first
+    ld.close()
+    fresh.close()
+    assert ld._loader is None
+
+
+class CountingFile:
+    """A file that counts the bytes read from it (seeks are free)."""
+
+    def __init__(self, f) -> None:
+        self.f, self.read_bytes = f, 0
+
+    def read(self, n: int = -1) -> bytes:
+        data = self.f.read(n)
+        self.read_bytes += len(data)
+        return data
+
+    def __getattr__(self, name: str):
+        return getattr(self.f, name)
+
+
+def test_samples_not_wanted_are_seeked_over_not_read(shards: Path) -> None:
+    from toolkit.data.format import read_samples, read_tar
+
+    path = next((shards / "train").glob("shard-*.tar"))
+    with open(path, "rb") as f:
+        members = list(read_tar(f))
+    keys = list(dict.fromkeys(name.split(".")[0] for name, _ in members))
+    with open(path, "rb") as f:
+        stream = CountingFile(f)
+        rows = list(read_samples(stream, 2, 6, lambda i: i % 2 == 0))
+    assert [i for i, _ in rows] == [2, 3, 4, 5]
+    assert [s and s["__key__"] for _, s in rows] == [keys[2], None, keys[4], None]
+    assert set(rows[0][1]) == {"__key__", "hr.npy", "lr.npy"}
+    assert rows[0][1]["hr.npy"] == dict(members)[f"{keys[2]}.hr.npy"]
+    # the bytes read: the headers of samples 0-5 and of the first member of 6, and the data of
+    # samples 2 and 4, nothing else
+    wanted = sum(len(d) for n, d in members if n.split(".")[0] in (keys[2], keys[4]))
+    assert stream.read_bytes == 512 * (2 * 6 + 1) + wanted < path.stat().st_size
+
+
+def test_a_truncated_shard_is_found_even_when_seeking(tmp_path: Path, shards: Path) -> None:
+    from toolkit.data.format import read_samples
+
+    path = next((shards / "train").glob("shard-*.tar"))
+    cut = tmp_path / "cut.tar"
+    cut.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    with open(cut, "rb") as f, pytest.raises(EOFError, match="tar ends"):
+        list(read_samples(f, 0, 100, lambda i: False))  # nothing wanted: all seeks
