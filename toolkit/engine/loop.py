@@ -319,6 +319,9 @@ def step_scalars(
     }
     for group in optimizer.param_groups:
         scalars[f"train/lr/{group['name']}"] = group["lr"]
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        # the allocator's own count (a host-side read): the peak of tensors since the start
+        scalars["train/peak_memory_gb"] = torch.cuda.max_memory_allocated() / 2**30
     return scalars
 
 
