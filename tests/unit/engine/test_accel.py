@@ -22,6 +22,9 @@ def test_deepspeed_config_sets_what_matters_explicitly() -> None:
     zero = cfg["zero_optimization"]
     assert zero["stage"] == 3
     assert zero["offload_optimizer"]["device"] == "cpu" and zero["offload_param"]["device"] == "cpu"
+    assert "communication_data_type" not in cfg  # DeepSpeed's own unless asked
+    fp32 = DeepSpeedConfig(zero_stage=2, grad_comm_dtype="fp32")
+    assert deepspeed_config(TrainConfig(), fp32, 2)["communication_data_type"] == "fp32"
     plain = deepspeed_config(TrainConfig(grad_clip=0.5), DeepSpeedConfig(zero_stage=1), 2)
     assert (
         plain["gradient_clipping"] == 0.5 and "offload_optimizer" not in plain["zero_optimization"]

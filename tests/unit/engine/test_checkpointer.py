@@ -190,3 +190,27 @@ def test_init_from_loads_by_name_and_refuses_other_shapes(tmp_path) -> None:
     wide = nn.Sequential(nn.Linear(3, 5), nn.Linear(5, 2))
     with pytest.raises(UserError, match=r"init.from .*w.safetensors: 0.weight: checkpoint has"):
         init_from(wide, str(tmp_path / "w.safetensors"))
+
+
+def test_each_rank_lists_the_files_it_wrote(tmp_path) -> None:
+    """The main process merges these lists into COMPLETE: a file another rank wrote is listed
+    by that rank, with the size it saw, whatever the main process's view of it."""
+    from toolkit.engine.checkpointer import own_files
+
+    ds = tmp_path / "pytorch_model"
+    ds.mkdir()
+    for name, size in (("random_states_0.pkl", 3), ("random_states_1.pkl", 4),
+                       ("scheduler.bin", 5), ("pytorch_model/mp_rank_00_model_states.pt", 6),
+                       ("pytorch_model/zero_pp_rank_0_mp_rank_00_optim_states.pt", 7),
+                       ("pytorch_model/zero_pp_rank_1_mp_rank_00_optim_states.pt", 8)):  # fmt: skip
+        (tmp_path / name).write_bytes(b"x" * size)
+    assert own_files(tmp_path, 1) == {
+        "random_states_1.pkl": 4,
+        "pytorch_model/zero_pp_rank_1_mp_rank_00_optim_states.pt": 8,
+    }
+    assert own_files(tmp_path, 0) == {
+        "random_states_0.pkl": 3,
+        "scheduler.bin": 5,
+        "pytorch_model/mp_rank_00_model_states.pt": 6,
+        "pytorch_model/zero_pp_rank_0_mp_rank_00_optim_states.pt": 7,
+    }
