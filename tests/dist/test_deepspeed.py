@@ -5,6 +5,7 @@ is the live model; the stage chain runs under ZeRO-2."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import socket
 from pathlib import Path
@@ -20,8 +21,8 @@ from toolkit.engine.accel import to_universal
 from toolkit.engine.validate import validate
 from toolkit.errors import UserError
 from toolkit.runs import build_model, eval_loader
-from toolkit.tasks import Placement, task_of
 from toolkit.shard import shard
+from toolkit.tasks import Placement, task_of
 
 pytestmark = pytest.mark.slow
 
@@ -250,6 +251,29 @@ def test_restart_stops_clearly_when_the_conversion_does_not_load(
     # the failed run left this process clean: another run trains in it
     after = train(recipe.load(DEBUG_RECIPE, tiny(shards, tmp_path / "after", "train.max_steps=1")))
     assert after.step == 1
+
+
+def test_a_run_in_this_process_leaves_the_environment_as_it_found_it(shards, tmp_path) -> None:
+    """A DeepSpeed run in a process that goes on (the demo, a notebook) gives itself a rank
+    environment and accelerate adds its own; after the run, and after a run that fails once its
+    group is formed, none of it is left to turn the next command this process starts into a
+    rank of a group that no longer exists."""
+    from toolkit.engine.loop import train
+
+    assert "WORLD_SIZE" not in os.environ  # a lone process: the run makes its own environment
+    before = dict(os.environ)
+    z2 = ["deepspeed.zero_stage=2"]
+    done = train(
+        recipe.load(DEBUG_RECIPE, tiny(shards, tmp_path / "run", "train.max_steps=1", *z2))
+    )
+    assert done.step == 1
+    assert dict(os.environ) == before
+    assert not torch.distributed.is_initialized()
+    missing = tmp_path / "no-shards"
+    with pytest.raises(UserError, match="manifest"):
+        train(recipe.load(DEBUG_RECIPE, tiny(missing, tmp_path / "failed", *z2)))
+    assert dict(os.environ) == before
+    assert not torch.distributed.is_initialized()
 
 
 @pytest.mark.parametrize("task", ["sr", "mae"])

@@ -80,6 +80,23 @@ class Engine:
     def __init__(
         self, train: TrainConfig, deepspeed: DeepSpeedConfig | None, micro_batch: int
     ) -> None:
+        # Set-up writes the rank's environment (ours for a lone DeepSpeed process; accelerate's
+        # RANK/LOCAL_WORLD_SIZE/ACCELERATE_USE_DEEPSPEED): `abandon` puts it back, so a run in
+        # a process that goes on (the demo, a notebook, the tests) leaks no rank into the next
+        # run or into the commands it starts.
+        self._environ = dict(os.environ)
+        try:
+            self.accelerator = self._start(train, deepspeed, micro_batch)
+        except BaseException:
+            self.abandon()  # a failed set-up leaves no group and no rank environment behind
+            raise
+        self.deepspeed = deepspeed
+
+    @staticmethod
+    def _start(
+        train: TrainConfig, deepspeed: DeepSpeedConfig | None, micro_batch: int
+    ) -> Accelerator:
+        """Bind the device, form the process group and return the accelerator over it."""
         if deepspeed is not None:
             _single_process_env()
         # The process's own GPU (LOCAL_RANK mapped to those it sees), or the CPU where it was
@@ -93,7 +110,7 @@ class Engine:
         plugin = None
         if deepspeed is not None:
             plugin = DeepSpeedPlugin(hf_ds_config=deepspeed_config(train, deepspeed, micro_batch))
-        self.accelerator = Accelerator(
+        accelerator = Accelerator(
             cpu=cpu and deepspeed is None,
             mixed_precision=train.precision,
             gradient_accumulation_steps=train.grad_accum,
@@ -101,11 +118,12 @@ class Engine:
             kwargs_handlers=handlers,
             deepspeed_plugin=plugin,
         )
-        self.deepspeed = deepspeed
-        if self.world_size != expected:
+        if accelerator.num_processes != expected:
             raise RuntimeError(
-                f"WORLD_SIZE is {expected} but accelerate formed a group of {self.world_size}"
+                f"WORLD_SIZE is {expected} but accelerate formed a group of "
+                f"{accelerator.num_processes}"
             )
+        return accelerator
 
     # --- who and where -----------------------------------------------------------------------
     @property
@@ -339,6 +357,7 @@ class Engine:
         # (the chain of stages of a demo or a test) starts from a clean slate.
         AcceleratorState._reset_state(reset_partial_state=True)
         GradientState._reset_state()
+        restore_environ(self._environ)
 
 
 def is_zero_checkpoint(checkpoint: Path) -> bool:
@@ -377,6 +396,15 @@ def to_universal(checkpoint: Path, out: Path) -> Path:
     with contextlib.redirect_stdout(_DebugLog()), contextlib.redirect_stderr(_DebugLog()):
         ds_to_universal(args)
     return out / DS_TAG
+
+
+def restore_environ(saved: dict[str, str]) -> None:
+    """Make os.environ equal `saved` again, removing what was added since."""
+    for key in set(os.environ) - set(saved):
+        del os.environ[key]
+    for key, value in saved.items():
+        if os.environ.get(key) != value:
+            os.environ[key] = value
 
 
 def _single_process_env() -> None:
