@@ -74,17 +74,42 @@ def read_yaml(path: Path) -> dict[str, Any]:
     except OSError as err:
         raise RecipeError(f"{path}: cannot read recipe: {err.strerror}") from None
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=StrictLoader)  # safe_load's loader, duplicate keys refused
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" (line {mark.line + 1})" if mark is not None else ""
         problem = getattr(err, "problem", None) or "invalid YAML"
         raise RecipeError(f"{path}{where}: invalid YAML: {problem}") from None
     if data is None:
-        return {}
+        raise RecipeError(f"{path}: the recipe is empty: expected a mapping of recipe keys")
     if not isinstance(data, dict):
         raise RecipeError(f"{path}: expected a mapping of recipe keys, got {kind(data)}")
     return data
+
+
+class DuplicateKey(yaml.constructor.ConstructorError):
+    """A mapping names one key twice."""
+
+
+class StrictLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, except that a key given twice in one mapping is an error: YAML
+    says keys are unique, and PyYAML would silently keep the last one."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue  # `<<:` brings keys in that the mapping's own keys may override
+            key = self.construct_object(key_node, deep=deep)
+            line = key_node.start_mark.line + 1
+            if key in seen:
+                raise DuplicateKey(
+                    None, None,
+                    f"duplicate key {key!r} (also on line {seen[key]}; YAML keys are unique)",
+                    key_node.start_mark,
+                )  # fmt: skip
+            seen[key] = line
+        return super().construct_mapping(node, deep=deep)
 
 
 def read_with_extends(path: Path, origins: Origins, chain: tuple[Path, ...] = ()) -> dict[str, Any]:
@@ -132,14 +157,16 @@ def apply_override(
 ) -> None:
     """`key=value` with a dotted key, the value read as YAML (text fields: as given)."""
     key, sep, raw = item.partition("=")
-    where = f"{path}: override {item!r}"
+    where = f"{path}: override {item[:80]!r}"
     if not sep or not _OVERRIDE_KEY.match(key):
         raise RecipeError(f"{where}: expected key=value with a dotted key, e.g. optim.lr=3e-4")
     if _is_text_field(schema, key) and raw.strip() not in ("", "null", "~"):
         value: Any = raw  # YAML would turn 24:00:00 into 86400: text fields take the text as is
     else:
         try:
-            value = yaml.safe_load(raw) if raw.strip() else None
+            value = yaml.load(raw, Loader=StrictLoader) if raw.strip() else None
+        except DuplicateKey as err:
+            raise RecipeError(f"{where}: {err.problem}") from None
         except yaml.YAMLError:
             value = raw  # not YAML: keep the text; the schema says whether it is acceptable
     parts = key.split(".")
@@ -153,8 +180,9 @@ def apply_override(
             raise RecipeError(f"{where}: {prefix} is {kind(child)}, not a section")
         node = child
     node[parts[-1]] = value
-    origins.by_key[key] = f"{path} (override {item})"
-    origins.record(value, f"{path} (override {item})", key + ".")
+    shown = item if len(item) <= 80 else item[:77] + "..."  # one line, even for a runaway value
+    origins.by_key[key] = f"{path} (override {shown})"
+    origins.record(value, f"{path} (override {shown})", key + ".")
 
 
 def _is_text_field(schema: type, dotted: str) -> bool:
@@ -276,6 +304,8 @@ def _convert(tp: Any, value: Any, dotted: str, origins: Origins, schema: type) -
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
             fail("an integer")
+        if not -(2**63) <= value < 2**63:  # beyond int64, torch and numpy cannot hold it
+            origins.fail(dotted, f"{str(value)[:20]}... is out of range: expected an int64")
         return value
     if tp is float:
         # PyYAML reads `5e-4` (no dot) as a string; accept any text float() understands.
@@ -294,7 +324,12 @@ def _convert(tp: Any, value: Any, dotted: str, origins: Origins, schema: type) -
     raise TypeError(f"schema type {tp!r} of {dotted} is not supported")  # a bug in the schema
 
 
-_BOUNDS = {"gt": (operator.gt, ">"), "ge": (operator.ge, ">="), "lt": (operator.lt, "<")}
+_BOUNDS = {
+    "gt": (operator.gt, ">"),
+    "ge": (operator.ge, ">="),
+    "lt": (operator.lt, "<"),
+    "le": (operator.le, "<="),
+}
 
 
 def _check_rules(f: dataclasses.Field, value: Any, dotted: str, origins: Origins) -> None:

@@ -184,6 +184,12 @@ class RunConfig:
     dir: str | None = None
 
 
+# Sizes past these are typos, not models (a depth with hundreds of digits would hang the dry run
+# that builds the model to count its parameters): refused when the recipe is read.
+MAX_LAYERS = 1024
+MAX_WIDTH = 65536
+
+
 @dataclass
 class ModelBase:
     """What every architecture's section has; each registered architecture extends it with its
@@ -193,9 +199,9 @@ class ModelBase:
     # task's own (mae: mae, sr: srmae).
     arch: str | None = None
     # Image channels: 1 for the lensing data, 3 for RGB photographs.
-    in_chans: int = setting(1, gt=0)
+    in_chans: int = setting(1, gt=0, le=MAX_WIDTH)
     # Side of the square HR image (or HR training crop) the model works on.
-    img_size: int = setting(150, gt=0)
+    img_size: int = setting(150, gt=0, le=MAX_WIDTH)
 
     def problems(self) -> Iterator[tuple[str, str]]:
         """(field, message) for each cross-field problem of this section."""

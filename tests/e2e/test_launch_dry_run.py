@@ -81,6 +81,10 @@ def test_init_from_present_gives_no_warning(capsys, tmp_path, monkeypatch) -> No
         ([PRETRAIN, "--bogus"], "unrecognized arguments: --bogus"),
         ([PRETRAIN, "notanoverride", "--dry-run"], "expected key=value"),
         (["missing.yaml", "--dry-run"], "missing.yaml: recipe file not found"),
+        # A size with hundreds of digits is refused at once, not built (which would hang).
+        ([PRETRAIN, "model.depth=" + "9" * 300, "--dry-run"], "expected an int64"),
+        ([PRETRAIN, "model.decoder_depth=100000", "--dry-run"], "expected > 0 and <= 1024"),
+        ([PRETRAIN, "train.max_steps=" + "9" * 300, "--dry-run"], "expected an int64"),
     ],
 )
 def test_user_errors_are_one_line_with_status_2(capsys, argv, needle) -> None:

@@ -199,6 +199,53 @@ def test_not_a_mapping_and_bad_yaml(tmp_path: Path) -> None:
         recipe.load(tmp_path / "missing.yaml")
 
 
+def test_a_key_given_twice_is_refused_with_both_lines(tmp_path: Path) -> None:
+    text = "name: r\ntask: sr\nmodel:\n  depth: 2\n  embed_dim: 64\n  depth: 3\n"
+    with pytest.raises(RecipeError) as err:
+        recipe.load(write(tmp_path / "twice.yaml", text))
+    assert re.fullmatch(
+        r".*twice\.yaml \(line 6\): invalid YAML: duplicate key 'depth' \(also on line 4.*",
+        str(err.value),
+    )
+    with pytest.raises(RecipeError, match="duplicate key 'name'"):
+        recipe.load(write(tmp_path / "top.yaml", "name: a\ntask: sr\nname: b\n"))
+    with pytest.raises(RecipeError, match="duplicate key 'match'"):
+        recipe.load(write(tmp_path / "r.yaml", "name: r\ntask: sr\n"),
+                    ["optim.groups=[{match: a, match: b}]"])  # fmt: skip
+    # YAML's merge key is not a duplicate: a section merged from an anchor, then one key changed
+    ok = "name: r\ntask: sr\noptim:\n  <<: {lr: 1.0e-3, weight_decay: 0.1}\n  lr: 2.0e-3\n"
+    r = recipe.load(write(tmp_path / "merge.yaml", ok))
+    assert (r.optim.lr, r.optim.weight_decay) == (2e-3, 0.1)
+
+
+@pytest.mark.parametrize("text", ["", "# a recipe to be written\n", "---\n"])
+def test_an_empty_recipe_is_refused(tmp_path: Path, text: str) -> None:
+    empty = write(tmp_path / "empty.yaml", text)
+    with pytest.raises(RecipeError, match=r"empty\.yaml: the recipe is empty"):
+        recipe.load(empty)
+    child = write(tmp_path / "child.yaml", "extends: empty.yaml\nname: c\ntask: sr\n")
+    with pytest.raises(RecipeError, match=r"empty\.yaml: the recipe is empty"):
+        recipe.load(child)
+
+
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        ("model.depth=" + "1" * 400, "expected an int64"),
+        ("train.seed=-" + "1" * 30, "expected an int64"),
+        ("model.depth=1025", "expected > 0 and <= 1024"),
+        ("model.embed_dim=131072", "expected > 0 and <= 65536"),
+        ("model.img_size=100000", "expected > 0 and <= 65536"),
+    ],
+)
+def test_absurd_sizes_are_refused_when_read(override: str, expected: str) -> None:
+    with pytest.raises(RecipeError) as err:
+        recipe.load(ROOT / "recipes/finetune.yaml", [override])
+    key = override.split("=")[0]
+    assert f": {key}: " in str(err.value) and expected in str(err.value)
+    assert len(str(err.value)) < 300  # one readable line, not the 400 digits twice
+
+
 def test_bad_override_syntax(tmp_path: Path) -> None:
     path = write(tmp_path / "r.yaml", "name: r\ntask: mae\n")
     with pytest.raises(RecipeError, match="key=value"):

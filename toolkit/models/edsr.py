@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from torch import Tensor, nn
 
 from toolkit.models.registry import ModelSpec
-from toolkit.recipe import ModelBase, setting
+from toolkit.recipe import MAX_LAYERS, MAX_WIDTH, ModelBase, setting
 
 
 @dataclass
@@ -28,9 +28,9 @@ class EDSRConfig(ModelBase):
     """EDSR's recipe section (`model.arch: edsr`); img_size is the HR side of training crops."""
 
     # Feature channels of every convolution between head and tail.
-    n_feats: int = setting(64, gt=0)
+    n_feats: int = setting(64, gt=0, le=MAX_WIDTH)
     # Residual blocks in the body.
-    n_resblocks: int = setting(16, gt=0)
+    n_resblocks: int = setting(16, gt=0, le=MAX_LAYERS)
     # Each block's residual is multiplied by this before the skip (EDSR's large models use 0.1).
     res_scale: float = setting(1.0, gt=0)
 

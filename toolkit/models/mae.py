@@ -11,7 +11,7 @@ from torch import Tensor, nn
 
 from toolkit.models.registry import ModelSpec
 from toolkit.models.vit import Decoder, Encoder, init_vit_weights, patchify, unpatchify
-from toolkit.recipe import ModelBase, setting
+from toolkit.recipe import MAX_LAYERS, MAX_WIDTH, ModelBase, setting
 
 _VIT_FIELDS = ("in_chans", "img_size", "patch_size", "embed_dim", "depth", "num_heads",
                "decoder_embed_dim", "decoder_depth", "decoder_num_heads", "mlp_ratio")  # fmt: skip
@@ -22,21 +22,21 @@ class MAEConfig(ModelBase):
     """The ViT MAE's recipe section (`model.arch: mae`); SR-MAE extends it."""
 
     # Side of a square ViT patch, in pixels.
-    patch_size: int = setting(10, gt=0)
+    patch_size: int = setting(10, gt=0, le=MAX_WIDTH)
     # Encoder token width (the workload's embedding width).
-    embed_dim: int = setting(256, gt=0)
+    embed_dim: int = setting(256, gt=0, le=MAX_WIDTH)
     # Encoder transformer blocks.
-    depth: int = setting(8, gt=0)
+    depth: int = setting(8, gt=0, le=MAX_LAYERS)
     # Encoder attention heads; must divide embed_dim.
-    num_heads: int = setting(8, gt=0)
+    num_heads: int = setting(8, gt=0, le=MAX_WIDTH)
     # Decoder token width (the MAE's light decoder).
-    decoder_embed_dim: int = setting(128, gt=0)
+    decoder_embed_dim: int = setting(128, gt=0, le=MAX_WIDTH)
     # Decoder transformer blocks.
-    decoder_depth: int = setting(4, gt=0)
+    decoder_depth: int = setting(4, gt=0, le=MAX_LAYERS)
     # Decoder attention heads; must divide decoder_embed_dim.
-    decoder_num_heads: int = setting(4, gt=0)
+    decoder_num_heads: int = setting(4, gt=0, le=MAX_WIDTH)
     # Hidden width of each MLP as a multiple of the token width.
-    mlp_ratio: float = setting(4.0, gt=0)
+    mlp_ratio: float = setting(4.0, gt=0, le=MAX_LAYERS)
     # Fraction of patches hidden from the encoder during pretraining.
     mask_ratio: float = setting(0.75, ge=0, lt=1)
     # Pretraining target: each patch normalised by its own mean and variance.

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from toolkit.models.edsr import ResidualSR, conv3x3
 from toolkit.models.registry import ModelSpec
-from toolkit.recipe import ModelBase, setting
+from toolkit.recipe import MAX_LAYERS, MAX_WIDTH, ModelBase, setting
 
 
 @dataclass
@@ -27,13 +27,13 @@ class RCANConfig(ModelBase):
     """RCAN's recipe section (`model.arch: rcan`); img_size is the HR side of training crops."""
 
     # Feature channels of every convolution between head and tail.
-    n_feats: int = setting(64, gt=0)
+    n_feats: int = setting(64, gt=0, le=MAX_WIDTH)
     # Residual groups in the body.
-    n_resgroups: int = setting(10, gt=0)
+    n_resgroups: int = setting(10, gt=0, le=MAX_LAYERS)
     # Channel-attention blocks per group.
-    n_resblocks: int = setting(20, gt=0)
+    n_resblocks: int = setting(20, gt=0, le=MAX_LAYERS)
     # Channel attention squeezes n_feats to n_feats / reduction.
-    reduction: int = setting(16, gt=0)
+    reduction: int = setting(16, gt=0, le=MAX_WIDTH)
 
     def problems(self) -> Iterator[tuple[str, str]]:
         if self.n_feats % self.reduction:

@@ -36,7 +36,7 @@ from torch import Tensor, nn
 from toolkit.models.mae import MAEConfig
 from toolkit.models.registry import ModelSpec
 from toolkit.models.vit import Decoder, Encoder, init_vit_weights, unpatchify
-from toolkit.recipe import setting
+from toolkit.recipe import MAX_WIDTH, setting
 
 
 def _deconv_padding(lr_size: int, hr_size: int, scale: int, kernel: int) -> tuple[int, int]:
@@ -148,7 +148,7 @@ class SRMAEConfig(MAEConfig):
     that one model section serves every stage of the workload."""
 
     # Channels of the convolution/deconvolution layers added for super-resolution.
-    sr_channels: int = setting(64, gt=0)
+    sr_channels: int = setting(64, gt=0, le=MAX_WIDTH)
 
 
 def build(cfg: SRMAEConfig, scale: int = 2) -> SRMAE:
