@@ -24,6 +24,7 @@ from typing import Any
 from toolkit import cli
 from toolkit.cluster import env
 from toolkit.errors import UserError
+from toolkit.hold import acquire, refuse_if_held
 from toolkit.metrics import metric
 from toolkit.runs import Target, check_shards, eval_loader, eval_path, load_model, locate
 
@@ -98,16 +99,24 @@ def _main(argv: Sequence[str] | None) -> int:
     target = locate(args.source, overrides)
     if args.local and args.procs > 1 and "RANK" not in os.environ:  # not inside a group yet
         check_shards(target.recipe, args.split)  # before starting any process
+        refuse_if_held(target.run_dir)
         child = [args.source, *overrides, "--split", args.split, *(["--json"] if args.json else [])]
         return env.torchrun(args.procs, "toolkit.evaluate", child)
+    env.bind_to_launcher()  # a torchrun worker ends with its torchrun
     env.setup()  # an srun task: ranks from its SLURM_* variables
-    summary = evaluate(target, args.split)
-    if summary is None:  # not rank 0
-        return 0
-    from toolkit.engine.validate import write_eval
+    # The evaluation is written into the run directory: not while another process writes it.
+    hold = acquire(target.run_dir, "evaluate") if os.environ.get("RANK", "0") == "0" else None
+    try:
+        summary = evaluate(target, args.split)
+        if summary is None:  # not rank 0
+            return 0
+        from toolkit.engine.validate import write_eval
 
-    path = eval_path(target, args.split, custom=bool(overrides))
-    write_eval(path, summary)
+        path = eval_path(target, args.split, custom=bool(overrides))
+        write_eval(path, summary)
+    finally:
+        if hold is not None:
+            hold.release()
     out = json.dumps(summary, indent=2) if args.json else text(summary, target.source)
     sys.stdout.write(out + "\n")
     logger.info("wrote %s", path)

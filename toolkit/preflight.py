@@ -7,6 +7,7 @@ from pathlib import Path
 from toolkit import recipe
 from toolkit.data.format import MANIFEST, mismatches, read_manifest
 from toolkit.errors import UserError
+from toolkit.hold import holder_of, refusal
 
 
 def problems(r: recipe.Recipe, *, chained: bool = False) -> list[str]:
@@ -29,6 +30,9 @@ def problems(r: recipe.Recipe, *, chained: bool = False) -> list[str]:
         out.append(
             f"init.from: {r.init.from_} does not exist yet: run the stage that writes it first"
         )
+    holder = holder_of(r.run_dir)  # one writer per run directory (toolkit/hold.py)
+    if holder is not None:
+        out.append(f"run.dir: {refusal(r.run_dir, holder)}")
     return out
 
 

@@ -45,6 +45,7 @@ def _main(argv: Sequence[str] | None) -> int:
     p.add_argument("recipe", help="recipe YAML file")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="recipe overrides")
     args = p.parse_intermixed_args(argv)
+    env.bind_to_launcher()  # a torchrun worker ends with its torchrun
     env.setup()  # an srun task: RANK, WORLD_SIZE, MASTER_ADDR, ... from its SLURM_* variables
     return run(recipe.load(args.recipe, args.overrides))
 

@@ -19,6 +19,7 @@ from safetensors.torch import load_file
 from tests.cluster.jobs import launch, launched, sacct, sbatch, wait_done
 from tests.helpers import DEBUG_RECIPE, ROOT, make_pairs, read_jsonl, tiny
 from toolkit.data.format import read_manifest
+from toolkit.hold import held
 from toolkit.shard import shard
 
 pytestmark = pytest.mark.cluster
@@ -294,3 +295,24 @@ def test_a_job_sbatch_refuses_is_one_user_error(slurm_cluster, shards, tmp_path)
         "error: sbatch refused job debug: sbatch: error: Batch job submission failed: "
         "Invalid partition name specified"
     ]
+
+
+def test_a_held_run_directory_refuses_launch_and_sbatch(slurm_cluster, shards, tmp_path) -> None:
+    """One writer per run directory on the cluster: `launch` refuses before it submits, and a
+    plain sbatch job stops at its start with the holder named in its log, writing nothing."""
+    run_dir = tmp_path / "run"
+    overrides = [*tiny(shards, run_dir, task="mae"), *SMALL]
+    clone = tmp_path / "clone"
+    shutil.copytree(ROOT / "slurm", clone / "slurm")
+    with held(run_dir, "training by hand"):
+        proc = launch(slurm_cluster, tmp_path, str(DEBUG_RECIPE), *overrides)
+        assert proc.returncode == 2 and proc.stdout == "", proc.stderr
+        assert f"in use by training by hand (pid {os.getpid()} on " in proc.stderr
+        assert not (run_dir / "slurm").exists()  # nothing submitted
+        job = sbatch(slurm_cluster, clone, *SCRIPT_SIZE, "slurm/finetune.sh", str(DEBUG_RECIPE),
+                     *overrides)  # fmt: skip
+        state, _ = wait_done(job)
+        log = (clone / f"slurm-srmae-finetune-{job}.out").read_text()
+        assert state == "FAILED", log
+        assert f"in use by training by hand (pid {os.getpid()} on " in log
+    assert sorted(p.name for p in run_dir.iterdir()) == []  # the job wrote nothing there

@@ -4,6 +4,7 @@ RGB photos end to end, and the bad inputs that must be one line with exit status
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -14,6 +15,7 @@ from PIL import Image
 from tests.helpers import DEBUG_RECIPE, evaluate_json, make_pairs, run_cli, tiny
 from toolkit import report
 from toolkit.data.format import read_manifest
+from toolkit.hold import HOLD, held
 from toolkit.shard import shard
 
 pytestmark = pytest.mark.slow
@@ -177,6 +179,18 @@ def test_bad_inputs_are_one_line_with_exit_status_2(grey, tmp_path) -> None:
     # no abbreviated flags: `--loc --proc 2` must not be read as --local --procs 2
     line = one_line_error("toolkit.evaluate", str(fine), "--loc", "--proc", "2")
     assert "unrecognized arguments" in line
+
+
+def test_evaluate_does_not_write_into_a_run_another_process_writes(grey) -> None:
+    """The run directory has one writer: an evaluation waits its turn, on 1 or 2 processes."""
+    _, _, fine = grey
+    before = (fine / "eval.json").read_text()
+    with held(fine, "training debug"):
+        for procs in ([], ["--local", "--procs", "2"]):
+            line = one_line_error("toolkit.evaluate", str(fine), *procs)
+            assert f"{fine}: in use by training debug (pid {os.getpid()} on " in line
+    assert (fine / "eval.json").read_text() == before
+    assert not (fine / HOLD).exists()
 
 
 def test_report_of_a_run_reads_its_loss_curve(grey) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import signal
 import subprocess
 import sys
 from collections.abc import Mapping, MutableMapping
@@ -212,11 +213,37 @@ def cpu_count() -> int:
 
 def torchrun(procs: int, module: str, args: list[str]) -> int:
     """Run `python -m module args` as `procs` processes on this machine (torchrun, standalone
-    rendezvous); the exit status of the group."""
+    rendezvous); the exit status of the group. Should this process die, even by SIGKILL,
+    torchrun gets SIGTERM and stops its workers (each of which also dies with torchrun)."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
            f"--nproc-per-node={procs}", "-m", module, *args]  # fmt: skip
     logger.info("starting %d processes: %s", procs, " ".join(cmd))
-    return subprocess.run(cmd, check=False).returncode
+    parent = os.getpid()
+    return subprocess.run(
+        cmd, check=False, preexec_fn=lambda: die_with_parent(signal.SIGTERM, parent)
+    ).returncode
+
+
+def die_with_parent(sig: int, parent: int | None = None) -> None:
+    """Have the kernel send `sig` to this process when its parent exits (Linux's
+    PR_SET_PDEATHSIG; elsewhere nothing). `parent`, where known: the pid the parent had, for
+    the case where it died before this call."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, sig, 0, 0, 0)
+    if parent is not None and os.getppid() != parent:
+        os.kill(os.getpid(), sig)  # orphaned already: adopted by init or a subreaper
+
+
+def bind_to_launcher() -> None:
+    """A torchrun worker ends when its torchrun ends, however it ended: torchrun starts its
+    workers in sessions of their own, so a kill of the launcher's process group misses them,
+    and left running they hold and write the run directory, blocked in a collective."""
+    if "TORCHELASTIC_RUN_ID" in os.environ:
+        die_with_parent(signal.SIGKILL)
 
 
 def main() -> int:

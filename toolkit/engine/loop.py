@@ -23,6 +23,7 @@ from toolkit.engine.checkpointer import Checkpointer, Parts, Resume
 from toolkit.engine.state import TrainState
 from toolkit.engine.sums import NonFiniteLoss, StepSums, Window
 from toolkit.engine.validate import Validation, summary, validate, write_eval
+from toolkit.hold import Held, Hold, acquire
 from toolkit.logging import RunLogger, image_grid
 from toolkit.metrics import metric
 from toolkit.models import param_counts
@@ -67,8 +68,9 @@ class Run:
 def train(r: recipe.Recipe) -> TrainResult:
     """Train one recipe in this process (one rank of a job)."""
     engine = Engine(r.train, r.deepspeed, micro_batch=r.data.batch_size)
-    run = None
+    run, hold = None, None
     try:
+        hold = hold_run_dir(engine, r)
         run = build(engine, r)
         state = restore(run)
         return finish(run, loop(run, state))
@@ -81,6 +83,23 @@ def train(r: recipe.Recipe) -> TrainResult:
     finally:
         if run is not None:
             run.close_loaders()
+        if hold is not None:
+            hold.release()
+
+
+def hold_run_dir(engine: Engine, r: recipe.Recipe) -> Hold | None:
+    """The job's hold on its run directory, taken by the main process before anything is
+    written; every rank stops with the same line when another writer holds it."""
+    hold, refusal = None, None
+    if engine.is_main:
+        try:
+            hold = acquire(r.run_dir, f"training {r.name}")
+        except Held as err:
+            refusal = str(err)
+    refusal = engine.broadcast(refusal)
+    if refusal is not None:
+        raise Held(refusal)
+    return hold
 
 
 def build(engine: Engine, r: recipe.Recipe) -> Run:
