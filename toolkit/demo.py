@@ -21,7 +21,7 @@ from toolkit.errors import UserError
 
 logger = logging.getLogger(__name__)
 
-RECIPES = Path(__file__).resolve().parents[1] / "recipes" / "demo"
+RECIPES = recipe.shipped() / "demo"
 STAGES = ("pretrain.yaml", "finetune_frozen_mae.yaml", "finetune_frozen_encoder.yaml",
           "finetune.yaml", "finetune_scratch.yaml", "edsr.yaml", "rcan.yaml")  # fmt: skip
 

@@ -184,6 +184,14 @@ class RunConfig:
     dir: str | None = None
 
 
+def shipped() -> Path:
+    """The recipes that come with the toolkit: toolkit/recipes in an installed package (the wheel
+    carries them there), else the checkout's recipes/."""
+    here = Path(__file__).resolve().parent
+    installed = here / "recipes"
+    return installed if installed.is_dir() else here.parent / "recipes"
+
+
 # Sizes past these are typos, not models (a depth with hundreds of digits would hang the dry run
 # that builds the model to count its parameters): refused when the recipe is read.
 MAX_LAYERS = 1024
