@@ -300,3 +300,68 @@ def test_a_truncated_shard_is_found_even_when_seeking(tmp_path: Path, shards: Pa
     cut.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
     with open(cut, "rb") as f, pytest.raises(EOFError, match="tar ends"):
         list(read_samples(f, 0, 100, lambda i: False))  # nothing wanted: all seeks
+
+
+def keys_by_shard(shards: Path, split: str) -> dict[str, str]:
+    """key -> name of the shard holding it."""
+    import tarfile
+
+    m = json.loads((shards / "manifest.json").read_text())
+    out = {}
+    for s in m["splits"][split]["shards"]:
+        with tarfile.open(shards / s["name"]) as tar:
+            out.update({n.name.split(".")[0]: s["name"] for n in tar.getmembers()})
+    return out
+
+
+def one_epoch(c: DataConfig, epoch: int, crop: int = 8) -> list[dict]:
+    ld = L.build_loader(c, "train", crop=crop, seed=3)
+    ld.load_state_dict({"epoch": epoch, "batch": 0})
+    out = list(ld)
+    ld.close()
+    return out
+
+
+@pytest.fixture(scope="module")
+def one_shard(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("one")
+    make_pairs(root / "src", 40)
+    shard(root / "src", root / "shards", val_fraction=0.1, shard_size=1000, seed=0)
+    return root / "shards"
+
+
+def test_the_shard_order_alone_changes_with_the_epoch(shards: Path) -> None:
+    """No shuffle buffer, whole images: what changes between epochs is the order of the shards,
+    each read through in its own order."""
+    c = cfg(shards, shuffle_buffer=0, augment=False)
+    where = keys_by_shard(shards, "train")
+    runs = []
+    for epoch in (0, 1):
+        keys = keys_of(one_epoch(c, epoch))
+        order = [
+            s for i, s in enumerate(where[k] for k in keys) if i == 0 or where[keys[i - 1]] != s
+        ]
+        assert len(order) == len(set(order))  # each shard read in one run
+        runs.append({s: [k for k in keys if where[k] == s] for s in order})
+    assert list(runs[0]) != list(runs[1])  # the shards come in another order
+    assert runs[0] == runs[1]  # and inside each shard, the same order as before
+
+
+def test_the_order_inside_a_worker_alone_changes_with_the_epoch(one_shard: Path) -> None:
+    """One shard (its order cannot change), whole images: the shuffle buffer's order changes
+    with the epoch; without a buffer nothing does."""
+    buffered = [keys_of(one_epoch(cfg(one_shard, augment=False), e)) for e in (0, 1)]
+    assert sorted(buffered[0]) == sorted(buffered[1]) and buffered[0] != buffered[1]
+    plain = [keys_of(one_epoch(cfg(one_shard, shuffle_buffer=0, augment=False), e)) for e in (0, 1)]
+    assert plain[0] == plain[1]
+
+
+def test_the_random_crops_alone_change_with_the_epoch(one_shard: Path) -> None:
+    """The same samples in the same order (one shard, no buffer): their crops move."""
+    c = cfg(one_shard, shuffle_buffer=0, augment=False)
+    a, b = one_epoch(c, 0, crop=4), one_epoch(c, 1, crop=4)
+    assert keys_of(a) == keys_of(b)
+    hr_a, hr_b = torch.cat([x["hr"] for x in a]), torch.cat([x["hr"] for x in b])
+    moved = [not torch.equal(x, y) for x, y in zip(hr_a, hr_b, strict=True)]
+    assert sum(moved) > len(moved) // 2  # 9 corners to choose from: most crops move
+    assert one_epoch(c, 1, crop=8)[0]["hr"].equal(one_epoch(c, 0, crop=8)[0]["hr"])  # whole: same
