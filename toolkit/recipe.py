@@ -51,6 +51,10 @@ class DataConfig:
     degrade: str = setting("bicubic", choices=("bicubic",))
     # Random flips and 90-degree rotations; the workload used none.
     augment: bool = False
+    # How values are mapped for the model (toolkit/data/normalise.py): unit, none, minmax,
+    # percentile[:lo,hi], asinh[:soft]; null: what the shards' manifest records. The run's
+    # recipe.yaml holds the one used.
+    normalise: str | None = None
 
 
 @dataclass
@@ -363,6 +367,13 @@ def _check(r: Recipe, origins: Origins) -> None:
                                  f"nor a valid regex: {err}")  # fmt: skip
     if r.freeze and not r.init.from_:
         fail("init.from", f"freeze {r.freeze} needs trained weights: set init.from to their run")
+    if r.data.normalise is not None:
+        from toolkit.data.normalise import parse
+
+        try:
+            parse(r.data.normalise)
+        except ValueError as err:
+            fail("data.normalise", str(err))
     if not r.train.max_steps and not r.train.epochs:
         fail("train.epochs", "0 with no train.max_steps: nothing to train")
     betas = r.optim.betas

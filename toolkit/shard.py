@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import logging
 import multiprocessing as mp
 import os
@@ -20,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from tqdm import tqdm
 
 from toolkit import cli
@@ -34,7 +36,8 @@ from toolkit.data.format import (
     manifest_doc,
     verify,
 )
-from toolkit.data.sources import Item, Source, list_source, probe
+from toolkit.data.normalise import parse as parse_normalisation
+from toolkit.data.sources import Item, Source, decode, list_source, probe
 from toolkit.errors import UserError
 
 logger = logging.getLogger(__name__)
@@ -68,10 +71,17 @@ class ShardJob:
     root: Path
     items: list[Item]
     strict: bool
+    nonfinite: str = "refuse"  # NaN/inf pixels: "refuse" the file, or "zero": fill and count
 
 
 def plan(
-    source: Source, out: Path, seed: int, val_fraction: float, shard_size: int, strict: bool
+    source: Source,
+    out: Path,
+    seed: int,
+    val_fraction: float,
+    shard_size: int,
+    strict: bool,
+    nonfinite: str = "refuse",
 ) -> list[ShardJob]:
     """The shards to write: per split, samples ordered by hash and cut into shard_size pieces."""
     by_split: dict[str, list[Item]] = {s: [] for s in SPLITS}
@@ -82,7 +92,9 @@ def plan(
         items.sort(key=lambda it: (order_of(it.key, seed), it.key))
         for i in range(0, len(items), shard_size):
             piece = items[i : i + shard_size]
-            jobs.append(ShardJob(split, i // shard_size, out, source.root, piece, strict))
+            jobs.append(
+                ShardJob(split, i // shard_size, out, source.root, piece, strict, nonfinite)
+            )
     return jobs
 
 
@@ -97,24 +109,56 @@ def _read_checked(path: Path) -> tuple[bytes, tuple[int, int, int]]:
     return data, probe(data, path.suffix)
 
 
+# Formats whose values their type does not bound: decoded at shard time for their range and
+# their NaN/inf pixels. 8- and 16-bit PNG/JPEG lie in [0, 1] by their scaling.
+_VALUED = (".npy", ".tif", ".tiff")
+
+
+def _values(data: bytes, ext: str, policy: str) -> tuple[bytes, str, int, float, float]:
+    """(bytes to store, their extension, NaN/inf pixels filled, lowest, highest value) of one
+    file; ValueError when it holds NaN/inf and the policy refuses them."""
+    if ext not in _VALUED:
+        return data, ext, 0, 0.0, 1.0
+    a = decode(data, ext)
+    bad = ~np.isfinite(a)
+    count = int(bad.sum())
+    if count and policy == "refuse":
+        raise ValueError(
+            f"{count} NaN/inf pixels (of {a.size}): --nonfinite zero fills them with 0 and "
+            "counts them in the manifest"
+        )
+    if count:
+        a = np.where(bad, np.float32(0), a)
+        buf = io.BytesIO()
+        np.save(buf, a, allow_pickle=False)
+        data, ext = buf.getvalue(), ".npy"  # stored filled, as the float32 array it decodes to
+    return data, ext, count, float(a.min()), float(a.max())
+
+
 def _members(job: ShardJob, item: Item, result: ShardResult) -> list[tuple[str, bytes]] | None:
     """The tar members of one sample, or None (recorded in result.skipped) if a file is bad."""
-    members, shapes, ok = [], [], True
+    members, shapes, values, ok = [], [], [], True
     for side, path in (("hr", item.hr), ("lr", item.lr)):
         if path is None:
             continue
         try:
             data, shape = _read_checked(path)
+            data, ext, filled, low, high = _values(data, path.suffix.lower(), job.nonfinite)
         except ValueError as err:
             result.skipped.append((path.relative_to(job.root).as_posix(), str(err)))
             ok = False
             if job.strict:
                 break
             continue
-        members.append((f"{item.key}.{side}.{path.suffix.lower().lstrip('.')}", data))
+        members.append((f"{item.key}.{side}.{ext.lstrip('.')}", data))
         shapes.append(shape)
+        values.append((path.relative_to(job.root).as_posix(), filled, low, high))
     if not ok:
         return None
+    for rel, filled, low, high in values:
+        result.low, result.high = min(result.low, low), max(result.high, high)
+        if filled:
+            result.filled[rel] = filled
     result.channels.update(c for c, _, _ in shapes)
     _, h, w = shapes[0]
     result.hr_min = (min(result.hr_min[0], h), min(result.hr_min[1], w))
@@ -304,14 +348,21 @@ def shard(
     seed: int = 0,
     overwrite: bool = False,
     strict: bool = False,
+    nonfinite: str = "refuse",
+    normalise: str | None = None,
 ) -> dict:
     """Shard SRC into OUT/{train,val}/shard-NNNNNN.tar and write OUT/manifest.json; return it."""
     start = time.perf_counter()
     _check_args(val_fraction, shard_size, workers)
+    if normalise is not None:
+        try:
+            normalise = str(parse_normalisation(normalise))
+        except ValueError as err:
+            raise UserError(f"--normalise {err}") from None
     source = list_source(Path(src).resolve())
     out = Path(out)
     old = _check_out(out, overwrite)
-    jobs = plan(source, out, seed, val_fraction, shard_size, strict)
+    jobs = plan(source, out, seed, val_fraction, shard_size, strict, nonfinite)
     created = _make_dirs(out)
     results: list[ShardResult] = []
     try:
@@ -330,7 +381,7 @@ def shard(
                 d.rmdir()
         raise
     args = {"seed": seed, "val_fraction": val_fraction, "shard_size": shard_size}
-    manifest = manifest_doc(source.kind, source.root, results, args)
+    manifest = manifest_doc(source.kind, source.root, results, args, nonfinite, normalise)
     commit(out, results, manifest, old)
     _log_summary(out, manifest, time.perf_counter() - start)
     return manifest
@@ -361,6 +412,15 @@ def parse_args(argv: Sequence[str] | None) -> Any:
     p.add_argument("--seed", type=int, default=0, metavar="S", help="seed of the split and order")
     p.add_argument("--overwrite", action="store_true", help="replace the shards in a non-empty OUT")
     p.add_argument("--strict", action="store_true", help="a corrupt file is an error, not a skip")
+    p.add_argument("--nonfinite", choices=("refuse", "zero"), default="refuse",
+                   help="NaN/inf pixels (masked or missing data): refuse the file (skipped, or "
+                   "an error with --strict; the default), or fill them with 0 and count them "
+                   "per file in the manifest")  # fmt: skip
+    p.add_argument("--normalise", metavar="NAME[:P,...]",
+                   help="how the loader maps values for a model, recorded in the manifest (a "
+                   "recipe's data.normalise overrides it): unit, none, minmax, percentile[:LO,HI],"
+                   " asinh[:SOFT]; default: unit for values in [0, 1], else none. The shards keep "
+                   "the values as they are")  # fmt: skip
     args = p.parse_args(argv)
     if args.verify is not None and (args.src or args.out):
         p.error("--verify DIR checks shards: give no SRC or OUT with it")
@@ -389,6 +449,8 @@ def _main(argv: Sequence[str] | None) -> int:
         seed=a.seed,
         overwrite=a.overwrite,
         strict=a.strict,
+        nonfinite=a.nonfinite,
+        normalise=a.normalise,
     )
     return 0
 

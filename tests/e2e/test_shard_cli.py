@@ -3,17 +3,20 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import signal
 import subprocess
 import sys
+import tarfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from toolkit import shard
 
@@ -225,3 +228,77 @@ def test_verify_checks_every_shard_against_its_manifest(capsys, caplog, tmp_path
     assert code == 2 and len(line) == 1 and str(shard_file) in line[0] and "sha256" in line[0]
     assert "1 of" in line[0]
     assert run(capsys, "--verify", out, src)[0] == 2  # --verify takes no SRC/OUT
+
+
+def make_bands(root: Path, n: int, bands: int = 5, size: int = 16) -> dict[str, np.ndarray]:
+    """Paired multi-band float32 stacks with negative values (sky-subtracted) and a large
+    dynamic range; HR (bands, size, size) channels first, LR channels last."""
+    rng = np.random.default_rng(7)
+    out = {}
+    for side in ("hr", "lr"):
+        (root / side).mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        hr = (rng.standard_normal((bands, size, size)) * 3.0).astype(np.float32)
+        hr[:, size // 2, size // 2] = 1e4  # a bright point source
+        lr = hr.reshape(bands, size // 2, 2, size // 2, 2).mean(axis=(2, 4))
+        np.save(root / "hr" / f"s{i:03d}.npy", hr)
+        np.save(root / "lr" / f"s{i:03d}.npy", lr.transpose(1, 2, 0).copy())
+        out[f"s{i:03d}"] = hr
+    return out
+
+
+def test_multi_band_floats_shard_and_load_back_bit_identical(capsys, tmp_path: Path) -> None:
+    from toolkit.data.loader import build_loader
+    from toolkit.recipe import DataConfig
+
+    hr = make_bands(tmp_path / "src", 12)
+    code, _, _ = run(capsys, tmp_path / "src", tmp_path / "out", "--val-fraction", "0.5")
+    assert code == 0
+    doc = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert doc["channels"] == [5]
+    every = np.stack(list(hr.values()))
+    low = min(float(every.min()), float(np.load(tmp_path / "src/lr/s000.npy").min()))
+    assert doc["value_range"][0] <= low < 0 and doc["value_range"][1] == 1e4
+    data = DataConfig(shards=str(tmp_path / "out"), batch_size=3, num_workers=0)
+    seen = 0
+    for split in ("train", "val"):
+        loader = build_loader(data, split, crop=16, seed=0, fields=("hr", "lr"), evaluation=True)
+        for batch in loader:
+            for key, got, got_lr in zip(batch["key"], batch["hr"], batch["lr"], strict=True):
+                assert torch.equal(got, torch.from_numpy(hr[key]))
+                lr = np.load(tmp_path / "src" / "lr" / f"{key}.npy").transpose(2, 0, 1)
+                assert torch.equal(got_lr, torch.from_numpy(np.ascontiguousarray(lr)))
+                seen += 1
+        loader.close()
+    assert seen == 12
+
+
+def test_nan_pixels_are_refused_or_filled_and_counted(capsys, tmp_path: Path) -> None:
+    src = make_pairs(tmp_path / "src", 6)
+    masked = np.load(src / "hr" / "s002.npy")
+    masked[0, :3] = np.nan
+    masked[1, 0] = np.inf
+    np.save(src / "hr" / "s002.npy", masked)
+    code, _, err = run(capsys, src, tmp_path / "out", "--strict")
+    assert code == 2
+    line = one_error_line(err)
+    assert "hr/s002.npy" in line and "4 NaN/inf pixels" in line and "--nonfinite zero" in line
+    assert not (tmp_path / "out").exists()
+    code, _, _ = run(capsys, src, tmp_path / "out")  # refused: skipped and listed, like damage
+    doc = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert code == 0 and [e["path"] for e in doc["skipped"]] == ["hr/s002.npy"]
+    assert doc["nonfinite"] == {"policy": "refuse", "filled": {}}
+    code, _, _ = run(capsys, src, tmp_path / "filled", "--nonfinite", "zero")
+    doc = json.loads((tmp_path / "filled" / "manifest.json").read_text())
+    assert code == 0 and doc["skipped"] == []
+    assert doc["nonfinite"] == {"policy": "zero", "filled": {"hr/s002.npy": 4}}
+    members = {}
+    for tar_path in (tmp_path / "filled").glob("*/*.tar"):
+        with tarfile.open(tar_path) as tar:
+            members.update({m.name: tar.extractfile(m).read() for m in tar.getmembers()})
+    stored = np.load(io.BytesIO(members["s002.hr.npy"]))
+    want = np.where(np.isfinite(masked), masked, 0).astype(np.float32)
+    np.testing.assert_array_equal(stored, want[None])  # stored as the [C, H, W] it decodes to
+    other = np.load(src / "hr" / "s003.npy")  # a file without NaN is stored as it was
+    assert members["s003.hr.npy"] == (src / "hr" / "s003.npy").read_bytes()
+    assert other.dtype == np.float32

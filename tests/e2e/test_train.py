@@ -348,3 +348,27 @@ def test_compiled_runs_match_eager_and_checkpoints_cross_between_them(shards, tm
     e, m = weights(eager), weights(mixed)
     assert e.keys() == m.keys() and all(torch.allclose(e[k], m[k], rtol=1e-4, atol=1e-6) for k in e)
     assert losses(mixed) == pytest.approx(losses(eager), rel=1e-5)
+
+
+def test_the_run_records_the_normalisation_it_trained_with(shards: Path, tmp_path: Path) -> None:
+    """recipe.yaml says how values were mapped: the shards' default (unit for [0, 1] data,
+    none for fluxes beyond it), or the recipe's own choice."""
+    import numpy as np
+    import yaml
+
+    flux = make_pairs(tmp_path / "src", 12)
+    for path in flux.rglob("*.npy"):
+        np.save(path, np.load(path) * 40 - 5)  # sky-subtracted fluxes
+    shard(flux, tmp_path / "flux", val_fraction=0.25, shard_size=8)
+    runs = {
+        "unit": tiny(shards, tmp_path / "a", "train.max_steps=1"),
+        "none": tiny(tmp_path / "flux", tmp_path / "b", "train.max_steps=1"),
+        "asinh:0.5": tiny(
+            tmp_path / "flux", tmp_path / "c", "train.max_steps=1", "data.normalise=asinh:0.5"
+        ),
+    }
+    for expected, overrides in runs.items():
+        assert train(*overrides) == 0
+        run_dir = Path(overrides[1].split("=", 1)[1])
+        saved = yaml.safe_load((run_dir / "recipe.yaml").read_text())
+        assert saved["data"]["normalise"] == expected

@@ -131,6 +131,11 @@ class ShardResult:
     channels: set[int] = field(default_factory=set)
     hr_min: tuple[int, int] = (sys.maxsize, sys.maxsize)
     hr_max: tuple[int, int] = (0, 0)
+    # Bounds of every stored value (8/16-bit images: [0, 1] by their scaling; arrays and float
+    # TIFFs: their actual extremes), and the NaN/inf pixels filled per source file.
+    low: float = float("inf")
+    high: float = float("-inf")
+    filled: dict[str, int] = field(default_factory=dict)
 
 
 def commit(out: Path, results: list[ShardResult], manifest: dict, old: set[Path]) -> None:
@@ -152,10 +157,24 @@ def commit(out: Path, results: list[ShardResult], manifest: dict, old: set[Path]
         path.unlink(missing_ok=True)
 
 
-def manifest_doc(kind: str, root: Path, results: list[ShardResult], args: dict) -> dict:
+def in_unit_range(value_range: tuple[float, float] | list[float] | None) -> bool:
+    """Whether stored values lie in [0, 1]; shards written before their range was recorded
+    did (their values were clipped there when read)."""
+    return value_range is None or (value_range[0] >= 0.0 and value_range[1] <= 1.0)
+
+
+def manifest_doc(
+    kind: str,
+    root: Path,
+    results: list[ShardResult],
+    args: dict,
+    nonfinite: str = "refuse",
+    normalise: str | None = None,
+) -> dict:
     """manifest.json of the shards `results` describe (their names are added by `commit`)."""
     kept = [r for r in results if r.count]
     counts = {s: sum(r.count for r in results if r.split == s) for s in SPLITS}
+    value_range = [min(r.low for r in kept), max(r.high for r in kept)]
     return {
         "format": FORMAT,
         "kind": kind,
@@ -165,6 +184,13 @@ def manifest_doc(kind: str, root: Path, results: list[ShardResult], args: dict) 
         "hr_size": {
             "min": [min(r.hr_min[0] for r in kept), min(r.hr_min[1] for r in kept)],
             "max": [max(r.hr_max[0] for r in kept), max(r.hr_max[1] for r in kept)],
+        },
+        "value_range": value_range,
+        # how the loader maps values for a model, unless a recipe says otherwise
+        "normalise": normalise or ("unit" if in_unit_range(value_range) else "none"),
+        "nonfinite": {
+            "policy": nonfinite,
+            "filled": dict(sorted(x for r in results for x in r.filled.items())),
         },
         "splits": {s: {"count": counts[s], "shards": []} for s in SPLITS},
         "skipped": [
@@ -190,6 +216,10 @@ class Manifest:
     channels: tuple[int, ...]
     min_size: tuple[int, int]
     splits: dict[str, tuple[Shard, ...]]
+    # Bounds of the stored values; None for shards written before they were recorded (whose
+    # values were clipped to [0, 1] when read).
+    value_range: tuple[float, float] | None = None
+    normalise: str | None = None  # `toolkit.shard --normalise`, as written (None: not recorded)
 
     def count(self, split: str) -> int:
         return sum(s.count for s in self.splits[split])
@@ -211,6 +241,8 @@ def read_manifest(root: str | Path) -> Manifest:
             channels=tuple(doc["channels"]),
             min_size=tuple(doc["hr_size"]["min"]),
             splits=splits,
+            value_range=tuple(doc["value_range"]) if "value_range" in doc else None,
+            normalise=doc.get("normalise"),
         )
     except FileNotFoundError:
         raise UserError(f"{path}: not found: make shards with `python -m toolkit.shard`") from None

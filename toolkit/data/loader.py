@@ -28,7 +28,15 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, default_collate, get_worker_info
 
 from toolkit.data.degrade import degrade
-from toolkit.data.format import MANIFEST, Manifest, member, read_manifest, read_samples
+from toolkit.data.format import (
+    MANIFEST,
+    Manifest,
+    in_unit_range,
+    member,
+    read_manifest,
+    read_samples,
+)
+from toolkit.data.normalise import Normalisation, resolve
 from toolkit.data.plan import (
     Segment,
     buffered_shuffle,
@@ -67,8 +75,12 @@ class ShardStream(IterableDataset):
         world_size: int,
         workers: int,
         train: bool,
+        normalise: Normalisation | None = None,
     ) -> None:
         self.manifest, self.split, self.train = manifest, split, train
+        self.norm = normalise or resolve(None, manifest)
+        # LR made from HR-only shards is clamped to [0, 1] only where the stored values lie there.
+        self.clamp_degraded = in_unit_range(manifest.value_range)
         self.batch_size, self.crop, self.scale = batch_size, crop, scale
         self.need_lr = "lr" in fields  # a task that trains on HR alone never decodes or makes LR
         self.shuffle_buffer, self.augment, self.seed = shuffle_buffer, augment, seed
@@ -187,13 +199,27 @@ class ShardStream(IterableDataset):
             return None
 
     def make_item(self, sample: dict[str, Any], pos: int) -> dict[str, Any]:
-        """Decode, crop (LR at the HR crop's coordinates / scale) and degrade one raw sample."""
-        hr = torch.from_numpy(decode(*member(sample, "hr")))
+        """Decode, crop (LR at the HR crop's coordinates / scale), degrade and normalise one raw
+        sample."""
+        full = torch.from_numpy(decode(*member(sample, "hr")))
         rng = _LazyRng((self.seed, self.epoch, pos, 0xC0))
         s, c = self.scale, self.crop
-        h, w = hr.shape[-2:]
+        h, w = full.shape[-2:]
         if h < c or w < c:
             raise ValueError(f"image {h}x{w} is smaller than the crop {c}x{c}")
+        lr_full = None
+        if self.need_lr and self.manifest.kind == "paired":
+            lr_full = torch.from_numpy(decode(*member(sample, "lr")))
+            if lr_full.shape[-2:] != (h // s, w // s):
+                raise ValueError(f"lr is {tuple(lr_full.shape[-2:])}, expected hr / {s}")
+        # Per-image statistics come from the whole input image, as `predict` fits them on a
+        # whole file (a crop's or a tile's own would differ from tile to tile).
+        stats = None
+        if self.norm.per_image:
+            ref = lr_full if lr_full is not None else full
+            if lr_full is None and self.need_lr:
+                ref = degrade(full[:, : h // s * s, : w // s * s], s, clamp=self.clamp_degraded)
+            stats = self.norm.fit(ref)
         # Crop corners on the LR grid, so the paired LR crop is exact.
         if self.train:
             y, x = (
@@ -202,16 +228,15 @@ class ShardStream(IterableDataset):
             )
         else:
             y, x = (h - c) // (2 * s) * s, (w - c) // (2 * s) * s
-        hr = hr[:, y : y + c, x : x + c]
+        hr = full[:, y : y + c, x : x + c]
         item: dict[str, Any] = {"key": sample["__key__"], "hr": hr}
-        if self.need_lr:
-            if self.manifest.kind == "paired":
-                lr = torch.from_numpy(decode(*member(sample, "lr")))
-                if lr.shape[-2:] != (h // s, w // s):
-                    raise ValueError(f"lr is {tuple(lr.shape[-2:])}, expected hr / {s}")
-                item["lr"] = lr[:, y // s : (y + c) // s, x // s : (x + c) // s]
-            else:
-                item["lr"] = degrade(hr, s)
+        if lr_full is not None:
+            item["lr"] = lr_full[:, y // s : (y + c) // s, x // s : (x + c) // s]
+        elif self.need_lr:
+            item["lr"] = degrade(hr, s, clamp=self.clamp_degraded)
+        for name in ("hr", "lr"):  # into the model's values, both with the input's statistics
+            if name in item:
+                item[name] = self.norm.apply(item[name], stats)
         if self.augment:
             k, flip = int(rng.integers(4)), bool(rng.integers(2))
             for name in ("hr", "lr"):
@@ -353,6 +378,7 @@ def build_loader(
         world_size=world_size,
         workers=data.num_workers,
         train=train,
+        normalise=resolve(data.normalise, manifest),
     )
     if train and stream.plan.padding and rank == 0:
         logger.info(

@@ -51,18 +51,21 @@ def _ext(ext: str) -> str:
 
 
 def _layout(shape: tuple[int, ...]) -> tuple[str, int, int, int]:
-    """(layout, channels, height, width) of an array shape, by the rules decode applies."""
+    """(layout, channels, height, width) of an array shape, by the rules decode applies: the
+    channel axis (the bands of a multi-band stack, all kept) is the first or the last one, the
+    one shorter than both image sides; failing that (a tiny image), the one of 1, 3 or 4."""
     if len(shape) == 2:
         return "hw", 1, shape[0], shape[1]
-    if len(shape) == 3:
-        if shape[-1] in (1, 3, 4):
-            layout, c, h, w = "hwc", shape[2], shape[0], shape[1]
-        elif shape[0] in (1, 3, 4):
-            layout, c, h, w = "chw", shape[0], shape[1], shape[2]
-        else:
-            raise ValueError(f"array of shape {shape}: expected 1, 3 or 4 channels first or last")
-        return layout, min(c, 3), h, w  # 4 channels: alpha is dropped
-    raise ValueError(f"array of shape {shape}: expected (H, W), (H, W, C) or (C, H, W)")
+    if len(shape) != 3:
+        raise ValueError(f"array of shape {shape}: expected (H, W), (H, W, C) or (C, H, W)")
+    if shape[2] < min(shape[:2]) or (shape[0] >= min(shape[1:]) and shape[2] in (1, 3, 4)):
+        return "hwc", shape[2], shape[0], shape[1]
+    if shape[0] < min(shape[1:]) or shape[0] in (1, 3, 4):
+        return "chw", shape[0], shape[1], shape[2]
+    raise ValueError(
+        f"array of shape {shape}: expected the channels first or last, fewer than the image's "
+        "height and width"
+    )
 
 
 def _check_dtype(dtype: np.dtype) -> None:
@@ -70,15 +73,16 @@ def _check_dtype(dtype: np.dtype) -> None:
         raise ValueError(f"array of dtype {dtype}: expected bool, integer or float")
 
 
-def _to_unit_float(a: np.ndarray) -> np.ndarray:
+def _to_float(a: np.ndarray) -> np.ndarray:
+    """float32 values: floats as they are (negative, above 1, NaN: nothing is clipped); integers
+    divided by their type's maximum (uint8 by 255, uint16 by 65535, int16 by 32767: signed values
+    keep their sign); booleans 0 or 1."""
     _check_dtype(a.dtype)
     if a.dtype.kind == "f":
-        return np.clip(a.astype(np.float32, copy=False), 0.0, 1.0)
+        return a.astype(np.float32, copy=False)
     if a.dtype.kind == "b":
         return a.astype(np.float32)
-    # Negative values of signed types have no meaning as intensities: clip them to 0.
-    out = a.astype(np.float32) / np.float32(np.iinfo(a.dtype).max)
-    return np.clip(out, 0.0, 1.0) if a.dtype.kind == "i" else out
+    return a.astype(np.float32) / np.float32(np.iinfo(a.dtype).max)
 
 
 def _decode_npy(data: bytes) -> np.ndarray:
@@ -93,7 +97,7 @@ def _decode_npy(data: bytes) -> np.ndarray:
         a = a[None]
     elif layout == "hwc":
         a = a.transpose(2, 0, 1)
-    return np.ascontiguousarray(_to_unit_float(a[:3]))
+    return np.ascontiguousarray(_to_float(a))
 
 
 def _decode_image(data: bytes) -> np.ndarray:
@@ -113,17 +117,19 @@ def _pil_to_array(img: Image.Image) -> np.ndarray:
         img, mode = img.convert("RGB"), "RGB"  # RGBA, P, CMYK, YCbCr...: alpha dropped
     a = np.asarray(img)
     if mode == "F":
-        a = np.clip(a.astype(np.float32), 0.0, 1.0)
+        a = a.astype(np.float32)  # a float TIFF: values as they are
     elif mode.startswith("I"):
         # 16-bit sources (PNG/TIFF) open as I;16* or as I: both are scaled by the 16-bit max.
-        a = np.clip(a.astype(np.float32) / 65535.0, 0.0, 1.0)
+        a = a.astype(np.float32) / 65535.0
     else:
         a = a.astype(np.float32) / 255.0
     return np.ascontiguousarray(a[None] if a.ndim == 2 else a.transpose(2, 0, 1))
 
 
 def decode(data: bytes, ext: str) -> np.ndarray:
-    """A file's bytes as float32 [C, H, W] in [0, 1] (C is 1 or 3); ValueError if undecodable."""
+    """A file's bytes as float32 [C, H, W]; ValueError if undecodable. Photographs (8/16 bit) come
+    out in [0, 1] with 1 or 3 channels (alpha dropped); arrays keep every channel and, if float,
+    every value (see `_to_float`)."""
     e = _ext(ext)
     if f".{e}" in ARRAY_EXTS:
         return _decode_npy(data)

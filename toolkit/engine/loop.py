@@ -4,6 +4,7 @@ step / log until the last step, then finish. What is trained and how it is score
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import signal
@@ -18,6 +19,7 @@ import torch
 from toolkit import recipe
 from toolkit.data.format import Manifest, read_manifest
 from toolkit.data.loader import Loader, build_loader
+from toolkit.data.normalise import resolve
 from toolkit.engine.accel import Engine
 from toolkit.engine.checkpointer import Checkpointer, Parts, Resume
 from toolkit.engine.state import TrainState
@@ -106,6 +108,12 @@ def build(engine: Engine, r: recipe.Recipe) -> Run:
     """Model, optimiser, schedule and loaders, prepared for this process; the checkpoint to
     resume from, if any, and what of it must be loaded before set-up."""
     engine.seed(r.train.seed, per_rank=False)  # the same initial model on every rank
+    # One read of the manifest (and one check of its shards) per job, by the main process.
+    manifest = engine.broadcast(read_manifest(r.data.shards) if engine.is_main else None)
+    # The normalisation in force, written into the run's recipe.yaml (evaluate and predict
+    # map values as the training did, whatever shards they are given).
+    norm = resolve(r.data.normalise, manifest)
+    r = dataclasses.replace(r, data=dataclasses.replace(r.data, normalise=str(norm)))
     task = task_of(r)
     model = build_model(r, task)
     recipe_yaml = recipe.dump(r)
@@ -116,8 +124,6 @@ def build(engine: Engine, r: recipe.Recipe) -> Run:
         model.compile()  # in place: the parameter names, and so the checkpoints, stay the same
     groups = build_groups(model, r.optim)
     optimizer = build_optimizer(groups, r.optim, fused=engine.fused_optimizer)
-    # One read of the manifest (and one check of its shards) per job, by the main process.
-    manifest = engine.broadcast(read_manifest(r.data.shards) if engine.is_main else None)
     data = split_loader(r, task, "train", engine, manifest)
     val = split_loader(r, task, "val", engine, manifest) if manifest.count("val") else None
     if val is None:

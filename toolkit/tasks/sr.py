@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from toolkit.data.degrade import upscale_bicubic
+from toolkit.data.normalise import resolve
 from toolkit.metrics import image_metrics
 from toolkit.recipe import Recipe
 from toolkit.tasks.base import BatchResult, Placement, Task
@@ -20,7 +21,8 @@ _PIXEL_LOSSES = {"l1": F.l1_loss, "mse": F.mse_loss}
 class SRTask(Task):
     """The model maps `lr` [N, C, h, w] to [N, C, h*scale, w*scale]; the loss is the recipe's
     pixel loss (train.loss, L1 by default) against `hr`; the reference is bicubic upscaling of
-    the same inputs. Outputs are clamped to [0, 1] before metrics, as any image would be."""
+    the same inputs. Where the normalised values lie in [0, 1] (data.normalise unit or
+    percentile), outputs are clamped there before metrics, as any image would be."""
 
     name = "sr"
     title = "super-resolution"
@@ -37,6 +39,8 @@ class SRTask(Task):
     def __init__(self, r: Recipe) -> None:
         super().__init__(r)
         self.scale = r.data.scale
+        # Outputs and the bicubic row are clamped where the values are known to lie in [0, 1].
+        self.clamp = resolve(r.data.normalise, None).bounded
         self.loss_name = r.train.loss or "l1"
         self.loss_label = f"loss ({self.loss_name})"
 
@@ -65,8 +69,8 @@ class SRTask(Task):
     ) -> BatchResult:
         loss, out = self.losses(model, batch, at, None)
         lr, hr = batch["lr"].to(at.device), batch["hr"].to(at.device)
-        sr = out.float().clamp(0, 1)
-        bicubic = upscale_bicubic(lr, self.scale)
+        sr = out.float().clamp(0, 1) if self.clamp else out.float()
+        bicubic = upscale_bicubic(lr, self.scale, clamp=self.clamp)
         names = self.metrics
         rows: list[list[Tensor]] = []
         if tiles:

@@ -86,11 +86,11 @@ def test_decode_palette_and_la_png() -> None:
     assert out[0, 0, 0] == pytest.approx(128 / 255)
 
 
-def test_decode_float_tiff_taken_as_is_and_clipped() -> None:
+def test_decode_float_tiff_taken_as_is() -> None:
     a = np.array([[0.25, 0.5], [-1.0, 3.0]], np.float32)
     data = encode(Image.fromarray(a, "F"), "TIFF")
     out = decode(data, "tif")
-    np.testing.assert_allclose(out[0], [[0.25, 0.5], [0.0, 1.0]])
+    np.testing.assert_array_equal(out[0], a)  # negatives and values above 1 kept
     assert probe(data, "tiff") == (1, 2, 2)
 
 
@@ -122,11 +122,21 @@ def test_decode_npy_hwc_and_chw_agree() -> None:
     np.testing.assert_array_equal(out_chw, out_hwc)
 
 
-def test_decode_npy_four_channels_drops_alpha() -> None:
-    a = RNG.random((4, 5, 6)).astype(np.float32)
-    out = decode(npy(a), "npy")
-    assert out.shape == (3, 5, 6)
-    np.testing.assert_array_equal(out, a[:3])
+@pytest.mark.parametrize("bands", [2, 4, 5, 12])
+def test_decode_npy_keeps_every_band_bit_for_bit(bands: int) -> None:
+    """A multi-band stack (g, r, i, z, y ...) of floats with negative values after sky
+    subtraction comes out whole, channels first or last."""
+    a = (RNG.standard_normal((bands, 20, 24)) * 50).astype(np.float32)
+    for stored in (a, a.transpose(1, 2, 0)):
+        out = decode(npy(stored), "npy")
+        assert out.shape == (bands, 20, 24) and out.dtype == np.float32
+        np.testing.assert_array_equal(out, a)
+    assert probe(npy(a), "npy") == (bands, 20, 24)
+
+
+def test_decode_npy_keeps_nan_and_inf_for_the_shard_policy() -> None:
+    a = np.array([[np.nan, 1.0], [np.inf, -np.inf]], np.float32)
+    np.testing.assert_array_equal(decode(npy(a), "npy")[0], a)
 
 
 def test_decode_npy_dtypes() -> None:
@@ -134,15 +144,19 @@ def test_decode_npy_dtypes() -> None:
     np.testing.assert_allclose(
         decode(npy(np.array([[0, 65535, 257]], np.uint16)), "npy")[0], [[0, 1, 257 / 65535]]
     )
-    np.testing.assert_allclose(decode(npy(np.array([[-5, 127]], np.int8)), "npy")[0], [[0, 1]])
+    signed = decode(npy(np.array([[-5, 127]], np.int8)), "npy")[0]
+    np.testing.assert_allclose(signed, [[-5 / 127, 1]])  # signed: by the max, sign kept
+    np.testing.assert_allclose(decode(npy(np.array([[-32767, 0]], np.int16)), "npy")[0], [[-1, 0]])
     np.testing.assert_array_equal(decode(npy(np.array([[True, False]])), "npy")[0], [[1, 0]])
-    np.testing.assert_allclose(decode(npy(np.array([[-0.5, 2.0, 0.3]])), "npy")[0], [[0, 1, 0.3]])
+    floats = np.array([[-0.5, 2.0, 0.3]], np.float64)
+    np.testing.assert_array_equal(decode(npy(floats), "npy")[0], floats.astype(np.float32))
 
 
 @pytest.mark.parametrize(
     ("array", "reason"),
     [
-        (np.zeros((2, 5, 6)), "channels"),
+        (np.zeros((6, 5, 6)), "channels first or last"),
+        (np.zeros((7, 7, 7)), "channels first or last"),
         (np.zeros((5,)), "expected"),
         (np.zeros((2, 2), np.complex64), "dtype"),
         (np.array([["a", "b"]]), "dtype"),

@@ -88,6 +88,32 @@ def test_sr_losses_metrics_and_bicubic_reference(loss: str) -> None:
     assert res.tiles[0][0].shape == (1, 20, 20)  # LR shown at HR size
 
 
+@pytest.mark.parametrize(
+    ("normalise", "clamped"),
+    [("unit", True), ("percentile", True), ("none", False), ("asinh:0.1", False)],
+)
+def test_sr_clamps_only_where_the_normalisation_says_values_lie_in_0_1(
+    normalise: str, clamped: bool
+) -> None:
+    """Data beyond [0, 1] (fluxes, an asinh stretch): neither the output nor the bicubic row
+    is clamped before the metrics; unit or percentile data: both are."""
+    r = tiny_recipe("task=sr", "model.arch=srmae", "model.sr_channels=4",
+                    f"data.normalise={normalise}")  # fmt: skip
+    task, model = task_of(r), build_model(r).eval()
+    b = batch(4)
+    b["hr"], b["lr"] = b["hr"] * 3 - 1, b["lr"] * 3 - 1  # values in [-1, 2]
+    res = task.evaluate(model, b, Placement(), tiles=0)
+    with torch.no_grad():
+        out = model(b["lr"])
+    bicubic = F.interpolate(b["lr"], scale_factor=2, mode="bicubic", align_corners=False)
+    if clamped:
+        out, bicubic = out.clamp(0, 1), bicubic.clamp(0, 1)
+    torch.testing.assert_close(
+        res.metrics["mse"], (out - b["hr"]).square().mean((1, 2, 3)).double()
+    )
+    torch.testing.assert_close(res.reference["psnr"], psnr(bicubic, b["hr"]))
+
+
 def test_the_registry_names_the_builtin_tasks_and_says_did_you_mean() -> None:
     assert TASKS.names()[:2] == ["mae", "sr"]
     with pytest.raises(KeyError, match="did you mean 'mae'"):
