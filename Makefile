@@ -15,7 +15,7 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) --upgrade pip
 	$(PIP) $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)) "$(TORCH)"
-	$(PIP) -e ".[dev,lensing]"
+	$(PIP) -e ".[dev,lensing,fits]"
 	touch $@
 
 setup: $(VENV)/.installed

@@ -25,6 +25,7 @@ import numpy as np
 from tqdm import tqdm
 
 from toolkit import cli
+from toolkit.data.fits import FITS_EXTS
 from toolkit.data.format import (
     MANIFEST,
     SHARD_GLOB,
@@ -72,6 +73,7 @@ class ShardJob:
     items: list[Item]
     strict: bool
     nonfinite: str = "refuse"  # NaN/inf pixels: "refuse" the file, or "zero": fill and count
+    hdu: str | None = None  # the FITS HDU to read (None: the first holding an image)
 
 
 def plan(
@@ -82,6 +84,7 @@ def plan(
     shard_size: int,
     strict: bool,
     nonfinite: str = "refuse",
+    hdu: str | None = None,
 ) -> list[ShardJob]:
     """The shards to write: per split, samples ordered by hash and cut into shard_size pieces."""
     by_split: dict[str, list[Item]] = {s: [] for s in SPLITS}
@@ -93,7 +96,7 @@ def plan(
         for i in range(0, len(items), shard_size):
             piece = items[i : i + shard_size]
             jobs.append(
-                ShardJob(split, i // shard_size, out, source.root, piece, strict, nonfinite)
+                ShardJob(split, i // shard_size, out, source.root, piece, strict, nonfinite, hdu)
             )
     return jobs
 
@@ -101,25 +104,27 @@ def plan(
 # ---------------------------------------------------------------- writing one shard
 
 
-def _read_checked(path: Path) -> tuple[bytes, tuple[int, int, int]]:
+def _read_checked(path: Path, hdu: str | None) -> tuple[bytes, tuple[int, int, int]]:
     try:
         data = path.read_bytes()
     except OSError as err:
         raise ValueError(f"unreadable: {err.strerror or err}") from err
-    return data, probe(data, path.suffix)
+    return data, probe(data, path.suffix, hdu)
 
 
 # Formats whose values their type does not bound: decoded at shard time for their range and
 # their NaN/inf pixels. 8- and 16-bit PNG/JPEG lie in [0, 1] by their scaling.
-_VALUED = (".npy", ".tif", ".tiff")
+_VALUED = (".npy", ".tif", ".tiff", *FITS_EXTS)
 
 
-def _values(data: bytes, ext: str, policy: str) -> tuple[bytes, str, int, float, float]:
+def _values(
+    data: bytes, ext: str, policy: str, hdu: str | None
+) -> tuple[bytes, str, int, float, float]:
     """(bytes to store, their extension, NaN/inf pixels filled, lowest, highest value) of one
     file; ValueError when it holds NaN/inf and the policy refuses them."""
     if ext not in _VALUED:
         return data, ext, 0, 0.0, 1.0
-    a = decode(data, ext)
+    a = decode(data, ext, hdu)
     bad = ~np.isfinite(a)
     count = int(bad.sum())
     if count and policy == "refuse":
@@ -142,8 +147,9 @@ def _members(job: ShardJob, item: Item, result: ShardResult) -> list[tuple[str, 
         if path is None:
             continue
         try:
-            data, shape = _read_checked(path)
-            data, ext, filled, low, high = _values(data, path.suffix.lower(), job.nonfinite)
+            data, shape = _read_checked(path, job.hdu)
+            data, ext, filled, low, high = _values(data, path.suffix.lower(), job.nonfinite,
+                                                   job.hdu)  # fmt: skip
         except ValueError as err:
             result.skipped.append((path.relative_to(job.root).as_posix(), str(err)))
             ok = False
@@ -350,6 +356,7 @@ def shard(
     strict: bool = False,
     nonfinite: str = "refuse",
     normalise: str | None = None,
+    hdu: str | None = None,
 ) -> dict:
     """Shard SRC into OUT/{train,val}/shard-NNNNNN.tar and write OUT/manifest.json; return it."""
     start = time.perf_counter()
@@ -362,7 +369,7 @@ def shard(
     source = list_source(Path(src).resolve())
     out = Path(out)
     old = _check_out(out, overwrite)
-    jobs = plan(source, out, seed, val_fraction, shard_size, strict, nonfinite)
+    jobs = plan(source, out, seed, val_fraction, shard_size, strict, nonfinite, hdu)
     created = _make_dirs(out)
     results: list[ShardResult] = []
     try:
@@ -380,7 +387,8 @@ def shard(
             if not any(d.iterdir()):
                 d.rmdir()
         raise
-    args = {"seed": seed, "val_fraction": val_fraction, "shard_size": shard_size}
+    args = {"seed": seed, "val_fraction": val_fraction, "shard_size": shard_size,
+            "fits_hdu": hdu}  # fmt: skip
     manifest = manifest_doc(source.kind, source.root, results, args, nonfinite, normalise)
     commit(out, results, manifest, old)
     _log_summary(out, manifest, time.perf_counter() - start)
@@ -421,6 +429,11 @@ def parse_args(argv: Sequence[str] | None) -> Any:
                    "recipe's data.normalise overrides it): unit, none, minmax, percentile[:LO,HI],"
                    " asinh[:SOFT]; default: unit for values in [0, 1], else none. The shards keep "
                    "the values as they are")  # fmt: skip
+    p.add_argument(
+        "--hdu",
+        metavar="NAME|INDEX",
+        help="the FITS HDU to read (e.g. SCI); default: the first holding an image",
+    )
     args = p.parse_args(argv)
     if args.verify is not None and (args.src or args.out):
         p.error("--verify DIR checks shards: give no SRC or OUT with it")
@@ -451,6 +464,7 @@ def _main(argv: Sequence[str] | None) -> int:
         strict=a.strict,
         nonfinite=a.nonfinite,
         normalise=a.normalise,
+        hdu=a.hdu,
     )
     return 0
 

@@ -220,6 +220,7 @@ class Manifest:
     # values were clipped to [0, 1] when read).
     value_range: tuple[float, float] | None = None
     normalise: str | None = None  # `toolkit.shard --normalise`, as written (None: not recorded)
+    fits_hdu: str | None = None  # `toolkit.shard --hdu`: the HDU read from FITS members
 
     def count(self, split: str) -> int:
         return sum(s.count for s in self.splits[split])
@@ -243,6 +244,7 @@ def read_manifest(root: str | Path) -> Manifest:
             splits=splits,
             value_range=tuple(doc["value_range"]) if "value_range" in doc else None,
             normalise=doc.get("normalise"),
+            fits_hdu=doc.get("fits_hdu"),
         )
     except FileNotFoundError:
         raise UserError(f"{path}: not found: make shards with `python -m toolkit.shard`") from None

@@ -201,7 +201,7 @@ class ShardStream(IterableDataset):
     def make_item(self, sample: dict[str, Any], pos: int) -> dict[str, Any]:
         """Decode, crop (LR at the HR crop's coordinates / scale), degrade and normalise one raw
         sample."""
-        full = torch.from_numpy(decode(*member(sample, "hr")))
+        full = torch.from_numpy(decode(*member(sample, "hr"), self.manifest.fits_hdu))
         rng = _LazyRng((self.seed, self.epoch, pos, 0xC0))
         s, c = self.scale, self.crop
         h, w = full.shape[-2:]
@@ -209,7 +209,7 @@ class ShardStream(IterableDataset):
             raise ValueError(f"image {h}x{w} is smaller than the crop {c}x{c}")
         lr_full = None
         if self.need_lr and self.manifest.kind == "paired":
-            lr_full = torch.from_numpy(decode(*member(sample, "lr")))
+            lr_full = torch.from_numpy(decode(*member(sample, "lr"), self.manifest.fits_hdu))
             if lr_full.shape[-2:] != (h // s, w // s):
                 raise ValueError(f"lr is {tuple(lr_full.shape[-2:])}, expected hr / {s}")
         # Per-image statistics come from the whole input image, as `predict` fits them on a

@@ -12,11 +12,12 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from toolkit.data.fits import FITS_EXTS, decode_fits, probe_fits
 from toolkit.errors import UserError
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
 ARRAY_EXTS = (".npy",)
-_EXTS = IMAGE_EXTS + ARRAY_EXTS
+_EXTS = IMAGE_EXTS + ARRAY_EXTS + FITS_EXTS
 
 # PIL modes that decode to one channel; every other mode is converted to RGB.
 _GREY_MODES = {"1", "L", "LA", "La", "I", "F", "I;16", "I;16L", "I;16B", "I;16N"}
@@ -126,11 +127,14 @@ def _pil_to_array(img: Image.Image) -> np.ndarray:
     return np.ascontiguousarray(a[None] if a.ndim == 2 else a.transpose(2, 0, 1))
 
 
-def decode(data: bytes, ext: str) -> np.ndarray:
+def decode(data: bytes, ext: str, hdu: str | None = None) -> np.ndarray:
     """A file's bytes as float32 [C, H, W]; ValueError if undecodable. Photographs (8/16 bit) come
     out in [0, 1] with 1 or 3 channels (alpha dropped); arrays keep every channel and, if float,
-    every value (see `_to_float`)."""
+    every value (see `_to_float`); FITS: the image of HDU `hdu` in its physical units
+    (`toolkit/data/fits.py`)."""
     e = _ext(ext)
+    if f".{e}" in FITS_EXTS:
+        return decode_fits(data, hdu)
     if f".{e}" in ARRAY_EXTS:
         return _decode_npy(data)
     if f".{e}" in IMAGE_EXTS:
@@ -224,9 +228,12 @@ def _probe_image(data: bytes) -> tuple[int, int, int]:
     return (1 if mode in _GREY_MODES else 3), h, w
 
 
-def probe(data: bytes, ext: str) -> tuple[int, int, int]:
-    """(channels, height, width) as decode would give, without decoding; ValueError if corrupt."""
+def probe(data: bytes, ext: str, hdu: str | None = None) -> tuple[int, int, int]:
+    """(channels, height, width) as decode would give (without decoding, but for FITS);
+    ValueError if corrupt."""
     e = _ext(ext)
+    if f".{e}" in FITS_EXTS:
+        return probe_fits(data, hdu)
     if f".{e}" in ARRAY_EXTS:
         return _probe_npy(data)
     if f".{e}" in IMAGE_EXTS:
