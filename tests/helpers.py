@@ -78,6 +78,12 @@ def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+def logged_steps(run_dir: Path) -> list[int]:
+    """The steps whose training loss a run has logged so far, in order."""
+    log = run_dir / "metrics.jsonl"
+    return [x["step"] for x in read_jsonl(log) if "train/loss" in x] if log.exists() else []
+
+
 def evaluate_json(*args: str) -> dict:
     """`python -m toolkit.evaluate ARGS --json` in a subprocess; its summary."""
     proc = run_cli("toolkit.evaluate", *args, "--json")

@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import load_file
 
 from tests.cluster.jobs import launch, launched, sacct, sbatch, wait_done
-from tests.helpers import DEBUG_RECIPE, ROOT, make_pairs, read_jsonl, tiny
+from tests.helpers import DEBUG_RECIPE, ROOT, logged_steps, make_pairs, tiny
 from toolkit.data.format import read_manifest
 from toolkit.hold import held
 from toolkit.shard import shard
@@ -41,15 +41,10 @@ def shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root / "shards"
 
 
-def steps(run_dir: Path) -> list[int]:
-    path = run_dir / "metrics.jsonl"
-    return [x["step"] for x in read_jsonl(path) if "train/loss" in x] if path.exists() else []
-
-
 def wait_step(run_dir: Path, step: int, timeout: float = 90) -> None:
     end = time.monotonic() + timeout
     while time.monotonic() < end:
-        if steps(run_dir) and steps(run_dir)[-1] >= step:
+        if logged_steps(run_dir) and logged_steps(run_dir)[-1] >= step:
             return
         time.sleep(0.05)
     pytest.fail(f"{run_dir}: step {step} not reached after {timeout} s")
@@ -120,7 +115,7 @@ def test_launch_two_nodes_form_one_group(slurm_cluster, shards, tmp_path) -> Non
         "random_states_0.pkl",
         "random_states_1.pkl",
     }
-    assert steps(run_dir) == [1, 2, 3, 4, 5, 6]
+    assert logged_steps(run_dir) == [1, 2, 3, 4, 5, 6]
 
 
 def test_sbatch_finetune_script(slurm_cluster, shards, tmp_path) -> None:
@@ -178,7 +173,7 @@ def test_usr2_checkpoints_requeues_and_resumes_exactly(
         log = (tmp_path / f"slurm-srmae-pretrain-{job}.out").read_text()
     resumed = [int(s) for s in re.findall(r"resumed from \S+/step-(\d{8})", log)]
     assert resumed and 20 <= resumed[0] < 400, log[-3000:]
-    assert steps(run_dir) == list(range(1, 401))
+    assert logged_steps(run_dir) == list(range(1, 401))
     complete_final_checkpoint(run_dir, 400)
     a, b = weights(uninterrupted), weights(run_dir)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
@@ -200,7 +195,7 @@ def test_usr2_during_start_up_requeues_at_once(slurm_cluster, shards, tmp_path) 
     assert runs[0] == "REQUEUED" and runs[-1] == "COMPLETED", runs
     text = log.read_text()
     assert "Calling checkpoint method" in text and "stopped by a signal at step" not in text
-    assert steps(run_dir) == [1, 2, 3, 4, 5, 6]
+    assert logged_steps(run_dir) == [1, 2, 3, 4, 5, 6]
     complete_final_checkpoint(run_dir, 6)
 
 
@@ -262,7 +257,7 @@ def test_a_killed_task_fails_the_job_within_a_minute(slurm_cluster, shards, tmp_
     state, _ = wait_done(job, timeout=60)
     assert state == "FAILED"
     assert time.monotonic() - killed < 60
-    assert steps(run_dir)[-1] < 100000
+    assert logged_steps(run_dir)[-1] < 100000
 
 
 def test_zero2_on_two_nodes_trains_and_resumes(slurm_cluster, shards, tmp_path) -> None:
@@ -283,7 +278,7 @@ def test_zero2_on_two_nodes_trains_and_resumes(slurm_cluster, shards, tmp_path) 
     log = (run_dir / "slurm" / f"{second}_0_log.err").read_text()
     assert re.search(r"resumed from \S+/step-00000003 \(step 3", log), log[-3000:]
     assert "world 2" in log
-    assert steps(run_dir) == [1, 2, 3, 4, 5, 6]
+    assert logged_steps(run_dir) == [1, 2, 3, 4, 5, 6]
     complete_final_checkpoint(run_dir, 6)
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import DEBUG_RECIPE, ROOT, make_pairs, read_jsonl, run_cli, tiny
+from tests.helpers import DEBUG_RECIPE, ROOT, logged_steps, make_pairs, run_cli, tiny
 from toolkit.hold import HOLD, holder_of
 from toolkit.shard import shard
 
@@ -21,15 +21,9 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("hold")
-    make_pairs(root / "src", 24)
-    shard(root / "src", root / "shards", val_fraction=0.25, shard_size=8)
-    return root / "shards"
-
-
-def logged_steps(run: Path) -> list[int]:
-    log = run / "metrics.jsonl"
-    return [x["step"] for x in read_jsonl(log) if "train/loss" in x] if log.exists() else []
+    src = make_pairs(tmp_path_factory.mktemp("hold") / "src", 24)
+    shard(src, src.parent / "shards", val_fraction=0.25, shard_size=8)
+    return src.parent / "shards"
 
 
 def wait_for(condition, timeout: float = 120) -> None:

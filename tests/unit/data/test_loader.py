@@ -32,13 +32,16 @@ def make_pairs(root: Path, n: int, size: int = 8, scale: int = 2) -> None:
         np.save(root / "lr" / f"{i:04d}.npy", lr.astype(np.float32))
 
 
+def sharded(root: Path, count: int, **args: object) -> Path:
+    make_pairs(root / "src", count)
+    shard(root / "src", root / "shards", seed=0, **args)
+    return root / "shards"
+
+
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("data")
-    make_pairs(root / "src", 60)
     # Uneven, small shards: 7 samples each, the last one shorter.
-    shard(root / "src", root / "shards", val_fraction=0.2, shard_size=7, seed=0)
-    return root / "shards"
+    return sharded(tmp_path_factory.mktemp("data"), 60, val_fraction=0.2, shard_size=7)
 
 
 def cfg(shards: Path, **kw: object) -> DataConfig:
@@ -324,10 +327,7 @@ def one_epoch(c: DataConfig, epoch: int, crop: int = 8) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def one_shard(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("one")
-    make_pairs(root / "src", 40)
-    shard(root / "src", root / "shards", val_fraction=0.1, shard_size=1000, seed=0)
-    return root / "shards"
+    return sharded(tmp_path_factory.mktemp("one"), 40, val_fraction=0.1, shard_size=1000)
 
 
 def test_the_shard_order_alone_changes_with_the_epoch(shards: Path) -> None:
