@@ -246,6 +246,14 @@ def test_absurd_sizes_are_refused_when_read(override: str, expected: str) -> Non
     assert len(str(err.value)) < 300  # one readable line, not the 400 digits twice
 
 
+def test_a_normalisation_the_loader_does_not_know_is_refused_when_read() -> None:
+    r = recipe.load(ROOT / "recipes/finetune.yaml", ["data.normalise=asinh:0.1"])
+    assert r.data.normalise == "asinh:0.1"
+    with pytest.raises(RecipeError) as err:
+        recipe.load(ROOT / "recipes/finetune.yaml", ["data.normalise=percentile:99,1"])
+    assert ": data.normalise: 'percentile:99,1': expected 0 <= lo < hi <= 100" in str(err.value)
+
+
 def test_bad_override_syntax(tmp_path: Path) -> None:
     path = write(tmp_path / "r.yaml", "name: r\ntask: mae\n")
     with pytest.raises(RecipeError, match="key=value"):
