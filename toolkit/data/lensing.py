@@ -41,8 +41,8 @@ The knobs, from the strongest: PSF width, source size and Sersic index, the perc
 from __future__ import annotations
 
 import argparse
+import io
 import logging
-import os
 import sys
 import time
 from collections.abc import Sequence
@@ -53,6 +53,7 @@ from pathlib import Path
 import numpy as np
 
 from toolkit import cli
+from toolkit.atomic import write_atomic
 from toolkit.errors import UserError
 
 logger = logging.getLogger(__name__)
@@ -183,15 +184,10 @@ def simulate_pair(rng: np.random.Generator, noise: bool = True) -> tuple[np.ndar
 
 
 def _save(path: Path, array: np.ndarray) -> None:
-    # Write beside the target then rename, so an interrupted run leaves no half-written .npy.
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            np.save(f, array)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    # Atomic, so an interrupted run leaves no half-written .npy for a rerun to take as done.
+    buf = io.BytesIO()
+    np.save(buf, array)
+    write_atomic(path, buf.getvalue())
 
 
 def _write_range(out: Path, seed: int, start: int, stop: int) -> int:

@@ -26,6 +26,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from toolkit.atomic import write_atomic
 from toolkit.engine.state import TrainState
 from toolkit.errors import UserError
 from toolkit.models import load_weights
@@ -206,11 +207,11 @@ class Checkpointer:
             for name in (STATE, RECIPE, *([FROZEN] if self.frozen else [])):
                 files[name] = (tmp / name).stat().st_size
             listing = {"step": state.step, "files": dict(sorted(files.items()))}
-            _write_atomic(tmp / COMPLETE, json.dumps(listing, indent=1))
+            write_atomic(tmp / COMPLETE, json.dumps(listing, indent=1), durable=True)
             if final.exists():  # the same step saved again after a resume: replace it whole
                 shutil.rmtree(final)
             os.replace(tmp, final)
-            _write_atomic(root / "latest", final.name + "\n")
+            write_atomic(root / "latest", final.name + "\n", durable=True)
             prune(root, self.keep_last)
         engine.barrier()
         return final
@@ -287,15 +288,6 @@ def own_files(tmp: Path, rank: int) -> dict[str, int]:
         if path.is_file() and (int(m.group(1)) if m else 0) == rank:
             out[str(path.relative_to(tmp))] = path.stat().st_size
     return out
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def prune(root: Path, keep_last: int) -> None:

@@ -4,7 +4,6 @@ and the evaluation as `eval.json` holds it."""
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,6 +12,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from toolkit.atomic import write_atomic
 from toolkit.metrics import MetricAccumulator
 from toolkit.tasks import Placement, Task
 
@@ -86,7 +86,5 @@ def summary(task: Task, result: Validation, split: str) -> dict[str, Any]:
 
 def write_eval(path: Path, doc: dict[str, Any]) -> dict[str, Any]:
     """Write an evaluation (a run's `eval.json`) atomically: a reader never sees half of it."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(doc, indent=2) + "\n")
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps(doc, indent=2) + "\n")
     return doc

@@ -1,0 +1,23 @@
+"""Atomic file writes: written beside the target, then renamed over it, so that a reader (or a
+rerun deciding what is finished) never sees half a file, whenever the writer was stopped."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def write_atomic(path: Path, data: bytes | str, durable: bool = False) -> None:
+    """Write `data` to `path` in one rename. `durable`: flushed to disk before the rename (a
+    marker that says other files are complete must not land before they do after a crash)."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data.encode() if isinstance(data, str) else data)
+            if durable:
+                f.flush()
+                os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
