@@ -12,6 +12,7 @@ import pytest
 import torch
 from astropy.io import fits
 
+from toolkit.data.fits import encode_fits, read_fits
 from toolkit.data.loader import build_loader
 from toolkit.data.sources import decode, probe
 from toolkit.errors import UserError
@@ -107,3 +108,68 @@ def test_a_missing_extension_is_named_per_file(tmp_path: Path) -> None:
     expected = r"t0\.fits: no HDU 'SCIENCE' \(it has: PRIMARY, SCI, ERR\)"
     with pytest.raises(UserError, match=expected):
         shard(src, tmp_path / "out", val_fraction=0.34, hdu="SCIENCE", strict=True)
+
+
+# ---------------------------------------------------------------- FITS out: the WCS scaled
+
+
+def wcs_header(sip: bool = False) -> fits.Header:
+    """A TAN WCS with a rotated CD matrix (SIP distortion if asked), an alternate WCS "A" with
+    CDELT and PC, and cards that are not the WCS's."""
+    h = fits.Header()
+    h["OBJECT"], h["BUNIT"], h["EXPTIME"] = "lens candidate", "e-/s", 1200.0
+    h["CTYPE1"], h["CTYPE2"] = ("RA---TAN-SIP", "DEC--TAN-SIP") if sip else ("RA---TAN", "DEC--TAN")
+    h["CRVAL1"], h["CRVAL2"] = 150.1, 2.2
+    h["CRPIX1"], h["CRPIX2"] = 20.3, 11.7
+    pix = 0.05 / 3600  # 0.05 arcsec pixels, rotated by 30 degrees
+    c, s = np.cos(np.radians(30)), np.sin(np.radians(30))
+    h["CD1_1"], h["CD1_2"], h["CD2_1"], h["CD2_2"] = -pix * c, pix * s, pix * s, pix * c
+    if sip:
+        h["A_ORDER"], h["B_ORDER"] = 2, 2
+        h["A_2_0"], h["A_0_2"], h["A_1_1"] = 2e-4, -1e-4, 3e-5
+        h["B_2_0"], h["B_0_2"], h["B_1_1"] = -5e-5, 1e-4, 2e-5
+    h["WCSNAMEA"], h["CTYPE1A"], h["CTYPE2A"] = "detector", "LINEAR", "LINEAR"
+    h["CRPIX1A"], h["CRPIX2A"], h["CRVAL1A"], h["CRVAL2A"] = 1.0, 1.0, 101.0, 51.0
+    h["CDELT1A"], h["CDELT2A"], h["PC1_2A"] = 1.0, 1.0, 0.0
+    h["BSCALE"], h["BZERO"] = 2.0, 10.0  # of the stored input: not of float outputs
+    return h
+
+
+@pytest.mark.parametrize("sip", [False, True])
+@pytest.mark.parametrize("scale", [2, 3])
+def test_an_output_pixel_centre_maps_to_the_sky_of_its_input_pixel(sip: bool, scale: int) -> None:
+    from astropy.wcs import WCS
+
+    header = wcs_header(sip)
+    data = to_bytes(fits.HDUList([fits.PrimaryHDU(np.zeros((24, 40), np.int16), header)]))
+    _, like = read_fits(data)
+    out = fits.open(io.BytesIO(encode_fits(np.ones((1, 24 * scale, 40 * scale), np.float32),
+                                           like, scale)))  # fmt: skip
+    written = out[0].header
+    assert out[0].data.shape == (24 * scale, 40 * scale)
+    for key in ("OBJECT", "BUNIT", "EXPTIME", "CRVAL1", "CTYPE2", "WCSNAMEA"):
+        assert written[key] == header[key]  # the input's cards are kept
+    assert "BSCALE" not in written and "BZERO" not in written  # the floats are the values
+    i, j = np.meshgrid(np.arange(0, 24, 5.0), np.arange(0, 40, 7.0), indexing="ij")
+    for key in (" ", "A"):  # the primary WCS and the alternate one
+        w_in, w_out = WCS(header, key=key), WCS(written, key=key)
+        sky = w_in.pixel_to_world_values(j.ravel(), i.ravel())  # (x = column, y = row), 0-based
+        x, y = w_out.world_to_pixel_values(*sky)
+        centre = scale * (np.stack([j.ravel(), i.ravel()]) + 0.5) - 0.5  # 2i+0.5 at scale 2
+        np.testing.assert_allclose(np.stack([x, y]), centre, rtol=0, atol=1e-6)
+
+
+def test_an_extension_is_written_as_itself_behind_the_input_primary_header() -> None:
+    cube = RNG.standard_normal((2, 6, 8)).astype(np.float32)
+    primary = fits.PrimaryHDU()
+    primary.header["TELESCOP"] = "HST"
+    sci = fits.ImageHDU(cube, wcs_header(), name="SCI")
+    err = fits.ImageHDU(np.zeros((6, 8), np.float32), name="ERR")
+    values, like = read_fits(to_bytes(fits.HDUList([primary, sci, err])), "SCI")
+    np.testing.assert_array_equal(values, cube)
+    up = np.repeat(np.repeat(values, 2, axis=1), 2, axis=2)
+    out = fits.open(io.BytesIO(encode_fits(up, like, 2)))
+    assert [h.name for h in out] == ["PRIMARY", "SCI"]  # the ERR plane is of the input's size
+    assert out[0].header["TELESCOP"] == "HST" and out[1].header["OBJECT"] == "lens candidate"
+    np.testing.assert_array_equal(out["SCI"].data, up)  # a cube stays a cube
+    assert out[1].header["CRPIX1"] == pytest.approx(2 * (20.3 - 0.5) + 0.5)
