@@ -12,6 +12,9 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 DEBUG_RECIPE = ROOT / "recipes" / "debug.yaml"
+EDSR_RECIPE = ROOT / "recipes" / "baselines" / "edsr.yaml"
+# A one-block EDSR: it sees 5.5 LR pixels around each output pixel.
+TINY_EDSR = ("model.n_feats=8", "model.n_resblocks=1", "model.img_size=32")
 
 # A ViT small enough for sub-second model tests: 20x20 images, 25 patches of 4x4.
 TINY_VIT = dict(
@@ -90,3 +93,23 @@ def evaluate_json(*args: str) -> dict:
     out, _ = proc.communicate(timeout=600)
     assert proc.returncode == 0, out[-4000:]
     return json.loads(out[out.index("{\n") : out.rindex("}") + 1])
+
+
+def make_run(run_dir: Path, *overrides: str, base: Path = DEBUG_RECIPE, seed: int = 0) -> Path:
+    """A run directory as a finished training leaves it (recipe.yaml and model.safetensors) for
+    the recipe `base` with `overrides`, the model freshly initialised from `seed`: what
+    `predict` and `evaluate` read, without the minutes of a training."""
+    import torch
+    from safetensors.torch import save_file
+
+    from toolkit import recipe
+    from toolkit.runs import build_model
+
+    r = recipe.load(base, [f"run.dir={run_dir}", *overrides])
+    torch.manual_seed(seed)
+    model = build_model(r)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "recipe.yaml").write_text(recipe.dump(r))
+    weights = {k: v.contiguous() for k, v in model.state_dict().items()}
+    save_file(weights, str(run_dir / "model.safetensors"))
+    return run_dir

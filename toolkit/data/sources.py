@@ -17,7 +17,7 @@ from toolkit.errors import UserError
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
 ARRAY_EXTS = (".npy",)
-_EXTS = IMAGE_EXTS + ARRAY_EXTS + FITS_EXTS
+EXTS = IMAGE_EXTS + ARRAY_EXTS + FITS_EXTS
 
 # PIL modes that decode to one channel; every other mode is converted to RGB.
 _GREY_MODES = {"1", "L", "LA", "La", "I", "F", "I;16", "I;16L", "I;16B", "I;16N"}
@@ -51,7 +51,7 @@ def _ext(ext: str) -> str:
     return ext.lower().lstrip(".")
 
 
-def _layout(shape: tuple[int, ...]) -> tuple[str, int, int, int]:
+def array_layout(shape: tuple[int, ...]) -> tuple[str, int, int, int]:
     """(layout, channels, height, width) of an array shape, by the rules decode applies: the
     channel axis (the bands of a multi-band stack, all kept) is the first or the last one, the
     one shorter than both image sides; failing that (a tiny image), the one of 1, 3 or 4."""
@@ -86,14 +86,22 @@ def _to_float(a: np.ndarray) -> np.ndarray:
     return a.astype(np.float32) / np.float32(np.iinfo(a.dtype).max)
 
 
-def _decode_npy(data: bytes) -> np.ndarray:
+def load_npy(data: bytes) -> np.ndarray:
+    """A .npy file's array as stored (no pickles); ValueError if it is not an image array."""
     try:
         a = np.load(io.BytesIO(data), allow_pickle=False)
     except Exception as err:  # numpy raises ValueError, EOFError, OSError... on bad bytes
         raise ValueError(f"not a readable .npy: {_one_line(err)}") from err
     if not isinstance(a, np.ndarray):
         raise ValueError("not a single array")
-    layout, _, _, _ = _layout(a.shape)
+    _check_dtype(a.dtype)
+    array_layout(a.shape)
+    return a
+
+
+def npy_values(a: np.ndarray) -> np.ndarray:
+    """A loaded array as float32 [C, H, W] (see `array_layout` and `_to_float`)."""
+    layout, _, _, _ = array_layout(a.shape)
     if layout == "hw":
         a = a[None]
     elif layout == "hwc":
@@ -101,16 +109,18 @@ def _decode_npy(data: bytes) -> np.ndarray:
     return np.ascontiguousarray(_to_float(a))
 
 
-def _decode_image(data: bytes) -> np.ndarray:
+def open_image(data: bytes) -> Image.Image:
+    """A photograph (PNG, JPEG, TIFF), loaded; ValueError if it cannot be."""
     try:
-        with Image.open(io.BytesIO(data)) as img:
-            img.load()
-            return _pil_to_array(img)
+        img = Image.open(io.BytesIO(data))
+        img.load()
+        return img
     except Exception as err:  # PIL raises OSError, SyntaxError, struct.error... on bad bytes
         raise ValueError(f"not a readable image: {_one_line(err)}") from err
 
 
-def _pil_to_array(img: Image.Image) -> np.ndarray:
+def image_values(img: Image.Image) -> np.ndarray:
+    """A loaded photograph as float32 [C, H, W]: 8-bit / 255, 16-bit / 65535, float as is."""
     mode = img.mode
     if mode in ("LA", "La", "1"):
         img, mode = img.convert("L"), "L"
@@ -136,10 +146,11 @@ def decode(data: bytes, ext: str, hdu: str | None = None) -> np.ndarray:
     if f".{e}" in FITS_EXTS:
         return decode_fits(data, hdu)
     if f".{e}" in ARRAY_EXTS:
-        return _decode_npy(data)
+        return npy_values(load_npy(data))
     if f".{e}" in IMAGE_EXTS:
-        return _decode_image(data)
-    raise ValueError(f"unknown extension {ext!r}: expected one of {', '.join(_EXTS)}")
+        with open_image(data) as img:
+            return image_values(img)
+    raise ValueError(f"unknown extension {ext!r}: expected one of {', '.join(EXTS)}")
 
 
 # ---------------------------------------------------------------- probe
@@ -170,7 +181,7 @@ def _npy_header(header: bytes) -> tuple[tuple[int, ...], int]:
     except Exception as err:  # numpy raises ValueError, EOFError... on a bad header
         raise ValueError(f"not a readable .npy: {_one_line(err)}") from err
     _check_dtype(dtype)
-    _layout(tuple(shape))
+    array_layout(tuple(shape))
     return tuple(shape), int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
 
 
@@ -184,7 +195,7 @@ def _probe_npy(data: bytes) -> tuple[int, int, int]:
     got = len(data) - end
     if got != expected:
         raise ValueError(f"truncated or padded .npy: {got} data bytes, {expected} expected {shape}")
-    _, c, h, w = _layout(shape)
+    _, c, h, w = array_layout(shape)
     return c, h, w
 
 
@@ -238,7 +249,7 @@ def probe(data: bytes, ext: str, hdu: str | None = None) -> tuple[int, int, int]
         return _probe_npy(data)
     if f".{e}" in IMAGE_EXTS:
         return _probe_image(data)
-    raise ValueError(f"unknown extension {ext!r}: expected one of {', '.join(_EXTS)}")
+    raise ValueError(f"unknown extension {ext!r}: expected one of {', '.join(EXTS)}")
 
 
 # ---------------------------------------------------------------- listing
@@ -248,7 +259,7 @@ def _unlistable(err: OSError) -> None:
     raise UserError(f"{err.filename}: cannot list this folder: {err.strerror or err}")
 
 
-def _walk(root: Path) -> Iterator[tuple[str, Path]]:
+def walk_files(root: Path) -> Iterator[tuple[str, Path]]:
     """(posix path relative to root, file) for the usable files under root, recursively.
 
     Hidden files and folders are left out. Linked folders are followed (data sets are often
@@ -266,7 +277,7 @@ def _walk(root: Path) -> Iterator[tuple[str, Path]]:
         rel = os.path.relpath(dirpath, root)
         prefix = "" if rel == "." else rel.replace(os.sep, "/") + "/"
         for name in sorted(filenames):
-            if not name.startswith(".") and os.path.splitext(name)[1].lower() in _EXTS:
+            if not name.startswith(".") and os.path.splitext(name)[1].lower() in EXTS:
                 yield prefix + name, Path(dirpath, name)
 
 
@@ -282,7 +293,7 @@ def _keyed(root: Path, label: str) -> dict[str, Path]:
     """key -> file for the usable files under root; two files with one key are an error."""
     out: dict[str, Path] = {}
     rels: dict[str, str] = {}
-    for rel, path in _walk(root):
+    for rel, path in walk_files(root):
         key = key_of(rel)
         if key in out:
             raise UserError(
@@ -305,7 +316,7 @@ def list_source(src: Path) -> Source:
         raise UserError(f"{src}: source folder not found")
     if not src.is_dir():
         raise UserError(f"{src}: expected a folder of images/.npy files, got a file")
-    exts = ", ".join(_EXTS)
+    exts = ", ".join(EXTS)
     if not (src / "lr").is_dir():
         files = _keyed(src, "")
         if not files:

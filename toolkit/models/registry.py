@@ -25,6 +25,9 @@ class ModelSpec:
     title: str  # how reports name it, e.g. "SR-MAE"
     # Named freeze modes -> the parameter-name prefixes they freeze (`freeze: [encoder]`).
     freeze_modes: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    # True where the model takes inputs of model.img_size only (SR: img_size / scale at LR), as
+    # a ViT with learned position embeddings does: `predict` gives it tiles of that size.
+    fixed_size: bool = False
 
 
 # One line per built-in architecture: name -> "module:ModelSpec".

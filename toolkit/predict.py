@@ -1,0 +1,307 @@
+"""Super-resolve images with a trained model, in their own format and units.
+
+    python -m toolkit.predict RUN_DIR|CHECKPOINT|WEIGHTS INPUT... --out DIR
+                              [--tile T] [--overlap O] [--batch N] [--precision fp32|bf16]
+                              [--hdu NAME] [--split val] [--local --procs P]
+
+INPUT: image files (.npy, .fits, .png, .tif, ...), folders of them (searched recursively) or
+shard directories (their LR images, or HR degraded as in training). Each output is written to
+DIR under the input's relative name (a shard sample: its key), in the input's format, with the
+run's normalisation inverted (per-image statistics fitted on the whole input), atomically: a
+rerun skips what is written, so a killed prediction resumes where it stopped. Images of any
+size go through the model in overlapping, cross-faded tiles (`toolkit/data/tiles.py`); models
+with a fixed input size (SR-MAE) take tiles of that size, others whole images unless --tile is
+given. Launched on several processes (torchrun, srun, or `--local --procs P`), each writes its
+share of the files, every file once. One writer per output folder (`toolkit/hold.py`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import sys
+import time
+from collections import deque
+from collections.abc import Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from toolkit import cli
+from toolkit.atomic import write_atomic
+from toolkit.cluster import env
+from toolkit.data.files import Like, encode
+from toolkit.data.inputs import Job, list_jobs, read_job
+from toolkit.data.normalise import Normalisation, resolve
+from toolkit.data.tiles import Canvas, Tiling, assemble
+from toolkit.errors import UserError
+from toolkit.hold import acquire, refuse_if_held
+from toolkit.models import MODELS
+from toolkit.recipe import Recipe
+from toolkit.runs import Target, load_model, locate
+
+logger = logging.getLogger(__name__)
+
+# Set by `--local --procs P` for the processes it starts: they leave the exit status to it.
+_LAUNCHED = "SRMAE_PREDICT_LAUNCHED"
+_PREFETCH = 4  # images read ahead of the model, in threads, so reading overlaps computing
+
+
+def tiling_for(r: Recipe, tile: int | None, overlap: int | None) -> Tiling:
+    """The tiles a recipe's model gets: its fixed input size, else whole images or --tile."""
+    spec = MODELS.get(r.model.arch)
+    scale = r.data.scale
+    if spec.fixed_size:  # type: ignore[union-attr]
+        size = r.model.img_size // scale
+        if tile not in (None, size):
+            raise UserError(
+                f"--tile {tile}: {spec.title} takes LR tiles of exactly {size} pixels "  # type: ignore[union-attr]
+                f"(model.img_size {r.model.img_size} / data.scale {scale})"
+            )
+        tile = size
+    tile = tile or 0
+    if tile < 0:
+        raise UserError(f"--tile {tile}: expected a tile side in LR pixels, or 0 for whole images")
+    overlap = tile // 4 if overlap is None else overlap
+    if tile and not 0 <= overlap < tile:
+        raise UserError(f"--overlap {overlap}: expected 0 <= overlap < the tile side {tile}")
+    return Tiling(tile, overlap if tile else 0, spec.fixed_size)  # type: ignore[union-attr]
+
+
+def share(jobs: list[Job], rank: int, world_size: int) -> list[Job]:
+    """This process's jobs: the largest first to the least loaded process, so that the bytes
+    are balanced; the same answer on every process, each job in exactly one share."""
+    loads = [0] * world_size
+    mine = []
+    for i in sorted(range(len(jobs)), key=lambda i: (-jobs[i].size, i)):
+        p = min(range(world_size), key=lambda k: (loads[k], k))
+        loads[p] += jobs[i].size
+        if p == rank:
+            mine.append(i)
+    return [jobs[i] for i in sorted(mine)]
+
+
+def _read_ahead(jobs: list[Job], scale: int) -> Iterator[tuple[Job, Any]]:
+    """(job, (input, like) or the ValueError that stopped it), in order, read in threads."""
+    with ThreadPoolExecutor(2, thread_name_prefix="predict-read") as pool:
+        queue: deque[tuple[Job, Future]] = deque()
+        rest = iter(jobs)
+        for job in rest:
+            queue.append((job, pool.submit(read_job, job, scale)))
+            if len(queue) < _PREFETCH:
+                continue
+            yield _result(*queue.popleft())
+        while queue:
+            yield _result(*queue.popleft())
+
+
+def _result(job: Job, fut: Future) -> tuple[Job, Any]:
+    try:
+        return job, fut.result()
+    except ValueError as err:
+        return job, err
+
+
+class Predictor:
+    """A model with its normalisation, applied to one process's share of the images."""
+
+    def __init__(
+        self, model: torch.nn.Module, r: Recipe, tiling: Tiling, engine: Any, batch: int
+    ) -> None:
+        self.model, self.tiling, self.engine, self.batch = model, tiling, engine, batch
+        self.scale, self.channels = r.data.scale, r.model.in_chans
+        self.norm: Normalisation = resolve(r.data.normalise, None)
+        self.failed: list[str] = []
+
+    @torch.no_grad()
+    def forward(self, tiles: torch.Tensor) -> torch.Tensor:
+        try:
+            with self.engine.autocast():
+                out = self.model(tiles.to(self.engine.device, non_blocking=True))
+        except torch.OutOfMemoryError:
+            raise UserError(
+                f"out of memory on {self.engine.device} for {len(tiles)} tile(s) of "
+                f"{tuple(tiles.shape[-2:])}: use a smaller --batch or --tile"
+            ) from None
+        return out.float().cpu()
+
+    def fail(self, job: Job, reason: object) -> None:
+        logger.error("%s: %s", job.where, reason)
+        self.failed.append(f"{job.where}: {reason}")
+
+    def canvases(self, jobs: list[Job]) -> Iterator[Canvas]:
+        """The normalised input of each readable job, to be tiled; the others reported."""
+        for job, got in _read_ahead(jobs, self.scale):
+            if isinstance(got, Exception):
+                self.fail(job, got)
+                continue
+            x, like = got
+            if x.shape[0] != self.channels:
+                self.fail(job, f"{x.shape[0]} channels, the model takes {self.channels} "
+                               "(model.in_chans)")  # fmt: skip
+                continue
+            # Masked pixels (NaN, inf) go in as 0, as the shards' `zero` policy stores them,
+            # and come out masked: the s x s output pixels of each.
+            bad = ~torch.isfinite(x)
+            x = torch.where(bad, 0.0, x) if bad.any() else x
+            stats = self.norm.fit(x)
+            yield Canvas(self.norm.apply(x, stats), self.scale, self.tiling,
+                         (job, like, stats, bad if bad.any() else None))  # fmt: skip
+
+    def run(self, jobs: list[Job], out: Path, bar: tqdm) -> int:
+        """Write the output of every job; the number written (failures in `self.failed`)."""
+        written = 0
+        for canvas in assemble(self.canvases(jobs), self.forward, self.batch):
+            job, like, stats, bad = canvas.tag
+            y = canvas.result()
+            if self.norm.bounded:  # the model's values are known to lie in [0, 1]
+                y = y.clamp(0.0, 1.0)
+            y = self.norm.invert(y, stats)
+            if bad is not None:
+                s = self.scale
+                y[bad.repeat_interleave(s, -2).repeat_interleave(s, -1)] = float("nan")
+            if self._write(job, y, like, out):
+                written += 1
+            bar.update()
+        return written
+
+    def _write(self, job: Job, y: torch.Tensor, like: Like, out: Path) -> bool:
+        path = out / job.name
+        try:
+            data = encode(y.numpy(), like, self.scale)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            write_atomic(path, data)
+        except (OSError, ValueError) as err:
+            self.fail(job, f"cannot write {path}: {err}")
+            return False
+        logger.debug("rank %d wrote %s", self.engine.rank, path)
+        return True
+
+
+def _plan(inputs: list[str], out: Path, hdu: str | None, split: str | None) -> tuple[int, list]:
+    """(all jobs, those without an output yet)."""
+    jobs = list_jobs(inputs, hdu, split)
+    return len(jobs), [j for j in jobs if not (out / j.name).is_file()]
+
+
+def predict(target: Target, args: Any) -> int:
+    """This process's share of the prediction; the exit status (collective on several)."""
+    from toolkit.engine.accel import Engine
+
+    r, out = target.recipe, Path(args.out)
+    tiling = tiling_for(r, args.tile, args.overlap)
+    precision = "bf16" if args.precision == "bf16" else "no"
+    engine = Engine(dataclasses.replace(r.train, precision=precision, grad_accum=1), None, 1)
+    hold = None
+    try:
+        plan: tuple[int, list[Job], str | None] = (0, [], None)
+        if engine.is_main:  # one listing, one holder of the output folder
+            try:
+                out.mkdir(parents=True, exist_ok=True)
+                hold = acquire(out, "predict")
+                for tmp in out.rglob(".*.tmp-*"):  # half-written by a writer that was killed
+                    tmp.unlink(missing_ok=True)
+                plan = (*_plan(args.inputs, out, args.hdu, args.split), None)
+            except UserError as err:
+                plan = (0, [], str(err))
+        total, todo, refusal = engine.broadcast(plan)
+        if refusal is not None:
+            raise UserError(refusal)
+        mine = share(todo, engine.rank, engine.world_size)
+        model = load_model(target).to(engine.device)
+        predictor = Predictor(model, r, tiling, engine, args.batch)
+        start = time.perf_counter()
+        bar = tqdm(total=len(todo), unit="file", desc="predict", file=sys.stderr,
+                   disable=not (engine.is_main and sys.stderr.isatty()))  # fmt: skip
+        with bar:
+            written = predictor.run(mine, out, bar)
+        results = engine.gather((written, predictor.failed))
+        procs = engine.world_size
+    except BaseException:
+        engine.abandon()  # no barrier: the other ranks may be waiting in a gather instead
+        raise
+    finally:
+        if hold is not None:
+            hold.release()
+    engine.close(model)
+    if results is None:  # not the main process
+        return 0
+    done = sum(w for w, _ in results)
+    failed = [line for _, f in results for line in f]
+    logger.info(
+        "predict: %d of %d files written to %s (%d before) in %.1f s on %d process(es), %s",
+        done, total, out, total - len(todo), time.perf_counter() - start,
+        procs, f"{len(failed)} failed" if failed else "none failed",
+    )  # fmt: skip
+    if failed and _LAUNCHED not in os.environ:
+        raise UserError(f"{len(failed)} of {len(todo)} files failed (each named above), first: "
+                        f"{failed[0]}; the others are written")  # fmt: skip
+    return 0
+
+
+def _main(argv: Sequence[str] | None) -> int:
+    p = cli.ArgumentParser(prog="python -m toolkit.predict", description=__doc__.splitlines()[0],
+                           allow_abbrev=False)  # fmt: skip
+    p.add_argument("source", help="run directory, checkpoint directory or .safetensors file")
+    p.add_argument("inputs", nargs="+", metavar="INPUT", help="files, folders or shard dirs")
+    p.add_argument("--out", required=True, help="folder the outputs are written to")
+    p.add_argument("--tile", type=int, help="LR tile side (default: the model's input size, "
+                   "or whole images for fully convolutional models)")  # fmt: skip
+    p.add_argument("--overlap", type=int, help="LR pixels shared by neighbouring tiles "
+                   "(default: a quarter of the tile)")  # fmt: skip
+    p.add_argument("--batch", type=int, default=8, help="tiles per forward (default 8)")
+    p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
+    p.add_argument("--hdu", help="FITS: the HDU to read (EXTNAME or index; default: the first "
+                   "holding an image)")  # fmt: skip
+    p.add_argument("--split", choices=("train", "val"), help="shard dirs: only this split")
+    p.add_argument("--local", action="store_true", help="run here, on --procs processes")
+    p.add_argument("--procs", type=int, default=1, help="processes for --local (default 1)")
+    args = p.parse_intermixed_args(argv)
+    if args.procs < 1 or (args.procs > 1 and not args.local):
+        raise UserError("--procs P needs --local and P >= 1")
+    if args.batch < 1:
+        raise UserError(f"--batch {args.batch}: expected 1 or more")
+    target = locate(args.source)
+    if target.task.name != "sr":
+        raise UserError(f"{args.source}: a {target.task.name} run; predict needs an sr run")
+    tiling_for(target.recipe, args.tile, args.overlap)  # a bad tile stops here, before any work
+    out = Path(args.out)
+    if args.local and args.procs > 1 and "RANK" not in os.environ:  # not inside a group yet
+        _, todo = _plan(args.inputs, out, args.hdu, args.split)  # bad inputs stop here
+        refuse_if_held(out)
+        os.environ[_LAUNCHED] = "1"
+        try:
+            rc = env.torchrun(args.procs, "toolkit.predict", _child_args(args))
+        finally:
+            del os.environ[_LAUNCHED]
+        if rc:
+            return rc
+        missing = [j for j in todo if not (out / j.name).is_file()]
+        if missing:
+            raise UserError(f"{len(missing)} of {len(todo)} files have no output in {out} (each "
+                            "named above); rerun to retry them")  # fmt: skip
+        return 0
+    env.bind_to_launcher()  # a torchrun worker ends with its torchrun
+    env.setup()  # an srun task: ranks from its SLURM_* variables
+    return predict(target, args)
+
+
+def _child_args(args: Any) -> list[str]:
+    """The command line of each process `--local --procs P` starts."""
+    options = {"--out": args.out, "--tile": args.tile, "--overlap": args.overlap,
+               "--batch": args.batch, "--precision": args.precision, "--hdu": args.hdu,
+               "--split": args.split}  # fmt: skip
+    flags = [f"{k}={v}" for k, v in options.items() if v is not None]
+    return [args.source, *args.inputs, *flags]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return cli.run(_main, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
