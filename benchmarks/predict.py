@@ -3,12 +3,13 @@
     python -m benchmarks.predict [--runs runs/demo] [--data data/demo/raw] [--repeats 3]
                                  [--out benchmarks/results/predict.json]   # after `make demo`
 
-Seams: a mosaic of the demo's LR images is super-resolved twice, with tiles on a regular grid
-and with the grid shifted by half a step (the image padded by half a step on every side by
-reflection, the padding cut off again), for the trained SR-MAE (fixed 75x75 LR tiles) and EDSR
-(tiled like it). The seam error is the RMS difference of the two predictions away from the
-image border, against the model's own error (RMS of prediction minus HR) there. Speed: tiles/s
-of SR-MAE in fp32 and bf16 at batch 8, median of `--repeats`.
+Seams: a mosaic of the demo's LR images is super-resolved twice: with tiles on a regular grid,
+and with the grid shifted by half a step (half a step / K with K averaged tilings: the image
+padded by that on every side by reflection, the padding cut off again). For the trained SR-MAE
+(fixed 75x75 LR tiles) and EDSR (tiled like it), with one tiling and with two averaged. The
+seam error is the RMS difference of the two predictions away from the image border, against
+the model's own error (RMS of prediction minus HR) there. Speed: tiles/s of SR-MAE in fp32 and
+bf16 at batch 8, median of `--repeats`.
 """
 
 from __future__ import annotations
@@ -54,19 +55,22 @@ def seams(name: str, run: Path, raw: Path, tile: int) -> list[dict]:
     model = load_model(locate(run))
     fixed = MODELS.get(locate(run).recipe.model.arch).fixed_size  # type: ignore[union-attr]
     rows = []
-    for overlap in (tile // 4, tile // 2, 1):
+    for overlap, shifts in [(tile // 4, 1), (tile // 4, 2), (tile // 2, 1), (1, 1)]:
+        # The averaged tilings repeat every step / shifts: the second prediction is offset by
+        # half of that, where its tile edges fall farthest from the first's.
         step = tile - overlap
-        step -= step % 2  # an even step: the shifted grid is then regular too
+        step -= step % (2 * shifts)  # the shifted grid is then regular too
         overlap = tile - step
         lr_side = tile + 3 * step
         lr, hr = mosaic(raw, 75, lr_side)
-        tiling = Tiling(tile, overlap, fixed)
-        a, b = predict(model, lr, tiling, 0), predict(model, lr, tiling, step // 2)
+        tiling = Tiling(tile, overlap, fixed, shifts)
+        a, b = predict(model, lr, tiling, 0), predict(model, lr, tiling, step // (2 * shifts))
         inner = (slice(None), slice(2 * tile, -2 * tile), slice(2 * tile, -2 * tile))
         seam = (a - b)[inner].pow(2).mean().sqrt().item()
         error = (a - hr)[inner].pow(2).mean().sqrt().item()
-        rows.append({"model": name, "tile": tile, "overlap": overlap, "lr side": lr_side,
-                     "seam rms": seam, "model rms": error, "seam / model": seam / error,
+        rows.append({"model": name, "tile": tile, "overlap": overlap, "shifts": shifts,
+                     "lr side": lr_side, "seam rms": seam, "model rms": error,
+                     "seam / model": seam / error,
                      "seam max": (a - b)[inner].abs().max().item()})  # fmt: skip
     return rows
 

@@ -1,7 +1,8 @@
 """Super-resolve images with a trained model, in their own format and units.
 
     python -m toolkit.predict RUN_DIR|CHECKPOINT|WEIGHTS INPUT... --out DIR
-                              [--tile T] [--overlap O] [--batch N] [--precision fp32|bf16]
+                              [--tile T] [--overlap O] [--shifts K] [--batch N]
+                              [--precision fp32|bf16]
                               [--hdu NAME] [--split val] [--local --procs P]
 
 INPUT: image files (.npy, .fits, .png, .tif, ...), folders of them (searched recursively) or
@@ -51,8 +52,12 @@ _LAUNCHED = "SRMAE_PREDICT_LAUNCHED"
 _PREFETCH = 4  # images read ahead of the model, in threads, so reading overlaps computing
 
 
-def tiling_for(r: Recipe, tile: int | None, overlap: int | None) -> Tiling:
-    """The tiles a recipe's model gets: its fixed input size, else whole images or --tile."""
+def tiling_for(
+    r: Recipe, tile: int | None, overlap: int | None, shifts: int | None = None
+) -> Tiling:
+    """The tiles a recipe's model gets: its fixed input size, else whole images or --tile;
+    `shifts` tilings averaged (default 2 for a fixed-size model, whose answer depends on where
+    its tile's edges fall, else 1)."""
     spec = MODELS.get(r.model.arch)
     scale = r.data.scale
     if spec.fixed_size:  # type: ignore[union-attr]
@@ -69,7 +74,11 @@ def tiling_for(r: Recipe, tile: int | None, overlap: int | None) -> Tiling:
     overlap = tile // 4 if overlap is None else overlap
     if tile and not 0 <= overlap < tile:
         raise UserError(f"--overlap {overlap}: expected 0 <= overlap < the tile side {tile}")
-    return Tiling(tile, overlap if tile else 0, spec.fixed_size)  # type: ignore[union-attr]
+    fixed = spec.fixed_size  # type: ignore[union-attr]
+    if shifts is not None and (shifts < 1 or (shifts > 1 and not tile)):
+        raise UserError(f"--shifts {shifts}: expected 1 or more, and more than 1 only with tiles")
+    shifts = shifts or (2 if fixed else 1)
+    return Tiling(tile, overlap if tile else 0, fixed, shifts)
 
 
 def share(jobs: list[Job], rank: int, world_size: int) -> list[Job]:
@@ -193,7 +202,7 @@ def predict(target: Target, args: Any) -> int:
     from toolkit.engine.accel import Engine
 
     r, out = target.recipe, Path(args.out)
-    tiling = tiling_for(r, args.tile, args.overlap)
+    tiling = tiling_for(r, args.tile, args.overlap, args.shifts)
     precision = "bf16" if args.precision == "bf16" else "no"
     engine = Engine(dataclasses.replace(r.train, precision=precision, grad_accum=1), None, 1)
     hold = None
@@ -253,6 +262,8 @@ def _main(argv: Sequence[str] | None) -> int:
                    "or whole images for fully convolutional models)")  # fmt: skip
     p.add_argument("--overlap", type=int, help="LR pixels shared by neighbouring tiles "
                    "(default: a quarter of the tile)")  # fmt: skip
+    p.add_argument("--shifts", type=int, help="tilings averaged, each offset by a fraction of "
+                   "a step (default 2 for fixed-size models such as SR-MAE, else 1)")  # fmt: skip
     p.add_argument("--batch", type=int, default=8, help="tiles per forward (default 8)")
     p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
     p.add_argument("--hdu", help="FITS: the HDU to read (EXTNAME or index; default: the first "
@@ -268,7 +279,7 @@ def _main(argv: Sequence[str] | None) -> int:
     target = locate(args.source)
     if target.task.name != "sr":
         raise UserError(f"{args.source}: a {target.task.name} run; predict needs an sr run")
-    tiling_for(target.recipe, args.tile, args.overlap)  # a bad tile stops here, before any work
+    tiling_for(target.recipe, args.tile, args.overlap, args.shifts)  # stops here, before any work
     out = Path(args.out)
     if args.local and args.procs > 1 and "RANK" not in os.environ:  # not inside a group yet
         _, todo = _plan(args.inputs, out, args.hdu, args.split)  # bad inputs stop here
@@ -293,8 +304,8 @@ def _main(argv: Sequence[str] | None) -> int:
 def _child_args(args: Any) -> list[str]:
     """The command line of each process `--local --procs P` starts."""
     options = {"--out": args.out, "--tile": args.tile, "--overlap": args.overlap,
-               "--batch": args.batch, "--precision": args.precision, "--hdu": args.hdu,
-               "--split": args.split}  # fmt: skip
+               "--shifts": args.shifts, "--batch": args.batch, "--precision": args.precision,
+               "--hdu": args.hdu, "--split": args.split}  # fmt: skip
     flags = [f"{k}={v}" for k, v in options.items() if v is not None]
     return [args.source, *args.inputs, *flags]
 

@@ -10,6 +10,7 @@ import pytest
 from tests.helpers import DEBUG_RECIPE, EDSR_RECIPE, SR, TINY_EDSR
 from toolkit import recipe
 from toolkit.data.inputs import Job
+from toolkit.data.tiles import Tiling
 from toolkit.errors import UserError
 from toolkit.predict import share, tiling_for
 
@@ -30,12 +31,16 @@ def test_every_file_is_in_exactly_one_share_and_the_bytes_are_balanced() -> None
 
 def test_srmae_takes_tiles_of_its_size_only_and_fcn_whole_images_by_default() -> None:
     srmae = recipe.load(DEBUG_RECIPE, list(SR))  # img_size 32, scale 2: LR tiles of 16
-    assert (tiling_for(srmae, None, None).tile, tiling_for(srmae, None, None).fixed) == (16, True)
+    default = tiling_for(srmae, None, None)
+    assert (default.tile, default.fixed, default.shifts) == (16, True, 2)
     assert tiling_for(srmae, 16, 4).overlap == 4
     with pytest.raises(UserError, match=r"--tile 12: SR-MAE takes LR tiles of exactly 16 pixels"):
         tiling_for(srmae, 12, None)
     edsr = recipe.load(EDSR_RECIPE, list(TINY_EDSR))
-    assert tiling_for(edsr, None, None).tile == 0  # whole images
+    assert tiling_for(edsr, None, None) == Tiling(0, 0, False, 1)  # whole images
+    assert tiling_for(edsr, 64, None, 3).shifts == 3
+    with pytest.raises(UserError, match=r"--shifts 2: expected 1 or more, and more than 1 only"):
+        tiling_for(edsr, None, None, 2)
     assert tiling_for(edsr, 64, None).overlap == 16
     with pytest.raises(UserError, match=r"--overlap 64: expected 0 <= overlap < the tile side 64"):
         tiling_for(edsr, 64, 64)

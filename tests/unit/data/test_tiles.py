@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import itertools
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -108,3 +109,40 @@ def test_an_image_s_tiles_are_batched_by_themselves() -> None:
     assert [c.tag for c in done] == [0, 1, 2, 3]
     assert batches == [1, 1, 1, 4, 4, 1]  # the large image: 9 tiles
     assert all(c.result().eq(i).all() for i, c in enumerate(done[:3]))
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 7])
+@pytest.mark.parametrize(("before", "after"), [(0, 0), (2, 5), (9, 13)])
+def test_the_frame_is_padded_by_reflection_as_numpy_does_it(
+    n: int, before: int, after: int
+) -> None:
+    from toolkit.data.tiles import _mirror
+
+    expect = np.pad(np.arange(n), (before, after), mode="reflect" if n > 1 else "edge")
+    np.testing.assert_array_equal(_mirror(n, before, after).numpy(), expect)
+
+
+def test_shifted_tilings_keep_exactness_and_average_out_where_edges_fall() -> None:
+    """Two tilings (the second half a step off) of a fully convolutional model still give its
+    whole-image output away from the border (where the shifted one sees reflection padding
+    instead of the zeros the whole image is padded with). A model that adds a pattern fixed to
+    the tile (as a ViT's answer depends on where in its tile a pixel is) deviates less with two
+    than with one."""
+    torch.manual_seed(0)
+    model = build(EDSRConfig(arch="edsr", in_chans=1, n_feats=8, n_resblocks=1), scale=2).eval()
+    x = torch.rand(1, 130, 170)
+    with torch.no_grad():
+        whole = model(x[None])[0]
+        two = Canvas(x, 2, Tiling(48, 24, shifts=2))
+        assert len(two.pieces) > len(Canvas(x, 2, Tiling(48, 24)).pieces) * 1.5
+        tiled = next(assemble([two], model, 8)).result()
+    inner = (slice(None), slice(12, -12), slice(12, -12))  # 6 LR pixels: the receptive field
+    torch.testing.assert_close(tiled[inner], whole[inner], rtol=0, atol=1e-5)
+    pattern = torch.rand(96, 96)  # added to every tile's output at the same place
+
+    def patterned(tiles: torch.Tensor) -> torch.Tensor:
+        return F.interpolate(tiles, scale_factor=2, mode="nearest") + pattern
+
+    base = F.interpolate(x[None], scale_factor=2, mode="nearest")[0]
+    spread = {k: (run(x, Tiling(48, 12, shifts=k), patterned) - base).std().item() for k in (1, 2)}
+    assert spread[2] < 0.8 * spread[1], spread
