@@ -193,7 +193,7 @@ class Predictor:
 
 def _plan(inputs: list[str], out: Path, hdu: str | None, split: str | None) -> tuple[int, list]:
     """(all jobs, those without an output yet)."""
-    jobs = list_jobs(inputs, hdu, split)
+    jobs = list_jobs(inputs, hdu, split, out)
     return len(jobs), [j for j in jobs if not (out / j.name).is_file()]
 
 
@@ -224,7 +224,8 @@ def predict(target: Target, args: Any) -> int:
         model = load_model(target).to(engine.device)
         predictor = Predictor(model, r, tiling, engine, args.batch)
         start = time.perf_counter()
-        bar = tqdm(total=len(todo), unit="file", desc="predict", file=sys.stderr,
+        bar = tqdm(total=len(mine), unit="file", file=sys.stderr,
+                   desc="predict" if engine.world_size == 1 else "predict, rank 0",
                    disable=not (engine.is_main and sys.stderr.isatty()))  # fmt: skip
         with bar:
             written = predictor.run(mine, out, bar)

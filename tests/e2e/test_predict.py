@@ -287,6 +287,10 @@ def test_a_bad_file_mid_folder_is_named_and_the_others_are_written(
     assert capsys.readouterr().err.startswith("error: 2 of 5 files failed")
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["a.npy", "c.npy", "e.npy"]
     assert main(run, tmp_path / "in", "--out", tmp_path / "out") == 2  # a rerun retries those
+    # Outputs written inside the input folder are not taken for inputs by the next run.
+    assert main(run, tmp_path / "in" / "a.npy", "--out", tmp_path / "in" / "sr") == 0
+    assert main(run, tmp_path / "in", "--out", tmp_path / "in" / "sr") == 2
+    assert sorted(p.name for p in (tmp_path / "in" / "sr").iterdir()) == ["a.npy", "c.npy", "e.npy"]
 
 
 @pytest.mark.parametrize(

@@ -65,16 +65,20 @@ def _shard_jobs(root: Path, split: str | None) -> list[Job]:
     return jobs
 
 
-def list_jobs(inputs: list[str], hdu: str | None = None, split: str | None = None) -> list[Job]:
+def list_jobs(
+    inputs: list[str], hdu: str | None = None, split: str | None = None, out: Path | None = None
+) -> list[Job]:
     """One job per image of `inputs` (image files, folders of them, searched recursively, or
-    shard directories), sorted by output name; two inputs with one output name are an error."""
+    shard directories), sorted by output name; two inputs with one output name are an error.
+    Files under `out` are left out: outputs written inside an input folder are not inputs."""
     jobs: list[Job] = []
+    outside = (lambda f: not f.resolve().is_relative_to(out.resolve())) if out else (lambda f: True)
     for text in inputs:
         path = Path(text)
         if (path / MANIFEST).is_file():
             jobs += _shard_jobs(path, split)
         elif path.is_dir():
-            found = [_file_job(rel, file, hdu) for rel, file in walk_files(path)]
+            found = [_file_job(rel, f, hdu) for rel, f in walk_files(path) if outside(f)]
             if not found:
                 raise UserError(f"{path}: no usable files ({', '.join(EXTS)}) found")
             jobs += found
