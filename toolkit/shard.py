@@ -104,12 +104,11 @@ def plan(
 # ---------------------------------------------------------------- writing one shard
 
 
-def _read_checked(path: Path, hdu: str | None) -> tuple[bytes, tuple[int, int, int]]:
+def _read(path: Path) -> bytes:
     try:
-        data = path.read_bytes()
+        return path.read_bytes()
     except OSError as err:
         raise ValueError(f"unreadable: {err.strerror or err}") from err
-    return data, probe(data, path.suffix, hdu)
 
 
 # Formats whose values their type does not bound: decoded at shard time for their range and
@@ -119,12 +118,17 @@ _VALUED = (".npy", ".tif", ".tiff", *FITS_EXTS)
 
 def _values(
     data: bytes, ext: str, policy: str, hdu: str | None
-) -> tuple[bytes, str, int, float, float]:
-    """(bytes to store, their extension, NaN/inf pixels filled, lowest, highest value) of one
-    file; ValueError when it holds NaN/inf and the policy refuses them."""
+) -> tuple[bytes, str, tuple[int, int, int], int, float, float]:
+    """(bytes to store, their extension, (channels, height, width), NaN/inf pixels filled,
+    lowest, highest value) of one file; ValueError when it is corrupt, or holds NaN/inf and the
+    policy refuses them. Headers are probed first (the clearest word on a truncated file), but
+    a FITS's, whose probe is a decode: formats of unbounded values are decoded once."""
     if ext not in _VALUED:
-        return data, ext, 0, 0.0, 1.0
+        return data, ext, probe(data, ext, hdu), 0, 0.0, 1.0
+    if ext not in FITS_EXTS:
+        probe(data, ext, hdu)
     a = decode(data, ext, hdu)
+    c, h, w = a.shape
     bad = ~np.isfinite(a)
     count = int(bad.sum())
     if count and policy == "refuse":
@@ -137,7 +141,7 @@ def _values(
         buf = io.BytesIO()
         np.save(buf, a, allow_pickle=False)
         data, ext = buf.getvalue(), ".npy"  # stored filled, as the float32 array it decodes to
-    return data, ext, count, float(a.min()), float(a.max())
+    return data, ext, (c, h, w), count, float(a.min()), float(a.max())
 
 
 def _members(job: ShardJob, item: Item, result: ShardResult) -> list[tuple[str, bytes]] | None:
@@ -147,9 +151,9 @@ def _members(job: ShardJob, item: Item, result: ShardResult) -> list[tuple[str, 
         if path is None:
             continue
         try:
-            data, shape = _read_checked(path, job.hdu)
-            data, ext, filled, low, high = _values(data, path.suffix.lower(), job.nonfinite,
-                                                   job.hdu)  # fmt: skip
+            data, ext, shape, filled, low, high = _values(
+                _read(path), path.suffix.lower(), job.nonfinite, job.hdu
+            )
         except ValueError as err:
             result.skipped.append((path.relative_to(job.root).as_posix(), str(err)))
             ok = False
