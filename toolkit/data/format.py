@@ -162,6 +162,12 @@ def in_unit_range(value_range: tuple[float, float] | list[float] | None) -> bool
     return value_range is None or (value_range[0] >= 0.0 and value_range[1] <= 1.0)
 
 
+def default_normalise(value_range: tuple[float, float] | list[float] | None) -> str:
+    """The normalisation of shards written without a choice: `unit` for values in [0, 1],
+    else `none` (see toolkit/data/normalise.py)."""
+    return "unit" if in_unit_range(value_range) else "none"
+
+
 def manifest_doc(
     kind: str,
     root: Path,
@@ -186,7 +192,7 @@ def manifest_doc(
         },
         "value_range": value_range,
         # how the loader maps values for a model, unless a recipe says otherwise
-        "normalise": normalise or ("unit" if in_unit_range(value_range) else "none"),
+        "normalise": normalise or default_normalise(value_range),
         "nonfinite": {
             "policy": nonfinite,
             "filled": dict(sorted(x for r in results for x in r.filled.items())),

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
-from toolkit.data.format import Manifest, in_unit_range
+from toolkit.data.format import Manifest, default_normalise
 
 NAMES = ("unit", "none", "minmax", "percentile", "asinh")
 _DEFAULTS = {"percentile": (0.5, 99.5), "asinh": (1.0,)}
@@ -121,4 +121,4 @@ def resolve(spec: str | None, manifest: Manifest | None) -> Normalisation:
 
 def default_for(value_range: tuple[float, float] | None) -> Normalisation:
     """What shards without an explicit choice get: `unit` for values in [0, 1], else `none`."""
-    return Normalisation("unit" if in_unit_range(value_range) else "none")
+    return Normalisation(default_normalise(value_range))
