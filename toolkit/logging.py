@@ -181,13 +181,27 @@ def image_grid(rows: list[list[Tensor]], pad: int = 2) -> Tensor:
     h = max(t.shape[1] for t in flat)
     w = max(t.shape[2] for t in flat)
     n_rows, n_cols = len(tiles), len(tiles[0])
+    ranges = [display_range(row) for row in tiles]
     grid = torch.ones(c, pad + n_rows * (h + pad), pad + n_cols * (w + pad))
     for i, row in enumerate(tiles):
+        lo, hi = ranges[i]
         for j, t in enumerate(row):
             if t.shape[1:] != (h, w):
                 t = F.interpolate(t[None], size=(h, w), mode="nearest")[0]
             if t.shape[0] != c:
                 t = t.expand(c, -1, -1)
             top, left = pad + i * (h + pad), pad + j * (w + pad)
-            grid[:, top : top + h, left : left + w] = t.clamp(0, 1)
+            grid[:, top : top + h, left : left + w] = ((t - lo) / (hi - lo)).clamp(0, 1)
     return grid
+
+
+def display_range(row: list[Tensor]) -> tuple[float, float]:
+    """The values a sample row is shown between, the same for each of its tiles so that they
+    compare: [0, 1] where its target (the last tile) lies there (photographs, `unit` data),
+    else the target's 0.5th and 99.5th percentiles (data in its own units: negative after sky
+    subtraction, far above 1), where clamping to [0, 1] would show a black or white square."""
+    target = row[-1].detach().float().flatten()
+    if target.min() >= 0 and target.max() <= 1:
+        return 0.0, 1.0
+    lo, hi = torch.quantile(target, torch.tensor([0.005, 0.995])).tolist()
+    return lo, max(hi, lo + 1e-12)

@@ -244,6 +244,7 @@ def sample_tiles(run: Run, count: int) -> tuple[list[str], list[list[Any]], list
 
 def plot_samples(run: Run, path: Path, count: int) -> None:
     """Sample map: one row per sample, its tiles then |output - HR|, PSNR in the titles."""
+    from toolkit.logging import display_range
     from toolkit.metrics import psnr
 
     plt = _pyplot()
@@ -255,12 +256,14 @@ def plot_samples(run: Run, path: Path, count: int) -> None:
     for i, (row, key) in enumerate(zip(rows, keys, strict=True)):
         hr, out = row[-1], row[-2]
         err = (out - hr).abs().mean(0)  # mean over channels: one map for RGB too
+        lo, hi = display_range(row)
         for j, tile in enumerate(row):
             ax = axes[i][j]
-            ax.imshow(_display(tile), cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+            ax.imshow(_display(tile, lo, hi), cmap="gray", vmin=0, vmax=1, interpolation="nearest")
             title = titles[j]
-            if title in scored:
-                title += f" {psnr(tile[None].clamp(0, 1), hr[None]).item():.2f} dB"
+            if title in scored:  # peak 1: clamped where the row's values lie in [0, 1]
+                shown = tile.clamp(0, 1) if (lo, hi) == (0.0, 1.0) else tile
+                title += f" {psnr(shown[None], hr[None]).item():.2f} dB"
             ax.set_title(title, fontsize=8)
             ax.set_axis_off()
         ax = axes[i][-1]
@@ -276,9 +279,10 @@ def plot_samples(run: Run, path: Path, count: int) -> None:
     plt.close(fig)
 
 
-def _display(tile: Any) -> Any:
-    """[C, H, W] in [0, 1] -> what imshow takes: [H, W] for one channel, [H, W, 3] for RGB."""
-    t = tile.float().clamp(0, 1)
+def _display(tile: Any, lo: float, hi: float) -> Any:
+    """[C, H, W], lo..hi mapped to [0, 1] -> what imshow takes: [H, W] for one channel,
+    [H, W, 3] for RGB."""
+    t = ((tile.float() - lo) / (hi - lo)).clamp(0, 1)
     return t[0].numpy() if t.shape[0] == 1 else t[:3].permute(1, 2, 0).numpy()
 
 

@@ -187,18 +187,30 @@ def test_progress_bar_on_a_terminal(tmp_path: Path, monkeypatch: pytest.MonkeyPa
 
 def test_image_grid_shape_range_and_nearest_upsampling() -> None:
     lr = torch.tensor([[[0.0, 1.0], [1.0, 0.0]]])  # [1, 2, 2]
-    hr = torch.rand(1, 4, 4) * 3 - 1  # out of range on purpose
-    rows = [[lr, hr, hr], [lr, hr, hr]]
+    hr = torch.rand(1, 4, 4)
+    sr = hr * 1.5 - 0.2  # out of [0, 1] on purpose
+    rows = [[lr, sr, hr], [lr, sr, hr]]
     grid = image_grid(rows, pad=1)
     assert grid.shape == (1, 1 + 2 * (4 + 1), 1 + 3 * (4 + 1))
     assert grid.min() >= 0 and grid.max() <= 1
     # LR keeps its pixels: each one becomes a 2x2 block
     expected = torch.tensor([[0.0, 0, 1, 1], [0, 0, 1, 1], [1, 1, 0, 0], [1, 1, 0, 0]])
     assert torch.equal(grid[0, 1:5, 1:5], expected)
-    assert torch.equal(grid[0, 1:5, 6:10], hr[0].clamp(0, 1))
+    assert torch.equal(grid[0, 1:5, 6:10], sr[0].clamp(0, 1))  # a target in [0, 1]: as is
     # grey tiles next to colour ones are repeated across channels
     mixed = image_grid([[torch.rand(1, 6, 6), torch.rand(3, 6, 6)]], pad=0)
     assert mixed.shape == (3, 6, 12)
     assert torch.equal(mixed[0, :, :6], mixed[2, :, :6])
     with pytest.raises(ValueError, match="equal length"):
         image_grid([[lr, hr], [lr]])
+
+
+def test_a_row_of_data_in_its_own_units_is_stretched_not_saturated() -> None:
+    """Sky-subtracted counts (-20..400): clamped to [0, 1] they would show as a white square;
+    each row is shown between its target's 0.5th and 99.5th percentiles, all tiles alike."""
+    hr = torch.linspace(-20, 400, 64).reshape(1, 8, 8)
+    grid = image_grid([[hr * 0.9, hr]], pad=0)
+    lo, hi = torch.quantile(hr.flatten(), torch.tensor([0.005, 0.995])).tolist()
+    torch.testing.assert_close(grid[:, :, 8:], ((hr - lo) / (hi - lo)).clamp(0, 1))
+    torch.testing.assert_close(grid[:, :, :8], ((hr * 0.9 - lo) / (hi - lo)).clamp(0, 1))
+    assert 0.3 < grid[:, :, 8:].mean() < 0.7
