@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import io
 import logging
+import math
 import multiprocessing as mp
 import os
 import queue
@@ -38,7 +39,7 @@ from toolkit.data.format import (
     verify,
 )
 from toolkit.data.normalise import parse as parse_normalisation
-from toolkit.data.sources import Item, Source, decode, list_source, probe
+from toolkit.data.sources import Item, Source, decode, list_source, npy_range, probe
 from toolkit.errors import UserError
 
 logger = logging.getLogger(__name__)
@@ -126,7 +127,11 @@ def _values(
     if ext not in _VALUED:
         return data, ext, probe(data, ext, hdu), 0, 0.0, 1.0
     if ext not in FITS_EXTS:
-        probe(data, ext, hdu)
+        shape = probe(data, ext, hdu)
+        if ext == ".npy":  # the range from a view of the bytes: no decode unless NaN/inf
+            low, high = npy_range(data)
+            if math.isfinite(low) and math.isfinite(high):
+                return data, ext, shape, 0, low, high
     a = decode(data, ext, hdu)
     c, h, w = a.shape
     bad = ~np.isfinite(a)

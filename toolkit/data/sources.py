@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import io
+import math
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -167,8 +168,9 @@ _NPY_MAGIC = b"\x93NUMPY"
 
 
 @functools.lru_cache(maxsize=256)
-def _npy_header(header: bytes) -> tuple[tuple[int, ...], int]:
-    """(shape, data bytes) of a whole .npy header; cached, as a data set repeats a few headers."""
+def _npy_header(header: bytes) -> tuple[tuple[int, ...], int, np.dtype]:
+    """(shape, data bytes, dtype) of a whole .npy header; cached, as a data set repeats a few
+    headers."""
     f = io.BytesIO(header)
     try:
         version = np.lib.format.read_magic(f)
@@ -182,16 +184,36 @@ def _npy_header(header: bytes) -> tuple[tuple[int, ...], int]:
         raise ValueError(f"not a readable .npy: {_one_line(err)}") from err
     _check_dtype(dtype)
     array_layout(tuple(shape))
-    return tuple(shape), int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    return tuple(shape), int(np.prod(shape, dtype=np.int64)) * dtype.itemsize, dtype
 
 
-def _probe_npy(data: bytes) -> tuple[int, int, int]:
-    # The header length sits after the magic and version: 2 bytes in format 1.0, 4 after.
+def _npy_end(data: bytes) -> int:
+    """Where a .npy's data starts: its header length sits after the magic and version, in 2
+    bytes in format 1.0, in 4 after."""
     if len(data) < 10 or not data.startswith(_NPY_MAGIC):
         raise ValueError("not a readable .npy: no .npy magic string")
     size_bytes = 2 if data[6] == 1 else 4
-    end = 8 + size_bytes + int.from_bytes(data[8 : 8 + size_bytes], "little")
-    shape, expected = _npy_header(data[:end])
+    return 8 + size_bytes + int.from_bytes(data[8 : 8 + size_bytes], "little")
+
+
+def npy_range(data: bytes) -> tuple[float, float]:
+    """The lowest and highest of a .npy's values as `decode` gives them (float32, integers
+    scaled), read from a view of the bytes without decoding; NaN or inf when it holds any."""
+    end = _npy_end(data)
+    shape, _, dtype = _npy_header(data[:end])
+    view = np.frombuffer(data, dtype=dtype, count=int(np.prod(shape)), offset=end)
+    if view.size == 0:
+        return math.nan, math.nan
+    lo, hi = np.float32(view.min()), np.float32(view.max())  # NaN if any is (numpy propagates)
+    if dtype.kind in "iu":
+        top = np.float32(np.iinfo(dtype).max)
+        lo, hi = lo / top, hi / top
+    return float(lo), float(hi)
+
+
+def _probe_npy(data: bytes) -> tuple[int, int, int]:
+    end = _npy_end(data)
+    shape, expected, _ = _npy_header(data[:end])
     got = len(data) - end
     if got != expected:
         raise ValueError(f"truncated or padded .npy: {got} data bytes, {expected} expected {shape}")

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from toolkit.data.sources import decode, list_source, probe
+from toolkit.data.sources import decode, list_source, npy_range, probe
 from toolkit.errors import UserError
 
 RNG = np.random.default_rng(0)
@@ -332,3 +332,29 @@ def test_list_unlistable_folder_is_a_user_error(tmp_path: Path) -> None:
             list_source(tmp_path)
     finally:
         locked.chmod(0o755)
+
+
+@pytest.mark.parametrize(
+    "array",
+    [
+        np.linspace(-3e38, 3e38, 60).reshape(6, 10),  # float64 at float32's limits
+        np.arange(-7, 53, dtype=np.float32).reshape(6, 10),
+        np.arange(100, 160, dtype=np.uint16).reshape(1, 6, 10),
+        np.arange(-30, 30, dtype=np.int16).reshape(6, 10, 1),
+        np.eye(6, 10, dtype=bool),
+    ],
+)
+def test_npy_range_is_the_decoded_range_without_decoding(array: np.ndarray) -> None:
+    buf = io.BytesIO()
+    np.save(buf, array)
+    values = decode(buf.getvalue(), "npy")
+    assert npy_range(buf.getvalue()) == (float(values.min()), float(values.max()))
+
+
+def test_npy_range_reports_nan_and_inf() -> None:
+    for bad in (np.nan, np.inf):
+        a = np.zeros((4, 4), np.float32)
+        a[1, 2] = bad
+        buf = io.BytesIO()
+        np.save(buf, a)
+        assert not all(np.isfinite(npy_range(buf.getvalue())))
