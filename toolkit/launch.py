@@ -62,6 +62,11 @@ def parse_args(argv: Sequence[str] | None) -> Any:
     p.add_argument("--wait", action="store_true", help="wait for the Slurm job(s) to end")
     p.add_argument("--local", action="store_true", help="run on this machine instead of Slurm")
     p.add_argument("--procs", type=int, help="with --local: processes on this machine (default 1)")
+    p.add_argument("--sweep", action="append", default=[], metavar="KEY=V1,V2,...|FILE.yaml",
+                   help="train a variant per combination of the swept values (repeatable: the "
+                   "product), each in its own run directory; on Slurm one job array")  # fmt: skip
+    p.add_argument("--array-limit", type=int, metavar="K",
+                   help="with --sweep on Slurm: at most K variants run at once")  # fmt: skip
     p.add_argument("--dry-run", action="store_true", help="resolve, check and print; start nothing")
     p.add_argument("--json", action="store_true", help="with --dry-run: JSON (a list for a chain)")
     args = p.parse_intermixed_args(argv)
@@ -86,6 +91,10 @@ def parse_args(argv: Sequence[str] | None) -> Any:
         p.error("--local runs one recipe; several recipes are a chain of Slurm jobs")
     if args.json and not args.dry_run:
         p.error("--json goes with --dry-run")
+    if args.sweep and len(args.recipes) > 1:
+        p.error("--sweep varies one recipe; a chain of several is not swept")
+    if args.array_limit is not None and (not args.sweep or args.local):
+        p.error("--array-limit goes with --sweep on Slurm")
     if args.wait and args.dry_run:
         p.error("--wait goes with a real launch, not --dry-run")
     if args.after is not None and not re.fullmatch(r"\d+(_\d+)?([:,]\d+(_\d+)?)*", args.after):
@@ -94,6 +103,7 @@ def parse_args(argv: Sequence[str] | None) -> Any:
         ("--nodes", args.nodes, 1),
         ("--gpus-per-node", args.gpus_per_node, 0),
         ("--procs", args.procs, 1),
+        ("--array-limit", args.array_limit, 1),
     ):
         if value is not None and value < least:
             p.error(f"{flag}: expected an integer >= {least}, got {value}")
@@ -307,6 +317,10 @@ def wait_for(submitted: list[tuple[Stage, Any]]) -> int:
 
 def _main(argv: Sequence[str] | None) -> int:
     args = parse_args(argv)
+    if args.sweep:
+        from toolkit.launch_sweep import run_sweep
+
+        return run_sweep(args)
     if not args.local:
         return run_slurm(args)
     r = recipe.load(args.recipe, args.overrides)

@@ -10,6 +10,7 @@ first validation samples. Writes `results.md`, `results.json`, `loss_<run>.png`,
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import sys
@@ -40,6 +41,9 @@ class Run:
     recipe: recipe.Recipe
     eval: dict[str, Any]
     metrics: list[dict[str, Any]]
+    # A sweep variant's swept overrides but the seed: runs with the same one are repeats,
+    # shown as one row (mean and std); None for a run that is not part of a sweep.
+    group: str | None = None
 
     @property
     def name(self) -> str:
@@ -85,6 +89,27 @@ def read_run(run_dir: Path) -> Run:
     return Run(run_dir, recipe.load(run_dir / "recipe.yaml"), ev, metrics)
 
 
+def read_runs(path: Path) -> list[Run]:
+    """A run directory, or a sweep's directory (`launch --sweep`): each variant's run, grouped
+    by its swept keys but the seed; variants not evaluated yet are left out with a warning."""
+    from toolkit import sweep
+
+    record = sweep.read(path)
+    if record is None:
+        return [read_run(path)]
+    runs = []
+    for variant in record["variants"]:
+        run_dir = path / variant["name"]
+        if not (run_dir / "eval.json").is_file():
+            logger.warning("%s: not evaluated yet, left out", run_dir)
+            continue
+        group = ",".join(o for o in variant["overrides"] if not o.startswith(f"{sweep.SEED}="))
+        runs.append(dataclasses.replace(read_run(run_dir), group=group))
+    if not runs:
+        raise UserError(f"{path}: none of the sweep's {len(record['variants'])} runs is evaluated")
+    return runs
+
+
 # --- the tables --------------------------------------------------------------------------------
 
 
@@ -94,16 +119,19 @@ def tables(runs: list[Run]) -> list[dict[str, Any]]:
     from toolkit.runs import param_summary
 
     out: dict[str, dict[str, Any]] = {}
-    for run in runs:
-        task = run.task
+    groups: dict[tuple[str, str | None, str], list[Run]] = {}
+    for run in runs:  # repeats of one sweep variant (other seeds) become one row
+        key = (run.task.name, run.group, run.name if run.group is None else str(run.dir.parent))
+        groups.setdefault(key, []).append(run)
+    for members in groups.values():
+        run, task = members[0], members[0].task
         table = out.setdefault(task.name, {"task": task.name, "title": task.title,
                                            "columns": list(task.table),
                                            "compare": list(task.compare), "rows": []})  # fmt: skip
-        ev = run.eval["model"]
         table["rows"].append({
-            "run": run.name,
+            "run": run.name if run.group is None else run.group or "(all)",
             "mode": run.mode,
-            **{k: ev.get(k) for k in task.table},
+            **_means(members, task.table),
             "trainable": param_summary(run.recipe)["trainable"],
             "epochs": round(run.epochs, 2),
             "init_from": run.recipe.init.from_,
@@ -117,6 +145,23 @@ def tables(runs: list[Run]) -> list[dict[str, Any]]:
             table["rows"].append(ref)
         table["best"] = best(table["rows"], table["columns"])
     return list(out.values())
+
+
+def _means(runs: list[Run], columns: tuple[str, ...]) -> dict[str, Any]:
+    """Each column's value; over several runs (seeds) its mean, `<column>_std` the sample
+    standard deviation and `n` how many runs."""
+    if len(runs) == 1:
+        return {k: runs[0].eval["model"].get(k) for k in columns}
+    out: dict[str, Any] = {"n": len(runs)}
+    for k in columns:
+        values = [r.eval["model"].get(k) for r in runs]
+        if any(v is None for v in values):
+            out[k] = out[f"{k}_std"] = None
+            continue
+        mean = sum(values) / len(values)
+        out[k] = mean
+        out[f"{k}_std"] = (sum((v - mean) ** 2 for v in values) / (len(values) - 1)) ** 0.5
+    return out
 
 
 def reference_row(runs: list[Run]) -> dict[str, Any] | None:
@@ -151,11 +196,15 @@ def markdown(table: dict[str, Any]) -> str:
               "init from"]  # fmt: skip
     lines = ["| " + " | ".join(titles) + " |", "|" + "---|" * len(titles)]
     for row in table["rows"]:
-        cells = [row["mode"] + (f" (`{row['run']}`)" if row["run"] else "")]
+        seeds = f", {row['n']} seeds" if row.get("n") else ""
+        cells = [row["mode"] + (f" (`{row['run']}`{seeds})" if row["run"] else "")]
         for k in columns:
             v = row.get(k)
             text = metric(k).format(v)
-            cells.append(f"**{text}**" if v is not None and v == top.get(k) else text)
+            text = f"**{text}**" if v is not None and v == top.get(k) else text
+            if row.get(f"{k}_std") is not None:
+                text += f" ± {metric(k).format(row[f'{k}_std'])}"
+            cells.append(text)
         cells.append("-" if row["trainable"] is None else f"{row['trainable']:,}")
         cells.append("-" if row["epochs"] is None else f"{row['epochs']:g}")
         cells.append(f"`{Path(row['init_from']).name}`" if row["init_from"] else "-")
@@ -326,7 +375,7 @@ def plot_compare(table: dict[str, Any], path: Path) -> None:
 
 def report(run_dirs: Sequence[Path], out: Path, samples: int = 4) -> dict[str, Any]:
     """Write the whole report for `run_dirs` into `out`; returns results.json's content."""
-    runs = [read_run(Path(d)) for d in run_dirs]
+    runs = [run for d in run_dirs for run in read_runs(Path(d))]
     names = [run.name for run in runs]
     if len(set(names)) != len(names):
         raise UserError(f"run directories must have distinct names (file names): {names}")

@@ -85,6 +85,10 @@ def test_init_from_present_gives_no_warning(capsys, tmp_path, monkeypatch) -> No
         ([PRETRAIN, "model.depth=" + "9" * 300, "--dry-run"], "expected an int64"),
         ([PRETRAIN, "model.decoder_depth=100000", "--dry-run"], "expected > 0 and <= 1024"),
         ([PRETRAIN, "train.max_steps=" + "9" * 300, "--dry-run"], "expected an int64"),
+        ([PRETRAIN, "--array-limit", "2", "--dry-run"], "--array-limit goes with --sweep"),
+        ([PRETRAIN, FINETUNE, "--sweep", "optim.lr=1,2"], "--sweep varies one recipe"),
+        ([PRETRAIN, "--sweep", "optim.lrr=1,2", "--dry-run"], "did you mean 'optim.lr'"),
+        ([PRETRAIN, "--sweep", "optim.lr=1,x", "--dry-run"], "(override optim.lr=x)"),
     ],
 )
 def test_user_errors_are_one_line_with_status_2(capsys, argv, needle) -> None:
@@ -153,3 +157,25 @@ def test_group_rule_matching_nothing_fails_the_dry_run(capsys) -> None:
     assert (
         code == 2 and "optim.groups[0]: match '^encoder\\.' matches no trainable parameter" in err
     )
+
+
+def test_a_sweep_dry_run_lists_every_variant_and_the_array(capsys, tmp_path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    code, out, _ = run(capsys, PRETRAIN, "--sweep", "optim.lr=1e-4,3e-4,1e-3", "--sweep",
+                       "train.seed=0,1", "run.dir=runs/lr", "--array-limit", "4", "--dry-run",
+                       "--json")  # fmt: skip
+    assert code == 0
+    doc = json.loads(out)
+    assert doc["sweep"]["array"] == "0-5%4" and "#SBATCH --array=0-5%4" in doc["sweep"]["sbatch"]
+    variants = doc["variants"]
+    assert [v["overrides"] for v in variants[:3]] == [
+        ["optim.lr=1e-4", "train.seed=0"], ["optim.lr=1e-4", "train.seed=1"],
+        ["optim.lr=3e-4", "train.seed=0"],
+    ]  # fmt: skip
+    assert [v["recipe"]["optim"]["lr"] for v in variants] == [1e-4, 1e-4, 3e-4, 3e-4, 1e-3, 1e-3]
+    assert [v["recipe"]["train"]["seed"] for v in variants] == [0, 1] * 3
+    dirs = [v["recipe"]["run"]["dir"] for v in variants]
+    assert dirs[3] == "runs/lr/optim.lr=3e-4,train.seed=1" and len(set(dirs)) == 6
+    assert not (tmp_path / "runs").exists()  # a dry run writes nothing
+    code, out, _ = run(capsys, PRETRAIN, "--sweep", "train.seed=0,1", "--local", "--dry-run")
+    assert code == 0 and "2 variant(s) of train.seed (2)" in out and "in turn" in out

@@ -155,12 +155,20 @@ def parameters(spec: JobSpec, dependency: str | None = None) -> dict[str, Any]:
     return params
 
 
-def sbatch_script(folder: Path, params: dict[str, Any], python: str | None = None) -> str:
-    """The sbatch file submitit writes for these parameters (what a dry run shows)."""
+def sbatch_script(
+    folder: Path,
+    params: dict[str, Any],
+    python: str | None = None,
+    array: tuple[int, int] | None = None,
+) -> str:
+    """The sbatch file submitit writes for these parameters (what a dry run shows); `array`:
+    (tasks, at most this many at a time) for a job array."""
     from submitit.slurm.slurm import _make_sbatch_string
 
     python = shlex.quote(sys.executable) if python is None else python
     command = f"{python} -u -m submitit.core._submit {shlex.quote(str(folder))}"
+    if array is not None:
+        params = {**params, "map_count": array[0], "array_parallelism": array[1]}
     return _make_sbatch_string(command=command, folder=folder, **params)
 
 
@@ -200,20 +208,35 @@ class Submitted:
 
 def submit(spec: JobSpec, folder: Path, argv: list[str], after: str | None) -> Submitted:
     """Submit one stage: every task runs `toolkit.train argv` in this directory."""
+    return submit_array(spec, folder, [argv], after)[0]
+
+
+def submit_array(
+    spec: JobSpec, folder: Path, argvs: list[list[str]], after: str | None, limit: int | None = None
+) -> list[Submitted]:
+    """Submit one job, or with several `argvs` one job array (a sweep): array task i runs
+    `toolkit.train argvs[i]` on `spec`'s nodes, at most `limit` at a time, each requeued and
+    resumed on its own after a warning signal. Job ids: "A" for one job, "A_i" in an array."""
     import submitit
     from submitit.core.utils import FailedJobError
 
     executor = submitit.SlurmExecutor(folder=folder, max_num_timeout=MAX_TIMEOUTS)
     executor.update_parameters(**parameters(spec, f"afterok:{after}" if after else None))
-    task = TrainTask(argv, str(Path.cwd()), spec.requeue)
+    if limit is not None:
+        executor.update_parameters(array_parallelism=limit)
+    cwd = str(Path.cwd())
     try:
         # submitit also prints sbatch's complaint on stderr; the user error below carries it.
         with contextlib.redirect_stderr(io.StringIO()):
-            job = executor.submit(task)
+            if len(argvs) == 1:
+                jobs = [executor.submit(TrainTask(argvs[0], cwd, spec.requeue))]
+            else:
+                with executor.batch():
+                    jobs = [executor.submit(TrainTask(a, cwd, spec.requeue)) for a in argvs]
     except (FailedJobError, subprocess.CalledProcessError, OSError) as err:
         lines = [x for x in str(err).splitlines() if "error" in x.lower()] or str(err).splitlines()
         raise UserError(f"sbatch refused job {spec.name}: {lines[-1].strip()}") from None
-    return Submitted(job_id=str(job.job_id), job=job)
+    return [Submitted(job_id=str(job.job_id), job=job) for job in jobs]
 
 
 class TrainTask:

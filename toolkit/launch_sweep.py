@@ -1,0 +1,160 @@
+"""`launch --sweep`: a sweep's variants listed (--dry-run), trained in turn on this machine
+(--local), or submitted as one Slurm job array."""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import shlex
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from toolkit import preflight, recipe, sweep
+from toolkit.errors import UserError
+from toolkit.launch import SLURM_FLAGS, dry_run_doc, dry_run_text, run_local, wait_for, world_of
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Planned:
+    """One variant of the sweep: its overrides, resolved recipe and command line."""
+
+    variant: sweep.Variant
+    recipe: recipe.Recipe
+    overrides: list[str]  # the launch's overrides, the variant's, and its run.dir
+
+
+def plan(args: Any) -> tuple[Path, dict[str, list[str]], list[Planned]]:
+    """(the sweep's directory, the swept values, every variant resolved); a variant whose
+    overrides do not make a valid recipe stops it here, named."""
+    axes = sweep.parse(args.sweep)
+    base = recipe.load(args.recipe, args.overrides).run_dir
+    out = []
+    for v in sweep.variants(axes):
+        overrides = [*args.overrides, *v.overrides, f"run.dir={base / v.name}"]
+        out.append(Planned(v, recipe.load(args.recipe, overrides), overrides))
+    return base, axes, out
+
+
+def _listing(base: Path, axes: dict[str, list[str]], planned: list[Planned], where: str) -> str:
+    product = " x ".join(f"{k} ({len(vs)})" for k, vs in axes.items())
+    lines = [f"sweep: {len(planned)} variant(s) of {product} in {base}, {where}"]
+    lines += [f"  {p.variant.index:>3}  {' '.join(p.variant.overrides)}  -> {p.recipe.run_dir}"
+              for p in planned]  # fmt: skip
+    return "\n".join(lines) + "\n"
+
+
+def run_sweep(args: Any) -> int:
+    base, axes, planned = plan(args)
+    limit = min(args.array_limit or len(planned), len(planned))
+    if args.local:
+        where = "trained in turn on this machine"
+    else:
+        where = f"one Slurm job array, at most {limit} at a time"
+    if args.dry_run:
+        return _dry_run(args, base, axes, planned, where, limit)
+    if args.local:
+        return _run_local(args, base, axes, planned)
+    return _run_slurm(args, base, axes, planned, limit)
+
+
+def _dry_run(args: Any, base: Path, axes: dict, planned: list[Planned], where: str,
+             limit: int) -> int:  # fmt: skip
+    script = None
+    if not args.local:
+        from toolkit.cluster import slurm
+
+        spec = slurm.job_spec(planned[0].recipe, {k: getattr(args, k) for k in SLURM_FLAGS})
+        after = args.after.replace(",", ":") if args.after else None
+        params = slurm.parameters(spec, f"afterok:{after}" if after else None)
+        script = slurm.sbatch_script(base.absolute() / "slurm", params,
+                                     array=(len(planned), limit))  # fmt: skip
+    worlds = [world_of(p.recipe, args) for p in planned]
+    if args.json:
+        doc = {
+            "sweep": {
+                "dir": str(base),
+                "axes": axes,
+                "array": None if args.local else f"0-{len(planned) - 1}%{limit}",
+                "sbatch": script,
+            },
+            "variants": [
+                {
+                    "index": p.variant.index,
+                    "overrides": list(p.variant.overrides),
+                    **dry_run_doc(p.recipe, w, preflight.problems(p.recipe), None),
+                }
+                for p, w in zip(planned, worlds, strict=True)
+            ],
+        }
+        sys.stdout.write(json.dumps(doc, indent=2) + "\n")
+        return 0
+    first = planned[0]
+    text = dry_run_text(args.recipe, first.recipe, worlds[0], preflight.problems(first.recipe),
+                        as_json=False, sbatch=script)  # fmt: skip
+    sys.stdout.write(_listing(base, axes, planned, where) + "\n# variant 0\n" + text)
+    return 0
+
+
+def _run_local(args: Any, base: Path, axes: dict, planned: list[Planned]) -> int:
+    """Each variant in turn, as `launch --local` would run it; a failed one does not stop the
+    others. Exit status: 0, or the first failure's."""
+    sweep.write(base, args.recipe, axes, [p.variant for p in planned])
+    sys.stdout.write(_listing(base, axes, planned, "trained in turn on this machine"))
+    failed: list[tuple[Planned, int | str]] = []
+    for p in planned:
+        logger.info("sweep variant %d of %d: %s", p.variant.index + 1, len(planned),
+                    " ".join(p.variant.overrides))  # fmt: skip
+        one = copy.copy(args)
+        one.overrides = p.overrides
+        try:
+            preflight.require(p.recipe)
+            status = run_local(one, p.recipe)
+        except UserError as err:
+            sys.stderr.write(f"error: variant {p.variant.index}: {err}\n")
+            status = 2
+        if status:
+            failed.append((p, status))
+    if failed:
+        names = ", ".join(f"{p.variant.index} ({p.variant.name}: status {s})" for p, s in failed)
+        sys.stderr.write(f"error: {len(failed)} of {len(planned)} variants failed: {names}\n")
+        return int(failed[0][1]) if isinstance(failed[0][1], int) else 1
+    sys.stdout.write(f"sweep done: {len(planned)} runs in {base}; compare them with: "
+                     f"python -m toolkit.report {shlex.quote(str(base))}\n")  # fmt: skip
+    return 0
+
+
+def _run_slurm(args: Any, base: Path, axes: dict, planned: list[Planned], limit: int) -> int:
+    from toolkit.cluster import slurm
+
+    slurm.require_slurm()
+    for p in planned:
+        preflight.require(p.recipe)
+    spec = slurm.job_spec(planned[0].recipe, {k: getattr(args, k) for k in SLURM_FLAGS})
+    after = args.after.replace(",", ":") if args.after else None
+    folder = base.absolute() / "slurm"
+    argvs = [[args.recipe, *p.overrides] for p in planned]
+    jobs = slurm.submit_array(spec, folder, argvs, after, limit)
+    array = jobs[0].job_id.split("_")[0]
+    sweep.write(base, args.recipe, axes, [p.variant for p in planned], array)
+    world = world_of(planned[0].recipe, args)
+    sys.stdout.write(
+        f"array job {array}: {len(planned)} variant(s), at most {limit} at a time, each "
+        f"{world.nodes} node(s) x {max(world.gpus_per_node, 1)} process(es)\n"
+        f"  sweep dir: {base} (sweep.json; a run directory per variant)\n"
+        f"  logs:      {folder / f'{array}_<variant>_0_log.err'}\n"
+        f"  compare:   python -m toolkit.report {shlex.quote(str(base))}\n"
+    )
+    for p, job in zip(planned, jobs, strict=True):
+        sys.stdout.write(f"job {job.job_id}: {' '.join(p.variant.overrides)}\n")
+    sys.stdout.flush()
+    if not args.wait:
+        return 0
+    from toolkit.launch import Stage
+
+    return wait_for([(Stage(args.recipe, p.recipe, world, spec, False), job)
+                     for p, job in zip(planned, jobs, strict=True)])  # fmt: skip

@@ -1,0 +1,148 @@
+"""Sweeps: the variants of a recipe over the product of swept values, each its own run.
+
+    python -m toolkit.launch RECIPE --sweep optim.lr=1e-4,3e-4,1e-3 --sweep train.seed=0,1,2
+    python -m toolkit.launch RECIPE --sweep sweep.yaml        # sweep: {optim.lr: [1e-4, 3e-4]}
+
+Each variant is the recipe with its swept `key=value` overrides, trained in its own run
+directory under the recipe's run.dir (the sweep's directory), named by those overrides:
+`runs/debug/optim.lr=0.0003,train.seed=1`. The sweep's directory keeps `sweep.json` (the swept
+keys, their values, every variant and its run directory), from which `toolkit.report` groups
+the runs by the swept keys other than the seed and shows mean and std over seeds.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from toolkit.atomic import write_atomic
+from toolkit.errors import UserError
+
+SWEEP = "sweep.json"
+SEED = "train.seed"  # runs that differ in this key alone are repeats: averaged by the report
+MAX_VARIANTS = 1000  # a product past this is a typo, not a sweep
+_NOT_SWEPT = ("run.dir", "cluster.")  # one directory per variant; one job shape per array
+
+
+@dataclass(frozen=True)
+class Variant:
+    index: int
+    overrides: tuple[str, ...]  # the swept key=value pairs, in the order the keys were given
+
+    @property
+    def name(self) -> str:
+        """Its run directory's name: the overrides, "/" (which would nest folders) as "_"."""
+        return ",".join(self.overrides).replace("/", "_")
+
+
+def _split(values: str) -> list[str]:
+    """Comma-separated values; commas inside [...] or {...} (a list value) do not split."""
+    out, depth, current = [], 0, ""
+    for ch in values:
+        depth += ch in "[{"
+        depth -= ch in "]}"
+        if ch == "," and depth == 0:
+            out.append(current)
+            current = ""
+        else:
+            current += ch
+    return [*out, current]
+
+
+def _text(value: Any) -> str:
+    """A YAML value as the override text that gives it back."""
+    if isinstance(value, str):
+        return value
+    return yaml.safe_dump(value, default_flow_style=True, width=10**6).strip().removesuffix("...")
+
+
+def _from_file(path: Path) -> dict[str, list[str]]:
+    try:
+        doc = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as err:
+        raise UserError(f"{path}: cannot read the sweep file ({err})") from None
+    sweep = doc.get("sweep") if isinstance(doc, dict) else None
+    if not isinstance(sweep, dict) or not sweep:
+        raise UserError(f"{path}: expected a mapping `sweep: {{key: [value, ...], ...}}`")
+    axes = {}
+    for key, values in sweep.items():
+        if not isinstance(values, list) or not values:
+            raise UserError(f"{path}: sweep.{key}: expected a list of values, got {values!r}")
+        axes[str(key)] = [_text(v) for v in values]
+    return axes
+
+
+def parse(specs: list[str]) -> dict[str, list[str]]:
+    """`--sweep` arguments (`key=v1,v2,...` or a YAML file with a `sweep:` mapping) -> the
+    values of each swept key, in the order given."""
+    axes: dict[str, list[str]] = {}
+    for spec in specs:
+        key, sep, values = spec.partition("=")
+        found = (
+            _from_file(Path(spec))
+            if not sep and spec.endswith((".yaml", ".yml"))
+            else {key.strip(): _split(values)}
+        )
+        for k, vs in found.items():
+            if not sep and not spec.endswith((".yaml", ".yml")):
+                raise UserError(f"--sweep {spec}: expected key=v1,v2,... or a .yaml sweep file")
+            if k in axes:
+                raise UserError(f"--sweep: {k} is swept twice")
+            if any(k == p or k.startswith(p) for p in _NOT_SWEPT):
+                raise UserError(
+                    f"--sweep: {k} cannot be swept (each variant has its own run.dir, and the "
+                    "variants of an array share one job shape)"
+                )
+            if "" in (v.strip() for v in vs) or len(set(vs)) != len(vs):
+                raise UserError(f"--sweep {k}: expected distinct, non-empty values, got {vs}")
+            axes[k] = [v.strip() for v in vs]
+    count = 1
+    for vs in axes.values():
+        count *= len(vs)
+    if count > MAX_VARIANTS:
+        raise UserError(f"--sweep: {count} variants; at most {MAX_VARIANTS} in one sweep")
+    return axes
+
+
+def variants(axes: dict[str, list[str]]) -> list[Variant]:
+    """Every combination, the last key varying fastest."""
+    keys = list(axes)
+    return [
+        Variant(i, tuple(f"{k}={v}" for k, v in zip(keys, combo, strict=True)))
+        for i, combo in enumerate(itertools.product(*(axes[k] for k in keys)))
+    ]
+
+
+def write(base: Path, recipe_path: str, axes: dict[str, list[str]], vs: list[Variant],
+          array: str | None = None) -> Path:  # fmt: skip
+    """Record the sweep in its directory (what the report reads)."""
+    base.mkdir(parents=True, exist_ok=True)
+    doc = {
+        "recipe": recipe_path,
+        "axes": axes,
+        "variants": [
+            {"index": v.index, "name": v.name, "overrides": list(v.overrides)} for v in vs
+        ],
+        "array": array,
+    }
+    write_atomic(base / SWEEP, json.dumps(doc, indent=2) + "\n")
+    return base / SWEEP
+
+
+def read(base: Path) -> dict[str, Any] | None:
+    """A sweep directory's record, or None where `base` is not one."""
+    path = base / SWEEP
+    if not path.is_file():
+        return None
+    try:
+        doc = json.loads(path.read_text())
+    except ValueError as err:
+        raise UserError(f"{path}: not a sweep record ({err})") from None
+    if not isinstance(doc, dict) or not isinstance(doc.get("variants"), list):
+        raise UserError(f"{path}: not a sweep record (expected its axes and variants)")
+    return doc
