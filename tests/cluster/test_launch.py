@@ -311,3 +311,37 @@ def test_a_held_run_directory_refuses_launch_and_sbatch(slurm_cluster, shards, t
         assert state == "FAILED", log
         assert f"in use by training by hand (pid {os.getpid()} on " in log
     assert sorted(p.name for p in run_dir.iterdir()) == []  # the job wrote nothing there
+
+
+def test_a_sweep_is_one_array_whose_preempted_task_requeues_alone(
+    slurm_cluster, shards, tmp_path
+) -> None:
+    """`--sweep train.seed=0,1,2` on Slurm: one job array of 3 one-node variants, at most 2 at a
+    time. USR2 to task 1 checkpoints and requeues that task alone; all three end with the weights
+    of the same variants trained straight through here."""
+    base, ref = tmp_path / "sweep", tmp_path / "reference"
+    sweep = ["--sweep", "train.seed=0,1,2"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    local = subprocess.run([slurm_cluster.python, "-m", "toolkit.launch", str(DEBUG_RECIPE),
+                            *tiny(shards, ref, task="mae"), *LONG, *sweep, "--local"],
+                           env=env, capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert local.returncode == 0, local.stderr[-3000:]
+    proc = launch(slurm_cluster, tmp_path, str(DEBUG_RECIPE), *tiny(shards, base, task="mae"),
+                  *LONG, *sweep, "--nodes", "1", "--array-limit", "2")  # fmt: skip
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    array = re.search(r"^array job (\d+): 3 variant\(s\), at most 2", proc.stdout, re.M).group(1)
+    assert "#SBATCH --array=0-2%2" in next((base / "slurm").glob("*.sh")).read_text()
+    wait_step(base / "train.seed=1", 20)
+    subprocess.run(["scancel", "--signal=USR2", f"{array}_1"], check=True, timeout=30)
+    for i in range(3):
+        assert wait_done(f"{array}_{i}", timeout=240) == ("COMPLETED", "0:0"), i
+    states = {i: [row[0].split()[0] for row in sacct(f"{array}_{i}", "State")] for i in range(3)}
+    assert states[1][0] == "REQUEUED" and states[1][-1] == "COMPLETED", states
+    assert states[0] == states[2] == ["COMPLETED"], states
+    for seed in range(3):
+        name = f"train.seed={seed}"
+        assert logged_steps(base / name) == list(range(1, 401))
+        complete_final_checkpoint(base / name, 400)
+        a, b = weights(ref / name), weights(base / name)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), seed
+    assert json.loads((base / "sweep.json").read_text())["array"] == array
