@@ -90,6 +90,53 @@ def ssim(sr: Tensor, hr: Tensor) -> Tensor:
     return s.mean(dim=(1, 2, 3))
 
 
+# --- classification: of the gathered scores, not per sample -------------------------------------
+
+
+def _average_ranks(x: Tensor) -> Tensor:
+    """1-based ranks of `x` [N], tied values sharing the mean of their ranks."""
+    _, inverse, counts = torch.unique(x, return_inverse=True, return_counts=True)
+    ends = counts.cumsum(0).double()  # the last rank of each distinct value
+    return (ends - (counts.double() - 1) / 2)[inverse]
+
+
+def roc_auc(scores: Tensor, positive: Tensor) -> float | None:
+    """Area under the ROC curve of `scores` [N] for the `positive` [N] bool samples: the chance
+    that a positive scores above a negative (ties count half; the Mann-Whitney U statistic).
+    None where one of the two groups is empty."""
+    pos = positive.bool()
+    n_pos, n_neg = int(pos.sum()), int((~pos).sum())
+    if not n_pos or not n_neg:
+        return None
+    ranks = _average_ranks(scores.double())
+    return ((ranks[pos].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)).item()
+
+
+def roc_curve(scores: Tensor, positive: Tensor) -> tuple[list[float], list[float]]:
+    """(false-positive rates, true-positive rates) of every threshold, from (0, 0) to (1, 1)."""
+    order = torch.argsort(scores.double(), descending=True, stable=True)
+    s, pos = scores.double()[order], positive.bool()[order]
+    tp, fp = pos.double().cumsum(0), (~pos).double().cumsum(0)
+    last = torch.ones_like(s, dtype=torch.bool)  # one point per distinct score
+    last[:-1] = s[1:] != s[:-1]
+    n_pos, n_neg = max(pos.sum().item(), 1), max((~pos).sum().item(), 1)
+    fpr = [0.0, *(fp[last] / n_neg).tolist()]
+    tpr = [0.0, *(tp[last] / n_pos).tolist()]
+    return fpr, tpr
+
+
+def one_vs_rest_auc(scores: Tensor, labels: Tensor) -> tuple[float | None, float | None]:
+    """(micro, macro) one-vs-rest ROC-AUC of class scores [N, K] for labels [N]: micro over
+    every (sample, class) pair at once, macro the mean of the per-class AUCs (as
+    scikit-learn's `roc_auc_score(..., multi_class="ovr")` and its micro average)."""
+    k = scores.shape[1]
+    onehot = F.one_hot(labels.long(), k).bool()
+    micro = roc_auc(scores.reshape(-1), onehot.reshape(-1))
+    per_class = [roc_auc(scores[:, c], onehot[:, c]) for c in range(k)]
+    known = [a for a in per_class if a is not None]
+    return micro, (sum(known) / len(known) if known else None)
+
+
 @dataclass(frozen=True)
 class Metric:
     """One per-sample metric. `fn(output, target) -> [N]` compares images; None: the task
@@ -113,6 +160,11 @@ METRICS: dict[str, Metric] = {
         Metric("mse", "MSE", False, "{:.6f}", mse),
         Metric("psnr", "PSNR (dB)", True, "{:.2f}", psnr),
         Metric("ssim", "SSIM", True, "{:.4f}", ssim),
+        # classification: accuracy per sample (1 where the top class is the label), the AUCs
+        # of the gathered scores (`toolkit.tasks.classify`)
+        Metric("accuracy", "accuracy", True, "{:.4f}"),
+        Metric("auc_micro", "AUC (micro)", True, "{:.4f}"),
+        Metric("auc_macro", "AUC (macro)", True, "{:.4f}"),
     )
 }
 

@@ -58,6 +58,37 @@ def split_of(key: str, seed: int, val_fraction: float) -> str:
     return "val" if int(h[:16], 16) / 2**64 < val_fraction else "train"
 
 
+def class_of(key: str) -> str:
+    """A labelled sample's class: the first folder of its path (SRC/<class>/...)."""
+    return key.split("/", 1)[0]
+
+
+def classes_of(source: Source, seed: int, val_fraction: float) -> tuple[str, ...]:
+    """The class names of a labelled source (its top folders, sorted: the label is the index);
+    a user error unless every file lies in a class folder, there are two classes or more, and
+    every class has samples in val."""
+    if source.kind != "hr":
+        raise UserError(f"{source.root}: --labels needs class folders of images, not hr/ + lr/")
+    loose = [it.key for it in source.items if "/" not in it.key]
+    if loose:
+        raise UserError(f"{source.root}: {loose[0]} lies in no class folder (--labels: the class "
+                        "of SRC/<class>/<file> is <class>)")  # fmt: skip
+    classes = tuple(sorted({class_of(it.key) for it in source.items}))
+    if len(classes) < 2:
+        raise UserError(f"{source.root}: --labels found one class folder ({classes[0]}): "
+                        "expected two or more")  # fmt: skip
+    if val_fraction > 0:
+        in_val = {class_of(it.key) for it in source.items
+                  if split_of(it.key, seed, val_fraction) == "val"}  # fmt: skip
+        missing = [c for c in classes if c not in in_val]
+        if missing:
+            raise UserError(
+                f"{source.root}: class {missing[0]} has no sample in val at --val-fraction "
+                f"{val_fraction}: add samples of it or raise the fraction"
+            )
+    return classes
+
+
 def order_of(key: str, seed: int) -> str:
     """A sample's sort key within its split: a second hash, so that every shard is well mixed."""
     return _hash_hex(f"{seed}:order:{key}")
@@ -75,6 +106,7 @@ class ShardJob:
     strict: bool
     nonfinite: str = "refuse"  # NaN/inf pixels: "refuse" the file, or "zero": fill and count
     hdu: str | None = None  # the FITS HDU to read (None: the first holding an image)
+    classes: tuple[str, ...] | None = None  # labelled: the class names, a sample's its folder's
 
 
 def plan(
@@ -86,6 +118,7 @@ def plan(
     strict: bool,
     nonfinite: str = "refuse",
     hdu: str | None = None,
+    classes: tuple[str, ...] | None = None,
 ) -> list[ShardJob]:
     """The shards to write: per split, samples ordered by hash and cut into shard_size pieces."""
     by_split: dict[str, list[Item]] = {s: [] for s in SPLITS}
@@ -97,7 +130,9 @@ def plan(
         for i in range(0, len(items), shard_size):
             piece = items[i : i + shard_size]
             jobs.append(
-                ShardJob(split, i // shard_size, out, source.root, piece, strict, nonfinite, hdu)
+                ShardJob(
+                    split, i // shard_size, out, source.root, piece, strict, nonfinite, hdu, classes
+                )
             )
     return jobs
 
@@ -170,6 +205,10 @@ def _members(job: ShardJob, item: Item, result: ShardResult) -> list[tuple[str, 
         values.append((path.relative_to(job.root).as_posix(), filled, low, high))
     if not ok:
         return None
+    if job.classes is not None:  # webdataset's `cls`: the class index as text
+        label = job.classes.index(class_of(item.key))
+        members.append((f"{item.key}.cls", str(label).encode()))
+        result.class_counts[label] = result.class_counts.get(label, 0) + 1
     for rel, filled, low, high in values:
         result.low, result.high = min(result.low, low), max(result.high, high)
         if filled:
@@ -366,8 +405,10 @@ def shard(
     nonfinite: str = "refuse",
     normalise: str | None = None,
     hdu: str | None = None,
+    labels: bool = False,
 ) -> dict:
-    """Shard SRC into OUT/{train,val}/shard-NNNNNN.tar and write OUT/manifest.json; return it."""
+    """Shard SRC into OUT/{train,val}/shard-NNNNNN.tar and write OUT/manifest.json; return it.
+    `labels`: SRC holds a folder per class, each sample stored with its class index (`cls`)."""
     start = time.perf_counter()
     _check_args(val_fraction, shard_size, workers)
     if normalise is not None:
@@ -377,8 +418,9 @@ def shard(
             raise UserError(f"--normalise {err}") from None
     source = list_source(Path(src).resolve())
     out = Path(out)
+    classes = classes_of(source, seed, val_fraction) if labels else None
     old = _check_out(out, overwrite)
-    jobs = plan(source, out, seed, val_fraction, shard_size, strict, nonfinite, hdu)
+    jobs = plan(source, out, seed, val_fraction, shard_size, strict, nonfinite, hdu, classes)
     created = _make_dirs(out)
     results: list[ShardResult] = []
     try:
@@ -398,7 +440,8 @@ def shard(
         raise
     args = {"seed": seed, "val_fraction": val_fraction, "shard_size": shard_size,
             "fits_hdu": hdu}  # fmt: skip
-    manifest = manifest_doc(source.kind, source.root, results, args, nonfinite, normalise)
+    manifest = manifest_doc(source.kind, source.root, results, args, nonfinite, normalise,
+                            classes)  # fmt: skip
     commit(out, results, manifest, old)
     _log_summary(out, manifest, time.perf_counter() - start)
     return manifest
@@ -438,6 +481,9 @@ def parse_args(argv: Sequence[str] | None) -> Any:
                    "recipe's data.normalise overrides it): unit, none, minmax, percentile[:LO,HI],"
                    " asinh[:SOFT]; default: unit for values in [0, 1], else none. The shards keep "
                    "the values as they are")  # fmt: skip
+    p.add_argument("--labels", action="store_true",
+                   help="SRC holds a folder per class (SRC/<class>/...): each sample is stored "
+                   "with its class (webdataset `cls`: its index in the sorted names)")  # fmt: skip
     p.add_argument(
         "--hdu",
         metavar="NAME|INDEX",
@@ -474,6 +520,7 @@ def _main(argv: Sequence[str] | None) -> int:
         nonfinite=a.nonfinite,
         normalise=a.normalise,
         hdu=a.hdu,
+        labels=a.labels,
     )
     return 0
 

@@ -135,6 +135,7 @@ class ShardResult:
     low: float = float("inf")
     high: float = float("-inf")
     filled: dict[str, int] = field(default_factory=dict)
+    class_counts: dict[int, int] = field(default_factory=dict)  # labelled: samples per class
 
 
 def commit(out: Path, results: list[ShardResult], manifest: dict, old: set[Path]) -> None:
@@ -168,6 +169,17 @@ def default_normalise(value_range: tuple[float, float] | list[float] | None) -> 
     return "unit" if in_unit_range(value_range) else "none"
 
 
+def _labels(classes: tuple[str, ...] | None, results: list[ShardResult]) -> dict:
+    """A labelled manifest's class names and samples per class (in their order) and split."""
+    if classes is None:
+        return {}
+    counts = {s: [0] * len(classes) for s in SPLITS}
+    for r in results:
+        for label, n in r.class_counts.items():
+            counts[r.split][label] += n
+    return {"classes": list(classes), "class_counts": counts}
+
+
 def manifest_doc(
     kind: str,
     root: Path,
@@ -175,6 +187,7 @@ def manifest_doc(
     args: dict,
     nonfinite: str = "refuse",
     normalise: str | None = None,
+    classes: tuple[str, ...] | None = None,
 ) -> dict:
     """manifest.json of the shards `results` describe (their names are added by `commit`)."""
     kept = [r for r in results if r.count]
@@ -198,6 +211,7 @@ def manifest_doc(
             "filled": dict(sorted(x for r in results for x in r.filled.items())),
         },
         "splits": {s: {"count": counts[s], "shards": []} for s in SPLITS},
+        **_labels(classes, results),
         "skipped": [
             {"path": p, "reason": why} for p, why in sorted(x for r in results for x in r.skipped)
         ],
@@ -226,6 +240,7 @@ class Manifest:
     value_range: tuple[float, float] | None = None
     normalise: str | None = None  # `toolkit.shard --normalise`, as written (None: not recorded)
     fits_hdu: str | None = None  # `toolkit.shard --hdu`: the HDU read from FITS members
+    classes: tuple[str, ...] | None = None  # `toolkit.shard --labels`: the class names
 
     def count(self, split: str) -> int:
         return sum(s.count for s in self.splits[split])
@@ -250,6 +265,7 @@ def read_manifest(root: str | Path) -> Manifest:
             value_range=tuple(doc["value_range"]) if "value_range" in doc else None,
             normalise=doc.get("normalise"),
             fits_hdu=doc.get("fits_hdu"),
+            classes=tuple(doc["classes"]) if "classes" in doc else None,
         )
     except FileNotFoundError:
         raise UserError(f"{path}: not found: make shards with `python -m toolkit.shard`") from None

@@ -83,6 +83,7 @@ class ShardStream(IterableDataset):
         self.clamp_degraded = in_unit_range(manifest.value_range)
         self.batch_size, self.crop, self.scale = batch_size, crop, scale
         self.need_lr = "lr" in fields  # a task that trains on HR alone never decodes or makes LR
+        self.need_label = "label" in fields  # a classification: each sample's `cls` member
         self.shuffle_buffer, self.augment, self.seed = shuffle_buffer, augment, seed
         self.rank = rank
         # The plan is cut for this many DataLoader workers (0 workers plan like 1): the sample order
@@ -230,6 +231,10 @@ class ShardStream(IterableDataset):
             y, x = (h - c) // (2 * s) * s, (w - c) // (2 * s) * s
         hr = full[:, y : y + c, x : x + c]
         item: dict[str, Any] = {"key": sample["__key__"], "hr": hr}
+        if self.need_label:
+            if "cls" not in sample:
+                raise ValueError("no class label (cls): shard a labelled source with --labels")
+            item["label"] = torch.tensor(int(sample["cls"]), dtype=torch.long)
         if lr_full is not None:
             item["lr"] = lr_full[:, y // s : (y + c) // s, x // s : (x + c) // s]
         elif self.need_lr:

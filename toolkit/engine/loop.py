@@ -302,7 +302,7 @@ def run_validation(run: Run, state: TrainState) -> Validation | None:
     module.train()
     if result is None:
         return None
-    scalars = {f"val/{k}": v for k, v in result.model.summary().items()}
+    scalars = {f"val/{k}": v for k, v in task.scores(result.model).items() if v is not None}
     if result.reference is not None:
         scalars.update({f"val/{k}_{task.reference}": v
                         for k, v in result.reference.summary().items()})  # fmt: skip

@@ -28,7 +28,7 @@ class Validation:
     def gathered(self, task: Task) -> Validation | None:
         """Every rank's per-sample metrics on the main process; None on the others
         (collective: every rank calls it)."""
-        model = self.model.gather(list(task.metrics))
+        model = self.model.gather([*task.metrics, *task.collected])
         reference = None
         if self.reference is not None:
             reference = self.reference.gather(task.reference_metrics)
@@ -69,12 +69,13 @@ def summary(task: Task, result: Validation, split: str) -> dict[str, Any]:
     """The evaluation as `eval.json` holds it: the task, means over every sample of the split for
     the model and (under the reference's name) the reference, and per-image statistics (mean,
     median and the five worst keys) of each metric."""
-    per_image = {"model": {n: result.model.stats(n) for n in result.model.names}}
+    per_image = {"model": {n: result.model.stats(n) for n in task.metrics}}
     out: dict[str, Any] = {
         "split": split,
         "count": result.model.count,
         "task": task.name,
-        "model": result.model.summary(),
+        "model": task.scores(result.model),
+        **task.extras(result.model),
         "reference": task.reference,
     }
     if task.reference is not None and result.reference is not None:

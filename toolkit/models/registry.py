@@ -38,6 +38,8 @@ MODELS: Registry[ModelSpec] = Registry(
         "srmae": "toolkit.models.srmae:SPEC",
         "edsr": "toolkit.models.edsr:SPEC",
         "rcan": "toolkit.models.rcan:SPEC",
+        "vit_classifier": "toolkit.models.classifier:VIT_SPEC",
+        "cnn": "toolkit.models.classifier:CNN_SPEC",
     },
 )
 

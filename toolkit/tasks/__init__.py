@@ -1,8 +1,8 @@
 """Tasks: a registry of what can be trained (`task:` in a recipe) and how it is scored.
 
-Built in: mae (masked-autoencoder pretraining) and sr (super-resolution). A new task is one
-module with a `Task` subclass plus one line in `TASKS` (or `TASKS.register(name, cls)` at run
-time).
+Built in: mae (masked-autoencoder pretraining), sr (super-resolution) and classify. A new task
+is one module with a `Task` subclass plus one line in `TASKS` (or `TASKS.register(name, cls)`
+at run time).
 """
 
 from toolkit.recipe import Recipe
@@ -11,7 +11,12 @@ from toolkit.tasks.base import BatchResult, Placement, Task
 
 # One line per built-in task: name -> "module:Task subclass".
 TASKS: Registry[type[Task]] = Registry(
-    "task", {"mae": "toolkit.tasks.mae:MAETask", "sr": "toolkit.tasks.sr:SRTask"}
+    "task",
+    {
+        "mae": "toolkit.tasks.mae:MAETask",
+        "sr": "toolkit.tasks.sr:SRTask",
+        "classify": "toolkit.tasks.classify:ClassifyTask",
+    },
 )
 
 

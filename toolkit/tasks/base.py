@@ -13,6 +13,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
+from toolkit.metrics import MetricAccumulator
 from toolkit.models import MODELS, build_model
 from toolkit.recipe import Recipe
 
@@ -92,6 +93,22 @@ class Task(ABC):
     ) -> BatchResult:
         """Every metric of `metrics` per sample (its "loss" from `losses`), the reference's, and
         the sample-map rows of the first `tiles` samples."""
+
+    @property
+    def collected(self) -> tuple[str, ...]:
+        """Per-sample values gathered with the metrics but not reported one by one (a
+        classifier's class scores and labels): what `scores` and `extras` compute from."""
+        return ()
+
+    def scores(self, values: MetricAccumulator) -> dict[str, float]:
+        """The model's figures from every rank's gathered per-sample values: by default the mean
+        of each metric; a task may add figures of the whole split (a classifier's AUCs)."""
+        return {n: values.values(n).mean().item() for n in self.metrics}
+
+    def extras(self, values: MetricAccumulator) -> dict[str, Any]:
+        """More of the evaluation for eval.json, beyond numbers (a confusion matrix, ROC
+        curves); none by default."""
+        return {}
 
     @property
     def reference_metrics(self) -> list[str]:

@@ -1,0 +1,88 @@
+"""The classify task end to end on a tiny labelled set: class folders sharded with --labels,
+a CNN trained, and its evaluation (accuracy, micro and macro one-vs-rest AUC, confusion matrix)
+equal to scikit-learn's on scores computed here, on 1 process and on 2."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from sklearn.metrics import accuracy_score, confusion_matrix, roc_auc_score
+
+from tests.helpers import ROOT, evaluate_json
+from toolkit import launch
+from toolkit.data.format import read_manifest, read_samples
+from toolkit.data.sources import decode
+from toolkit.runs import load_model, locate
+from toolkit.shard import shard
+
+pytestmark = pytest.mark.slow
+CNN = ROOT / "recipes" / "classify" / "cnn.yaml"
+CLASSES = ("dots", "line", "none")
+
+
+def labelled(root: Path, per_class: int = 30, size: int = 32) -> Path:
+    """Noise, noise with bright dots, noise with a bright line: told apart by a small CNN in a
+    few epochs, not perfectly (the marks are faint and sometimes cut off)."""
+    rng = np.random.default_rng(0)
+    for c in CLASSES:
+        (root / c).mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            img = rng.normal(0.3, 0.1, (size, size))
+            if c == "dots":
+                for y, x in rng.integers(0, size, (3, 2)):
+                    img[y, x] += rng.uniform(0.1, 0.6)
+            elif c == "line":
+                row = rng.integers(0, size)
+                img[row, rng.integers(0, size // 2) :] += rng.uniform(0.05, 0.3)
+            np.save(root / c / f"{i:03d}.npy", img.astype(np.float32))
+    return root
+
+
+def scores_here(run: Path, shards: Path) -> tuple[np.ndarray, np.ndarray]:
+    """(softmax scores [N, K], labels [N]) of the val split, from the files and the exported
+    weights: not through the loader, the task or the accumulator under test."""
+    model = load_model(locate(run))
+    manifest = read_manifest(shards)
+    images, labels = [], []
+    for s in manifest.splits["val"]:
+        with open(s.path, "rb") as f:
+            for _, sample in read_samples(f, 0, s.count, lambda _: True):
+                images.append(torch.from_numpy(decode(sample["hr.npy"], "npy")))
+                labels.append(int(sample["cls"]))
+    with torch.no_grad():
+        p = model(torch.stack(images)).softmax(dim=1).double().numpy()
+    return p, np.array(labels)
+
+
+def test_a_cnn_classifies_and_its_scores_are_scikit_learn_s(tmp_path: Path) -> None:
+    shards = tmp_path / "shards"
+    manifest = shard(labelled(tmp_path / "src"), shards, val_fraction=0.3, seed=0, labels=True)
+    assert manifest["classes"] == list(CLASSES)
+    assert [sum(x) for x in zip(*manifest["class_counts"].values(), strict=True)] == [30] * 3
+    assert all(n > 0 for n in manifest["class_counts"]["val"])  # every class is in val
+    run = tmp_path / "cnn"
+    overrides = [f"data.shards={shards}", f"run.dir={run}", "model.img_size=32",
+                 "model.channels=8", "model.depth=2", "data.batch_size=8", "data.num_workers=0",
+                 "train.epochs=6", "train.precision=no", "deepspeed=null", "optim.lr=3e-3",
+                 "train.log_every=1"]  # fmt: skip
+    assert launch.main([str(CNN), *overrides, "--local"]) == 0
+    ev = json.loads((run / "eval.json").read_text())
+    p, y = scores_here(run, shards)
+    onehot = np.eye(3)[y]
+    assert ev["count"] == len(y) == sum(manifest["class_counts"]["val"])
+    assert ev["model"]["auc_micro"] == pytest.approx(roc_auc_score(onehot.ravel(), p.ravel()),
+                                                     abs=1e-6)  # fmt: skip
+    assert ev["model"]["auc_macro"] == pytest.approx(roc_auc_score(y, p, multi_class="ovr"),
+                                                     abs=1e-6)  # fmt: skip
+    assert ev["model"]["accuracy"] == pytest.approx(accuracy_score(y, p.argmax(1)), abs=1e-12)
+    assert ev["confusion"] == confusion_matrix(y, p.argmax(1)).tolist()
+    assert ev["classes"] == list(CLASSES) and set(ev["roc"]) == set(CLASSES)
+    assert 0.6 < ev["model"]["auc_micro"] < 1.0  # it learnt something, not everything
+    two = evaluate_json(str(run), "--local", "--procs", "2")
+    for k in ("accuracy", "auc_micro", "auc_macro"):
+        assert two["model"][k] == pytest.approx(ev["model"][k], abs=1e-6), k
+    assert two["confusion"] == ev["confusion"]

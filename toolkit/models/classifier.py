@@ -1,0 +1,91 @@
+"""Classifiers for the classify task: the MAE's ViT encoder with a linear head, and a small CNN.
+
+    vit_classifier  image [N, C, H, H] -> encoder (the MAE's, all patches, no mask) -> mean of
+                    the tokens -> linear head -> logits [N, num_classes]
+    cnn             depth x (3x3 conv, batch norm, ReLU, 2x2 max pool; channels doubling) ->
+                    global mean -> linear -> logits
+
+The ViT classifier's encoder has the MAE's parameter names (`encoder.*`), so `init.from` a
+pretraining run loads it (the MAE's decoder and mask token are reported unused, the head is
+fresh), and `freeze: [encoder]` is a linear probe. Its recipe section is the MAE's (the same
+model section serves the pretraining and the classification), plus `num_classes`. The tokens
+are averaged rather than read from a class token: the MAE trains none, and the mean of its
+encoder's tokens is what linear probes of MAE encoders use.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import Tensor, nn
+
+from toolkit.models.mae import MAEConfig
+from toolkit.models.registry import ModelSpec
+from toolkit.models.vit import Encoder, init_vit_weights
+from toolkit.recipe import MAX_LAYERS, MAX_WIDTH, ModelBase, setting
+
+
+@dataclass
+class ViTClassifierConfig(MAEConfig):
+    """`model.arch: vit_classifier`: the MAE's section (its decoder settings unused) and the
+    number of classes."""
+
+    # Classes the head scores (the shards' `classes`, in their order).
+    num_classes: int = setting(3, ge=2, le=MAX_WIDTH)
+
+
+class ViTClassifier(nn.Module):
+    def __init__(self, cfg: ViTClassifierConfig) -> None:
+        super().__init__()
+        self.encoder = Encoder(cfg.in_chans, cfg.img_size, cfg.patch_size, cfg.embed_dim,
+                               cfg.depth, cfg.num_heads, cfg.mlp_ratio)  # fmt: skip
+        init_vit_weights(self.encoder)
+        self.head = nn.Linear(cfg.embed_dim, cfg.num_classes)
+        # A small head at init: the first steps of a linear probe do not swing far (MAE's
+        # probe uses the same trick, with std 0.01).
+        nn.init.normal_(self.head.weight, std=0.01)
+        nn.init.zeros_(self.head.bias)
+
+    def forward(self, imgs: Tensor) -> Tensor:
+        tokens = self.encoder(self.encoder.embed(imgs))  # [N, L, D]
+        return self.head(tokens.mean(dim=1))  # [N, num_classes]
+
+
+@dataclass
+class CNNConfig(ModelBase):
+    """`model.arch: cnn`: the from-scratch baseline of the classify task."""
+
+    # Channels of the first convolution; each block doubles them.
+    channels: int = setting(16, gt=0, le=MAX_WIDTH)
+    # Convolution blocks, each halving the image side.
+    depth: int = setting(4, gt=0, le=MAX_LAYERS)
+    # Classes the head scores.
+    num_classes: int = setting(3, ge=2, le=MAX_WIDTH)
+
+
+class CNN(nn.Module):
+    def __init__(self, cfg: CNNConfig) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        c_in, c = cfg.in_chans, cfg.channels
+        for _ in range(cfg.depth):
+            layers += [nn.Conv2d(c_in, c, 3, padding=1), nn.BatchNorm2d(c), nn.ReLU(inplace=True),
+                       nn.MaxPool2d(2)]  # fmt: skip
+            c_in, c = c, 2 * c
+        self.body = nn.Sequential(*layers)
+        self.head = nn.Linear(c_in, cfg.num_classes)
+
+    def forward(self, imgs: Tensor) -> Tensor:
+        return self.head(self.body(imgs).mean(dim=(2, 3)))
+
+
+VIT_SPEC = ModelSpec(
+    "vit_classifier",
+    ViTClassifierConfig,
+    lambda cfg: ViTClassifier(cfg),
+    tasks=("classify",),
+    title="ViT (MAE encoder)",
+    freeze_modes={"encoder": ("encoder.",)},  # a linear probe
+    fixed_size=True,
+)
+CNN_SPEC = ModelSpec("cnn", CNNConfig, lambda cfg: CNN(cfg), tasks=("classify",), title="CNN")

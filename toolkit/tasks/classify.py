@@ -1,0 +1,106 @@
+"""Classification: an image in, a class out (the lensing substructure classes: none, CDM
+subhalos, vortices); cross-entropy; accuracy, micro and macro one-vs-rest ROC-AUC, the confusion
+matrix and ROC curves, from every sample's softmax scores gathered across ranks."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from toolkit.metrics import MetricAccumulator, one_vs_rest_auc, roc_curve
+from toolkit.recipe import Recipe
+from toolkit.tasks.base import BatchResult, Placement, Task
+
+_ROC_POINTS = 200  # ROC curves in eval.json are thinned to about this many points
+
+
+def _thin(fpr: list[float], tpr: list[float]) -> tuple[list[float], list[float]]:
+    step = max(1, len(fpr) // _ROC_POINTS)
+    keep = sorted({*range(0, len(fpr), step), len(fpr) - 1})
+    return [round(fpr[i], 6) for i in keep], [round(tpr[i], 6) for i in keep]
+
+
+class ClassifyTask(Task):
+    """The model maps an image [N, C, H, H] (the shards' stored image, `hr`) to logits
+    [N, num_classes]; the loss is cross-entropy with the shards' labels (`shard --labels`)."""
+
+    name = "classify"
+    title = "classification"
+    default_arch = "vit_classifier"
+    fields = ("hr", "label")
+    metrics = ("loss", "accuracy")
+    table = ("accuracy", "auc_micro", "auc_macro")
+    compare = ("auc_micro", "auc_macro")
+    score = "auc_micro"
+    tiles = ()  # no sample map: the report draws ROC curves and the confusion matrix instead
+    loss_label = "loss (cross-entropy)"
+
+    def __init__(self, r: Recipe) -> None:
+        super().__init__(r)
+        self.num_classes = int(getattr(r.model, "num_classes", 0))
+        self.shards = r.data.shards
+
+    @classmethod
+    def problems(cls, r: Recipe) -> Iterator[tuple[str, str]]:
+        if not hasattr(r.model, "num_classes"):
+            yield "model.arch", f"{r.model.arch} has no num_classes: not a classifier"
+        if r.train.loss is not None:
+            yield "train.loss", "the classify task trains cross-entropy: use null"
+
+    @property
+    def collected(self) -> tuple[str, ...]:
+        return ("label", *(f"score.{k}" for k in range(self.num_classes)))
+
+    def losses(
+        self, model: nn.Module, batch: dict[str, Any], at: Placement, rng: torch.Generator | None
+    ) -> tuple[Tensor, Any]:
+        x = batch["hr"].to(at.device, non_blocking=True)
+        y = batch["label"].to(at.device, non_blocking=True)
+        with at.autocast():
+            logits = model(x)
+        return F.cross_entropy(logits.float(), y, reduction="none"), logits
+
+    @torch.no_grad()
+    def evaluate(
+        self, model: nn.Module, batch: dict[str, Any], at: Placement, tiles: int
+    ) -> BatchResult:
+        loss, logits = self.losses(model, batch, at, None)
+        p = logits.float().softmax(dim=1)
+        y = batch["label"].to(p.device)
+        values = {"loss": loss, "accuracy": (p.argmax(dim=1) == y).double(), "label": y.double()}
+        values |= {f"score.{k}": p[:, k] for k in range(self.num_classes)}
+        return BatchResult(values, None, [])
+
+    def _gathered(self, values: MetricAccumulator) -> tuple[Tensor, Tensor]:
+        scores = torch.stack([values.values(f"score.{k}") for k in range(self.num_classes)], 1)
+        return scores, values.values("label").long()
+
+    def scores(self, values: MetricAccumulator) -> dict[str, float]:
+        micro, macro = one_vs_rest_auc(*self._gathered(values))
+        return {**super().scores(values), "auc_micro": micro, "auc_macro": macro}
+
+    def extras(self, values: MetricAccumulator) -> dict[str, Any]:
+        """The class names (from the shards, where readable), the confusion matrix (rows: true
+        class, columns: predicted) and each class's one-vs-rest ROC curve."""
+        from toolkit.data.format import read_manifest
+        from toolkit.errors import UserError
+
+        scores, labels = self._gathered(values)
+        k = self.num_classes
+        try:
+            names = list(read_manifest(self.shards).classes or ())
+        except UserError:
+            names = []
+        names = names if len(names) == k else [str(c) for c in range(k)]
+        predicted = scores.argmax(dim=1)
+        confusion = torch.zeros(k, k, dtype=torch.long)
+        confusion.index_put_((labels, predicted), torch.ones_like(labels), accumulate=True)
+        roc = {}
+        for c in range(k):
+            fpr, tpr = _thin(*roc_curve(scores[:, c], labels == c))
+            roc[names[c]] = {"fpr": fpr, "tpr": tpr}
+        return {"classes": names, "confusion": confusion.tolist(), "roc": roc}
