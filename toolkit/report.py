@@ -335,6 +335,41 @@ def _display(tile: Any, lo: float, hi: float) -> Any:
     return t[0].numpy() if t.shape[0] == 1 else t[:3].permute(1, 2, 0).numpy()
 
 
+def plot_roc(run: Run, path: Path) -> None:
+    """A classifier's one-vs-rest ROC curve per class (AUC in the legend) and its confusion
+    matrix (rows: true class, columns: predicted; counts, shaded by the share of the row)."""
+    plt = _pyplot()
+    ev = run.eval
+    classes, confusion = ev["classes"], ev["confusion"]
+    fig, (ax, cm) = plt.subplots(1, 2, figsize=(2 * COMPARE_PANEL[0], COMPARE_PANEL[1]), dpi=DPI)
+    for name in classes:
+        curve = ev["roc"][name]
+        ax.plot(curve["fpr"], curve["tpr"], label=name)
+    ax.plot([0, 1], [0, 1], color="gray", linestyle=":", linewidth=1)
+    auc = ev["model"].get("auc_micro")
+    ax.set_title(f"ROC, one vs rest (micro AUC {metric('auc_micro').format(auc)})", fontsize=9)
+    ax.set_xlabel("false-positive rate")
+    ax.set_ylabel("true-positive rate")
+    ax.legend(fontsize=8, loc="lower right")
+    ax.grid(True, alpha=0.3)
+    rows = [max(sum(r), 1) for r in confusion]
+    shares = [[v / n for v in r] for r, n in zip(confusion, rows, strict=True)]
+    cm.imshow(shares, cmap="Blues", vmin=0, vmax=1)
+    for i, r in enumerate(confusion):
+        for j, v in enumerate(r):
+            cm.text(j, i, str(v), ha="center", va="center", fontsize=9,
+                    color="white" if shares[i][j] > 0.5 else "black")  # fmt: skip
+    cm.set_xticks(range(len(classes)), classes, fontsize=8)
+    cm.set_yticks(range(len(classes)), classes, fontsize=8)
+    cm.set_xlabel("predicted")
+    cm.set_ylabel("true")
+    cm.set_title(f"confusion ({ev.get('split')} split, {ev.get('count')} images)", fontsize=9)
+    fig.suptitle(f"{run.name}: {run.mode}", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=DPI)
+    plt.close(fig)
+
+
 def plot_compare(table: dict[str, Any], path: Path) -> None:
     """Each compared metric per run as bars, the reference as a dashed line."""
     plt = _pyplot()
@@ -385,6 +420,9 @@ def report(run_dirs: Sequence[Path], out: Path, samples: int = 4) -> dict[str, A
     (out / "results.md").write_text(markdown_all(doc))
     for run in runs:
         plot_loss(run, out / f"loss_{run.name}.png")
+        if "roc" in run.eval:  # a classifier: its ROC curves and confusion matrix
+            plot_roc(run, out / f"roc_{run.name}.png")
+            continue
         try:
             plot_samples(run, out / f"samples_{run.name}.png", samples)
         except UserError as err:  # weights or shards gone: the rest of the report still stands

@@ -10,10 +10,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from sklearn.metrics import accuracy_score, confusion_matrix, roc_auc_score
 
 from tests.helpers import ROOT, evaluate_json
-from toolkit import launch
+from toolkit import launch, report
 from toolkit.data.format import read_manifest, read_samples
 from toolkit.data.sources import decode
 from toolkit.runs import load_model, locate
@@ -33,11 +34,11 @@ def labelled(root: Path, per_class: int = 30, size: int = 32) -> Path:
         for i in range(per_class):
             img = rng.normal(0.3, 0.1, (size, size))
             if c == "dots":
-                for y, x in rng.integers(0, size, (3, 2)):
-                    img[y, x] += rng.uniform(0.1, 0.6)
+                for y, x in rng.integers(0, size, (6, 2)):
+                    img[y, x] += rng.uniform(0.3, 0.8)
             elif c == "line":
                 row = rng.integers(0, size)
-                img[row, rng.integers(0, size // 2) :] += rng.uniform(0.05, 0.3)
+                img[row, rng.integers(0, size // 2) :] += rng.uniform(0.2, 0.5)
             np.save(root / c / f"{i:03d}.npy", img.astype(np.float32))
     return root
 
@@ -67,7 +68,7 @@ def test_a_cnn_classifies_and_its_scores_are_scikit_learn_s(tmp_path: Path) -> N
     run = tmp_path / "cnn"
     overrides = [f"data.shards={shards}", f"run.dir={run}", "model.img_size=32",
                  "model.channels=8", "model.depth=2", "data.batch_size=8", "data.num_workers=0",
-                 "train.epochs=6", "train.precision=no", "deepspeed=null", "optim.lr=3e-3",
+                 "train.epochs=15", "train.precision=no", "deepspeed=null", "optim.lr=3e-3",
                  "train.log_every=1"]  # fmt: skip
     assert launch.main([str(CNN), *overrides, "--local"]) == 0
     ev = json.loads((run / "eval.json").read_text())
@@ -81,7 +82,18 @@ def test_a_cnn_classifies_and_its_scores_are_scikit_learn_s(tmp_path: Path) -> N
     assert ev["model"]["accuracy"] == pytest.approx(accuracy_score(y, p.argmax(1)), abs=1e-12)
     assert ev["confusion"] == confusion_matrix(y, p.argmax(1)).tolist()
     assert ev["classes"] == list(CLASSES) and set(ev["roc"]) == set(CLASSES)
-    assert 0.6 < ev["model"]["auc_micro"] < 1.0  # it learnt something, not everything
+    assert 0.75 < ev["model"]["auc_micro"] < 1.0  # it learnt, not everything
+    doc = report.report([run], tmp_path / "report")
+    table = doc["tables"][0]
+    assert table["task"] == "classify" and table["columns"] == [
+        "accuracy",
+        "auc_micro",
+        "auc_macro",
+    ]
+    assert table["rows"][0]["auc_micro"] == ev["model"]["auc_micro"]
+    assert "| AUC (micro) |" in (tmp_path / "report" / "results.md").read_text()
+    with Image.open(tmp_path / "report" / "roc_cnn.png") as img:
+        assert img.size[0] > 500  # ROC curves and the confusion matrix side by side
     two = evaluate_json(str(run), "--local", "--procs", "2")
     for k in ("accuracy", "auc_micro", "auc_macro"):
         assert two["model"][k] == pytest.approx(ev["model"][k], abs=1e-6), k
