@@ -306,3 +306,54 @@ def test_webdataset_reads_the_shards_as_samples(tmp_path: Path) -> None:
     for sample in samples:
         assert sample["hr.npy"] == (src / "hr" / f"{sample['__key__']}.npy").read_bytes()
         assert sample["lr.npy"] == (src / "lr" / f"{sample['__key__']}.npy").read_bytes()
+
+
+# ---------------------------------------------------------------- labelled sources
+
+
+def class_folders(root: Path, counts: dict[str, int]) -> Path:
+    for c, n in counts.items():
+        (root / c).mkdir(parents=True, exist_ok=True)
+        for i in range(n):
+            np.save(root / c / f"{i:03d}.npy", np.full((8, 8), i / 100, np.float32))
+    return root
+
+
+def test_labels_are_the_class_folders_stored_as_cls_and_counted(tmp_path: Path) -> None:
+    wds = pytest.importorskip("webdataset")
+    src = class_folders(tmp_path / "src", {"vortex": 40, "cdm": 30, "no_sub": 35})
+    manifest = shard(src, tmp_path / "out", val_fraction=0.2, shard_size=16, labels=True)
+    assert manifest["classes"] == ["cdm", "no_sub", "vortex"]  # sorted: the label is the index
+    counts = manifest["class_counts"]
+    assert [a + b for a, b in zip(counts["train"], counts["val"], strict=True)] == [30, 35, 40]
+    assert sum(counts["val"]) == manifest["splits"]["val"]["count"] and min(counts["val"]) > 0
+    urls = [str(tmp_path / "out" / s["name"]) for split in manifest["splits"].values()
+            for s in split["shards"]]  # fmt: skip
+    seen = {}
+    for sample in wds.WebDataset(urls, shardshuffle=False, empty_check=False):
+        seen[sample["__key__"]] = int(sample["cls"])  # webdataset's own reading of `cls`
+    assert len(seen) == 105
+    assert all(manifest["classes"][label] == key.split("/")[0] for key, label in seen.items())
+
+
+@pytest.mark.parametrize(
+    ("layout", "message"),
+    [
+        ({"cdm": 20}, r"one class folder \(cdm\): expected two or more"),
+        ({"cdm": 20, "no_sub": 1}, r"class no_sub has no sample in val at --val-fraction 0.1"),
+    ],
+)
+def test_bad_labelled_sources_are_one_line(tmp_path: Path, layout: dict, message: str) -> None:
+    src = class_folders(tmp_path / "src", layout)
+    with pytest.raises(UserError, match=message):
+        shard(src, tmp_path / "out", labels=True)
+    assert not (tmp_path / "out").exists()  # refused before anything is written
+
+
+def test_a_loose_file_or_pairs_cannot_be_labelled(tmp_path: Path) -> None:
+    src = class_folders(tmp_path / "src", {"cdm": 5, "vortex": 5})
+    np.save(src / "stray.npy", np.zeros((8, 8), np.float32))
+    with pytest.raises(UserError, match=r"stray lies in no class folder"):
+        shard(src, tmp_path / "out", labels=True)
+    with pytest.raises(UserError, match=r"--labels needs class folders of images, not hr/ \+ lr/"):
+        shard(make_pairs(tmp_path / "pairs", 4), tmp_path / "out2", labels=True)

@@ -104,6 +104,7 @@ def _render(
     kwargs: dict,
     source: bool = True,
     lens_light: bool = True,
+    lens_models: tuple[str, ...] = ("SIE", "SHEAR"),
 ) -> np.ndarray:
     """Noiseless PSF-convolved image in surface-brightness units (flux per arcsec^2)."""
     from lenstronomy.Data.imaging_data import ImageData
@@ -123,7 +124,7 @@ def _render(
     model = ImageModel(
         data,
         PSF(psf_type="GAUSSIAN", fwhm=fwhm, truncation=5),
-        LensModel(["SIE", "SHEAR"]),
+        LensModel(list(lens_models)),
         LightModel(["SERSIC_ELLIPSE"]),
         LightModel(["SERSIC_ELLIPSE"]),
         kwargs_numerics={"supersampling_factor": supersampling},
@@ -221,16 +222,25 @@ def check_args(
 
 
 def generate(
-    out: str | Path, count: int, seed: int = 0, workers: int = 1, overwrite: bool = False
+    out: str | Path,
+    count: int,
+    seed: int = 0,
+    workers: int = 1,
+    overwrite: bool = False,
+    classes: bool = False,
 ) -> int:
-    """Write ``count`` pairs under ``out/hr`` and ``out/lr``; return the number written.
+    """Write ``count`` pairs under ``out/hr`` and ``out/lr`` (``classes``: ``count`` labelled
+    images under ``out/<class>/``, see ``toolkit.data.substructure``); return the number
+    written.
 
-    Pair ``i`` depends only on ``(seed, i)``; ``overwrite`` replaces pairs of the same keys
+    Sample ``i`` depends only on ``(seed, i)``; ``overwrite`` replaces samples of the same keys
     and leaves other files alone. Raises UserError for what ``check_args`` refuses.
     """
+    from toolkit.data import substructure
+
     out = Path(out)
     check_args(out, count, seed, workers, overwrite)
-    for side in ("hr", "lr"):
+    for side in substructure.CLASSES if classes else ("hr", "lr"):
         (out / side).mkdir(parents=True, exist_ok=True)
 
     # Chunks of contiguous indices: big enough to amortise the hand-off to a process, small
@@ -238,7 +248,7 @@ def generate(
     size = max(1, min(64, -(-count // (4 * workers))))
     starts = list(range(0, count, size))
     stops = [min(a + size, count) for a in starts]
-    write = partial(_write_range, out, seed)
+    write = partial(substructure.write_range if classes else _write_range, out, seed)
     started, done = time.perf_counter(), 0
     executor = None
     if workers == 1:  # in-process: simpler to debug and profile
@@ -255,8 +265,9 @@ def generate(
             executor.shutdown(cancel_futures=True)
     elapsed = time.perf_counter() - started
     logger.info(
-        "wrote %d LR/HR pairs to %s (seed %d, %d worker(s)) in %.1f s: %.1f ms a pair",
+        "wrote %d %s to %s (seed %d, %d worker(s)) in %.1f s: %.1f ms each",
         done,
+        "labelled images" if classes else "LR/HR pairs",
         out,
         seed,
         workers,
@@ -277,12 +288,16 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0, help="base seed (default 0)")
     p.add_argument("--workers", type=int, default=1, help="processes (default 1)")
     p.add_argument("--overwrite", action="store_true", help="write into a non-empty OUT")
+    p.add_argument("--classes", action="store_true", help="labelled HR images by dark-matter "
+                   "substructure instead: OUT/<class>/<key>.npy, classes cdm, no_sub, vortex "
+                   "in turn (toolkit.data.substructure); shard them with --labels")  # fmt: skip
     return p.parse_args(argv)
 
 
 def _main(argv: Sequence[str] | None) -> int:
     a = parse_args(argv)
-    generate(a.out, a.count, seed=a.seed, workers=a.workers, overwrite=a.overwrite)
+    generate(a.out, a.count, seed=a.seed, workers=a.workers, overwrite=a.overwrite,
+             classes=a.classes)  # fmt: skip
     return 0
 
 

@@ -1,0 +1,63 @@
+"""Labelled lensing images: the substructure of each class where it should be, classes in turn,
+the same files whatever the workers."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from toolkit.data import lensing, substructure
+from toolkit.data.substructure import CLASSES, SUB_COUNT, SUB_RING, SUB_THETA, VORTEX_BEADS
+
+LENS = {"theta_E": 1.2, "center_x": 0.05, "center_y": -0.03}
+
+
+def radius(p: dict) -> float:
+    return math.hypot(p["center_x"] - LENS["center_x"], p["center_y"] - LENS["center_y"])
+
+
+def test_cdm_subhalos_lie_on_the_ring_with_their_masses() -> None:
+    for seed in range(20):
+        subs = substructure.substructure(np.random.default_rng(seed), "cdm", LENS)
+        assert SUB_COUNT[0] <= len(subs) <= SUB_COUNT[1]
+        for s in subs:
+            assert SUB_RING[0] <= radius(s) / LENS["theta_E"] <= SUB_RING[1]
+            assert SUB_THETA[0] <= s["theta_E"] <= SUB_THETA[1]
+
+
+def test_a_vortex_is_a_straight_string_of_beads_centred_on_the_ring() -> None:
+    from toolkit.data.substructure import VORTEX_LENGTH, VORTEX_THETA
+
+    for seed in range(20):
+        beads = substructure.substructure(np.random.default_rng(seed), "vortex", LENS)
+        xy = np.array([[b["center_x"], b["center_y"]] for b in beads])
+        assert len(beads) == VORTEX_BEADS
+        centre = xy.mean(axis=0)
+        d = {"center_x": centre[0], "center_y": centre[1]}
+        assert SUB_RING[0] <= radius(d) / LENS["theta_E"] <= SUB_RING[1]
+        steps = np.diff(xy, axis=0)
+        cross = steps[1:, 0] * steps[:-1, 1] - steps[1:, 1] * steps[:-1, 0]
+        assert np.abs(cross).max() < 1e-12  # collinear, evenly spaced
+        length = np.linalg.norm(xy[-1] - xy[0])
+        assert VORTEX_LENGTH[0] - 1e-9 <= length <= VORTEX_LENGTH[1] + 1e-9
+        total = sum(b["theta_E"] for b in beads)
+        assert VORTEX_THETA[0] - 1e-12 <= total <= VORTEX_THETA[1] + 1e-12
+    assert substructure.substructure(np.random.default_rng(0), "no_sub", LENS) == []
+    with pytest.raises(ValueError, match="unknown class 'wdm'"):
+        substructure.substructure(np.random.default_rng(0), "wdm", LENS)
+
+
+def test_classes_in_turn_and_the_same_files_whatever_the_workers(tmp_path) -> None:
+    pytest.importorskip("lenstronomy")
+    lensing.generate(tmp_path / "one", 6, seed=2, workers=1, classes=True)
+    lensing.generate(tmp_path / "two", 6, seed=2, workers=2, classes=True)
+    names = sorted(str(p.relative_to(tmp_path / "one")) for p in (tmp_path / "one").rglob("*.npy"))
+    assert names == [
+        f"{CLASSES[i % 3]}/{i:06d}.npy" for i in sorted(range(6), key=lambda i: (i % 3, i))
+    ]
+    for name in names:
+        a = np.load(tmp_path / "one" / name)
+        assert a.shape == (150, 150) and a.dtype == np.float32 and 0 <= a.min() <= a.max() <= 1
+        assert (tmp_path / "two" / name).read_bytes() == (tmp_path / "one" / name).read_bytes()
