@@ -17,7 +17,17 @@ the same normalisation and noise), sample ``i`` of class ``CLASSES[i % 3]``:
   annulus, at a random angle.
 
 Shard with ``python -m toolkit.shard OUT SHARDS --labels``: the class is each file's folder.
-Calibration (lenstronomy 1.14.2): see ``CALIBRATION``.
+
+Calibration (lenstronomy 1.14.2; 1,500 images, seed 0, sharded 90:10: 146 in val): the demo's
+CNN from scratch (`recipes/demo/classify_cnn.yaml`, 98K parameters, 6 epochs, about 2 minutes
+on 2 CPU cores) reaches a micro one-vs-rest AUC of 0.82 (0.70 to 0.82 over its epochs), inside
+the 0.75-0.98 band the task is meant for: not trivial, not hopeless. The knobs, from the
+strongest: the subhalos' and the string's Einstein radii, then their number and the string's
+length. Weaker perturbers (subhalos of 0.02-0.06", a string of 0.1-0.25") left the same CNN at
+chance (AUC 0.57 after 10 epochs); 0.05-0.15" and 0.3-0.6" gave 0.70. The substructure adds mass
+near the ring (CDM: about 7% of the main lens's on average, SIS mass going as theta_E^2), so
+rings grow a little; as the main lens's Einstein radius varies by a factor of two between
+systems, ring size alone does not give the class away. 6-7 ms an image on one worker.
 """
 
 from __future__ import annotations
@@ -29,14 +39,12 @@ import numpy as np
 
 CLASSES = ("cdm", "no_sub", "vortex")  # sorted: the labels `shard --labels` gives them
 
-SUB_COUNT = (2, 6)  # CDM subhalos per system (uniform integer)
-SUB_THETA = (0.02, 0.06)  # each subhalo's Einstein radius, arcsec (log-uniform)
+SUB_COUNT = (3, 8)  # CDM subhalos per system (uniform integer)
+SUB_THETA = (0.08, 0.2)  # each subhalo's Einstein radius, arcsec (log-uniform)
 SUB_RING = (0.6, 1.4)  # subhalos and the vortex centre: this fraction of theta_E from the lens
 VORTEX_BEADS = 10
-VORTEX_LENGTH = (0.8, 1.6)  # arcsec
-VORTEX_THETA = (0.1, 0.25)  # the string's total Einstein radius (sum over beads), arcsec
-
-CALIBRATION = """(to be measured)"""
+VORTEX_LENGTH = (1.0, 2.0)  # arcsec
+VORTEX_THETA = (0.4, 0.8)  # the string's total Einstein radius (sum over beads), arcsec
 
 
 def _ring_point(rng: np.random.Generator, lens: dict) -> tuple[float, float]:
