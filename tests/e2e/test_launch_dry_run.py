@@ -179,3 +179,22 @@ def test_a_sweep_dry_run_lists_every_variant_and_the_array(capsys, tmp_path, mon
     assert not (tmp_path / "runs").exists()  # a dry run writes nothing
     code, out, _ = run(capsys, PRETRAIN, "--sweep", "train.seed=0,1", "--local", "--dry-run")
     assert code == 0 and "2 variant(s) of train.seed (2)" in out and "in turn" in out
+
+
+@pytest.mark.parametrize(
+    ("name", "trainable"),
+    [
+        # The encoder's blocks: 8 x 789,760; its patch embedding 25,856; the head 256 x 3 + 3.
+        ("linear_probe", 771),
+        ("partial", 4 * 789_760 + 256 * 2 + 771),
+        ("finetune", 8 * 789_760 + 25_856 + 256 * 2 + 771),
+        ("scratch", 8 * 789_760 + 25_856 + 256 * 2 + 771),
+        ("cnn", 98_019),
+    ],
+)
+def test_the_classify_modes_train_what_they_say(capsys, name, trainable) -> None:
+    """Linear probe, partial and full finetune of the MAE encoder, by `freeze` alone."""
+    code, out, _ = run(capsys, str(ROOT / f"recipes/classify/{name}.yaml"), "--dry-run", "--json")
+    doc = json.loads(out)
+    assert code == 0 and doc["recipe"]["task"] == "classify"
+    assert doc["params"]["trainable"] == trainable
