@@ -81,6 +81,18 @@ class Task(ABC):
         random stream; None in evaluation, where any randomness must come from the sample keys
         (the same result on any number of ranks)."""
 
+    @staticmethod
+    def supervised(
+        model: nn.Module, batch: dict[str, Any], at: Placement, source: str, target: str
+    ) -> tuple[Any, Tensor]:
+        """The model's output for `batch[source]`, under the placement's autocast, and
+        `batch[target]`, both on the device: the forward of a task that maps one field to
+        another."""
+        x = batch[source].to(at.device, non_blocking=True)
+        y = batch[target].to(at.device, non_blocking=True)
+        with at.autocast():
+            return model(x), y
+
     def train_loss(
         self, model: nn.Module, batch: dict[str, Any], at: Placement, rng: torch.Generator
     ) -> Tensor:

@@ -58,10 +58,7 @@ class ClassifyTask(Task):
     def losses(
         self, model: nn.Module, batch: dict[str, Any], at: Placement, rng: torch.Generator | None
     ) -> tuple[Tensor, Any]:
-        x = batch["hr"].to(at.device, non_blocking=True)
-        y = batch["label"].to(at.device, non_blocking=True)
-        with at.autocast():
-            logits = model(x)
+        logits, y = self.supervised(model, batch, at, "hr", "label")
         return F.cross_entropy(logits.float(), y, reduction="none"), logits
 
     @torch.no_grad()

@@ -55,10 +55,7 @@ class SRTask(Task):
     def losses(
         self, model: nn.Module, batch: dict[str, Any], at: Placement, rng: torch.Generator | None
     ) -> tuple[Tensor, Any]:
-        lr = batch["lr"].to(at.device, non_blocking=True)
-        hr = batch["hr"].to(at.device, non_blocking=True)
-        with at.autocast():
-            out = model(lr)
+        out, hr = self.supervised(model, batch, at, "lr", "hr")
         # In fp32 whatever the model computes in: a bf16 loss would round away small errors.
         per_pixel = _PIXEL_LOSSES[self.loss_name](out.float(), hr, reduction="none")
         return per_pixel.mean(dim=(1, 2, 3)), out
