@@ -164,8 +164,8 @@ CHECKS = [
     ("optim: {betas: [0.9]}\n", "optim.betas", "two numbers"),
     ("data: [1, 2]\n", "data", "a mapping"),
     # tasks and architectures
-    ("task: ''\n", "task", "missing: name what to train, one of: mae, sr"),
-    ("task: ssr\n", "task", "'ssr' is not one of: mae, sr; did you mean 'sr'?"),
+    ("task: ''\n", "task", "missing: name what to train, one of: classify, mae, sr"),
+    ("task: ssr\n", "task", "'ssr' is not one of: classify, mae, sr; did you mean 'sr'?"),
     ("task: sr\nmodel: {arch: edsrr}\n", "model.arch", "did you mean 'edsr'?"),
     ("model: {arch: edsr}\n", "model.arch", "does not do task 'mae' (it does: sr)"),
     ("task: sr\nmodel: {arch: edsr, n_feat: 8}\n", "model.n_feat", "'model.n_feats'"),

@@ -115,6 +115,6 @@ def test_sr_clamps_only_where_the_normalisation_says_values_lie_in_0_1(
 
 
 def test_the_registry_names_the_builtin_tasks_and_says_did_you_mean() -> None:
-    assert TASKS.names()[:2] == ["mae", "sr"]
+    assert {"mae", "sr", "classify"} <= set(TASKS.names())
     with pytest.raises(KeyError, match="did you mean 'mae'"):
         TASKS.get("maee")
