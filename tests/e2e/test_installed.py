@@ -72,7 +72,12 @@ def test_shipped_recipes_dry_run_from_anywhere(venv: Path, tmp_path: Path) -> No
     shipped = site_packages(venv) / "toolkit" / "recipes"
     expected = sorted(p.relative_to(ROOT / "recipes") for p in (ROOT / "recipes").rglob("*.yaml"))
     assert sorted(p.relative_to(shipped) for p in shipped.rglob("*.yaml")) == expected
-    for recipe in ("debug.yaml", "demo/pretrain.yaml", "baselines/edsr.yaml"):
+    for recipe in (
+        "debug.yaml",
+        "demo/pretrain.yaml",
+        "baselines/edsr.yaml",
+        "demo/classify_probe.yaml",
+    ):
         proc = run(venv, str(venv / "bin/srmae-launch"), str(shipped / recipe), "--local",
                    "--dry-run", "--json", cwd=tmp_path)  # fmt: skip
         assert proc.returncode == 0, proc.stderr
