@@ -213,6 +213,25 @@ def test_a_shard_directory_gives_what_its_source_files_give(tmp_path: Path) -> N
     assert 0 < val < 6 and len(list((tmp_path / "val").glob("*.npy"))) == val
 
 
+def test_hr_only_shards_give_the_output_of_their_degraded_hr(tmp_path: Path) -> None:
+    """Shards without LR: the input is the HR degraded as the loader makes it (`degrade`, tested
+    against an independent bicubic of its own), not a subsample or the HR itself."""
+    from toolkit.data.degrade import degrade
+
+    run = make_run(tmp_path / "srmae", *SR)
+    make_pairs(tmp_path / "raw", 4, size=32)
+    shard(tmp_path / "raw" / "hr", tmp_path / "shards", val_fraction=0.0, seed=0)
+    assert main(run, tmp_path / "shards", "--out", tmp_path / "from-shards") == 0
+    for i in range(4):
+        hr = torch.from_numpy(np.load(tmp_path / "raw" / "hr" / f"{i:04d}.npy"))[None]
+        npy(tmp_path / "lr" / f"{i:04d}.npy", degrade(hr, 2, clamp=True)[0].numpy())
+    assert main(run, tmp_path / "lr", "--out", tmp_path / "from-lr") == 0
+    for i in range(4):
+        a, b = (np.load(tmp_path / d / f"{i:04d}.npy") for d in ("from-shards", "from-lr"))
+        assert a.shape == (32, 32)
+        np.testing.assert_array_equal(a, b)
+
+
 # ---------------------------------------------------------------- resume and processes
 
 
