@@ -239,12 +239,17 @@ def stage_sbatch(stage: Stage, after: str | None) -> str:
     return slurm.sbatch_script(slurm.job_folder(stage.recipe), params)
 
 
+def after_of(args: Any) -> str | None:
+    """`--after` as Slurm's dependency list wants it (ids joined by ':')."""
+    return args.after.replace(",", ":") if args.after else None
+
+
 def run_slurm(args: Any) -> int:
     """Submit each recipe as a Slurm job, each after the one before (afterok)."""
     from toolkit.cluster import slurm
 
     stages = slurm_stages(args)
-    after = args.after.replace(",", ":") if args.after else None
+    after = after_of(args)
     if args.dry_run:
         docs, texts = [], []
         for i, stage in enumerate(stages):

@@ -14,7 +14,15 @@ from typing import Any
 
 from toolkit import preflight, recipe, sweep
 from toolkit.errors import UserError
-from toolkit.launch import SLURM_FLAGS, dry_run_doc, dry_run_text, run_local, wait_for, world_of
+from toolkit.launch import (
+    SLURM_FLAGS,
+    after_of,
+    dry_run_doc,
+    dry_run_text,
+    run_local,
+    wait_for,
+    world_of,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -69,7 +77,7 @@ def _dry_run(args: Any, base: Path, axes: dict, planned: list[Planned], where: s
         from toolkit.cluster import slurm
 
         spec = slurm.job_spec(planned[0].recipe, {k: getattr(args, k) for k in SLURM_FLAGS})
-        after = args.after.replace(",", ":") if args.after else None
+        after = after_of(args)
         params = slurm.parameters(spec, f"afterok:{after}" if after else None)
         script = slurm.sbatch_script(base.absolute() / "slurm", params,
                                      array=(len(planned), limit))  # fmt: skip
@@ -135,7 +143,7 @@ def _run_slurm(args: Any, base: Path, axes: dict, planned: list[Planned], limit:
     for p in planned:
         preflight.require(p.recipe)
     spec = slurm.job_spec(planned[0].recipe, {k: getattr(args, k) for k in SLURM_FLAGS})
-    after = args.after.replace(",", ":") if args.after else None
+    after = after_of(args)
     folder = base.absolute() / "slurm"
     argvs = [[args.recipe, *p.overrides] for p in planned]
     jobs = slurm.submit_array(spec, folder, argvs, after, limit)

@@ -155,11 +155,14 @@ class Predictor:
                 continue
             # Masked pixels (NaN, inf) go in as 0, as the shards' `zero` policy stores them,
             # and come out masked: the s x s output pixels of each.
-            bad = ~torch.isfinite(x)
-            x = torch.where(bad, 0.0, x) if bad.any() else x
+            bad: torch.Tensor | None = ~torch.isfinite(x)
+            if bad.any():
+                x = torch.where(bad, 0.0, x)
+            else:
+                bad = None
             stats = self.norm.fit(x)
             yield Canvas(self.norm.apply(x, stats), self.scale, self.tiling,
-                         (job, like, stats, bad if bad.any() else None))  # fmt: skip
+                         (job, like, stats, bad))  # fmt: skip
 
     def run(self, jobs: list[Job], out: Path, bar: tqdm) -> int:
         """Write the output of every job; the number written (failures in `self.failed`)."""

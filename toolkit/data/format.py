@@ -395,6 +395,13 @@ def read_tar(stream: BinaryIO) -> Iterator[tuple[str, bytes]]:
 _KEY = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")  # webdataset's split: key, then extension
 
 
+def split_member(name: str) -> tuple[str, str] | None:
+    """(sample key, member extension such as "lr.npy") of a tar member's name, as webdataset
+    splits it; None for a name without an extension (it belongs to no sample)."""
+    m = _KEY.match(name)
+    return None if m is None else (m.group(1), m.group(2))
+
+
 def read_samples(
     stream: BinaryIO, start: int, stop: int, wanted: Callable[[int], bool]
 ) -> Iterator[tuple[int, dict[str, Any] | None]]:
@@ -403,18 +410,19 @@ def read_samples(
     says no. Members of samples not wanted, or before `start`, are seeked over, not read."""
     index, key, sample = -1, None, None
     for entry in tar_members(stream):
-        m = _KEY.match(entry.name)
-        if m is None:
+        split = split_member(entry.name)
+        if split is None:
             continue  # a member without an extension belongs to no sample
-        if m.group(1) != key:
+        name, ext = split
+        if name != key:
             if start <= index < stop:
                 yield index, sample
-            index, key = index + 1, m.group(1)
+            index, key = index + 1, name
             if index >= stop:
                 return
             sample = {"__key__": key} if start <= index and wanted(index) else None
         if sample is not None:
-            sample[m.group(2)] = entry.read()
+            sample[ext] = entry.read()
     if key is not None and start <= index < stop:
         yield index, sample
 

@@ -12,7 +12,7 @@ import torch
 
 from toolkit.data.degrade import degrade
 from toolkit.data.files import Like, output_ext, read
-from toolkit.data.format import MANIFEST, in_unit_range, read_manifest, tar_members
+from toolkit.data.format import MANIFEST, in_unit_range, read_manifest, split_member, tar_members
 from toolkit.data.sources import EXTS, walk_files
 from toolkit.errors import UserError
 
@@ -53,9 +53,11 @@ def _shard_jobs(root: Path, split: str | None) -> list[Job]:
             members: dict[str, dict[str, tuple[int, int, str]]] = {}
             with open(shard.path, "rb") as stream:
                 for entry in tar_members(stream):
-                    key, _, member = entry.name.partition(".")
-                    side, _, ext = member.partition(".")
-                    members.setdefault(key, {})[side] = (stream.tell(), entry.size, ext)
+                    split = split_member(entry.name)
+                    if split is None:
+                        continue
+                    side, _, ext = split[1].partition(".")
+                    members.setdefault(split[0], {})[side] = (stream.tell(), entry.size, ext)
             for key, sides in members.items():
                 side = "lr" if "lr" in sides else "hr"
                 offset, size, ext = sides[side]
