@@ -131,8 +131,9 @@ def worker(args: argparse.Namespace) -> int:
     from toolkit import recipe
     from toolkit.engine.accel import Engine
     from toolkit.engine.checkpointer import Parts
-    from toolkit.engine.loop import Run, StepPlan, train_step
+    from toolkit.engine.loop import Run, train_step
     from toolkit.engine.state import TrainState
+    from toolkit.engine.steps import StepPlan
     from toolkit.optim import build_groups, build_optimizer, build_scheduler
     from toolkit.runs import build_model
     from toolkit.tasks import task_of

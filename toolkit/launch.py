@@ -15,7 +15,7 @@ from typing import Any
 
 from toolkit import cli, preflight, recipe
 from toolkit.errors import UserError
-from toolkit.runs import param_summary
+from toolkit.runs import param_summary, refuse_if_finished
 
 logger = logging.getLogger(__name__)
 
@@ -189,6 +189,10 @@ def run_local(args: Any, r: recipe.Recipe) -> int:
     """P=1: train in this process (the debug run). P>1: torchrun starts P processes here."""
     from toolkit.cluster import devices
 
+    done = refuse_if_finished(r, args.procs or 1)  # before any process starts
+    if done is not None:
+        logger.warning("%s", done.line())
+        return 0
     devices.check_local(args.procs or 1)
     if (args.procs or 1) == 1:
         from toolkit.train import run
@@ -267,10 +271,16 @@ def run_slurm(args: Any) -> int:
             sys.stdout.write("\n".join(texts))
         return 0
     slurm.require_slurm()
+    to_submit = []
     for stage in stages:
+        done = refuse_if_finished(stage.recipe, stage.world.world_size)
+        if done is not None:  # a finished stage of a chain is not trained again
+            logger.warning("%s", done.line())
+            continue
         preflight.require(stage.recipe, chained=stage.chained)
+        to_submit.append(stage)
     submitted = []
-    for stage in stages:
+    for stage in to_submit:
         job = slurm.submit(stage.spec, slurm.job_folder(stage.recipe),
                            [stage.path, *args.overrides], after)  # fmt: skip
         sys.stdout.write(submitted_text(stage, job.job_id, after))

@@ -11,9 +11,18 @@ from typing import Any
 from torch import nn
 
 from toolkit import recipe
-from toolkit.data.format import mismatches, read_manifest
+from toolkit.data.format import Manifest, mismatches, read_manifest
 from toolkit.data.loader import Loader, build_loader
-from toolkit.engine.checkpointer import RECIPE, STATE, WEIGHTS, read_weights
+from toolkit.engine.checkpointer import (
+    RECIPE,
+    STATE,
+    WEIGHTS,
+    complete_checkpoints,
+    exported_step,
+    read_weights,
+)
+from toolkit.engine.state import TrainState
+from toolkit.engine.steps import StepPlan
 from toolkit.errors import UserError
 from toolkit.tasks import Task, task_of
 
@@ -55,6 +64,58 @@ def locate(source: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> T
             f"{path}: no {RECIPE} at {described_by} to say which model the weights are for"
         )
     return Target(recipe.load(described_by, overrides), path, run_dir, label)
+
+
+@dataclass(frozen=True)
+class Finished:
+    """A run that reached the last step its recipe plans for the processes that trained it."""
+
+    run_dir: Path
+    step: int
+    world_size: int  # processes that trained it
+    written: bool  # its export (and eval.json, where there is a validation split) is written
+
+    def line(self) -> str:
+        """What a relaunch says instead of training again."""
+        return (
+            f"{self.run_dir}: complete (trained to its last step, {self.step}, on "
+            f"{self.world_size} process(es)); nothing was changed. Evaluate it with `python -m "
+            f"toolkit.evaluate {self.run_dir}`, train a new run elsewhere with run.dir=..., or "
+            "raise train.max_steps or train.epochs to train this one further"
+        )
+
+
+def finished(r: recipe.Recipe, manifest: Manifest | None = None) -> Finished | None:
+    """Whether the run in `r.run_dir` has reached its end: its newest complete checkpoint is at
+    the last step that `r` plans for the number of processes that wrote it. Any other number of
+    processes relaunching it would map that position to another step and train again, so a
+    finished run is judged by its own world size, never the relaunch's."""
+    ckpts = complete_checkpoints(r.run_dir)
+    if not ckpts:
+        return None
+    state = TrainState.read(ckpts[0] / STATE)
+    manifest = manifest if manifest is not None else read_manifest(r.data.shards)
+    if state.step < StepPlan.of(r, manifest.count("train"), state.world_size).total:
+        return None
+    evaluated = not manifest.count("val") or (r.run_dir / "eval.json").is_file()
+    written = exported_step(r.run_dir) == state.step and evaluated
+    return Finished(r.run_dir, state.step, state.world_size, written)
+
+
+def refuse_if_finished(r: recipe.Recipe, world_size: int) -> Finished | None:
+    """A finished run, if `r.run_dir` holds one (the caller says so and trains nothing); a user
+    error for one whose last writes were cut short and that a relaunch on another number of
+    processes cannot finish; None for a run to train (or resume)."""
+    done = finished(r)
+    if done is None or done.written:
+        return done
+    if done.world_size != world_size:
+        raise UserError(
+            f"{r.run_dir}: training reached its last step ({done.step}) on {done.world_size} "
+            f"process(es), but its export or eval.json was not written (cut short at the end); "
+            f"relaunch it on {done.world_size} process(es) to write them"
+        )
+    return None  # the same world: the relaunch resumes at the last step and only finishes
 
 
 def build_model(r: recipe.Recipe, task: Task | None = None) -> nn.Module:

@@ -123,7 +123,8 @@ class Checkpointer:
         else:
             state = self._resume(parts)
         if state.world_size != world:
-            rescale(state, world, parts.scheduler, parts.data.batches_per_epoch)
+            rescale(state, world, parts.scheduler, parts.data.batches_per_epoch,
+                    announce=self.engine.is_main)  # fmt: skip
         parts.data.load_state_dict(state.data)
         return state
 
@@ -212,7 +213,7 @@ class Checkpointer:
                 shutil.rmtree(final)
             os.replace(tmp, final)
             write_atomic(root / "latest", final.name + "\n", durable=True)
-            prune(root, self.keep_last)
+            prune(root, self.keep_last, newest=final)
         engine.barrier()
         return final
 
@@ -230,17 +231,26 @@ class Checkpointer:
         return path
 
 
-def rescale(state: TrainState, world: int, scheduler: Any, batches_per_epoch: int) -> None:
-    """Carry progress over to another number of processes by samples seen: the step counter,
-    the schedule and the data position (the same epoch, the same fraction of it; the exact
-    sample order of the rest of that epoch differs)."""
+def rescale(
+    state: TrainState, world: int, scheduler: Any, batches_per_epoch: int, announce: bool = True
+) -> None:
+    """Carry progress over to another number of processes by samples seen: every process takes
+    the same batch per step, so `step` steps of `old` processes consumed the samples of
+    `step * old / world` steps of `world`, rounded down to whole steps (at most one step's
+    samples are seen again). The schedule and the data position follow (the same epoch, the
+    same fraction of it; the exact sample order of the rest of that epoch differs)."""
     old = state.world_size
     step = state.step * old // world
     batch = min(state.data["batch"] * old // world, batches_per_epoch)
-    logger.warning(
-        "the run continues on %d processes instead of %d: step %d -> %d, epoch %d batch %d -> %d",
-        world, old, state.step, step, state.data["epoch"], state.data["batch"], batch,
-    )  # fmt: skip
+    if announce:  # one warning for the job, from its main process
+        logger.warning(
+            "resuming on %d process(es) a checkpoint written by %d: its position is mapped by "
+            "samples consumed, %d steps x %d process(es) = %d steps x %d, rounded down to whole "
+            "steps (%d samples seen); the learning-rate schedule goes on from step %d, the data "
+            "from epoch %d batch %d (was %d; the rest of this epoch's sample order differs)",
+            world, old, state.step, old, step, world, state.samples, step, state.data["epoch"],
+            batch, state.data["batch"],
+        )  # fmt: skip
     state.step, state.world_size = step, world
     state.data = {"epoch": state.data["epoch"], "batch": batch}
     inner = getattr(scheduler, "scheduler", scheduler)  # accelerate's wrapper
@@ -290,9 +300,18 @@ def own_files(tmp: Path, rank: int) -> dict[str, int]:
     return out
 
 
-def prune(root: Path, keep_last: int) -> None:
-    """Delete all but the newest `keep_last` complete checkpoints, and stale temporary ones."""
+def prune(root: Path, keep_last: int, newest: Path | None = None) -> None:
+    """Delete all but the newest `keep_last` complete checkpoints, and stale temporary ones.
+    `newest`, just written, is the newest even where checkpoints of later steps exist: those
+    were written by another number of processes before a restart mapped the run back to an
+    earlier step, and would otherwise be resumed from again, undoing what was trained since."""
     complete = [d for d in _step_dirs(root) if (d / COMPLETE).is_file()]
+    if newest is not None and newest in complete:
+        for later in complete[complete.index(newest) + 1 :]:
+            logger.info("removing %s: superseded by %s, written after a restart on another "
+                        "number of processes", later, newest.name)  # fmt: skip
+            shutil.rmtree(later, ignore_errors=True)
+        complete = complete[: complete.index(newest) + 1]
     for old in complete[:-keep_last]:
         shutil.rmtree(old, ignore_errors=True)
     for tmp in [*root.glob(".tmp-step-*"), *root.glob(".universal-step-*")]:
@@ -372,6 +391,25 @@ def read_weights(source: str | Path) -> dict[str, torch.Tensor]:
         f"{path}: no weights found (expected {WEIGHTS} of a finished run, or a complete "
         "checkpoint under checkpoints/)"
     )
+
+
+def exported_step(run_dir: Path) -> int | None:
+    """The step whose weights a run's `model.safetensors` holds (None: no export, or one that
+    cannot be read). Exports that predate the recorded step count as the last checkpoint's."""
+    from safetensors import safe_open
+
+    path = run_dir / WEIGHTS
+    if not path.is_file():
+        return None
+    try:
+        with safe_open(str(path), "pt") as f:
+            step = (f.metadata() or {}).get("step")
+    except Exception:  # safetensors raises its own error types for a damaged file
+        return None
+    if step is None:
+        ckpts = complete_checkpoints(run_dir)
+        return TrainState.read(ckpts[0] / STATE).step if ckpts else None
+    return int(step)
 
 
 def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:

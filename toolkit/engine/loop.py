@@ -9,7 +9,7 @@ import hashlib
 import logging
 import signal
 import time
-from collections.abc import Generator, Iterator
+from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,14 +23,16 @@ from toolkit.data.normalise import resolve
 from toolkit.engine.accel import Engine
 from toolkit.engine.checkpointer import Checkpointer, Parts, Resume
 from toolkit.engine.state import TrainState
+from toolkit.engine.steps import StepPlan
 from toolkit.engine.sums import NonFiniteLoss, StepSums, Window
 from toolkit.engine.validate import Validation, summary, validate, write_eval
-from toolkit.hold import Held, Hold, acquire
+from toolkit.errors import UserError
+from toolkit.hold import acquire
 from toolkit.logging import RunLogger, image_grid
 from toolkit.metrics import metric
 from toolkit.models import param_counts
 from toolkit.optim import build_groups, build_optimizer, build_scheduler
-from toolkit.runs import build_model
+from toolkit.runs import build_model, refuse_if_finished
 from toolkit.tasks import Placement, Task, task_of
 
 logger = logging.getLogger(__name__)
@@ -72,7 +74,14 @@ def train(r: recipe.Recipe) -> TrainResult:
     engine = Engine(r.train, r.deepspeed, micro_batch=r.data.batch_size)
     run, hold = None, None
     try:
-        hold = hold_run_dir(engine, r)
+        # A run that reached its end is left as it is, whatever the number of processes.
+        done = on_main(engine, lambda: refuse_if_finished(r, engine.world_size))
+        if done is not None:
+            if engine.is_main:
+                logger.warning("%s", done.line())
+            engine.close()
+            return TrainResult(r.run_dir, done.step, False, None)
+        hold = on_main(engine, lambda: acquire(r.run_dir, f"training {r.name}"), share=False)
         run = build(engine, r)
         state = restore(run)
         return finish(run, loop(run, state))
@@ -89,19 +98,21 @@ def train(r: recipe.Recipe) -> TrainResult:
             hold.release()
 
 
-def hold_run_dir(engine: Engine, r: recipe.Recipe) -> Hold | None:
-    """The job's hold on its run directory, taken by the main process before anything is
-    written; every rank stops with the same line when another writer holds it."""
-    hold, refusal = None, None
+def on_main(engine: Engine, decide: Callable[[], Any], share: bool = True) -> Any:
+    """`decide()` on the main process, for the whole job: its result (`share`: on every rank,
+    else on the main process alone), or the user error it raised, raised on every rank with the
+    same line (a hold taken by another writer, a run that cannot be finished here)."""
+    result, refusal = None, None
     if engine.is_main:
         try:
-            hold = acquire(r.run_dir, f"training {r.name}")
-        except Held as err:
-            refusal = str(err)
-    refusal = engine.broadcast(refusal)
-    if refusal is not None:
-        raise Held(refusal)
-    return hold
+            result = decide()
+        except UserError as err:
+            refusal = (type(err), str(err))
+    shared = engine.broadcast((result if share else None, refusal))
+    if shared[1] is not None:
+        kind, line = shared[1]
+        raise kind(line)
+    return shared[0] if share else result
 
 
 def build(engine: Engine, r: recipe.Recipe) -> Run:
@@ -351,42 +362,6 @@ def step_scalars(
 
 
 # --- small helpers ------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class StepPlan:
-    """Step counts of the run and which steps evaluate and checkpoint: pure functions of the step,
-    so a resumed run does exactly what the uninterrupted one did."""
-
-    batches_per_epoch: int
-    cfg: recipe.TrainConfig
-
-    @property
-    def per_epoch(self) -> int:
-        return max(1, self.batches_per_epoch // self.cfg.grad_accum)
-
-    @property
-    def total(self) -> int:
-        if self.cfg.max_steps:
-            return self.cfg.max_steps
-        return max(1, self.cfg.epochs * self.batches_per_epoch // self.cfg.grad_accum)
-
-    def epochs_done(self, step: int) -> float:
-        """Epochs of data consumed after `step` steps (fractional: for loss curves)."""
-        return step * self.cfg.grad_accum / self.batches_per_epoch
-
-    def epoch_end(self, step: int) -> bool:
-        """True when the batches of this step finished an epoch (steps may straddle epochs)."""
-        k, b = self.cfg.grad_accum, self.batches_per_epoch
-        return step * k // b > (step - 1) * k // b
-
-    def eval_due(self, step: int) -> bool:
-        every = self.cfg.eval_every
-        return step % every == 0 if every else self.epoch_end(step)
-
-    def checkpoint_due(self, step: int) -> bool:
-        every = self.cfg.checkpoint_every
-        return step % every == 0 if every else self.epoch_end(step)
 
 
 def _endless(loader: Loader) -> Generator[dict[str, Any], None, None]:

@@ -91,6 +91,24 @@ def test_save_writes_complete_checkpoints_and_keeps_the_last_ones(engine, tmp_pa
     assert (newest / "recipe.yaml").read_text() == "name: x\n"
 
 
+def test_a_checkpoint_after_a_restart_on_more_processes_supersedes_later_steps(
+    engine, tmp_path
+) -> None:
+    """A run at step 6 on one process, resumed on two, goes on from step 3: its next checkpoint
+    (step 4) is the newest, and the one-process checkpoint of step 6 must not be resumed from
+    again (that would undo what the two processes trained)."""
+    ckpt = Checkpointer(engine, tmp_path, keep_last=3, recipe_yaml="")
+    parts(engine)  # what accelerate saves
+    for s in (2, 4, 6):
+        ckpt.save(TrainState(step=s, world_size=1))
+    ckpt.save(TrainState(step=4, world_size=2))
+    assert [c.name for c in complete_checkpoints(tmp_path)] == ["step-00000004", "step-00000002"]
+    ckpt.save(TrainState(step=5, world_size=2))
+    assert next(c.name for c in complete_checkpoints(tmp_path)) == "step-00000005"
+    resume = ckpt.find()
+    assert resume is not None and resume.world_size == 2
+
+
 def test_restore_brings_back_every_part(engine, tmp_path) -> None:
     ckpt = Checkpointer(engine, tmp_path, keep_last=3, recipe_yaml="")
     p = parts(engine)

@@ -10,7 +10,8 @@ import signal
 import pytest
 import torch
 
-from toolkit.engine.loop import STOP_SIGNALS, StepPlan, _mix, _StopFlag, step_scalars
+from toolkit.engine.loop import STOP_SIGNALS, _mix, _StopFlag, step_scalars
+from toolkit.engine.steps import StepPlan
 from toolkit.recipe import TrainConfig
 
 
