@@ -113,3 +113,25 @@ def make_run(run_dir: Path, *overrides: str, base: Path = DEBUG_RECIPE, seed: in
     weights = {k: v.contiguous() for k, v in model.state_dict().items()}
     save_file(weights, str(run_dir / "model.safetensors"))
     return run_dir
+
+
+def tree_digest(root: Path) -> dict[str, str]:
+    """Every file under `root` (hidden ones included) by relative path, with its sha256: two
+    digests are equal only if no file was added, removed or changed by a single byte."""
+    import hashlib
+
+    if not root.exists():
+        return {}
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
+
+
+def one_error_line(out: str) -> str:
+    """The single `error:` line a refused command prints (asserting there is exactly one, and
+    no traceback)."""
+    lines = [x for x in out.splitlines() if x.startswith("error:")]
+    assert len(lines) == 1 and "Traceback" not in out, out[-3000:]
+    return lines[0]

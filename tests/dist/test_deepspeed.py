@@ -18,6 +18,7 @@ from tests.helpers import DEBUG_RECIPE, evaluate_json, make_pairs, read_jsonl, r
 from toolkit import recipe
 from toolkit.data.format import read_manifest
 from toolkit.engine.accel import to_universal
+from toolkit.engine.checkpointer import read_weights
 from toolkit.engine.validate import validate
 from toolkit.errors import UserError
 from toolkit.runs import build_model, eval_loader
@@ -148,8 +149,9 @@ def test_restart_on_fewer_then_more_processes(shards, tmp_path, zero, frozen) ->
         launch(*tiny(shards, pre, "train.max_steps=2", task="mae"), procs=1)
         backend += [f"init.from={pre}", "freeze=[encoder]"]
 
-    def step(procs: int, max_steps: int) -> str:
-        return launch(*tiny(shards, run, f"train.max_steps={max_steps}", *backend), procs=procs)
+    def step(procs: int, max_steps: int, *extra: str) -> str:
+        return launch(*tiny(shards, run, f"train.max_steps={max_steps}", *backend, *extra),
+                      procs=procs)  # fmt: skip
 
     def same_optimiser(before: int, after: int) -> None:
         if zero:  # the new layout's first checkpoint holds exactly the state it resumed from
@@ -164,7 +166,7 @@ def test_restart_on_fewer_then_more_processes(shards, tmp_path, zero, frozen) ->
     # 2 -> 1 process: step 2 of 2 ranks is step 4 of 1; running to 4 trains nothing, so the
     # export must be exactly the weights the 2-process run ended with.
     out = step(1, 4)
-    assert "continues on 1 processes instead of 2: step 2 -> 4" in out
+    assert "2 steps x 2 process(es) = 4 steps x 1" in out
     assert ("Adam moments), scheduler, step and data position restored" in out) == bool(zero)
     assert "RESET" not in out
     assert all(torch.equal(two[k], v) for k, v in weights(run).items())
@@ -172,15 +174,18 @@ def test_restart_on_fewer_then_more_processes(shards, tmp_path, zero, frozen) ->
     step(1, 6)  # trains on
     one = weights(run)
     assert any(not torch.equal(two[k], v) for k, v in one.items())
-    out = step(2, 3)  # 1 -> 2 processes: step 6 -> 3, nothing left to train
-    assert "continues on 2 processes instead of 1: step 6 -> 3" in out
-    assert all(torch.equal(one[k], v) for k, v in weights(run).items())
+    # 1 -> 2 processes: step 6 -> 3. Step 3 is checkpointed in the new layout before training
+    # on (a relaunch with max_steps 6 or less would find the run finished and leave it).
+    out = step(2, 7, "train.checkpoint_every=3")
+    assert "6 steps x 1 process(es) = 3 steps x 2" in out
+    restored = read_weights(run / "checkpoints/step-00000003")
+    assert all(torch.equal(one[k], v) for k, v in restored.items())
     same_optimiser(6, 3)
     state = json.loads((run / "checkpoints/step-00000003/train_state.json").read_text())
     assert state["world_size"] == 2
     assert not list((run / "checkpoints").glob(".universal-*"))  # the conversion is cleaned up
-    step(2, 5)  # and training goes on from the restored state
-    assert json.loads((run / "checkpoints/step-00000005/train_state.json").read_text())["step"] == 5
+    step(2, 8)  # and training goes on from the restored state
+    assert json.loads((run / "checkpoints/step-00000008/train_state.json").read_text())["step"] == 8
     if frozen:
         p, f = weights(pre), weights(run)
         enc = [k for k in p if k.startswith("encoder.")]

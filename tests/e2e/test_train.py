@@ -14,7 +14,15 @@ import torch
 from safetensors.torch import load_file
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from tests.helpers import DEBUG_RECIPE, make_pairs, read_jsonl, run_cli, tiny
+from tests.helpers import (
+    DEBUG_RECIPE,
+    make_pairs,
+    one_error_line,
+    read_jsonl,
+    run_cli,
+    tiny,
+    tree_digest,
+)
 from toolkit import train as train_cli
 from toolkit.shard import shard
 
@@ -372,3 +380,64 @@ def test_the_run_records_the_normalisation_it_trained_with(shards: Path, tmp_pat
         run_dir = Path(overrides[1].split("=", 1)[1])
         saved = yaml.safe_load((run_dir / "recipe.yaml").read_text())
         assert saved["data"]["normalise"] == expected
+
+
+def launch_local(*args: str) -> tuple[int, str]:
+    """`python -m toolkit.launch DEBUG_RECIPE ARGS --local` in a subprocess: (status, output)."""
+    proc = run_cli("toolkit.launch", str(DEBUG_RECIPE), "--local", *args)
+    out, _ = proc.communicate(timeout=600)
+    return proc.returncode, out
+
+
+def test_a_finished_run_stays_finished_whatever_the_world_size(shards, tmp_path) -> None:
+    """The README's first-run commands, one after the other on one directory: a relaunch of a
+    finished 1-process run, on 2 processes (through the launcher, and as torchrun/srun start
+    every rank) or on 1, changes no byte of it and says in one line that it is complete; a
+    relaunch asking for more steps trains on."""
+    run = tmp_path / "run"
+    args = tiny(shards, run, "train.max_steps=4", "train.checkpoint_every=2", task="mae")
+    assert train(*args) == 0
+    before = tree_digest(run)
+    assert "model.safetensors" in before and "eval.json" in before
+    for relaunch in (
+        ["--procs", "2", *args],
+        [*args],
+    ):
+        code, out = launch_local(*relaunch)
+        said = [x for x in out.splitlines() if "complete (trained to its last step, 4, on 1" in x]
+        assert code == 0 and len(said) == 1, out[-3000:]
+        assert f"python -m toolkit.evaluate {run}" in said[0] and "run.dir=" in said[0]
+        assert tree_digest(run) == before
+    # Every rank of a job started without the launcher (torchrun here, srun on Slurm).
+    proc = run_cli("torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m",
+                   "toolkit.train", str(DEBUG_RECIPE), *args)  # fmt: skip
+    out, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0 and out.count("complete (trained to its last step") == 1, out
+    assert tree_digest(run) == before
+    assert train(*args, "train.max_steps=6") == 0  # more steps asked for: it trains on
+    assert json_of(run / "checkpoints/step-00000006/train_state.json")["step"] == 6
+
+
+def test_a_run_cut_short_at_its_end_is_finished_on_its_own_world_size(shards, tmp_path) -> None:
+    """Training reached its last step but the export was not written (killed at the end): a
+    relaunch on another number of processes, which would map the position to another step and
+    train again, is refused in one line with nothing changed; on its own it writes the export,
+    the same weights."""
+    run = tmp_path / "run"
+    args = tiny(shards, run, "train.max_steps=4", "train.checkpoint_every=2", task="mae")
+    assert train(*args) == 0
+    exported = (run / "model.safetensors").read_bytes()
+    (run / "model.safetensors").unlink()
+    before = tree_digest(run)
+    code, out = launch_local("--procs", "2", *args)
+    line = one_error_line(out)
+    assert code == 2 and "last step (4) on 1 process(es)" in line and "relaunch it on 1" in line
+    assert tree_digest(run) == before
+    assert train(*args) == 0
+    assert (run / "model.safetensors").read_bytes() == exported
+    assert [x["step"] for x in read_jsonl(run / "metrics.jsonl") if "train/loss" in x] == [
+        1,
+        2,
+        3,
+        4,
+    ]  # nothing trained again
