@@ -26,6 +26,7 @@ import time
 from collections import deque
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -36,14 +37,15 @@ from toolkit import cli
 from toolkit.atomic import write_atomic
 from toolkit.cluster import env
 from toolkit.data.files import Like, encode
+from toolkit.data.fit import Expected, misfit
 from toolkit.data.inputs import Job, list_jobs, read_job
-from toolkit.data.normalise import Normalisation, resolve
+from toolkit.data.normalise import Normalisation, parse, resolve
 from toolkit.data.tiles import Canvas, Tiling, assemble
 from toolkit.errors import UserError
 from toolkit.hold import acquire, refuse_if_held
 from toolkit.models import MODELS
 from toolkit.recipe import Recipe
-from toolkit.runs import Target, load_model, locate
+from toolkit.runs import Target, expected_by, load_model, locate
 
 logger = logging.getLogger(__name__)
 
@@ -115,15 +117,60 @@ def _result(job: Job, fut: Future) -> tuple[Job, Any]:
         return job, err
 
 
+@dataclass(frozen=True)
+class Fit:
+    """How inputs are mapped for the model (the run's normalisation, or --normalise) and what
+    they must look like to fit it (`toolkit/data/fit.py`)."""
+
+    norm: Normalisation
+    expected: Expected
+    scale: int
+
+    def misfit(self, job: Job, x: torch.Tensor) -> str | None:
+        return misfit(job.where, x, self.norm, self.expected)
+
+    def refusal(self, jobs: list[Job]) -> list[str]:
+        """Why each readable job that does not fit does not (a file that cannot be read is left
+        to the run, which names it and writes the others)."""
+        found = []
+        for job, got in _read_ahead(jobs, self.scale):
+            if not isinstance(got, Exception):
+                problem = self.misfit(job, got[0])
+                if problem is not None:
+                    found.append(problem)
+        return found
+
+
+def fit_of(target: Target, tiling: Tiling, normalise: str | None) -> Fit:
+    """The inputs' map (`--normalise`, else the run's) and what fits the target's model: for a
+    fixed-size model, images at least half its tile on a side (less is mostly padding)."""
+    r = target.recipe
+    try:
+        norm = parse(normalise) if normalise else resolve(r.data.normalise, None)
+    except ValueError as err:
+        raise UserError(f"--normalise {err}") from None
+    min_side = -(-tiling.tile // 2) if tiling.fixed else 1
+    return Fit(norm, expected_by(target, min_side), r.data.scale)
+
+
+def refuse_misfits(problems: list[str]) -> None:
+    """Inputs that do not fit the run stop the prediction before anything is written."""
+    if problems:
+        more = (
+            f" ({len(problems) - 1} more input(s) do not fit either)" if len(problems) > 1 else ""
+        )
+        raise UserError(problems[0] + more)
+
+
 class Predictor:
     """A model with its normalisation, applied to one process's share of the images."""
 
     def __init__(
-        self, model: torch.nn.Module, r: Recipe, tiling: Tiling, engine: Any, batch: int
+        self, model: torch.nn.Module, fit: Fit, tiling: Tiling, engine: Any, batch: int
     ) -> None:
         self.model, self.tiling, self.engine, self.batch = model, tiling, engine, batch
-        self.scale, self.channels = r.data.scale, r.model.in_chans
-        self.norm: Normalisation = resolve(r.data.normalise, None)
+        self.scale, self.fit = fit.scale, fit
+        self.norm: Normalisation = fit.norm
         self.failed: list[str] = []
 
     @torch.no_grad()
@@ -149,9 +196,9 @@ class Predictor:
                 self.fail(job, got)
                 continue
             x, like = got
-            if x.shape[0] != self.channels:
-                self.fail(job, f"{x.shape[0]} channels, the model takes {self.channels} "
-                               "(model.in_chans)")  # fmt: skip
+            problem = self.fit.misfit(job, x)  # checked before the run; a file may change since
+            if problem is not None:
+                self.fail(job, problem)
                 continue
             # Masked pixels (NaN, inf) go in as 0, as the shards' `zero` policy stores them,
             # and come out masked: the s x s output pixels of each.
@@ -194,6 +241,16 @@ class Predictor:
         return True
 
 
+def _hold(out: Path) -> Any:
+    """The output folder, made and held (`toolkit/hold.py`), cleared of what a killed writer
+    left half-written."""
+    out.mkdir(parents=True, exist_ok=True)
+    hold = acquire(out, "predict")
+    for tmp in out.rglob(".*.tmp-*"):
+        tmp.unlink(missing_ok=True)
+    return hold
+
+
 def _plan(inputs: list[str], out: Path, hdu: str | None, split: str | None) -> tuple[int, list]:
     """(all jobs, those without an output yet)."""
     jobs = list_jobs(inputs, hdu, split, out)
@@ -206,26 +263,22 @@ def predict(target: Target, args: Any) -> int:
 
     r, out = target.recipe, Path(args.out)
     tiling = tiling_for(r, args.tile, args.overlap, args.shifts)
+    fit = fit_of(target, tiling, args.normalise)
     precision = "bf16" if args.precision == "bf16" else "no"
     engine = Engine(dataclasses.replace(r.train, precision=precision, grad_accum=1), None, 1)
     hold = None
     try:
-        plan: tuple[int, list[Job], str | None] = (0, [], None)
-        if engine.is_main:  # one listing, one holder of the output folder
-            try:
-                out.mkdir(parents=True, exist_ok=True)
-                hold = acquire(out, "predict")
-                for tmp in out.rglob(".*.tmp-*"):  # half-written by a writer that was killed
-                    tmp.unlink(missing_ok=True)
-                plan = (*_plan(args.inputs, out, args.hdu, args.split), None)
-            except UserError as err:
-                plan = (0, [], str(err))
-        total, todo, refusal = engine.broadcast(plan)
-        if refusal is not None:
-            raise UserError(refusal)
+        # One listing, then every input to be written checked against the run, each process
+        # its share: what does not fit stops the job before anything is written.
+        total, todo = engine.on_main(lambda: _plan(args.inputs, out, args.hdu, args.split))
+        if _LAUNCHED not in os.environ:  # else the launcher has checked them
+            found = engine.gather(fit.refusal(share(todo, engine.rank, engine.world_size)))
+            engine.on_main(lambda: refuse_misfits([p for part in found or [] for p in part]))
+        hold = engine.on_main(lambda: _hold(out), share=False)  # one holder of the output folder
+        todo = engine.broadcast([j for j in todo if not (out / j.name).is_file()])
         mine = share(todo, engine.rank, engine.world_size)
         model = load_model(target).to(engine.device)
-        predictor = Predictor(model, r, tiling, engine, args.batch)
+        predictor = Predictor(model, fit, tiling, engine, args.batch)
         start = time.perf_counter()
         bar = tqdm(total=len(mine), unit="file", file=sys.stderr,
                    desc="predict" if engine.world_size == 1 else "predict, rank 0",
@@ -270,6 +323,9 @@ def _main(argv: Sequence[str] | None) -> int:
                    "a step (default 2 for fixed-size models such as SR-MAE, else 1)")  # fmt: skip
     p.add_argument("--batch", type=int, default=8, help="tiles per forward (default 8)")
     p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
+    p.add_argument("--normalise", metavar="NAME[:P,...]", help="map the inputs with this "
+                   "normalisation (minmax, percentile[:lo,hi], asinh[:soft], unit, none) instead "
+                   "of the run's, and the outputs back to the inputs' units")  # fmt: skip
     p.add_argument("--hdu", help="FITS: the HDU to read (EXTNAME or index; default: the first "
                    "holding an image)")  # fmt: skip
     p.add_argument("--split", choices=("train", "val"), help="shard dirs: only this split")
@@ -283,10 +339,12 @@ def _main(argv: Sequence[str] | None) -> int:
     target = locate(args.source)
     if target.task.name != "sr":
         raise UserError(f"{args.source}: a {target.task.name} run; predict needs an sr run")
-    tiling_for(target.recipe, args.tile, args.overlap, args.shifts)  # stops here, before any work
+    tiling = tiling_for(target.recipe, args.tile, args.overlap, args.shifts)  # stops here
+    fit = fit_of(target, tiling, args.normalise)
     out = Path(args.out)
     if args.local and args.procs > 1 and "RANK" not in os.environ:  # not inside a group yet
         _, todo = _plan(args.inputs, out, args.hdu, args.split)  # bad inputs stop here
+        refuse_misfits(fit.refusal(todo))
         refuse_if_held(out)
         os.environ[_LAUNCHED] = "1"
         try:
@@ -309,7 +367,8 @@ def _child_args(args: Any) -> list[str]:
     """The command line of each process `--local --procs P` starts."""
     options = {"--out": args.out, "--tile": args.tile, "--overlap": args.overlap,
                "--shifts": args.shifts, "--batch": args.batch, "--precision": args.precision,
-               "--hdu": args.hdu, "--split": args.split}  # fmt: skip
+               "--hdu": args.hdu, "--split": args.split,
+               "--normalise": args.normalise}  # fmt: skip
     flags = [f"{k}={v}" for k, v in options.items() if v is not None]
     return [args.source, *args.inputs, *flags]
 

@@ -4,6 +4,7 @@ its parameter counts. `evaluate`, `report` and `launch` use these; no CLI import
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -11,8 +12,11 @@ from typing import Any
 from torch import nn
 
 from toolkit import recipe
-from toolkit.data.format import Manifest, mismatches, read_manifest
+from toolkit.data.fit import Expected
+from toolkit.data.format import TRAINED_ON, Manifest, mismatches, read_manifest
+from toolkit.data.format import trained_on as format_trained_on
 from toolkit.data.loader import Loader, build_loader
+from toolkit.data.normalise import resolve
 from toolkit.engine.checkpointer import (
     RECIPE,
     STATE,
@@ -116,6 +120,38 @@ def refuse_if_finished(r: recipe.Recipe, world_size: int) -> Finished | None:
             f"relaunch it on {done.world_size} process(es) to write them"
         )
     return None  # the same world: the relaunch resumes at the last step and only finishes
+
+
+def trained_on(target: Target) -> dict[str, Any] | None:
+    """What the run records of the shards it trained on (`data.json`); for a run older than that
+    record, the same read from its shards' manifest where it is still readable; else None."""
+    path = target.run_dir / TRAINED_ON
+    if path.is_file():
+        try:
+            doc = json.loads(path.read_text())
+        except ValueError as err:
+            raise UserError(f"{path}: not a record of the training data ({err})") from None
+        return doc if isinstance(doc, dict) else None
+    try:
+        manifest = read_manifest(target.recipe.data.shards)
+    except UserError:
+        return None
+    return format_trained_on(manifest, target.recipe.data.normalise or "")
+
+
+def expected_by(target: Target, min_side: int = 1) -> Expected:
+    """What data must look like to fit the target's model: its channels, the smallest side it
+    takes, its normalisation and the range of its training values (where known)."""
+    r = target.recipe
+    record = trained_on(target) or {}
+    value_range = record.get("value_range")
+    return Expected(
+        run=str(target.run_dir),
+        channels=r.model.in_chans,
+        norm=resolve(r.data.normalise, None),  # recipe.yaml records the one used in training
+        value_range=(float(value_range[0]), float(value_range[1])) if value_range else None,
+        min_side=min_side,
+    )
 
 
 def build_model(r: recipe.Recipe, task: Task | None = None) -> nn.Module:

@@ -4,6 +4,7 @@ two processes as from one, and each bad input one line with exit status 2."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -19,13 +20,26 @@ from astropy.io import fits
 from PIL import Image
 from torch import Tensor, nn
 
-from tests.helpers import EDSR_RECIPE, ROOT, SR, TINY_EDSR, make_pairs, make_run, run_cli
+from tests.helpers import (
+    DEBUG_RECIPE,
+    EDSR_RECIPE,
+    ROOT,
+    SR,
+    TINY_EDSR,
+    make_pairs,
+    make_run,
+    one_error_line,
+    run_cli,
+    tiny,
+    tree_digest,
+)
 from toolkit import predict
 from toolkit.data.format import read_manifest
 from toolkit.hold import acquire
 from toolkit.models import MODELS, ModelSpec, register_model
 from toolkit.recipe import ModelBase
 from toolkit.shard import shard
+from toolkit.train import main as train_main
 
 RNG = np.random.default_rng(11)
 
@@ -295,21 +309,105 @@ def test_two_processes_write_the_same_files_as_one_each_once(tmp_path: Path) -> 
 def test_a_bad_file_mid_folder_is_named_and_the_others_are_written(
     tmp_path: Path, capsys, caplog
 ) -> None:
+    """A file that cannot be read is damaged, not a misfit: it is named, the others are
+    written, and a rerun retries it."""
     run = make_run(tmp_path / "edsr", *TINY_EDSR, base=EDSR_RECIPE)
     for name in ("a", "c", "e"):
         npy(tmp_path / "in" / f"{name}.npy", RNG.uniform(size=(20, 20)).astype(np.float32))
     (tmp_path / "in" / "b.npy").write_bytes(b"\x93NUMPY broken")
-    npy(tmp_path / "in" / "d.npy", RNG.uniform(size=(3, 20, 20)).astype(np.float32))
     assert main(run, tmp_path / "in", "--out", tmp_path / "out") == 2
     assert re.search(r"in/b\.npy: not a readable \.npy", caplog.text)
-    assert re.search(r"in/d\.npy: 3 channels, the model takes 1 \(model\.in_chans\)", caplog.text)
-    assert capsys.readouterr().err.startswith("error: 2 of 5 files failed")
+    assert capsys.readouterr().err.startswith("error: 1 of 4 files failed")
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["a.npy", "c.npy", "e.npy"]
     assert main(run, tmp_path / "in", "--out", tmp_path / "out") == 2  # a rerun retries those
     # Outputs written inside the input folder are not taken for inputs by the next run.
     assert main(run, tmp_path / "in" / "a.npy", "--out", tmp_path / "in" / "sr") == 0
     assert main(run, tmp_path / "in", "--out", tmp_path / "in" / "sr") == 2
     assert sorted(p.name for p in (tmp_path / "in" / "sr").iterdir()) == ["a.npy", "c.npy", "e.npy"]
+
+
+# ---------------------------------------------------------------- inputs that do not fit the run
+
+
+def refused(capsys, *args: object) -> str:
+    """Run predict, which must refuse: exit 2, one line, no traceback; that line."""
+    assert main(*args) == 2
+    return one_error_line(capsys.readouterr().err)
+
+
+def record_training(run: Path, value_range: tuple[float, float], normalise: str) -> None:
+    """The run's data.json as a training on shards of `value_range` writes it."""
+    doc = {"shards": "/elsewhere/shards", "kind": "paired", "channels": [1],
+           "hr_min_size": [64, 64], "value_range": list(value_range), "normalise": normalise,
+           "classes": None, "count": {"train": 90, "val": 10}}  # fmt: skip
+    (run / "data.json").write_text(json.dumps(doc))
+
+
+@pytest.mark.slow
+def test_a_physical_units_image_is_refused_by_a_run_trained_on_unit_data(tmp_path, capsys) -> None:
+    """What a user met: a model trained on [0, 1] images, given a FITS image in counts (82 to
+    4171), wrote an output of 1.0 almost everywhere. Now it is refused in one line saying what
+    was seen, what the run expects and what maps one to the other; nothing is written. With
+    that map, the output comes back in the image's own units."""
+    make_pairs(tmp_path / "src", 12)
+    shard(tmp_path / "src", tmp_path / "shards", val_fraction=0.25, shard_size=8)
+    run = tmp_path / "run"
+    code = train_main([str(DEBUG_RECIPE), *tiny(tmp_path / "shards", run, "train.max_steps=2")])
+    assert code == 0 and json.loads((run / "data.json").read_text())["value_range"][1] <= 1
+    counts = np.linspace(82, 4171, 24 * 24, dtype=np.float32).reshape(24, 24)
+    (tmp_path / "in").mkdir()
+    fits.PrimaryHDU(counts).writeto(tmp_path / "in" / "lens.fits")
+    before = tree_digest(run)
+    line = refused(capsys, run, tmp_path / "in", "--out", tmp_path / "out")
+    assert "in/lens.fits: values 82 to 4171" in line and f"{run} was trained on values" in line
+    assert "normalisation unit: 0 to 1 for the model" in line and "--normalise minmax" in line
+    assert not (tmp_path / "out").exists() and tree_digest(run) == before
+    assert main(run, tmp_path / "in", "--out", tmp_path / "out", "--normalise", "minmax") == 0
+    with fits.open(tmp_path / "out" / "lens.fits") as hdul:
+        out = hdul[0].data
+    # SR-MAE adds its layers' output to a bicubic skip, so two steps from its initialisation
+    # it maps [0, 1] to about [0, 1]: mapped back, the output lies about in the image's range.
+    assert out.shape == (48, 48) and np.median(out) > 0 and 50 < out.mean() < 5000
+
+
+def test_an_input_far_outside_a_runs_training_range_is_refused(nearest_run, tmp_path, capsys):
+    """A run trained on sky-subtracted fluxes (-5 to 35, normalisation none) takes images in
+    about that range and refuses one in another unit; the line names the range, the run's and
+    the remedy (no per-image map puts fluxes where another unit was: retrain)."""
+    run = nearest_run(1, "none")
+    record_training(run, (-5.0, 35.0), "none")
+    npy(tmp_path / "ok" / "a.npy", RNG.uniform(-6, 38, size=(20, 20)).astype(np.float32))
+    assert main(run, tmp_path / "ok", "--out", tmp_path / "out-ok") == 0  # within 10% of 40
+    npy(tmp_path / "far" / "b.npy", RNG.uniform(0, 4000, size=(20, 20)).astype(np.float32))
+    line = refused(capsys, run, tmp_path / "far", "--out", tmp_path / "out")
+    assert "far/b.npy: values" in line and "trained on values -5 to 35" in line
+    assert "normalisation none: -5 to 35 for the model" in line and "retrain" in line
+    assert "--normalise minmax" not in line and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("procs", [1, 2])
+def test_inputs_that_do_not_fit_stop_the_whole_prediction_before_anything_is_written(
+    tmp_path: Path, capsys, procs: int
+) -> None:
+    """A folder with good images and misfits (3 bands for a 1-band model, a cutout smaller
+    than half SR-MAE's tile, values beyond the training range): one line naming the first and
+    counting the others, exit 2, no output folder; on 2 processes too, before they start."""
+    run = make_run(tmp_path / "srmae", *SR)  # 16x16 LR tiles: at least 8 pixels a side
+    record_training(run, (0.0, 1.0), "unit")
+    for name in ("a", "c"):
+        npy(tmp_path / "in" / f"{name}.npy", RNG.uniform(size=(20, 20)).astype(np.float32))
+    npy(tmp_path / "in" / "b.npy", RNG.uniform(size=(3, 20, 20)).astype(np.float32))
+    npy(tmp_path / "in" / "d.npy", RNG.uniform(size=(7, 30)).astype(np.float32))
+    npy(tmp_path / "in" / "e.npy", np.linspace(0, 2, 400, dtype=np.float32).reshape(20, 20))
+    before = tree_digest(run)
+    local = ["--local", "--procs", "2"] if procs == 2 else []
+    line = refused(capsys, run, tmp_path / "in", "--out", tmp_path / "out", *local)
+    assert "in/b.npy: 3 channel(s), but" in line and "takes 1 (model.in_chans)" in line
+    assert "(2 more input(s) do not fit either)" in line
+    assert not (tmp_path / "out").exists() and tree_digest(run) == before
+    for name, why in (("d", "7x30 pixels, smaller than 8 on a side"), ("e", "values 0 to 2,")):
+        line = refused(capsys, run, tmp_path / "in" / f"{name}.npy", "--out", tmp_path / "out")
+        assert why in line and "more input" not in line and not (tmp_path / "out").exists()
 
 
 @pytest.mark.parametrize(

@@ -303,6 +303,25 @@ def verify(root: str | Path) -> tuple[int, list[str]]:
     return len(entries), problems
 
 
+TRAINED_ON = "data.json"  # in a run directory: what its shards held (`trained_on`)
+
+
+def trained_on(manifest: Manifest, normalise: str) -> dict[str, Any]:
+    """What a run records of the shards it trained on, so that `predict` and `evaluate` can
+    tell whether other data fit it wherever the shards are gone: the values' range in the
+    data's units and the normalisation that mapped them for the model, channels, sizes, classes."""
+    return {
+        "shards": str(manifest.root.absolute()),
+        "kind": manifest.kind,
+        "channels": list(manifest.channels),
+        "hr_min_size": list(manifest.min_size),
+        "value_range": list(manifest.value_range) if manifest.value_range else None,
+        "normalise": normalise,
+        "classes": list(manifest.classes) if manifest.classes else None,
+        "count": {split: manifest.count(split) for split in manifest.splits},
+    }
+
+
 def mismatches(manifest: Manifest, channels: int, crop: int) -> list[str]:
     """Why the shards cannot feed a model of `channels` inputs on `crop`-sized images, if so."""
     out = []

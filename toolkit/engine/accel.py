@@ -10,7 +10,7 @@ import logging
 import os
 import shutil
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -23,6 +23,7 @@ from torch import nn
 
 from toolkit.cluster import devices
 from toolkit.engine.sums import LaggedSum
+from toolkit.errors import UserError
 from toolkit.recipe import DeepSpeedConfig, TrainConfig
 
 logger = logging.getLogger(__name__)
@@ -265,6 +266,22 @@ class Engine:
         box = [obj]
         torch.distributed.broadcast_object_list(box, src=0)
         return box[0]
+
+    def on_main(self, decide: Callable[[], Any], share: bool = True) -> Any:
+        """`decide()` on the main process, for the whole job (collective): its result (`share`:
+        on every rank, else on the main process alone), or the user error it raised, raised on
+        every rank with the same line (a hold taken by another writer, inputs that do not fit)."""
+        result, refusal = None, None
+        if self.is_main:
+            try:
+                result = decide()
+            except UserError as err:
+                refusal = (type(err), str(err))
+        shared = self.broadcast((result if share else None, refusal))
+        if shared[1] is not None:
+            kind, line = shared[1]
+            raise kind(line)
+        return shared[0] if share else result
 
     def gather(self, obj: Any) -> list[Any] | None:
         """Every rank's `obj` on the main process, in rank order; None elsewhere (collective)."""

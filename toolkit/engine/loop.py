@@ -9,7 +9,7 @@ import hashlib
 import logging
 import signal
 import time
-from collections.abc import Callable, Generator, Iterator
+from collections.abc import Generator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from toolkit import recipe
-from toolkit.data.format import Manifest, read_manifest
+from toolkit.data.format import TRAINED_ON, Manifest, read_manifest, trained_on, write_json
 from toolkit.data.loader import Loader, build_loader
 from toolkit.data.normalise import resolve
 from toolkit.engine.accel import Engine
@@ -26,7 +26,6 @@ from toolkit.engine.state import TrainState
 from toolkit.engine.steps import StepPlan
 from toolkit.engine.sums import NonFiniteLoss, StepSums, Window
 from toolkit.engine.validate import Validation, summary, validate, write_eval
-from toolkit.errors import UserError
 from toolkit.hold import acquire
 from toolkit.logging import RunLogger, image_grid
 from toolkit.metrics import metric
@@ -75,13 +74,13 @@ def train(r: recipe.Recipe) -> TrainResult:
     run, hold = None, None
     try:
         # A run that reached its end is left as it is, whatever the number of processes.
-        done = on_main(engine, lambda: refuse_if_finished(r, engine.world_size))
+        done = engine.on_main(lambda: refuse_if_finished(r, engine.world_size))
         if done is not None:
             if engine.is_main:
                 logger.warning("%s", done.line())
             engine.close()
             return TrainResult(r.run_dir, done.step, False, None)
-        hold = on_main(engine, lambda: acquire(r.run_dir, f"training {r.name}"), share=False)
+        hold = engine.on_main(lambda: acquire(r.run_dir, f"training {r.name}"), share=False)
         run = build(engine, r)
         state = restore(run)
         return finish(run, loop(run, state))
@@ -96,23 +95,6 @@ def train(r: recipe.Recipe) -> TrainResult:
             run.close_loaders()
         if hold is not None:
             hold.release()
-
-
-def on_main(engine: Engine, decide: Callable[[], Any], share: bool = True) -> Any:
-    """`decide()` on the main process, for the whole job: its result (`share`: on every rank,
-    else on the main process alone), or the user error it raised, raised on every rank with the
-    same line (a hold taken by another writer, a run that cannot be finished here)."""
-    result, refusal = None, None
-    if engine.is_main:
-        try:
-            result = decide()
-        except UserError as err:
-            refusal = (type(err), str(err))
-    shared = engine.broadcast((result if share else None, refusal))
-    if shared[1] is not None:
-        kind, line = shared[1]
-        raise kind(line)
-    return shared[0] if share else result
 
 
 def build(engine: Engine, r: recipe.Recipe) -> Run:
@@ -150,6 +132,7 @@ def build(engine: Engine, r: recipe.Recipe) -> Run:
     if engine.is_main:
         r.run_dir.mkdir(parents=True, exist_ok=True)
         (r.run_dir / "recipe.yaml").write_text(recipe_yaml)
+        write_json(r.run_dir / TRAINED_ON, trained_on(manifest, str(norm)))
     engine.seed(r.train.seed, per_rank=True)
     parts = Parts(model, optimizer, scheduler, data)
     return Run(r, task, engine, parts, val, plan, ckpt, resume)
