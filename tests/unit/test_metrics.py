@@ -1,4 +1,5 @@
-"""MSE / PSNR / SSIM against scikit-image, and MetricAccumulator (also across 2 gloo ranks)."""
+"""MSE / PSNR / SSIM against scikit-image, the classification AUCs and ROC curves against
+scikit-learn, and MetricAccumulator (also across 2 gloo ranks)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,10 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+import torch.nn.functional as F
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
+from sklearn import metrics as skm
+from sklearn.preprocessing import label_binarize
 
 from toolkit import metrics
 from toolkit.metrics import MetricAccumulator
@@ -193,3 +197,108 @@ def test_gather_across_two_gloo_ranks_counts_each_sample_once(tmp_path: Path) ->
     assert r0["merged"]["keys"] == expected
     assert r1["merged"] is None  # the per-image values go to rank 0 alone
     assert torch.equal(r0["merged"]["mse"], torch.cat([r0["local"], r1["local"]]))
+
+
+# --- classification: AUCs and ROC curves against scikit-learn ------------------------------------
+
+
+def tied_scores(n: int, k: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Labels [n] in 0..k-1 (every class present) and softmax scores [n, k] drawn from only five
+    distinct rows, so that many scores tie within each column and across the flattened matrix.
+    The rows are probabilities (scikit-learn's multi-class AUC refuses anything else); half the
+    samples take the row numbered by their label, so the scores carry information about it."""
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.arange(n) % k
+    rows = torch.randn(5, k, generator=g, dtype=torch.float64).softmax(1)
+    pick = torch.randint(0, 5, (n,), generator=g)
+    pick = torch.where(torch.rand(n, generator=g) < 0.5, labels % 5, pick)  # follow the label
+    return rows[pick], labels
+
+
+def test_auc_of_uniform_scores_is_exactly_one_half() -> None:
+    """Every positive ties with every negative: each pair counts half, so the AUC is 0.5
+    exactly (not 0 or 1, which ordinal ranks in either order would give)."""
+    positive = torch.tensor([True, False, False, True, False, True, False])
+    assert metrics.roc_auc(torch.full((7,), 0.3), positive) == 0.5
+
+
+def test_auc_with_ties_matches_scikit_learn() -> None:
+    """Scores on a few levels (ties within and across classes): the Mann-Whitney AUC with
+    average ranks equals scikit-learn's trapezoidal area under the ROC curve."""
+    g = torch.Generator().manual_seed(3)
+    positive = torch.rand(40, generator=g) < 0.4
+    scores = torch.randint(0, 4, (40,), generator=g).double() / 4 + 0.2 * positive
+    got = metrics.roc_auc(scores, positive)
+    ref = skm.roc_auc_score(positive.numpy(), scores.numpy())
+    assert 0.6 < ref < 0.99  # the ties matter: neither chance nor perfect separation
+    # Two float64 evaluations of the same rational number (a rank sum over n_pos * n_neg
+    # against a trapezoid sum): they differ by rounding only, ~1e-16.
+    assert got == pytest.approx(ref, abs=1e-12)
+
+
+@pytest.mark.parametrize(("n", "k", "seed"), [(30, 3, 0), (61, 4, 1), (12, 2, 2)])
+def test_one_vs_rest_micro_and_macro_match_scikit_learn(n: int, k: int, seed: int) -> None:
+    """Micro: one AUC over every (sample, class) pair of the one-hot labels; macro: the mean of
+    the per-class one-vs-rest AUCs, as scikit-learn computes them."""
+    scores, labels = tied_scores(n, k, seed)
+    micro, macro = metrics.one_vs_rest_auc(scores, labels)
+    y, p = labels.numpy(), scores.numpy()
+    onehot = label_binarize(y, classes=list(range(k)))
+    if k == 2:  # label_binarize gives one column for two classes
+        onehot = np.hstack([1 - onehot, onehot])
+    ref_micro = skm.roc_auc_score(onehot.ravel(), p.ravel())
+    ref_macro = (
+        skm.roc_auc_score(y, p[:, 1])  # scikit-learn's binary case: the positive class's column
+        if k == 2
+        else skm.roc_auc_score(y, p, average="macro", multi_class="ovr")
+    )
+    # float64 rounding of the same rational numbers computed two ways (see above)
+    assert micro == pytest.approx(ref_micro, abs=1e-12)
+    assert macro == pytest.approx(ref_macro, abs=1e-12)
+    assert micro != pytest.approx(macro, abs=1e-3)  # the two averages are told apart
+
+
+def test_roc_curve_points_match_scikit_learn() -> None:
+    """The curve has (0, 0), then one point per distinct score from the highest down, ending at
+    (1, 1): scikit-learn's roc_curve with drop_intermediate=False, point for point (its default
+    drops collinear points, which changes the list but not the curve)."""
+    scores, labels = tied_scores(50, 3, 4)
+    for c in range(3):
+        fpr, tpr = metrics.roc_curve(scores[:, c], labels == c)
+        ref_fpr, ref_tpr, _ = skm.roc_curve(
+            (labels == c).numpy(), scores[:, c].numpy(), drop_intermediate=False
+        )
+        # Exact: both divide the same integer counts of false / true positives by the same
+        # totals in float64.
+        assert fpr == ref_fpr.tolist()
+        assert tpr == ref_tpr.tolist()
+        assert len(fpr) == len(torch.unique(scores[:, c])) + 1  # the ties share a point
+
+
+def test_each_score_column_is_scored_against_its_own_class() -> None:
+    """Column k holds the scores of class k: a perfect classifier gets AUC 1; the same columns
+    shifted by one class (column k now says "class k+1") are scored against label k and get
+    the hand-computed 0.25 per class; relabelling classes and columns together changes
+    nothing."""
+    labels = torch.tensor([0, 1, 2] * 4)
+    perfect = F.one_hot(labels, 3).double()
+    assert metrics.one_vs_rest_auc(perfect, labels) == (1.0, 1.0)
+    # Column k is now 1 for class k+1. Against label k: the 4 positives score 0; of the 8
+    # negatives, class k+1 scores 1 (above) and class k+2 scores 0 (a tie, half): AUC
+    # (0 * 4 + 0.5 * 4) / 8 = 0.25 for every class.
+    shifted = perfect.roll(-1, dims=1)
+    assert metrics.one_vs_rest_auc(shifted, labels)[1] == 0.25
+    # Renaming the classes (old class perm[j] is called j) in the labels and the columns alike.
+    scores, labels = tied_scores(45, 3, 5)
+    perm = torch.tensor([2, 0, 1])
+    renamed = torch.argsort(perm)[labels]
+    micro, macro = metrics.one_vs_rest_auc(scores, labels)
+    p_micro, p_macro = metrics.one_vs_rest_auc(scores[:, perm], renamed)
+    assert p_micro == micro  # the same rank sums, exact half-integers
+    assert p_macro == pytest.approx(macro, abs=1e-15)  # a mean of the same 3 numbers, reordered
+    for j in range(3):  # class j's curve is old class perm[j]'s curve
+        assert metrics.roc_curve(scores[:, perm][:, j], renamed == j) == metrics.roc_curve(
+            scores[:, perm[j]], labels == perm[j]
+        )
+    # the columns alone permuted (now mismatched with the labels) do change the macro AUC
+    assert metrics.one_vs_rest_auc(scores[:, perm], labels)[1] != pytest.approx(macro, abs=1e-3)
