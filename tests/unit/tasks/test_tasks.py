@@ -3,18 +3,23 @@ included), per-sample metrics against an independent computation, the reference 
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from sklearn.metrics import confusion_matrix
+from sklearn.metrics import roc_curve as sk_roc_curve
 
 from tests.helpers import TINY_VIT
 from toolkit import recipe
 from toolkit.engine.validate import validate
-from toolkit.metrics import psnr
+from toolkit.metrics import MetricAccumulator, psnr
 from toolkit.runs import build_model
 from toolkit.tasks import TASKS, Placement, task_of
+from toolkit.tasks.classify import ClassifyTask
 from toolkit.tasks.mae import mask_noise
 
 ROOT = Path(__file__).resolve().parents[3]
@@ -118,3 +123,68 @@ def test_the_registry_names_the_builtin_tasks_and_says_did_you_mean() -> None:
     assert {"mae", "sr", "classify"} <= set(TASKS.names())
     with pytest.raises(KeyError, match="did you mean 'mae'"):
         TASKS.get("maee")
+
+
+def classify_values(labels: list[int], scores: torch.Tensor) -> MetricAccumulator:
+    """What validation gathers for the classify task (its `collected` values: the label and one
+    score per class), added in two batches as validation adds them."""
+    acc = MetricAccumulator()
+    half = len(labels) // 2
+    for lo, hi in ((0, half), (half, len(labels))):
+        values = {"label": torch.tensor(labels[lo:hi], dtype=torch.float64)}
+        values |= {f"score.{k}": scores[lo:hi, k] for k in range(scores.shape[1])}
+        acc.add([f"s{i}" for i in range(lo, hi)], values)
+    return acc
+
+
+def classify_task(shards: Path) -> ClassifyTask:
+    r = recipe.load(ROOT / "recipes/classify/cnn.yaml", [f"data.shards={shards}"])
+    task = task_of(r)
+    assert isinstance(task, ClassifyTask) and task.num_classes == 3
+    return task
+
+
+def test_confusion_matrix_rows_are_the_true_class_columns_the_predicted(tmp_path: Path) -> None:
+    """eval.json's confusion matrix has one row per true class and one column per predicted
+    class (scikit-learn's orientation, which the report's figure labels assume). The case is
+    asymmetric, so a transposed matrix fails."""
+    # (true, predicted): three 0s taken for 1, one 1 taken for 0, two 1s taken for 2, ...
+    pairs = [(0, 1)] * 3 + [(1, 0)] + [(1, 2)] * 2 + [(0, 0)] + [(2, 2)] * 2 + [(1, 1)]
+    labels = [t for t, _ in pairs]
+    predicted = torch.tensor([p for _, p in pairs])
+    scores = torch.full((len(pairs), 3), 0.2, dtype=torch.float64)
+    scores[torch.arange(len(pairs)), predicted] = 0.6  # the top score is the prediction
+    extras = classify_task(tmp_path).extras(classify_values(labels, scores))
+    expected = confusion_matrix(labels, predicted.numpy(), labels=[0, 1, 2])
+    assert not np.array_equal(expected, expected.T)
+    assert extras["confusion"] == expected.tolist()
+    assert extras["confusion"] == [[1, 3, 0], [1, 1, 2], [0, 0, 2]]  # written out: row = true
+
+
+def test_each_class_roc_curve_is_its_score_column_against_its_label(tmp_path: Path) -> None:
+    """eval.json's ROC curve named after class k (the shards' class names, in label order) is
+    column k of the scores against label k, point for point with scikit-learn."""
+    classes = ["none", "cdm", "vortex"]
+    # The fields read_manifest requires, with the class names `shard --labels` writes.
+    manifest = {"kind": "hr", "channels": [1], "hr_size": {"min": [8, 8]}, "splits": {}}
+    (tmp_path / "manifest.json").write_text(json.dumps({**manifest, "classes": classes}))
+    g = torch.Generator().manual_seed(0)
+    labels = torch.arange(24) % 3
+    # Each column leans to its own class by a different amount: the three curves differ.
+    scores = torch.rand(24, 3, generator=g, dtype=torch.float64)
+    scores += F.one_hot(labels, 3) * torch.tensor([0.2, 0.5, 0.8], dtype=torch.float64)
+    scores = (scores * 8).round() / 8  # ties, so that points merge
+    extras = classify_task(tmp_path).extras(classify_values(labels.tolist(), scores))
+    assert extras["classes"] == classes
+    assert list(extras["roc"]) == classes
+    curves = [extras["roc"][name] for name in classes]
+    assert curves[0] != curves[1] != curves[2]
+    for k, name in enumerate(classes):
+        fpr, tpr, _ = sk_roc_curve(
+            (labels == k).numpy(), scores[:, k].numpy(), drop_intermediate=False
+        )
+        # eval.json rounds to 6 decimals; 24 samples give far fewer than the 200 points kept
+        assert extras["roc"][name] == {
+            "fpr": [round(v, 6) for v in fpr.tolist()],
+            "tpr": [round(v, 6) for v in tpr.tolist()],
+        }
