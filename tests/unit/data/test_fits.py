@@ -173,3 +173,43 @@ def test_an_extension_is_written_as_itself_behind_the_input_primary_header() -> 
     assert out[0].header["TELESCOP"] == "HST" and out[1].header["OBJECT"] == "lens candidate"
     np.testing.assert_array_equal(out["SCI"].data, up)  # a cube stays a cube
     assert out[1].header["CRPIX1"] == pytest.approx(2 * (20.3 - 0.5) + 0.5)
+
+
+def unit_pixel_header() -> fits.Header:
+    """WCSs with neither CD nor CDELT cards, where FITS takes CDELT = 1: a TAN WCS whose PC
+    matrix carries the pixel scale and rotation (as some pipelines write it), and an alternate
+    "A" with CRPIX, CRVAL and CTYPE alone (one unit per pixel, e.g. detector coordinates)."""
+    h = fits.Header()
+    h["CTYPE1"], h["CTYPE2"] = "RA---TAN", "DEC--TAN"
+    h["CRVAL1"], h["CRVAL2"] = 150.1, 2.2
+    h["CRPIX1"], h["CRPIX2"] = 20.3, 11.7
+    pix = 0.05 / 3600
+    c, s = np.cos(np.radians(30)), np.sin(np.radians(30))
+    h["PC1_1"], h["PC1_2"], h["PC2_1"], h["PC2_2"] = -pix * c, pix * s, pix * s, pix * c
+    h["CTYPE1A"], h["CTYPE2A"] = "LINEAR", "LINEAR"
+    h["CRPIX1A"], h["CRPIX2A"], h["CRVAL1A"], h["CRVAL2A"] = 1.0, 1.0, 101.0, 51.0
+    return h
+
+
+@pytest.mark.parametrize("scale", [2, 3])
+def test_unit_pixels_without_cd_or_cdelt_shrink_too(scale: int) -> None:
+    """With neither CD nor CDELT the pixels are 1 (FITS's CDELT default), and they too must
+    become `scale` times smaller: output pixel centre scale * (i + 0.5) - 0.5 lies on the sky
+    of input pixel i, for the primary WCS and an alternate one."""
+    from astropy.wcs import WCS
+
+    header = unit_pixel_header()
+    assert not [k for k in header if k.startswith(("CD", "CDELT"))]  # the branch under test
+    data = to_bytes(fits.HDUList([fits.PrimaryHDU(np.zeros((24, 40), np.float32), header)]))
+    _, like = read_fits(data)
+    up = np.ones((1, 24 * scale, 40 * scale), np.float32)
+    written = fits.open(io.BytesIO(encode_fits(up, like, scale)))[0].header
+    i, j = np.meshgrid(np.arange(0, 24, 5.0), np.arange(0, 40, 7.0), indexing="ij")
+    for key in (" ", "A"):
+        w_in, w_out = WCS(header, key=key), WCS(written, key=key)
+        sky = w_in.pixel_to_world_values(j.ravel(), i.ravel())  # (x = column, y = row), 0-based
+        x, y = w_out.world_to_pixel_values(*sky)
+        centre = scale * (np.stack([j.ravel(), i.ravel()]) + 0.5) - 0.5
+        # Unscaled pixels would be off by (scale - 1) * (p - CRPIX) pixels, tens of them here;
+        # 1e-6 pixel is the round trip through the TAN projection in float64.
+        np.testing.assert_allclose(np.stack([x, y]), centre, rtol=0, atol=1e-6)
