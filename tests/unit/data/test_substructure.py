@@ -61,3 +61,26 @@ def test_classes_in_turn_and_the_same_files_whatever_the_workers(tmp_path) -> No
         a = np.load(tmp_path / "one" / name)
         assert a.shape == (150, 150) and a.dtype == np.float32 and 0 <= a.min() <= a.max() <= 1
         assert (tmp_path / "two" / name).read_bytes() == (tmp_path / "one" / name).read_bytes()
+
+
+def test_each_class_changes_the_image_of_the_same_system() -> None:
+    """With the same seed (the same lens, source, light and PSF are drawn before the
+    substructure) and no noise, `cdm` and `vortex` images differ from `no_sub` because of their
+    perturbers alone: a generator that dropped them would make the classes indistinguishable."""
+    pytest.importorskip("lenstronomy")
+    images = {
+        cls: substructure.simulate_labelled(np.random.default_rng(7), cls, noise=False)
+        for cls in ("no_sub", "cdm", "vortex")
+    }
+    again = substructure.simulate_labelled(np.random.default_rng(7), "no_sub", noise=False)
+    assert np.array_equal(again, images["no_sub"])  # no randomness left: what differs is the class
+    for cls in ("cdm", "vortex"):
+        diff = np.abs(images[cls].astype(np.float64) - images["no_sub"])
+        # Float32 rounding of values in [0, 1] is below 6e-8; the noise the generator would add
+        # has an rms of at most 0.008 (lensing's calibration). The perturbers move arcs by
+        # pixels and rescale the normalisation: 0.03 (vortex) and 0.05 (cdm) on average here, and
+        # even perturbers 10 times lighter change it by 0.01. 0.008 asks for a change at least
+        # the size of the noise, on average over the whole image.
+        assert diff.mean() > 0.008, (cls, diff.mean())
+        assert diff.max() > 0.1, (cls, diff.max())
+    assert np.abs(images["cdm"] - images["vortex"]).mean() > 0.008  # and from each other
