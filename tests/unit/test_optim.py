@@ -146,3 +146,50 @@ def test_losses() -> None:
     assert optim.build_loss("l1")(a, b).item() == pytest.approx(0.5)
     assert optim.build_loss("mse")(a, b).item() == pytest.approx(0.25)
     assert math.isclose(optim.lr_at(0, 1.0, SchedulerConfig(name="constant"), 1, 1), 1.0)
+
+
+def warm_restarts_formula(
+    step: int, base: float, warmup: int, period: int, mult: int, eta_min: float
+) -> float:
+    """Linear warmup over `warmup` steps ((step + 1) / warmup of the base), then
+    CosineAnnealingWarmRestarts counted from the end of warmup: periods of `period` steps,
+    each `mult` times the last, the lr falling from the base to eta_min along half a cosine
+    in each and jumping back to the base at each restart. Written out by walking the periods."""
+    if step < warmup:
+        return base * (step + 1) / warmup
+    t, length = step - warmup, period
+    while t >= length:  # the restarts so far
+        t -= length
+        length *= mult
+    return eta_min + (base - eta_min) * (1 + math.cos(math.pi * t / length)) / 2
+
+
+@pytest.mark.parametrize("mult", [1, 2])
+def test_warm_restarts_after_warmup_follow_the_formula_per_step(mult: int) -> None:
+    """Warmup, then restarts counted from its end (the first one T_0 epochs after warmup, not
+    after step 0), for each group from its own base lr, through the optimiser's real scheduler."""
+    spe, warmup, eta_min = 3, 5, 1e-5
+    sched = SchedulerConfig(
+        name="cosine_warm_restarts", T_0=2, T_mult=mult, eta_min=eta_min, warmup_steps=warmup
+    )
+    cfg = OptimConfig(lr=5e-4, groups=[GroupRule(match=r"^encoder\.", lr=8e-5)], scheduler=sched)
+    opt = optim.build_optimizer(optim.build_groups(Tiny(), cfg), cfg)
+    s = optim.build_scheduler(opt, sched, steps_per_epoch=spe, total_steps=60)
+    period = sched.T_0 * spe  # 6 steps
+    lrs: list[list[float]] = []
+    for _ in range(60):
+        lrs.append([g["lr"] for g in opt.param_groups])
+        opt.step(), s.step()
+    for step, row in enumerate(lrs):
+        for lr, g in zip(row, opt.param_groups, strict=True):
+            base = 8e-5 if "encoder" in g["name"] else 5e-4
+            want = warm_restarts_formula(step, base, warmup, period, mult, eta_min)
+            # LambdaLR sets base * (lr / base): one or two roundings of a float64.
+            assert lr == pytest.approx(want, rel=1e-12), (step, g["name"])
+    top = [row[-1] for row in lrs]  # the default group, base 5e-4
+    assert top[0] == pytest.approx(5e-4 / warmup, rel=1e-12)  # warmup starts at 1/warmup
+    # The first restart: the last step of the first period is near eta_min, the next is the base.
+    first = warmup + period
+    assert top[first - 1] < 0.1 * 5e-4 and top[first] == pytest.approx(5e-4, rel=1e-12)
+    second = first + period * mult
+    assert top[second - 1] < 0.1 * 5e-4 and top[second] == pytest.approx(5e-4, rel=1e-12)
