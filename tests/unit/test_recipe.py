@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
 import re
+import typing
 from pathlib import Path
 
 import pytest
+import yaml
 
-from toolkit import recipe
+from toolkit import config, recipe
 from toolkit.recipe import RecipeError
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -305,3 +308,99 @@ def test_each_architecture_validates_its_own_fields(tmp_path: Path) -> None:
     # the override switches the architecture's schema too
     r = recipe.load(ROOT / "recipes/baselines/rcan.yaml", ["model.n_resgroups=2"])
     assert (r.model.arch, r.model.n_resgroups, r.model.n_resblocks) == ("rcan", 2, 9)
+
+
+# --- an unknown key, in every section of the schema ---------------------------------------------
+
+UNKNOWN = "zzz_unknown"  # close to no key anywhere: the message lists the section's keys
+
+
+def sections(cls: type = recipe.Recipe, prefix: str = "") -> list[tuple[str, type]]:
+    """(dotted section, its dataclass) for every nested section of the schema, walked from the
+    dataclasses: optional sections (deepspeed), list items (optim.groups[0]); the model section,
+    whose dataclass depends on model.arch, is listed per architecture by the caller."""
+    out = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        inner = config.dataclass_of(hints[f.name])
+        if inner is None or "select" in f.metadata:
+            continue
+        dotted = prefix + config.yaml_key(f)
+        if typing.get_origin(hints[f.name]) is list:
+            dotted += "[0]"
+        out += [(dotted, inner), *sections(inner, dotted + ".")]
+    return out
+
+
+def _model_cases() -> list[tuple[str, str, str, type]]:
+    from toolkit.models import MODELS
+
+    return [
+        (f"model ({arch})", MODELS.get(arch).tasks[0], arch, MODELS.get(arch).config)
+        for arch in MODELS.names()
+    ]
+
+
+# (case id, task, architecture, the section's dotted name and dataclass)
+UNKNOWN_CASES = [
+    *[(s, "mae", "mae", s, c) for s, c in [("", recipe.Recipe), *sections()]],
+    *[(case, task, arch, "model", cls) for case, task, arch, cls in _model_cases()],
+]
+
+
+def test_the_walk_reaches_every_section_and_architecture() -> None:
+    """The parametrisation below is only as good as this list: it must hold the nested sections
+    and every registered architecture (a new one joins by itself)."""
+    names = [case for case, *_ in UNKNOWN_CASES]
+    for expected in ("", "data", "init", "optim", "optim.scheduler", "optim.groups[0]", "train",
+                     "deepspeed", "cluster", "run"):  # fmt: skip
+        assert expected in names
+    for arch in ("mae", "srmae", "edsr", "rcan", "vit_classifier", "cnn"):
+        assert f"model ({arch})" in names
+
+
+def _nest(dotted: str, leaf: dict) -> dict:
+    """{"optim": {"groups": [leaf]}} for "optim.groups[0]", and so on; the root: leaf itself."""
+    if not dotted:
+        return leaf
+    head, _, rest = dotted.partition(".")
+    inner = _nest(rest, leaf)
+    if head.endswith("[0]"):
+        return {head[:-3]: [inner]}
+    return {head: inner}
+
+
+@pytest.mark.parametrize("where", ["file", "override"])
+@pytest.mark.parametrize(
+    ("task", "arch", "section", "cls"),
+    [case[1:] for case in UNKNOWN_CASES],
+    ids=[case[0] or "(root)" for case in UNKNOWN_CASES],
+)
+def test_an_unknown_key_is_refused_in_every_section(
+    tmp_path: Path, where: str, task: str, arch: str, section: str, cls: type
+) -> None:
+    """A key the section does not have, in a file or an override, is one RecipeError line that
+    names the file (or override), the dotted key in its section and that section's keys: a
+    section that let it through would silently ignore a misspelt setting."""
+    leaf: dict = {UNKNOWN: 1}
+    if section.endswith("[0]"):
+        leaf["match"] = "x"  # a list item has its required key; only the unknown one is wrong
+    key = f"{section}.{UNKNOWN}" if section else UNKNOWN
+    base = {"task": task, "model": {"arch": arch}}
+    if where == "file":
+        path = tmp_path / "r.yaml"
+        path.write_text(yaml.safe_dump(config.merge(base, _nest(section, leaf))))
+        overrides, origin = [], str(path)
+    else:
+        path = tmp_path / "r.yaml"
+        path.write_text(yaml.safe_dump(base))
+        if section.endswith("[0]"):  # a list item is given with its list
+            item = f"{section[:-3]}=[{{match: x, {UNKNOWN}: 1}}]"
+        else:
+            item = f"{key}=1"
+        overrides, origin = [item], f"{path} (override {item})"
+    with pytest.raises(RecipeError) as err:
+        recipe.load(path, overrides)
+    msg = str(err.value)
+    known = ", ".join(config.yaml_key(f) for f in dataclasses.fields(cls))
+    assert msg == f"{origin}: {key}: unknown key; expected one of: {known}"
