@@ -146,3 +146,53 @@ def test_shifted_tilings_keep_exactness_and_average_out_where_edges_fall() -> No
     base = F.interpolate(x[None], scale_factor=2, mode="nearest")[0]
     spread = {k: (run(x, Tiling(48, 12, shifts=k), patterned) - base).std().item() for k in (1, 2)}
     assert spread[2] < 0.8 * spread[1], spread
+
+
+def entering(size: int) -> np.ndarray:
+    """The weight, written out, of the tile whose edge is at the start of a shared strip of
+    `size` output pixels (size divisible by 4): 0 over the quarter next to its edge, a raised
+    cosine sin^2(pi/2 t) over the middle half at pixel centres, t = (j - size/4 + 0.5) / (size/2),
+    1 over the last quarter. The other tile's weight is its mirror image."""
+    j = np.arange(size, dtype=np.float64)
+    t = np.clip((j - size / 4 + 0.5) / (size / 2), 0, 1)
+    return np.where(j < size / 4, 0.0, np.sin(np.pi / 2 * t) ** 2)
+
+
+@pytest.mark.parametrize(("scale", "overlap"), [(2, 8), (3, 12)])
+def test_the_cross_fade_of_four_tiles_against_its_formula(scale: int, overlap: int) -> None:
+    """A 2 x 2 tiling whose neighbours share exactly `overlap` LR pixels: each tile's weight
+    map, as Canvas.add accumulates it, is 1 away from the strips, 0 in the quarter of a strip
+    next to its own edge, sin^2 / cos^2 in the middle half, the product of the two axes' weights
+    where four tiles meet, and the weights of all tiles sum to 1 everywhere."""
+    tile = 16
+    side = 2 * tile - overlap  # two tiles per axis, sharing overlap pixels
+    canvas = Canvas(torch.zeros(4, side, side), scale, Tiling(tile, overlap))
+    assert [(p.y, p.x) for p in canvas.pieces] == [
+        (0, 0), (0, tile - overlap), (tile - overlap, 0), (tile - overlap, tile - overlap)
+    ]  # fmt: skip
+    for i, _ in canvas.tiles():  # tile i answers 1 in channel i: out[i] is its weight map
+        answer = torch.zeros(4, tile * scale, tile * scale)
+        answer[i] = 1.0
+        canvas.add(i, answer)
+    weights = canvas.out.double().numpy()
+    strip = scale * overlap
+    lo = scale * (tile - overlap)  # the strip, in output pixels: [lo, lo + strip)
+    up = entering(strip)
+    # Along an axis: 1 before the strip, the mirrored ramp in it, absent (0) after it; the
+    # tile after the strip is the mirror image.
+    first = np.concatenate([np.ones(lo), up[::-1], np.zeros(scale * side - lo - strip)])
+    second = first[::-1]
+    expected = [np.outer(a, b) for a in (first, second) for b in (first, second)]
+    # float32 sin and products against float64: rounding of 1e-7.
+    np.testing.assert_allclose(weights, np.stack(expected), rtol=0, atol=1e-6)
+    np.testing.assert_allclose(canvas.weight[0].numpy(), 1.0, rtol=0, atol=1e-6)
+    # Exact zeros next to each edge, and values at chosen pixels of the strip written out.
+    q = strip // 4
+    row = weights[1, 0, lo : lo + strip]  # tile (0, 1) along its top row: it enters the strip
+    assert (row[:q] == 0).all() and row[q] > 0
+    # The first and last pixel of the middle half, half a pixel into the fade (float32: 1e-7).
+    assert row[q] == pytest.approx(np.sin(np.pi / 2 * 0.5 / (strip / 2)) ** 2, abs=1e-7)
+    assert row[3 * q - 1] == pytest.approx(np.cos(np.pi / 2 * 0.5 / (strip / 2)) ** 2, abs=1e-7)
+    # Either side of the strip's centre: sin^2(pi/4 - d) + sin^2(pi/4 + d) = 1.
+    assert row[strip // 2 - 1] + row[strip // 2] == pytest.approx(1.0, abs=1e-6)
+    assert (row[3 * q :] == 1).all()
