@@ -146,23 +146,60 @@ def assert_consistent(out: Path) -> dict | None:
     return manifest
 
 
-def kill_when(cmd: list[str], ready: Callable[[], bool]) -> bool:
-    """Run cmd; SIGKILL it (and its workers) as soon as ready(); True if it was killed."""
+def kill_when(cmd: list[str], ready: Callable[[], bool]) -> int | None:
+    """Run cmd; SIGKILL it (and its workers) as soon as ready(). Its exit status: -SIGKILL
+    where the kill landed, another where it had exited first, None where ready() never came
+    true before it ended (or in 60 s)."""
     proc = subprocess.Popen(
         cmd, env=_env(), cwd=ROOT, start_new_session=True, stderr=subprocess.DEVNULL
     )
     deadline = time.monotonic() + 60
+    fired = False
     try:
         while proc.poll() is None and time.monotonic() < deadline:
             if ready():
                 os.killpg(proc.pid, signal.SIGKILL)
-                return True
+                fired = True
+                break
             time.sleep(0.0005)
-        return False
     finally:
-        if proc.poll() is None:
+        if proc.poll() is None and not fired:
             os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
+    return proc.returncode if fired else None
+
+
+# `python -m toolkit.shard` paused for good at one point of its commit, for the kill to land
+# there and nowhere else: after the K-th shard is renamed to its name (point "shard:K"), or
+# after manifest.json is written (point "manifest"). The commit's own code runs unchanged;
+# os.replace, which performs each of those steps, only stops after doing it.
+PAUSED_SHARD = """
+import os, sys, time
+from pathlib import Path
+
+marker, point = Path(sys.argv[1]), sys.argv[2]
+real, renamed = os.replace, 0
+
+def replace(src, dst, *args, **kwargs):
+    global renamed
+    real(src, dst, *args, **kwargs)
+    name = Path(dst).name
+    if name.startswith("shard-") and name.endswith(".tar"):
+        renamed += 1
+    shard_hit = name.startswith("shard-") and point == f"shard:{renamed}"
+    if shard_hit or (point == "manifest" and name == "manifest.json"):
+        marker.with_suffix(".tmp").write_text(str(dst))
+        real(marker.with_suffix(".tmp"), marker)  # whole when it appears
+        time.sleep(600)
+
+os.replace = replace
+from toolkit import shard
+sys.exit(shard.main(sys.argv[3:]))
+"""
+
+
+def paused_at(point: str, marker: Path, *argv: str | Path) -> list[str]:
+    return [sys.executable, "-c", PAUSED_SHARD, str(marker), point, *map(str, argv)]
 
 
 @pytest.fixture(scope="module")
@@ -178,38 +215,95 @@ def temps(out: Path) -> bool:
     return any(out.glob("*/.shard-*.tmp-*"))
 
 
+def names(manifest: dict) -> list[str]:
+    return sorted(s["name"] for sp in manifest["splits"].values() for s in sp["shards"])
+
+
+def named_tars(out: Path) -> list[str]:
+    return sorted(str(p.relative_to(out)) for p in out.glob("*/shard-*.tar"))
+
+
+def cleaned_up_by_a_rerun(src: Path, out: Path) -> None:
+    """A later --overwrite leaves exactly the files its manifest names (no temporaries, no
+    stale shards of the killed runs)."""
+    new = shard.shard(src, out, shard_size=1000, overwrite=True)
+    named = {out / s["name"] for sp in new["splits"].values() for s in sp["shards"]}
+    assert {p for p in out.glob("*/*") if p.is_file()} | set(out.glob("*/.*")) == named
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("workers", ["1", "2"])
 def test_killed_while_writing_leaves_no_manifest(many_files: Path, tmp_path: Path, workers) -> None:
+    """Killed while the shards are being written (a temporary tar exists; the commit needs all
+    100 written): no manifest and no shard under its name. That the process died of the
+    SIGKILL, and that its temporaries are still there, says the kill landed while writing:
+    a commit, had it begun, would have renamed them."""
     out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "toolkit.shard", str(many_files), str(out), "--shard-size", "40"]
-    assert kill_when([*cmd, "--workers", workers], lambda: temps(out))
+    cmd = [sys.executable, "-m", "toolkit.shard", str(many_files), str(out), "--shard-size", "30"]
+    assert kill_when([*cmd, "--workers", workers], lambda: temps(out)) == -signal.SIGKILL
+    assert temps(out)  # where it landed: mid-write
     assert not (out / "manifest.json").exists()
-    assert not list(out.glob("*/shard-*.tar"))  # nothing is renamed before every shard is whole
+    assert named_tars(out) == []  # nothing is renamed before every shard is whole
+    cleaned_up_by_a_rerun(many_files, out)
 
 
 @pytest.mark.slow
-def test_killed_while_committing_never_names_a_partial_shard(many_files: Path, tmp_path) -> None:
-    out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "toolkit.shard", str(many_files), str(out), "--shard-size", "20"]
-    kill_when(cmd, lambda: any(out.glob("train/shard-*.tar")))
-    assert_consistent(out)
+@pytest.mark.parametrize("overwrite", [False, True], ids=["fresh", "overwrite"])
+def test_killed_in_the_commit_before_the_manifest_leaves_none(
+    many_files: Path, tmp_path: Path, overwrite: bool
+) -> None:
+    """Killed after the first shard got its name and before the manifest is written: OUT has
+    no manifest at all, so no reader sees a mix of shards; over an old run, its manifest was
+    removed before the first of its shards was replaced, so the old run is not shown either."""
+    out, marker = tmp_path / "out", tmp_path / "paused"
+    old = shard.shard(many_files, out, shard_size=500, seed=1) if overwrite else None
+    cmd = paused_at("shard:1", marker, many_files, out, "--shard-size", "30", "--overwrite")
+    assert kill_when(cmd, marker.exists) == -signal.SIGKILL
+    assert marker.read_text() == str(out / "train/shard-000000.tar")  # where it landed
+    assert not (out / "manifest.json").exists()
+    assert temps(out)  # the other new shards, not yet renamed
+    # Fresh: the one renamed shard. Over an old run: its files, one of them now replaced by a
+    # new shard, unnamed by any manifest.
+    assert named_tars(out) == (names(old) if old else ["train/shard-000000.tar"])
+    cleaned_up_by_a_rerun(many_files, out)
 
 
 @pytest.mark.slow
-def test_killed_overwrite_keeps_the_old_run_or_none(many_files: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("overwrite", [False, True], ids=["fresh", "overwrite"])
+def test_killed_after_the_manifest_shows_the_new_run_whole(
+    many_files: Path, tmp_path: Path, overwrite: bool
+) -> None:
+    """Killed after the manifest is written, before an old run's extra shards are deleted:
+    the manifest is the new run's, every shard it names is whole (size, sha256), and the stale
+    shards left behind are named by none of it."""
+    out, marker = tmp_path / "out", tmp_path / "paused"
+    old = shard.shard(many_files, out, shard_size=200, seed=1) if overwrite else None
+    cmd = paused_at("manifest", marker, many_files, out, "--shard-size", "500", "--overwrite")
+    assert kill_when(cmd, marker.exists) == -signal.SIGKILL
+    assert marker.read_text() == str(out / "manifest.json")  # where it landed
+    manifest = assert_consistent(out)
+    assert manifest is not None and manifest["shard_size"] == 500
+    assert not temps(out)  # every new shard renamed
+    stale = sorted(set(named_tars(out)) - set(names(manifest)))
+    # The old run's shards of 200 outnumber the new ones of 500: the extra ones are still there.
+    assert stale == (sorted(set(names(old)) - set(names(manifest))) if old else [])
+    assert stale or not overwrite
+    cleaned_up_by_a_rerun(many_files, out)
+
+
+@pytest.mark.slow
+def test_killed_overwrite_while_writing_keeps_the_old_run(many_files: Path, tmp_path: Path) -> None:
+    """--overwrite killed while its shards are being written leaves the old run as it was:
+    its manifest and every shard it names, byte for byte."""
     out = tmp_path / "out"
     old = shard.shard(many_files, out, shard_size=500, seed=1)
     cmd = [sys.executable, "-m", "toolkit.shard", str(many_files), str(out), "--overwrite"]
-    assert kill_when([*cmd, "--shard-size", "30", "--workers", "2"], lambda: temps(out))
-    assert assert_consistent(out) == old  # killed before the commit: the old run is untouched
-    kill_when([*cmd, "--shard-size", "30"], lambda: not (out / "manifest.json").exists())
-    after = assert_consistent(out)
-    assert after is None or after["shard_size"] == 30
-    # A later --overwrite cleans up whatever the killed runs left.
-    new = shard.shard(many_files, out, shard_size=1000, overwrite=True)
-    named = {out / s["name"] for sp in new["splits"].values() for s in sp["shards"]}
-    assert {p for p in out.glob("*/*") if p.is_file()} | set(out.glob("*/.*")) == named
+    assert kill_when([*cmd, "--shard-size", "30", "--workers", "2"], lambda: temps(out)) == (
+        -signal.SIGKILL
+    )
+    assert temps(out)  # where it landed: mid-write, nothing renamed yet
+    assert assert_consistent(out) == old
+    cleaned_up_by_a_rerun(many_files, out)
 
 
 def test_verify_checks_every_shard_against_its_manifest(capsys, caplog, tmp_path: Path) -> None:
