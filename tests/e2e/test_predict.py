@@ -263,26 +263,36 @@ def outputs(root: Path) -> dict[str, bytes]:
 
 @pytest.mark.slow
 def test_killed_halfway_and_rerun_gives_every_output_once_as_one_run_would(tmp_path) -> None:
+    """SIGKILL once at least 5 of 30 outputs are written: the process really died of it, with
+    5 to 29 outputs (mid-run: not before any, not after the last), each of them whole under its
+    own name (a half-written one only under a hidden temporary name) and the hold of a dead
+    holder left; a rerun writes exactly the missing ones and leaves what one run would."""
     run = make_run(tmp_path / "edsr", "model.n_feats=48", "model.n_resblocks=6",
                    "model.img_size=32", base=EDSR_RECIPE)  # fmt: skip
     src = folder(tmp_path / "in", 30)
-    proc = run_cli("toolkit.predict", str(run), str(src), "--out", str(tmp_path / "killed"))
+    out = tmp_path / "killed"
+    proc = run_cli("toolkit.predict", str(run), str(src), "--out", str(out))
     deadline = time.monotonic() + 120
-    while len(list((tmp_path / "killed").rglob("*.npy"))) < 5:
+    while len(list(out.rglob("[!.]*.npy"))) < 5:
         assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[0]
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    before = len(list((tmp_path / "killed").rglob("*.npy")))
-    assert 5 <= before < 30
-    rerun = run_cli("toolkit.predict", str(run), str(src), "--out", str(tmp_path / "killed"))
+    assert proc.returncode == -signal.SIGKILL  # the kill landed: it had not finished or failed
+    left = outputs(out)
+    visible = {k: v for k, v in left.items() if not Path(k).name.startswith(".")}
+    before = len(visible)
+    assert 5 <= before < 30 and all(k.endswith(".npy") for k in visible)
+    assert ".hold" in left  # the dead holder's, taken over by the rerun
+    rerun = run_cli("toolkit.predict", str(run), str(src), "--out", str(out))
     log, _ = rerun.communicate(timeout=600)
     assert rerun.returncode == 0, log
     assert f"{30 - before} of 30 files written to" in log and f"({before} before)" in log
     whole = run_cli("toolkit.predict", str(run), str(src), "--out", str(tmp_path / "whole"))
     assert whole.wait(timeout=600) == 0
-    killed, clean = outputs(tmp_path / "killed"), outputs(tmp_path / "whole")
+    killed, clean = outputs(out), outputs(tmp_path / "whole")
     assert len(clean) == 30 and killed == clean  # no temporaries, no hold, the same bytes
+    assert all(clean[k] == v for k, v in visible.items())  # those written before: whole
 
 
 @pytest.mark.slow
