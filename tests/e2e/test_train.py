@@ -3,7 +3,6 @@ damaged checkpoints, two processes as one group, stage chaining, non-finite loss
 
 from __future__ import annotations
 
-import random
 import signal
 import sys
 import time
@@ -87,13 +86,26 @@ def json_of(path: Path) -> dict:
     return json.loads(path.read_text())
 
 
-def test_sigkill_then_relaunch_is_bit_identical(shards: Path, tmp_path: Path) -> None:
+def complete_steps(run: Path) -> list[int]:
+    """Steps of the checkpoints on disk that have their COMPLETE marker (read here, not
+    through the checkpointer under test)."""
+    dirs = (run / "checkpoints").glob("step-*")
+    return sorted(int(d.name.removeprefix("step-")) for d in dirs if (d / "COMPLETE").is_file())
+
+
+def test_sigkill_then_relaunch_is_bit_identical(
+    shards: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """SIGKILL once step 5 is logged (checkpoints every 2 steps of 14): the process died of it,
+    mid-run (no export, no eval.json), with the checkpoint of step 4 or a later one complete;
+    the relaunch resumes from exactly the newest complete checkpoint, redoes the steps after
+    it, and ends with the losses and weights of a run never killed."""
     args = ["train.max_steps=14", "train.checkpoint_every=2", "data.num_workers=1"]
     ref = tmp_path / "ref"
     assert train(*tiny(shards, ref, *args)) == 0
 
     run = tmp_path / "killed"
-    kill_after = random.Random().choice([3, 5, 8])  # a random step, past a checkpoint or two
+    kill_after = 5  # between the checkpoints of steps 4 and 6
     proc = run_cli("toolkit.train", str(DEBUG_RECIPE), *tiny(shards, run, *args))
     deadline = time.time() + 120
     while time.time() < deadline and proc.poll() is None:
@@ -105,9 +117,17 @@ def test_sigkill_then_relaunch_is_bit_identical(shards: Path, tmp_path: Path) ->
         time.sleep(0.05)
     proc.wait(30)
     assert proc.returncode == -signal.SIGKILL, proc.stdout.read()
-    assert not (run / "model.safetensors").exists()  # it really died mid-run
+    # Where it landed: past step 5 (so past the checkpoint of step 4), before the end.
+    assert not (run / "model.safetensors").exists() and not (run / "eval.json").exists()
+    done = complete_steps(run)
+    assert done and 4 <= done[-1] < 14, done
+    logged = max(x["step"] for x in read_jsonl(run / "metrics.jsonl") if "train/loss" in x)
+    assert logged >= kill_after
 
+    caplog.set_level("INFO")
     assert train(*tiny(shards, run, *args)) == 0  # relaunch: resumes by itself
+    newest = run / "checkpoints" / f"step-{done[-1]:08d}"
+    assert f"resumed from {newest} (step {done[-1]}," in caplog.text
     losses = [
         {x["step"]: x["train/loss"] for x in read_jsonl(d / "metrics.jsonl") if "train/loss" in x}
         for d in (ref, run)
