@@ -3,19 +3,25 @@ RGB photos end to end, and the bad inputs that must be one line with exit status
 
 from __future__ import annotations
 
+import io
 import json
+import math
 import os
 import shutil
+import tarfile
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
+import torch.nn.functional as F
 from PIL import Image
 
 from tests.helpers import DEBUG_RECIPE, evaluate_json, make_pairs, run_cli, tiny
 from toolkit import report
 from toolkit.data.format import read_manifest
 from toolkit.hold import HOLD, held
+from toolkit.runs import load_model, locate
 from toolkit.shard import shard
 
 pytestmark = pytest.mark.slow
@@ -38,6 +44,30 @@ def one_line_error(module: str, *args: str) -> str:
     return errors[0]
 
 
+def val_members(shards: Path) -> dict[str, dict[str, bytes]]:
+    """{sample key: {"hr.npy": bytes, ...}} of the val split, read from the tars with tarfile:
+    not through the loader under test."""
+    samples: dict[str, dict[str, bytes]] = {}
+    for tar_path in sorted((shards / "val").glob("shard-*.tar")):
+        with tarfile.open(tar_path) as tar:
+            for m in tar.getmembers():
+                key, ext = m.name.split(".", 1)
+                samples.setdefault(key, {})[ext] = tar.extractfile(m).read()
+    return samples
+
+
+def mean_psnr(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """Peak 1: 10 log10(1 / MSE) of each image [C, H, W] in float64, then their mean (dB)."""
+    mse = (out.double() - ref.double()).square().mean(dim=(1, 2, 3))
+    return sum(10 * math.log10(1 / m) for m in mse.tolist()) / len(mse)
+
+
+def bicubic_x2(lr: torch.Tensor) -> torch.Tensor:
+    """torch's bicubic (a = -0.75), pixel centres aligned (align_corners=False), clamped to
+    [0, 1] as the metrics of unit data are."""
+    return F.interpolate(lr, scale_factor=2, mode="bicubic", align_corners=False).clamp(0, 1)
+
+
 @pytest.fixture(scope="module")
 def grey(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path]:
     """(shards, pretrain run, finetune run): 1-channel pairs, a few steps of each stage."""
@@ -54,11 +84,32 @@ def grey(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path]:
 
 
 def test_evaluate_counts_every_sample_once_and_matches_on_two_processes(grey) -> None:
+    """eval.json's PSNRs (model and bicubic) are the ones computed here from the val shard's
+    files, every sample once, and the same on 2 processes; the train split is evaluated too."""
     shards, _, fine = grey
     one = evaluate_json(str(fine))
     assert json.loads((fine / "eval.json").read_text()) == one
     assert one["split"] == "val" and one["count"] == read_manifest(shards).count("val")
-    assert one["bicubic"] and one["model"]["psnr"] > 10
+    # PSNR recomputed here from the shard files: the bicubic row from the paired LR, the
+    # model's from the exported weights run on the same LR (32x32 HR: the centre crop is whole).
+    samples = val_members(shards)
+    assert len(samples) == one["count"]
+    hr = torch.stack(
+        [torch.from_numpy(np.load(io.BytesIO(s["hr.npy"])))[None] for s in samples.values()]
+    )
+    lr = torch.stack(
+        [torch.from_numpy(np.load(io.BytesIO(s["lr.npy"])))[None] for s in samples.values()]
+    )
+    with torch.no_grad():
+        sr = load_model(locate(fine)).eval()(lr).clamp(0, 1)
+    # The same float32 inputs through the same torch kernels: only float64 sums in another
+    # order differ (1e-14 dB seen), hence 1e-9 dB. The model's may also round its float32 sums
+    # differently in batches of another size (0 seen; ~1e-7 relative per pixel at most), hence
+    # 1e-6 dB. A PSNR of the mean MSE instead of the mean PSNR is 7e-3 dB off here; other
+    # conventions (align_corners=True, bilinear) 1.5 dB and more.
+    assert one["bicubic"]["psnr"] == pytest.approx(mean_psnr(bicubic_x2(lr), hr), abs=1e-9)
+    assert one["model"]["psnr"] == pytest.approx(mean_psnr(sr, hr), abs=1e-6)
+    assert abs(one["model"]["psnr"] - one["bicubic"]["psnr"]) > 1e-2  # two different rows
     stats = one["per_image"]["model"]["psnr"]
     assert len(stats["worst"]) == 5 and stats["worst"][0][1] == min(v for _, v in stats["worst"])
     assert stats["worst"][0][1] <= stats["median"]
@@ -139,7 +190,20 @@ def test_rgb_photos_end_to_end(tmp_path) -> None:
     run_ok("toolkit.launch", str(DEBUG_RECIPE), "--local",
            *tiny(shards, run, "train.max_steps=4", "model.in_chans=3"))  # fmt: skip
     ev = evaluate_json(str(run))
-    assert ev["count"] == read_manifest(shards).count("val") and ev["bicubic"]["psnr"] > 15
+    assert ev["count"] == read_manifest(shards).count("val")
+    # The bicubic row recomputed from the PNG files in the val shards: 8-bit / 255, the 32x32
+    # centre crop of each 64x64 tile (the model's img_size), LR = torch's antialiased bicubic
+    # downscale clamped to [0, 1] (HR-only shards), then bicubic x2 back, clamped.
+    hr = torch.stack([
+        torch.from_numpy(np.asarray(Image.open(io.BytesIO(s["hr.png"])), np.float32) / 255)
+        .permute(2, 0, 1)[:, 16:48, 16:48]
+        for s in val_members(shards).values()
+    ])  # fmt: skip
+    assert hr.shape[1:] == (3, 32, 32) and len(hr) == ev["count"]
+    lr = F.interpolate(hr, size=(16, 16), mode="bicubic", antialias=True).clamp(0, 1)
+    # float32 through the same kernels, float64 sums in another order (1e-14 dB seen): 1e-9 dB.
+    # An LR not clamped moves it by 3e-3 dB, one not antialiased by 0.2 dB.
+    assert ev["bicubic"]["psnr"] == pytest.approx(mean_psnr(bicubic_x2(lr), hr), abs=1e-9)
     out = tmp_path / "rep"
     run_ok("toolkit.report", str(run), "--out", str(out))
     with Image.open(out / "samples_run.png") as im:
