@@ -156,7 +156,7 @@ def worker(args: argparse.Namespace) -> int:
     engine.check_groups(optimizer, expected)
     # The loop's own step on batches held in memory: no loader, checkpointer or validation.
     run = Run(r, task, engine, Parts(model, optimizer, scheduler, None), None,
-              StepPlan(total, r.train), None, None)  # type: ignore[arg-type]  # fmt: skip
+              StepPlan(total, r.train), None, None, {})  # type: ignore[arg-type]  # fmt: skip
 
     g = torch.Generator().manual_seed(1000 + engine.rank)
     hr_side, c = r.model.img_size, r.model.in_chans

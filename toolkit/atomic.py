@@ -1,10 +1,13 @@
 """Atomic file writes: written beside the target, then renamed over it, so that a reader (or a
-rerun deciding what is finished) never sees half a file, whenever the writer was stopped."""
+rerun deciding what is finished) never sees half a file, whenever the writer was stopped; and
+the folders they go into."""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
+
+from toolkit.errors import UserError
 
 
 def write_atomic(path: Path, data: bytes | str, durable: bool = False) -> None:
@@ -21,3 +24,15 @@ def write_atomic(path: Path, data: bytes | str, durable: bool = False) -> None:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def make_folder(path: Path) -> Path:
+    """`path` made as a folder to write into (with its parents); a user error in one line where
+    it is a file, or cannot be made."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise UserError(f"{path}: a file, not a folder to write into") from None
+    except OSError as err:
+        raise UserError(f"{path}: cannot make the folder ({err.strerror or err})") from None
+    return path

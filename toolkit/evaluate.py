@@ -40,7 +40,7 @@ def evaluate(target: Target, split: str = "val") -> dict[str, Any] | None:
     from toolkit.tasks import Placement
 
     r, task = target.recipe, target.task
-    check_shards(r, split)
+    check_shards(target, split)
     model = load_model(target)
     engine = Engine(dataclasses.replace(r.train, precision="no", grad_accum=1), None, 1)
     try:
@@ -98,7 +98,7 @@ def _main(argv: Sequence[str] | None) -> int:
     overrides = [*args.overrides, *([f"data.shards={args.shards}"] if args.shards else [])]
     target = locate(args.source, overrides)
     if args.local and args.procs > 1 and "RANK" not in os.environ:  # not inside a group yet
-        check_shards(target.recipe, args.split)  # before starting any process
+        check_shards(target, args.split)  # before starting any process
         refuse_if_held(target.run_dir)
         child = [args.source, *overrides, "--split", args.split, *(["--json"] if args.json else [])]
         return env.torchrun(args.procs, "toolkit.evaluate", child)

@@ -30,6 +30,7 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from toolkit.atomic import make_folder
 from toolkit.errors import UserError
 
 logger = logging.getLogger(__name__)
@@ -184,8 +185,7 @@ class Hold:
 def acquire(directory: Path, command: str) -> Hold:
     """Hold `directory` (created if missing) for this process, or raise `Held` naming the live
     holder. A dead holder's hold is taken over, with a warning."""
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
+    directory = make_folder(Path(directory))
     path = directory / HOLD
     mine = me(command)
     body = json.dumps(asdict(mine)) + "\n"

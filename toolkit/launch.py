@@ -15,7 +15,7 @@ from typing import Any
 
 from toolkit import cli, preflight, recipe
 from toolkit.errors import UserError
-from toolkit.runs import param_summary, refuse_if_finished
+from toolkit.runs import check_relaunch, param_summary
 
 logger = logging.getLogger(__name__)
 
@@ -189,7 +189,7 @@ def run_local(args: Any, r: recipe.Recipe) -> int:
     """P=1: train in this process (the debug run). P>1: torchrun starts P processes here."""
     from toolkit.cluster import devices
 
-    done = refuse_if_finished(r, args.procs or 1)  # before any process starts
+    done = check_relaunch(r, args.procs or 1)  # before any process starts
     if done is not None:
         logger.warning("%s", done.line())
         return 0
@@ -273,7 +273,7 @@ def run_slurm(args: Any) -> int:
     slurm.require_slurm()
     to_submit = []
     for stage in stages:
-        done = refuse_if_finished(stage.recipe, stage.world.world_size)
+        done = check_relaunch(stage.recipe, stage.world.world_size)
         if done is not None:  # a finished stage of a chain is not trained again
             logger.warning("%s", done.line())
             continue

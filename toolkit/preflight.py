@@ -5,9 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 from toolkit import recipe
-from toolkit.data.format import MANIFEST, mismatches, read_manifest
+from toolkit.data.format import MANIFEST, read_manifest
 from toolkit.errors import UserError
 from toolkit.hold import holder_of, refusal
+from toolkit.runs import shard_problems
 
 
 def problems(r: recipe.Recipe, *, chained: bool = False) -> list[str]:
@@ -25,15 +26,43 @@ def problems(r: recipe.Recipe, *, chained: bool = False) -> list[str]:
         except UserError as err:
             out.append(f"data.shards: {err}")
         else:
-            out += mismatches(manifest, r.model.in_chans, r.model.img_size)
+            out += shard_problems(r, manifest)
     if r.init.from_ and not chained and not Path(r.init.from_).exists():
         out.append(
             f"init.from: {r.init.from_} does not exist yet: run the stage that writes it first"
         )
+    problem = foreign(r.run_dir)
+    if problem:
+        out.append(f"run.dir: {problem}")
     holder = holder_of(r.run_dir)  # one writer per run directory (toolkit/hold.py)
     if holder is not None:
         out.append(f"run.dir: {refusal(r.run_dir, holder)}")
     return out
+
+
+# What a run directory holds (README, "The run directory"); `slurm/` comes first, from the
+# scheduler, before the job's first process has written anything.
+RUN_ENTRIES = ("recipe.yaml", "data.json", "checkpoints", "model.safetensors", "tb",
+               "metrics.jsonl", "slurm", ".hold")  # fmt: skip
+
+
+def foreign(run_dir: Path) -> str | None:
+    """Why `run_dir` cannot hold a run: a file, or a folder of other things (a data folder, a
+    sweep's folder) into which a run would be written among them."""
+    if not run_dir.exists():
+        return None
+    if not run_dir.is_dir():
+        return f"{run_dir} is a file, not a run directory"
+    others = sorted(
+        p.name for p in run_dir.iterdir()
+        if p.name not in RUN_ENTRIES and not p.name.startswith("eval")
+    )  # fmt: skip
+    if others and not (run_dir / "recipe.yaml").is_file():
+        return (
+            f"{run_dir} holds {', '.join(others[:3])}{', ...' if len(others) > 3 else ''} and no "
+            "run: give the run a folder of its own"
+        )
+    return None
 
 
 def require(r: recipe.Recipe, *, chained: bool = False) -> None:

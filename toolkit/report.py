@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from toolkit import cli, recipe
+from toolkit.atomic import make_folder
 from toolkit.errors import UserError
 from toolkit.metrics import metric
 from toolkit.tasks import Task, task_of
@@ -80,13 +81,17 @@ def read_run(run_dir: Path) -> Run:
         raise UserError(f"{run_dir / 'eval.json'}: not an evaluation ({err!r})") from None
     if not isinstance(model, dict):
         raise UserError(f"{run_dir / 'eval.json'}: key 'model' should be an object")
+    r = recipe.load(run_dir / "recipe.yaml")
+    if ev.get("task") not in (None, r.task):  # evaluations before tasks carry none
+        raise UserError(f"{run_dir / 'eval.json'}: an evaluation of a {ev['task']} model, but "
+                        f"recipe.yaml describes a {r.task} run; evaluate it again")  # fmt: skip
     metrics = []
     for line in (run_dir / "metrics.jsonl").read_text().splitlines():
         try:
             metrics.append(json.loads(line))
         except ValueError:
             continue  # a line cut short by a kill: the others still make a curve
-    return Run(run_dir, recipe.load(run_dir / "recipe.yaml"), ev, metrics)
+    return Run(run_dir, r, ev, metrics)
 
 
 def read_runs(path: Path) -> list[Run]:
@@ -283,7 +288,7 @@ def sample_tiles(run: Run, count: int) -> tuple[list[str], list[list[Any]], list
 
     target = locate(run.dir)
     r = target.recipe
-    check_shards(r, "val")
+    check_shards(target, "val")
     model = load_model(target)
     first = next(iter(eval_loader(r, "val")))
     first = {k: v[:count] for k, v in first.items()}  # only what the map shows goes through
@@ -415,7 +420,7 @@ def report(run_dirs: Sequence[Path], out: Path, samples: int = 4) -> dict[str, A
     if len(set(names)) != len(names):
         raise UserError(f"run directories must have distinct names (file names): {names}")
     doc = {"tables": tables(runs), "runs": [str(run.dir) for run in runs]}
-    out.mkdir(parents=True, exist_ok=True)
+    make_folder(out)
     (out / "results.json").write_text(json.dumps(doc, indent=2) + "\n")
     (out / "results.md").write_text(markdown_all(doc))
     for run in runs:

@@ -12,8 +12,15 @@ from typing import Any
 from torch import nn
 
 from toolkit import recipe
-from toolkit.data.fit import Expected
-from toolkit.data.format import TRAINED_ON, Manifest, mismatches, read_manifest
+from toolkit.data.fit import Expected, shards_misfit
+from toolkit.data.format import (
+    MANIFEST,
+    TRAINED_ON,
+    Manifest,
+    in_unit_range,
+    mismatches,
+    read_manifest,
+)
 from toolkit.data.format import trained_on as format_trained_on
 from toolkit.data.loader import Loader, build_loader
 from toolkit.data.normalise import resolve
@@ -106,10 +113,55 @@ def finished(r: recipe.Recipe, manifest: Manifest | None = None) -> Finished | N
     return Finished(r.run_dir, state.step, state.world_size, written)
 
 
-def refuse_if_finished(r: recipe.Recipe, world_size: int) -> Finished | None:
-    """A finished run, if `r.run_dir` holds one (the caller says so and trains nothing); a user
-    error for one whose last writes were cut short and that a relaunch on another number of
-    processes cannot finish; None for a run to train (or resume)."""
+def another_run(then: recipe.Recipe, now: recipe.Recipe) -> str | None:
+    """How `now` differs from the recipe a run was trained with where its checkpoint cannot go
+    on under it: another task, SR factor, frozen set, parameter layout (DDP or a ZeRO stage) or
+    model (a parameter another shape, or missing); None where it can (more steps, another
+    learning rate, another mask ratio)."""
+    for key, a, b in (
+        ("task", then.task, now.task),
+        ("data.scale", then.data.scale, now.data.scale),
+        ("freeze", then.freeze, now.freeze),
+        ("deepspeed.zero_stage", _stage(then), _stage(now)),
+    ):
+        if a != b:
+            return f"{key} {a} in the run, {b} here"
+    shapes = [param_shapes(x) for x in (then, now)]
+    for name in [*shapes[0], *(n for n in shapes[1] if n not in shapes[0])]:  # model order
+        a, b = (s.get(name) for s in shapes)
+        if a != b:
+            return f"model parameter {name} {a or 'absent'} in the run, {b or 'absent'} here"
+    return None
+
+
+def _stage(r: recipe.Recipe) -> int | str:
+    return r.deepspeed.zero_stage if r.deepspeed is not None else "none (DDP)"
+
+
+def param_shapes(r: recipe.Recipe) -> dict[str, tuple[int, ...]]:
+    """Every parameter of the recipe's model and its shape, built on the meta device."""
+    import torch
+
+    with torch.device("meta"):
+        model = task_of(r).build_model(r)
+    return {name: tuple(p.shape) for name, p in model.named_parameters()}
+
+
+def check_relaunch(r: recipe.Recipe, world_size: int) -> Finished | None:
+    """Whether `r` may train in `r.run_dir` on `world_size` processes: None for a new run or one
+    to resume; the Finished run that is left as it is (the caller says so and trains nothing);
+    a user error for a run of another model or layout (it would not load, or would mean
+    something else), and for one whose last writes were cut short and that a relaunch on
+    another number of processes cannot finish."""
+    ckpts = complete_checkpoints(r.run_dir)
+    if not ckpts:
+        return None
+    difference = another_run(recipe.load(ckpts[0] / RECIPE), r)
+    if difference is not None:
+        raise UserError(
+            f"{r.run_dir}: holds a run this recipe cannot continue ({difference}); give this run "
+            f"its own run.dir, or relaunch with the run's own recipe ({r.run_dir / RECIPE})"
+        )
     done = finished(r)
     if done is None or done.written:
         return done
@@ -186,10 +238,41 @@ def load_model(target: Target) -> nn.Module:
     return model.eval()
 
 
-def check_shards(r: recipe.Recipe, split: str) -> None:
-    """Shards the model can read, with samples in `split`: a user error otherwise."""
+def shard_problems(
+    r: recipe.Recipe, manifest: Manifest, trained: dict[str, Any] | None = None
+) -> list[str]:
+    """Why shards cannot feed the recipe's model and task: channels, image size, the SR factor,
+    the fields the task needs (labels, and as many classes as the model has), and values the
+    normalisation cannot hold (`unit` on data beyond [0, 1]). `trained`: what the run trained
+    on (`data.json`), for an evaluation on other shards: their values must fit it too."""
+    task = task_of(r)
+    scale = r.data.scale if "lr" in task.fields else None
+    out = mismatches(manifest, r.model.in_chans, r.model.img_size, scale)
+    out += task.shard_problems(manifest, trained)
+    norm = resolve(r.data.normalise, manifest)
+    where = str(manifest.root / MANIFEST)
+    if norm.name == "unit" and not in_unit_range(manifest.value_range):
+        low, high = manifest.value_range or (0.0, 1.0)
+        out.append(
+            f"{where}: data.normalise unit says values lie in [0, 1], but the shards hold "
+            f"{low:.4g} to {high:.4g}: use data.normalise=minmax, percentile, asinh or none"
+            + (f" (the shards' own is {manifest.normalise})" if manifest.normalise else "")
+        )
+    elif trained and trained.get("value_range"):
+        low, high = trained["value_range"]
+        expected = Expected(str(r.run_dir), r.model.in_chans, norm, (float(low), float(high)))
+        problem = shards_misfit(where, manifest.value_range, norm, expected)
+        if problem:
+            out.append(problem)
+    return out
+
+
+def check_shards(target: Target, split: str) -> None:
+    """Shards the target's model and task can read, with samples in `split`, and values that
+    fit what it was trained on: a user error otherwise."""
+    r = target.recipe
     manifest = read_manifest(r.data.shards)
-    problems = mismatches(manifest, r.model.in_chans, r.model.img_size)
+    problems = shard_problems(r, manifest, trained_on(target))
     if problems:
         raise UserError(problems[0])
     if not manifest.count(split):

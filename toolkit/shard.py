@@ -35,6 +35,7 @@ from toolkit.data.format import (
     ShardResult,
     TarWriter,
     commit,
+    in_unit_range,
     manifest_doc,
     verify,
 )
@@ -87,6 +88,46 @@ def classes_of(source: Source, seed: int, val_fraction: float) -> tuple[str, ...
                 f"{val_fraction}: add samples of it or raise the fraction"
             )
     return classes
+
+
+def refuse_unfit(
+    root: Path,
+    results: list[ShardResult],
+    normalise: str | None,
+    classes: tuple[str, ...] | None,
+    val_fraction: float,
+) -> None:
+    """What the files turned out to hold, checked before the shards are made visible: one SR
+    factor for every pair, a class left with samples in every split it needs (files of it may
+    have been skipped), values in [0, 1] where `--normalise unit` says so."""
+    scales: dict[int, int] = {}
+    for r in results:
+        for k, n in r.scales.items():
+            scales[k] = scales.get(k, 0) + n
+    if len(scales) > 1:
+        found = ", ".join(f"{n} at scale {k}" for k, n in sorted(scales.items()))
+        raise UserError(f"{root}: hr/lr pairs of several scales ({found}): one shard set holds "
+                        "one scale; shard each in its own")  # fmt: skip
+    if classes is not None:
+        for split in ("train", "val") if val_fraction > 0 else ("train",):
+            counts = [0] * len(classes)
+            for r in results:
+                if r.split == split:
+                    for label, n in r.class_counts.items():
+                        counts[label] += n
+            empty = [c for c, n in zip(classes, counts, strict=True) if not n]
+            if empty:
+                raise UserError(
+                    f"{root}: class {empty[0]} has no readable sample in {split} (its files "
+                    "were skipped: see the log); add or mend them"
+                )
+    low = min((r.low for r in results if r.count), default=0.0)
+    high = max((r.high for r in results if r.count), default=1.0)
+    if normalise == "unit" and not in_unit_range((low, high)):
+        raise UserError(
+            f"{root}: --normalise unit says values lie in [0, 1], but the files hold {low:.4g} "
+            f"to {high:.4g}: use none, minmax, percentile or asinh"
+        )
 
 
 def order_of(key: str, seed: int) -> str:
@@ -213,6 +254,13 @@ def _members(job: ShardJob, item: Item, result: ShardResult) -> list[tuple[str, 
         result.low, result.high = min(result.low, low), max(result.high, high)
         if filled:
             result.filled[rel] = filled
+    if len(shapes) == 2:  # a pair: its LR must be its HR reduced by one whole factor
+        (_, h, w), (_, lh, lw) = shapes
+        if lh < 1 or lw < 1 or h % lh or w % lw or h // lh != w // lw or h // lh < 2:
+            lr = item.lr.relative_to(job.root).as_posix()  # type: ignore[union-attr]
+            result.skipped.append((lr, f"{lh}x{lw}: not its hr {h}x{w} reduced by one factor"))
+            return None
+        result.scales[h // lh] = result.scales.get(h // lh, 0) + 1
     result.channels.update(c for c, _, _ in shapes)
     _, h, w = shapes[0]
     result.hr_min = (min(result.hr_min[0], h), min(result.hr_min[1], w))
@@ -430,6 +478,7 @@ def shard(
             raise UserError(
                 f"{source.root}: no sample could be read (first: {first[0]}: {first[1]})"
             )
+        refuse_unfit(source.root, results, normalise, classes, val_fraction)
     except BaseException:
         for r in results:
             if r.tmp:

@@ -58,9 +58,11 @@ def range_misfit(
     mapped: tuple[float, float],
     norm: Normalisation,
     expected: Expected,
+    remap: str = "predict --normalise ",
 ) -> str | None:
     """Why values `seen` (data units; `mapped`: what `norm` makes of them for the model) do not
-    fit the run, in one line, or None when they do."""
+    fit the run, in one line, or None when they do. `remap`: how the command is told another
+    normalisation, for the remedy."""
     allowed = expected.allowed()
     if allowed is None or (allowed[0] <= mapped[0] and mapped[1] <= allowed[1]):
         return None
@@ -79,8 +81,8 @@ def range_misfit(
     # data in other units needs data like them.
     if model_low >= -SLACK and model_high <= 1 + SLACK:
         remedy = (
-            "`predict --normalise minmax` (or percentile) maps each image to [0, 1] and its "
-            "output back to the image's units; or retrain on such data"
+            f"`{remap}minmax` (or percentile) maps each image to [0, 1] and the model's output "
+            "back to the image's units; or retrain on such data"
         )
     else:
         remedy = "retrain on such data (shard them; data.normalise=asinh:SOFT suits a wide range)"
@@ -89,6 +91,21 @@ def range_misfit(
         f"{trained} (normalisation {expected.norm}: {_g(model_low)} to {_g(model_high)} for the "
         f"model); {remedy}"
     )
+
+
+def shards_misfit(
+    where: str, value_range: tuple[float, float] | None, norm: Normalisation, expected: Expected
+) -> str | None:
+    """Why shards whose values span `value_range` do not fit the run when mapped by `norm`, or
+    None (also when their range was not recorded). A per-image map puts every image in [0, 1]."""
+    if value_range is None:
+        return None
+    if norm.per_image:
+        mapped = (0.0, 1.0)
+    else:
+        ends = norm.apply(torch.tensor(value_range, dtype=torch.float64), None)
+        mapped = (float(ends[0]), float(ends[1]))
+    return range_misfit(where, value_range, mapped, norm, expected, remap="data.normalise=")
 
 
 def misfit(where: str, x: torch.Tensor, norm: Normalisation, expected: Expected) -> str | None:

@@ -136,6 +136,7 @@ class ShardResult:
     high: float = float("-inf")
     filled: dict[str, int] = field(default_factory=dict)
     class_counts: dict[int, int] = field(default_factory=dict)  # labelled: samples per class
+    scales: dict[int, int] = field(default_factory=dict)  # paired: pairs per HR/LR factor
 
 
 def commit(out: Path, results: list[ShardResult], manifest: dict, old: set[Path]) -> None:
@@ -204,6 +205,8 @@ def manifest_doc(
             "max": [max(r.hr_max[0] for r in kept), max(r.hr_max[1] for r in kept)],
         },
         "value_range": value_range,
+        # paired: the factor between HR and LR sides (`shard` refuses a set of several)
+        "scale": next(iter({k for r in results for k in r.scales}), None),
         # how the loader maps values for a model, unless a recipe says otherwise
         "normalise": normalise or default_normalise(value_range),
         "nonfinite": {
@@ -241,9 +244,16 @@ class Manifest:
     normalise: str | None = None  # `toolkit.shard --normalise`, as written (None: not recorded)
     fits_hdu: str | None = None  # `toolkit.shard --hdu`: the HDU read from FITS members
     classes: tuple[str, ...] | None = None  # `toolkit.shard --labels`: the class names
+    scale: int | None = None  # paired: HR side / LR side (None: HR only, or not recorded)
 
     def count(self, split: str) -> int:
         return sum(s.count for s in self.splits[split])
+
+    @property
+    def fields(self) -> tuple[str, ...]:
+        """The batch fields the loader can make of these shards: the stored image (`hr`), its
+        LR (stored, or made by degradation) and, for labelled shards, the `label`."""
+        return ("hr", "lr", "label") if self.classes else ("hr", "lr")
 
 
 def read_manifest(root: str | Path) -> Manifest:
@@ -266,6 +276,7 @@ def read_manifest(root: str | Path) -> Manifest:
             normalise=doc.get("normalise"),
             fits_hdu=doc.get("fits_hdu"),
             classes=tuple(doc["classes"]) if "classes" in doc else None,
+            scale=int(doc["scale"]) if doc.get("scale") is not None else None,
         )
     except FileNotFoundError:
         raise UserError(f"{path}: not found: make shards with `python -m toolkit.shard`") from None
@@ -322,9 +333,16 @@ def trained_on(manifest: Manifest, normalise: str) -> dict[str, Any]:
     }
 
 
-def mismatches(manifest: Manifest, channels: int, crop: int) -> list[str]:
-    """Why the shards cannot feed a model of `channels` inputs on `crop`-sized images, if so."""
+def mismatches(manifest: Manifest, channels: int, crop: int, scale: int | None = None) -> list[str]:
+    """Why the shards cannot feed a model of `channels` inputs on `crop`-sized images at SR
+    factor `scale` (None: any), if so."""
     out = []
+    if scale is not None and manifest.scale is not None and manifest.scale != scale:
+        out.append(
+            f"{manifest.root / MANIFEST}: the shards pair HR with LR at 1/{manifest.scale} of its "
+            f"side (scale {manifest.scale}), but data.scale is {scale}: set "
+            f"data.scale={manifest.scale}, or shard pairs at that scale"
+        )
     if set(manifest.channels) - {channels}:
         out.append(
             f"{manifest.root / MANIFEST}: shards hold {'/'.join(map(str, manifest.channels))}-"

@@ -31,7 +31,7 @@ from toolkit.logging import RunLogger, image_grid
 from toolkit.metrics import metric
 from toolkit.models import param_counts
 from toolkit.optim import build_groups, build_optimizer, build_scheduler
-from toolkit.runs import build_model, refuse_if_finished
+from toolkit.runs import build_model, check_relaunch
 from toolkit.tasks import Placement, Task, task_of
 
 logger = logging.getLogger(__name__)
@@ -59,6 +59,7 @@ class Run:
     plan: StepPlan
     ckpt: Checkpointer
     resume: Resume | None
+    trained: dict[str, Any]  # what the run records of its shards (data.json)
     log: RunLogger | None = None
 
     def close_loaders(self) -> None:
@@ -74,7 +75,7 @@ def train(r: recipe.Recipe) -> TrainResult:
     run, hold = None, None
     try:
         # A run that reached its end is left as it is, whatever the number of processes.
-        done = engine.on_main(lambda: refuse_if_finished(r, engine.world_size))
+        done = engine.on_main(lambda: check_relaunch(r, engine.world_size))
         if done is not None:
             if engine.is_main:
                 logger.warning("%s", done.line())
@@ -129,13 +130,9 @@ def build(engine: Engine, r: recipe.Recipe) -> Run:
     universal = resume is not None and resume.universal
     model, optimizer, scheduler = engine.prepare(model, optimizer, scheduler, universal)
     engine.check_groups(optimizer, expected)
-    if engine.is_main:
-        r.run_dir.mkdir(parents=True, exist_ok=True)
-        (r.run_dir / "recipe.yaml").write_text(recipe_yaml)
-        write_json(r.run_dir / TRAINED_ON, trained_on(manifest, str(norm)))
     engine.seed(r.train.seed, per_rank=True)
     parts = Parts(model, optimizer, scheduler, data)
-    return Run(r, task, engine, parts, val, plan, ckpt, resume)
+    return Run(r, task, engine, parts, val, plan, ckpt, resume, trained_on(manifest, str(norm)))
 
 
 def split_loader(
@@ -150,6 +147,9 @@ def restore(run: Run) -> TrainState:
     """The checkpoint's state of every part (or a fresh one), and the run's logger."""
     start = time.perf_counter()
     state = run.ckpt.restore(run.resume, run.parts)
+    if run.engine.is_main:  # only now: a relaunch that cannot resume leaves the run's files be
+        (run.r.run_dir / "recipe.yaml").write_text(run.ckpt.recipe_yaml)
+        write_json(run.r.run_dir / TRAINED_ON, run.trained)
     run.log = RunLogger(run.r.run_dir, enabled=run.engine.is_main, total_steps=run.plan.total,
                         start_step=state.step, log_every=run.r.train.log_every)  # fmt: skip
     if run.resume is not None:

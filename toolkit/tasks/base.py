@@ -13,6 +13,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
+from toolkit.data.format import MANIFEST, Manifest
 from toolkit.metrics import MetricAccumulator
 from toolkit.models import MODELS, build_model
 from toolkit.recipe import Recipe
@@ -65,6 +66,26 @@ class Task(ABC):
     def problems(cls, r: Recipe) -> Iterator[tuple[str, str]]:
         """(dotted key, message) for what in `r` this task cannot train with."""
         return iter(())
+
+    # How shards come to carry a field they lack, for the line that refuses them.
+    _FIELD_SOURCES: ClassVar[dict[str, str]] = {
+        "label": "labelled shards come from class folders: `python -m toolkit.shard SRC OUT "
+        "--labels` with SRC/<class>/<image>",
+    }
+
+    def shard_problems(
+        self, manifest: Manifest, trained: dict[str, Any] | None = None
+    ) -> Iterator[str]:
+        """Why shards cannot feed this task (the fields it needs), before anything trains or
+        evaluates; `trained`: the record of the shards the run trained on, for an evaluation
+        on others."""
+        missing = [f for f in self.fields if f not in manifest.fields]
+        if missing:
+            how = "; ".join(self._FIELD_SOURCES[f] for f in missing if f in self._FIELD_SOURCES)
+            yield (
+                f"{manifest.root / MANIFEST}: the shards carry no {' or '.join(missing)}, which "
+                f"the {self.name} task needs" + (f"; {how}" if how else "")
+            )
 
     def model_inputs(self) -> dict[str, Any]:
         """What the architecture's builder needs from the task (the SR scale, ...)."""

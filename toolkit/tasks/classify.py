@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from toolkit.data.format import MANIFEST, Manifest
 from toolkit.metrics import MetricAccumulator, one_vs_rest_auc, roc_curve
 from toolkit.recipe import Recipe
 from toolkit.tasks.base import BatchResult, Placement, Task
@@ -50,6 +51,27 @@ class ClassifyTask(Task):
             yield "model.arch", f"{r.model.arch} has no num_classes: not a classifier"
         if r.train.loss is not None:
             yield "train.loss", "the classify task trains cross-entropy: use null"
+
+    def shard_problems(
+        self, manifest: Manifest, trained: dict[str, Any] | None = None
+    ) -> Iterator[str]:
+        """Labels, as many classes as the model has outputs, and (evaluating a run on other
+        shards) the classes it was trained on, in its order: a label means its class only."""
+        yield from super().shard_problems(manifest, trained)
+        where, classes = manifest.root / MANIFEST, manifest.classes
+        if not classes:
+            return
+        if len(classes) != self.num_classes:
+            yield (
+                f"{where}: the shards hold {len(classes)} classes ({', '.join(classes)}), but "
+                f"model.num_classes is {self.num_classes}: set model.num_classes="
+                f"{len(classes)}, or use shards of {self.num_classes} classes"
+            )
+        elif trained and trained.get("classes") and list(classes) != list(trained["classes"]):
+            yield (
+                f"{where}: the shards' classes are {', '.join(classes)}, but the run was trained "
+                f"on {', '.join(trained['classes'])} (labels are indices in that order)"
+            )
 
     @property
     def collected(self) -> tuple[str, ...]:
