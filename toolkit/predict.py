@@ -19,6 +19,8 @@ share of the files, every file once. One writer per output folder (`toolkit/hold
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import logging
 import os
 import sys
@@ -241,11 +243,56 @@ class Predictor:
         return True
 
 
-def _hold(out: Path) -> Any:
+RECORD = ".predict.json"  # in an output folder: the model and settings its outputs come from
+
+
+def settings(
+    target: Target, model: torch.nn.Module, fit: Fit, tiling: Tiling, args: Any
+) -> dict[str, Any]:
+    """What an output depends on besides its input: the weights (a digest of every tensor, so
+    a run trained further is another model), the normalisation, the tiling and the precision."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return {"source": str(target.source), "weights": digest.hexdigest()[:16],
+            "normalise": str(fit.norm), "tile": tiling.tile, "overlap": tiling.overlap,
+            "shifts": tiling.shifts, "precision": args.precision}  # fmt: skip
+
+
+def check_record(out: Path, made: dict[str, Any]) -> bool:
+    """Whether `out` already records the prediction `made` (False: none recorded); a user error
+    where it holds the outputs of another model or other settings, which a rerun would
+    otherwise count as done."""
+    path = out / RECORD
+    if not path.is_file():
+        return False
+    try:
+        then = json.loads(path.read_text())
+    except ValueError:
+        then = {}
+    then = then if isinstance(then, dict) else {}
+    for key, value in made.items():
+        if key != "source" and then.get(key) != value:
+            what = "weights" if key == "weights" else f"{key} {then.get(key)}, here {value}"
+            raise UserError(
+                f"{out}: holds the outputs of another prediction ({what}; {RECORD} says it "
+                f"came from {then.get('source')}): give another --out, or remove {out} to "
+                "predict again"
+            )
+    return True
+
+
+def _hold(out: Path, made: dict[str, Any]) -> Any:
     """The output folder, made and held (`toolkit/hold.py`), cleared of what a killed writer
-    left half-written."""
-    out.mkdir(parents=True, exist_ok=True)
-    hold = acquire(out, "predict")
+    left half-written, with the record of what its outputs come from."""
+    hold = acquire(out, "predict")  # makes the folder
+    try:
+        if not check_record(out, made):
+            write_atomic(out / RECORD, json.dumps(made, indent=2) + "\n")
+    except BaseException:
+        hold.release()
+        raise
     for tmp in out.rglob(".*.tmp-*"):
         tmp.unlink(missing_ok=True)
     return hold
@@ -274,10 +321,12 @@ def predict(target: Target, args: Any) -> int:
         if _LAUNCHED not in os.environ:  # else the launcher has checked them
             found = engine.gather(fit.refusal(share(todo, engine.rank, engine.world_size)))
             engine.on_main(lambda: refuse_misfits([p for part in found or [] for p in part]))
-        hold = engine.on_main(lambda: _hold(out), share=False)  # one holder of the output folder
+        model = load_model(target)
+        made = engine.on_main(lambda: settings(target, model, fit, tiling, args))
+        hold = engine.on_main(lambda: _hold(out, made), share=False)  # one holder of the folder
         todo = engine.broadcast([j for j in todo if not (out / j.name).is_file()])
         mine = share(todo, engine.rank, engine.world_size)
-        model = load_model(target).to(engine.device)
+        model = model.to(engine.device)
         predictor = Predictor(model, fit, tiling, engine, args.batch)
         start = time.perf_counter()
         bar = tqdm(total=len(mine), unit="file", file=sys.stderr,
@@ -346,6 +395,7 @@ def _main(argv: Sequence[str] | None) -> int:
         _, todo = _plan(args.inputs, out, args.hdu, args.split)  # bad inputs stop here
         refuse_misfits(fit.refusal(todo))
         refuse_if_held(out)
+        check_record(out, settings(target, load_model(target), fit, tiling, args))
         os.environ[_LAUNCHED] = "1"
         try:
             rc = env.torchrun(args.procs, "toolkit.predict", _child_args(args))

@@ -163,7 +163,7 @@ def test_photographs_come_back_as_photographs_of_their_depth(nearest_run, tmp_pa
     Image.fromarray(grey16).save(tmp_path / "in" / "b.tif")
     Image.fromarray(grey8).save(tmp_path / "in" / "c.jpg", quality=95)
     assert main(run, tmp_path / "in", "--out", tmp_path / "out") == 0
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["a.png", "b.tif", "c.png"]
+    assert shown(tmp_path / "out") == ["a.png", "b.tif", "c.png"]
     np.testing.assert_array_equal(
         np.asarray(Image.open(tmp_path / "out" / "a.png")), up(grey8, (0, 1))
     )
@@ -255,6 +255,11 @@ def folder(root: Path, count: int, size: int = 120) -> Path:
     return root
 
 
+def shown(folder: Path) -> list[str]:
+    """The names in a folder, but hidden ones (the hold, the prediction's record)."""
+    return sorted(p.name for p in folder.iterdir() if not p.name.startswith("."))
+
+
 def outputs(root: Path) -> dict[str, bytes]:
     return {
         str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()
@@ -291,7 +296,8 @@ def test_killed_halfway_and_rerun_gives_every_output_once_as_one_run_would(tmp_p
     whole = run_cli("toolkit.predict", str(run), str(src), "--out", str(tmp_path / "whole"))
     assert whole.wait(timeout=600) == 0
     killed, clean = outputs(out), outputs(tmp_path / "whole")
-    assert len(clean) == 30 and killed == clean  # no temporaries, no hold, the same bytes
+    # no temporaries, no hold, the same bytes; and the record of what the outputs come from
+    assert len(clean) == 31 and predict.RECORD in clean and killed == clean
     assert all(clean[k] == v for k, v in visible.items())  # those written before: whole
 
 
@@ -328,12 +334,44 @@ def test_a_bad_file_mid_folder_is_named_and_the_others_are_written(
     assert main(run, tmp_path / "in", "--out", tmp_path / "out") == 2
     assert re.search(r"in/b\.npy: not a readable \.npy", caplog.text)
     assert capsys.readouterr().err.startswith("error: 1 of 4 files failed")
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["a.npy", "c.npy", "e.npy"]
+    assert shown(tmp_path / "out") == ["a.npy", "c.npy", "e.npy"]
     assert main(run, tmp_path / "in", "--out", tmp_path / "out") == 2  # a rerun retries those
     # Outputs written inside the input folder are not taken for inputs by the next run.
     assert main(run, tmp_path / "in" / "a.npy", "--out", tmp_path / "in" / "sr") == 0
     assert main(run, tmp_path / "in", "--out", tmp_path / "in" / "sr") == 2
-    assert sorted(p.name for p in (tmp_path / "in" / "sr").iterdir()) == ["a.npy", "c.npy", "e.npy"]
+    assert shown(tmp_path / "in" / "sr") == ["a.npy", "c.npy", "e.npy"]
+
+
+def test_an_output_folder_of_another_prediction_is_refused(tmp_path: Path, capsys) -> None:
+    """A rerun into a folder skips what is written; into a folder written by another model
+    (or with other settings) it counted the old outputs as done and wrote nothing. Now the
+    folder's predict.json says what its outputs come from, and another prediction is refused."""
+    first = make_run(tmp_path / "a", *TINY_EDSR, base=EDSR_RECIPE, seed=0)
+    other = make_run(tmp_path / "b", *TINY_EDSR, base=EDSR_RECIPE, seed=1)
+    for name in ("x", "y"):
+        npy(tmp_path / "in" / f"{name}.npy", RNG.uniform(size=(20, 20)).astype(np.float32))
+    out = tmp_path / "out"
+    assert main(first, tmp_path / "in" / "x.npy", "--out", out) == 0
+    before = tree_digest(out)
+    for args, said in (((other,), "(weights;"), ((first, "--precision", "bf16"),
+                                                  "(precision fp32, here bf16;")):  # fmt: skip
+        line = refused(capsys, *args, tmp_path / "in", "--out", out)
+        assert f"{out}: holds the outputs of another prediction {said}" in line
+        assert f"came from {first}" in line and tree_digest(out) == before
+    assert main(first, tmp_path / "in", "--out", out) == 0  # the same prediction: goes on
+    assert shown(out) == ["x.npy", "y.npy"] and (out / predict.RECORD).is_file()
+
+
+def test_an_input_that_would_be_its_own_output_is_refused(tmp_path: Path, capsys) -> None:
+    """An input inside --out, at the path its output would take, was counted as its own output
+    ("0 of 1 files written (1 before)"); a folder that is --out said it had no usable files."""
+    run = make_run(tmp_path / "edsr", *TINY_EDSR, base=EDSR_RECIPE)
+    image = npy(tmp_path / "same" / "a.npy", RNG.uniform(size=(20, 20)).astype(np.float32))
+    line = refused(capsys, run, image, "--out", tmp_path / "same")
+    assert f"{image}: its output would be written over it: give another --out" in line
+    line = refused(capsys, run, tmp_path / "same", "--out", tmp_path / "same")
+    assert "every file in it lies under --out" in line
+    assert sorted(p.name for p in (tmp_path / "same").iterdir()) == ["a.npy"]
 
 
 # ---------------------------------------------------------------- inputs that do not fit the run

@@ -80,9 +80,14 @@ def list_jobs(
         if (path / MANIFEST).is_file():
             jobs += _shard_jobs(path, split)
         elif path.is_dir():
-            found = [_file_job(rel, f, hdu) for rel, f in walk_files(path) if outside(f)]
+            files = list(walk_files(path))
+            found = [_file_job(rel, f, hdu) for rel, f in files if outside(f)]
             if not found:
-                raise UserError(f"{path}: no usable files ({', '.join(EXTS)}) found")
+                raise UserError(
+                    f"{path}: every file in it lies under --out {out}: give another --out"
+                    if files
+                    else f"{path}: no usable files ({', '.join(EXTS)}) found"
+                )
             jobs += found
         elif path.is_file():
             if path.suffix.lower() not in EXTS:
@@ -92,6 +97,8 @@ def list_jobs(
             raise UserError(f"{path}: no such file, folder or shard directory")
     by_name: dict[str, Job] = {}
     for job in jobs:
+        if out is not None and (out / job.name).resolve() == job.path.resolve():
+            raise UserError(f"{job.path}: its output would be written over it: give another --out")
         if job.name in by_name:
             raise UserError(
                 f"{by_name[job.name].path} and {job.path} would both be written to {job.name}: "
