@@ -13,7 +13,7 @@ import operator
 import re
 import types
 import typing
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import field
 from pathlib import Path
 from typing import Any
@@ -66,13 +66,25 @@ class Origins:
 # --- reading files -------------------------------------------------------------------------------
 
 
-def read_yaml(path: Path) -> dict[str, Any]:
+def read_yaml(
+    path: Path, what: str = "recipe", expected: str = "a mapping of recipe keys"
+) -> dict[str, Any]:
+    """A YAML file that must hold a mapping, read strictly: UTF-8 only, a key given twice
+    refused, every problem one line naming the file (and the line, for bad YAML). Recipes and
+    sweep files share it so both are read alike; `what` names the kind of file and `expected`
+    the mapping it holds, in the messages."""
     try:
-        text = path.read_text()
+        text = path.read_bytes().decode("utf-8")
     except FileNotFoundError:
-        raise RecipeError(f"{path}: recipe file not found") from None
+        raise RecipeError(f"{path}: {what} file not found") from None
     except OSError as err:
-        raise RecipeError(f"{path}: cannot read recipe: {err.strerror}") from None
+        raise RecipeError(f"{path}: cannot read {what}: {err.strerror}") from None
+    except UnicodeDecodeError as err:
+        # Not a YAML problem: the file is binary or in another encoding (a UTF-16 save).
+        raise RecipeError(
+            f"{path}: cannot read {what}: expected UTF-8 text, got byte "
+            f"0x{err.object[err.start]:02x} at offset {err.start}"
+        ) from None
     try:
         data = yaml.load(text, Loader=StrictLoader)  # safe_load's loader, duplicate keys refused
     except yaml.YAMLError as err:
@@ -80,10 +92,13 @@ def read_yaml(path: Path) -> dict[str, Any]:
         where = f" (line {mark.line + 1})" if mark is not None else ""
         problem = getattr(err, "problem", None) or "invalid YAML"
         raise RecipeError(f"{path}{where}: invalid YAML: {problem}") from None
+    except ValueError as err:  # a scalar YAML matched but Python cannot build: 2024-13-01
+        reason = str(err).split(";")[0]  # not the advice to call sys.set_int_max_str_digits
+        raise RecipeError(f"{path}: invalid YAML: {reason}") from None
     if data is None:
-        raise RecipeError(f"{path}: the recipe is empty: expected a mapping of recipe keys")
+        raise RecipeError(f"{path}: the {what} is empty: expected {expected}")
     if not isinstance(data, dict):
-        raise RecipeError(f"{path}: expected a mapping of recipe keys, got {kind(data)}")
+        raise RecipeError(f"{path}: expected {expected}, got {kind(data)}")
     return data
 
 
@@ -102,6 +117,12 @@ class StrictLoader(yaml.SafeLoader):
                 continue  # `<<:` brings keys in that the mapping's own keys may override
             key = self.construct_object(key_node, deep=deep)
             line = key_node.start_mark.line + 1
+            try:
+                hash(key)
+            except TypeError:  # `? [1]`: PyYAML's own message, not a TypeError from `in seen`
+                raise yaml.constructor.ConstructorError(
+                    None, None, "found unhashable key", key_node.start_mark
+                ) from None
             if key in seen:
                 raise DuplicateKey(
                     None, None,
@@ -167,7 +188,7 @@ def apply_override(
             value = yaml.load(raw, Loader=StrictLoader) if raw.strip() else None
         except DuplicateKey as err:
             raise RecipeError(f"{where}: {err.problem}") from None
-        except yaml.YAMLError:
+        except (yaml.YAMLError, ValueError):  # ValueError: 5000 digits, 2024-13-01
             value = raw  # not YAML: keep the text; the schema says whether it is acceptable
     parts = key.split(".")
     node = data
@@ -234,7 +255,8 @@ def build(cls: type, data: Any, origins: Origins, schema: type, prefix: str = ""
     for key in data:
         if key not in fields:
             dotted = f"{prefix}{key}"
-            origins.fail(dotted, "unknown key" + _suggest(dotted, list(fields), prefix, schema))
+            hint = suggest(key, list(fields), prefix, schema_paths(schema))
+            origins.fail(dotted, "unknown key" + hint)
     hints = typing.get_type_hints(cls)
     values = {}
     for key, f in fields.items():
@@ -263,13 +285,16 @@ def _build_chosen(
     return build(cls, value, origins, schema, dotted + ".")
 
 
-def _suggest(dotted: str, known: list[str], prefix: str, schema: type) -> str:
-    leaf = dotted[len(prefix) :]
+def suggest(
+    leaf: str, known: Sequence[str], prefix: str = "", elsewhere: Sequence[str] = ()
+) -> str:
+    """What follows "unknown key": the nearest of the `known` keys (a typo), else a key of that
+    name in another section (`elsewhere`: every dotted key; `lr` put at the top), else the list
+    of known keys. One wording for every file the toolkit reads (recipes, sweep files)."""
     close = difflib.get_close_matches(leaf, known, n=1, cutoff=0.6)
     if close:
         return f"; did you mean '{prefix}{close[0]}'?"
-    # A key put in the wrong section (e.g. `lr` at the top): look for the leaf anywhere.
-    everywhere = [p for p in schema_paths(schema) if p.rsplit(".", 1)[-1] == leaf]
+    everywhere = [p for p in elsewhere if p.rsplit(".", 1)[-1] == leaf]
     if everywhere:
         return f"; did you mean '{everywhere[0]}'?"
     return f"; expected one of: {', '.join(known)}"
@@ -277,7 +302,8 @@ def _suggest(dotted: str, known: list[str], prefix: str, schema: type) -> str:
 
 def _convert(tp: Any, value: Any, dotted: str, origins: Origins, schema: type) -> Any:
     def fail(expected: str) -> typing.NoReturn:
-        got = f"{kind(value)} {value!r}" if not isinstance(value, (dict, list)) else kind(value)
+        shown = repr(value) if len(repr(value)) <= 60 else repr(value)[:57] + "..."  # one line
+        got = f"{kind(value)} {shown}" if not isinstance(value, (dict, list)) else kind(value)
         origins.fail(dotted, f"expected {expected}, got {got}")
 
     origin = typing.get_origin(tp)

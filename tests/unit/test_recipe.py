@@ -404,3 +404,67 @@ def test_an_unknown_key_is_refused_in_every_section(
     msg = str(err.value)
     known = ", ".join(config.yaml_key(f) for f in dataclasses.fields(cls))
     assert msg == f"{origin}: {key}: unknown key; expected one of: {known}"
+
+
+def launch_refuses(capsys: pytest.CaptureFixture[str], *argv: str) -> str:
+    """`launch ... --dry-run` on bad input: exit status 2, nothing on stdout, one `error:` line
+    and no traceback on stderr (the project's contract for a user error); that line."""
+    from toolkit import launch
+
+    code = launch.main([*argv, "--dry-run"])
+    out, err = capsys.readouterr()
+    assert (code, out) == (2, "") and "Traceback" not in err
+    assert err.startswith("error: ") and err.count("\n") == 1, err
+    return err.removeprefix("error: ").rstrip("\n")
+
+
+@pytest.mark.parametrize(
+    ("data", "offset"),
+    [
+        (b"\xff\xfe", 0),  # the bytes of the audit
+        ("task: mae\n".encode("utf-16"), 0),  # a UTF-16 save starts with its BOM, ff fe
+        ("name: caf\u00e9\ntask: mae\n".encode("latin-1"), 9),  # Latin-1: \xe9 after "name: caf"
+    ],
+    ids=["ff-fe", "utf-16", "latin-1"],
+)
+def test_a_recipe_that_is_not_utf8_is_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], data: bytes, offset: int
+) -> None:
+    """A recipe in another encoding (or binary) is refused by name, not a UnicodeDecodeError
+    traceback; through `extends:` it is the parent that is named."""
+    bad = tmp_path / "bad.yaml"
+    bad.write_bytes(data)
+    byte = data[offset]
+    expected = f"{bad}: cannot read recipe: expected UTF-8 text, got byte 0x{byte:02x} at offset"
+    assert launch_refuses(capsys, str(bad)) == f"{expected} {offset}"
+    child = write(tmp_path / "child.yaml", "extends: bad.yaml\nname: c\n")
+    assert launch_refuses(capsys, str(child)) == f"{expected} {offset}"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.yaml", "child.yaml"]
+
+
+@pytest.mark.parametrize(
+    ("text", "line", "problem"),
+    [
+        ("task: mae\n? [1]\n: 2\n", " (line 2)", "found unhashable key"),  # was a TypeError
+        ("task: mae\nname: 2024-13-01\n", "", "month must be in 1..12"),  # a bad timestamp
+        ("task: mae\ntrain: {seed: " + "9" * 5000 + "}\n", "", "Exceeds the limit (4300 digits)"),
+    ],
+)
+def test_yaml_that_python_cannot_build_is_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], text: str, line: str, problem: str
+) -> None:
+    """YAML that parses but whose values Python refuses to build is an invalid-YAML line naming
+    the file, not a TypeError or ValueError traceback."""
+    path = write(tmp_path / "r.yaml", text)
+    msg = launch_refuses(capsys, str(path))
+    assert msg.startswith(f"{path}{line}: invalid YAML: {problem}") and "sys." not in msg
+
+
+def test_an_override_python_cannot_build_is_refused_by_the_schema(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A 5000-digit number in an override is kept as text (not a ValueError traceback), which
+    the schema then refuses in one short line."""
+    item = "train.seed=" + "9" * 5000
+    msg = launch_refuses(capsys, str(ROOT / "recipes/finetune.yaml"), item)
+    assert ": train.seed: expected an integer, got a string '999" in msg and len(msg) < 400
