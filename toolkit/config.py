@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import operator
 import re
 import types
@@ -335,14 +336,19 @@ def _convert(tp: Any, value: Any, dotted: str, origins: Origins, schema: type) -
         return value
     if tp is float:
         # PyYAML reads `5e-4` (no dot) as a string; accept any text float() understands.
-        if isinstance(value, str):
-            try:
-                return float(value)
-            except ValueError:
-                fail("a number")
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
+        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
             fail("a number")
-        return float(value)
+        try:
+            number = float(value)
+        except ValueError:  # "fast"
+            fail("a number")
+        except OverflowError:  # an integer past a float's range: too large, like 1e400
+            number = math.inf
+        # `1e400` reads as inf, `.nan` as nan: no setting takes one (null turns a limit off),
+        # and a learning rate of inf would only show up as a NaN loss some steps later.
+        if not math.isfinite(number):
+            fail("a finite number")
+        return number
     if tp is str:
         if not isinstance(value, str):
             fail("a string (quote it in YAML)")

@@ -443,6 +443,31 @@ def test_a_recipe_that_is_not_utf8_is_one_line(
 
 
 @pytest.mark.parametrize(
+    ("item", "key", "got"),
+    [
+        ("optim.lr=1e400", "optim.lr", "a string '1e400'"),  # past a float's range: inf
+        ("optim.lr=.inf", "optim.lr", "a number inf"),
+        ("optim.weight_decay=.nan", "optim.weight_decay", "a number nan"),  # nan >= 0 is False
+        ("optim.betas=[0.9, -.inf]", "optim.betas[1]", "a number -inf"),  # no bounds here
+        ("train.grad_clip=.inf", "train.grad_clip", "a number inf"),  # null is "no clipping"
+        ("optim.lr=1" + "0" * 400, "optim.lr", "an integer 100000000"),  # float() overflows
+    ],
+)
+def test_a_float_that_is_not_finite_is_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], item: str, key: str, got: str
+) -> None:
+    """No float setting takes inf or nan (a limit is turned off by null): such a value would
+    pass a `> 0` check and surface only as a NaN loss steps later; in a file or an override."""
+    line = launch_refuses(capsys, str(ROOT / "recipes/finetune.yaml"), item)
+    assert f" (override {item[:77]}" in line and f": {key}: expected a finite number" in line
+    assert f"got {got}" in line and len(line) < 300
+    path = write(tmp_path / "r.yaml", "task: mae\noptim: {lr: .inf}\n")
+    assert launch_refuses(capsys, str(path)) == (
+        f"{path}: optim.lr: expected a finite number, got a number inf"
+    )
+
+
+@pytest.mark.parametrize(
     ("text", "line", "problem"),
     [
         ("task: mae\n? [1]\n: 2\n", " (line 2)", "found unhashable key"),  # was a TypeError
