@@ -20,6 +20,7 @@ from typing import Any
 
 import yaml
 
+from toolkit import config
 from toolkit.atomic import write_atomic
 from toolkit.errors import UserError
 
@@ -27,6 +28,7 @@ SWEEP = "sweep.json"
 SEED = "train.seed"  # runs that differ in this key alone are repeats: averaged by the report
 MAX_VARIANTS = 1000  # a product past this is a typo, not a sweep
 _NOT_SWEPT = ("run.dir", "cluster.")  # one directory per variant; one job shape per array
+_FILE_KEYS = ("sweep",)  # a sweep file's top-level keys
 
 
 @dataclass(frozen=True)
@@ -62,13 +64,18 @@ def _text(value: Any) -> str:
 
 
 def _from_file(path: Path) -> dict[str, list[str]]:
-    try:
-        doc = yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError) as err:
-        raise UserError(f"{path}: cannot read the sweep file ({err})") from None
-    sweep = doc.get("sweep") if isinstance(doc, dict) else None
+    """A sweep file's swept values, read by the recipes' strict reader (a key given twice, bad
+    YAML, a file that is not UTF-8: one line naming the file) so a typo is never ignored."""
+    expected = "a mapping `sweep: {key: [value, ...], ...}`"
+    doc = config.read_yaml(path, what="sweep", expected=expected)
+    for key in doc:
+        if key not in _FILE_KEYS:
+            hint = config.suggest(str(key), _FILE_KEYS)
+            raise UserError(f"{path}: {key}: unknown key{hint}")
+    sweep = doc.get("sweep")
     if not isinstance(sweep, dict) or not sweep:
-        raise UserError(f"{path}: expected a mapping `sweep: {{key: [value, ...], ...}}`")
+        got = "an empty mapping" if sweep == {} else config.kind(sweep)
+        raise UserError(f"{path}: sweep: expected a mapping {{key: [value, ...], ...}}, got {got}")
     axes = {}
     for key, values in sweep.items():
         if not isinstance(values, list) or not values:

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers import DEBUG_RECIPE
+from toolkit import launch
 from toolkit.errors import UserError
 from toolkit.sweep import parse, read, variants, write
 
@@ -36,9 +38,12 @@ def test_a_sweep_file(tmp_path: Path) -> None:
     path = tmp_path / "sweep.yaml"
     path.write_text("sweep:\n  optim.lr: [1.0e-4, 0.001]\n  freeze: [[encoder], []]\n")
     assert parse([str(path)]) == {"optim.lr": ["0.0001", "0.001"], "freeze": ["[encoder]", "[]"]}
-    path.write_text("optim.lr: [1, 2]\n")
-    with pytest.raises(UserError, match=r"sweep.yaml: expected a mapping `sweep:"):
-        parse([str(path)])
+    for text, got in [("sweep: {}\n", "an empty mapping"), ("sweep: [1]\n", "a list")]:
+        path.write_text(text)
+        with pytest.raises(
+            UserError, match=rf"sweep.yaml: sweep: expected a mapping .*, got {got}"
+        ):
+            parse([str(path)])
 
 
 @pytest.mark.parametrize(
@@ -68,3 +73,49 @@ def test_the_record_reads_back(tmp_path: Path) -> None:
     (tmp_path / "sweep.json").write_text("[1, 2]")
     with pytest.raises(UserError, match="not a sweep record"):
         read(tmp_path)
+
+
+# Each bad sweep: (id, the sweep file's bytes or None, the launch's arguments after the recipe,
+# the start of its one error line). "{file}" stands for the sweep file's path.
+REFUSED = [
+    # A sweep file is read as strictly as a recipe.
+    ("file-key-twice", b"sweep:\n  optim.lr: [1, 2]\n  optim.lr: [3]\n", ["--sweep", "{file}"],
+     "{file} (line 3): invalid YAML: duplicate key 'optim.lr' (also on line 2; YAML keys are"),
+    ("file-unknown-key", b"sweep:\n  optim.lr: [1, 2]\nsweeps: 1\n", ["--sweep", "{file}"],
+     "{file}: sweeps: unknown key; did you mean 'sweep'?"),
+    ("file-unknown-key-far", b"sweep:\n  optim.lr: [1, 2]\nfoo: 1\n", ["--sweep", "{file}"],
+     "{file}: foo: unknown key; expected one of: sweep"),
+    ("file-not-utf8", b"\xff\xfe", ["--sweep", "{file}"],
+     "{file}: cannot read sweep: expected UTF-8 text, got byte 0xff at offset 0"),
+    ("file-bad-yaml", b"sweep:\n  optim.lr: [1, 2\n", ["--sweep", "{file}"],
+     "{file} (line 3): invalid YAML: expected ',' or ']', but got '<stream end>'"),
+    ("file-missing", None, ["--sweep", "{file}"], "{file}: sweep file not found"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("file", "args", "expected"), [c[1:] for c in REFUSED],
+                         ids=[c[0] for c in REFUSED])  # fmt: skip
+def test_a_bad_sweep_is_one_line_and_writes_nothing(
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    file: bytes | None,
+    args: list[str],
+    expected: str,
+) -> None:
+    """`launch --sweep ... --local`, no dry run: the bad sweep is refused while planning, as
+    one line naming the flag or file and the key, exit status 2, before sweep.json or any run
+    directory is written (and before a variant could train twice or share a directory)."""
+    monkeypatch.chdir(tmp_path)  # the debug recipe's shards are not here: nothing could train
+    sweep_file = tmp_path / "s.yaml"
+    if file is not None:
+        sweep_file.write_bytes(file)
+    args = [a.replace("{file}", str(sweep_file)) for a in args]
+    base = tmp_path / "sweep"
+    code = launch.main([str(DEBUG_RECIPE), f"run.dir={base}", *args, "--local"])
+    out, err = capsys.readouterr()
+    assert (code, out) == (2, "") and "Traceback" not in err
+    assert err.count("\n") == 1 and err.startswith("error: "), err
+    assert err.removeprefix("error: ").startswith(expected.replace("{file}", str(sweep_file)))
+    assert not base.exists()  # no sweep.json, no run directory
+    assert {p.name for p in tmp_path.iterdir()} <= {"s.yaml"}
