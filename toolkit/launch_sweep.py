@@ -39,7 +39,7 @@ class Planned:
 def plan(args: Any) -> tuple[Path, dict[str, list[str]], list[Planned]]:
     """(the sweep's directory, the swept values, every variant resolved); a variant whose
     overrides do not make a valid recipe stops it here, named."""
-    axes = sweep.parse(args.sweep)
+    axes = sweep.parse(args.sweep, args.overrides)
     base = recipe.load(args.recipe, args.overrides).run_dir
     out = []
     for v in sweep.variants(axes):

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import itertools
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,8 +28,9 @@ from toolkit.errors import UserError
 SWEEP = "sweep.json"
 SEED = "train.seed"  # runs that differ in this key alone are repeats: averaged by the report
 MAX_VARIANTS = 1000  # a product past this is a typo, not a sweep
-_NOT_SWEPT = ("run.dir", "cluster.")  # one directory per variant; one job shape per array
+_NOT_SWEPT = ("run.dir", "cluster")  # one directory per variant; one job shape per array
 _FILE_KEYS = ("sweep",)  # a sweep file's top-level keys
+_FILE_SUFFIXES = (".yaml", ".yml")
 
 
 @dataclass(frozen=True)
@@ -84,30 +86,47 @@ def _from_file(path: Path) -> dict[str, list[str]]:
     return axes
 
 
-def parse(specs: list[str]) -> dict[str, list[str]]:
+def _overlap(a: str, b: str) -> bool:
+    """Whether setting dotted key `a` and setting `b` touch the same value (equal keys, or one
+    a section holding the other: `optim` and `optim.lr`), so applying one would drop the
+    other's value; the only test of clashing keys, for all three of parse's checks."""
+    return a == b or a.startswith(b + ".") or b.startswith(a + ".")
+
+
+def parse(specs: list[str], overrides: Sequence[str] = ()) -> dict[str, list[str]]:
     """`--sweep` arguments (`key=v1,v2,...` or a YAML file with a `sweep:` mapping) -> the
-    values of each swept key, in the order given."""
+    values of each swept key, in the order given. Everything that can be known before a
+    variant is resolved is checked here, so a bad sweep writes nothing: keys swept twice or
+    also set by one of the launch's `overrides` (whose value a variant would silently drop),
+    keys that cannot be swept, values empty or equal, and the number of variants."""
     axes: dict[str, list[str]] = {}
+    where: dict[str, str] = {}  # each swept key's origin, for messages: the flag or the file
     for spec in specs:
         key, sep, values = spec.partition("=")
-        found = (
-            _from_file(Path(spec))
-            if not sep and spec.endswith((".yaml", ".yml"))
-            else {key.strip(): _split(values)}
-        )
-        for k, vs in found.items():
-            if not sep and not spec.endswith((".yaml", ".yml")):
-                raise UserError(f"--sweep {spec}: expected key=v1,v2,... or a .yaml sweep file")
-            if k in axes:
-                raise UserError(f"--sweep: {k} is swept twice")
-            if any(k == p or k.startswith(p) for p in _NOT_SWEPT):
+        if not sep and spec.endswith(_FILE_SUFFIXES):
+            found = {k: (f"{spec}: sweep.{k}", vs) for k, vs in _from_file(Path(spec)).items()}
+        elif sep:
+            found = {key.strip(): (f"--sweep {key.strip()}", _split(values))}
+        else:
+            raise UserError(f"--sweep {spec}: expected key=v1,v2,... or a .yaml sweep file")
+        for k, (origin, vs) in found.items():
+            clash = next((other for other in axes if _overlap(k, other)), None)
+            if clash is not None:
+                raise UserError(f"{origin}: swept twice (also by {where[clash]})")
+            if any(_overlap(k, p) for p in _NOT_SWEPT):
                 raise UserError(
-                    f"--sweep: {k} cannot be swept (each variant has its own run.dir, and the "
+                    f"{origin}: cannot be swept (each variant has its own run.dir, and the "
                     "variants of an array share one job shape)"
                 )
+            fixed = next((o for o in overrides if _overlap(k, o.partition("=")[0].strip())), None)
+            if fixed is not None:
+                raise UserError(
+                    f"{origin}: also set by the override {fixed}, whose value every variant "
+                    "would drop: expected the key swept or overridden, not both"
+                )
             if "" in (v.strip() for v in vs) or len(set(vs)) != len(vs):
-                raise UserError(f"--sweep {k}: expected distinct, non-empty values, got {vs}")
-            axes[k] = [v.strip() for v in vs]
+                raise UserError(f"{origin}: expected distinct, non-empty values, got {vs}")
+            axes[k], where[k] = [v.strip() for v in vs], origin
     count = 1
     for vs in axes.values():
         count *= len(vs)

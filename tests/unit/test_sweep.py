@@ -50,9 +50,12 @@ def test_a_sweep_file(tmp_path: Path) -> None:
     ("specs", "message"),
     [
         (["optim.lr"], r"--sweep optim.lr: expected key=v1,v2,\.\.\. or a \.yaml sweep file"),
-        (["optim.lr=1,2", "optim.lr=3"], r"optim.lr is swept twice"),
-        (["run.dir=a,b"], r"run.dir cannot be swept"),
-        (["cluster.nodes=1,2"], r"cluster.nodes cannot be swept"),
+        (
+            ["optim.lr=1,2", "optim.lr=3"],
+            r"--sweep optim.lr: swept twice \(also by --sweep optim.lr\)",
+        ),
+        (["run.dir=a,b"], r"--sweep run.dir: cannot be swept"),
+        (["cluster.nodes=1,2"], r"--sweep cluster.nodes: cannot be swept"),
         (["optim.lr=1,,2"], r"--sweep optim.lr: expected distinct, non-empty values"),
         (["train.seed=1,1"], r"--sweep train.seed: expected distinct, non-empty values"),
         ([f"k{i}=0,1,2,3" for i in range(5)] + ["x=1,2"], r"2048 variants; at most 1000"),
@@ -90,6 +93,17 @@ REFUSED = [
     ("file-bad-yaml", b"sweep:\n  optim.lr: [1, 2\n", ["--sweep", "{file}"],
      "{file} (line 3): invalid YAML: expected ',' or ']', but got '<stream end>'"),
     ("file-missing", None, ["--sweep", "{file}"], "{file}: sweep file not found"),
+    # A key both overridden and swept: every variant would drop the override.
+    ("override-and-sweep", None, ["optim.lr=0.5", "--sweep", "optim.lr=1e-3,2e-3"],
+     "--sweep optim.lr: also set by the override optim.lr=0.5, whose value every variant"),
+    ("override-section", None, ["optim={lr: 0.5}", "--sweep", "optim.lr=1e-3,2e-3"],
+     "--sweep optim.lr: also set by the override optim={lr: 0.5}"),
+    ("override-and-file", b"sweep: {optim.lr: [1.0e-3, 2.0e-3]}\n",
+     ["--sweep", "{file}", "optim.lr=0.5"],
+     "{file}: sweep.optim.lr: also set by the override optim.lr=0.5"),
+    ("swept-twice-section", None, ["--sweep", "optim.lr=1,2", "--sweep", "optim={lr: 3}"],
+     "--sweep optim: swept twice (also by --sweep optim.lr)"),
+    ("run-section", None, ["--sweep", "run={dir: a},{dir: b}"], "--sweep run: cannot be swept"),
 ]  # fmt: skip
 
 
