@@ -38,14 +38,34 @@ class Planned:
 
 def plan(args: Any) -> tuple[Path, dict[str, list[str]], list[Planned]]:
     """(the sweep's directory, the swept values, every variant resolved); a variant whose
-    overrides do not make a valid recipe stops it here, named."""
+    overrides do not make a valid recipe, or that trains the very recipe another one does
+    (optim.lr=1e-3 and 0.001), stops it here, named, before anything is written."""
     axes = sweep.parse(args.sweep, args.overrides)
     base = recipe.load(args.recipe, args.overrides).run_dir
-    out = []
+    out: list[Planned] = []
+    seen: dict[str, Planned] = {}
     for v in sweep.variants(axes):
         overrides = [*args.overrides, *v.overrides, f"run.dir={base / v.name}"]
-        out.append(Planned(v, recipe.load(args.recipe, overrides), overrides))
+        p = Planned(v, recipe.load(args.recipe, overrides), overrides)
+        same = seen.setdefault(_trained(p.recipe), p)
+        if same is not p:
+            a, b = next((x, y) for x, y in zip(same.variant.overrides, v.overrides, strict=True)
+                        if x != y)  # fmt: skip
+            raise UserError(
+                f"--sweep {a.partition('=')[0]}: {a!r} and {b!r} give the same recipe (variants "
+                f"{same.variant.index} and {v.index} would train one thing twice): expected "
+                "values that differ"
+            )
+        out.append(p)
     return base, axes, out
+
+
+def _trained(r: recipe.Recipe) -> str:
+    """What a variant trains: its resolved recipe but its run directory (which always
+    differs), as comparable text."""
+    doc = recipe.to_dict(r)
+    doc["run"]["dir"] = None
+    return json.dumps(doc, sort_keys=True, default=str)
 
 
 def _listing(base: Path, axes: dict[str, list[str]], planned: list[Planned], where: str) -> str:

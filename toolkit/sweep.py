@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +29,7 @@ from toolkit.errors import UserError
 SWEEP = "sweep.json"
 SEED = "train.seed"  # runs that differ in this key alone are repeats: averaged by the report
 MAX_VARIANTS = 1000  # a product past this is a typo, not a sweep
+NAME_MAX = 255  # bytes in one file name (ext4, xfs, btrfs, tmpfs, Lustre, GPFS alike)
 _NOT_SWEPT = ("run.dir", "cluster")  # one directory per variant; one job shape per array
 _FILE_KEYS = ("sweep",)  # a sweep file's top-level keys
 _FILE_SUFFIXES = (".yaml", ".yml")
@@ -62,7 +64,9 @@ def _text(value: Any) -> str:
     """A YAML value as the override text that gives it back."""
     if isinstance(value, str):
         return value
-    return yaml.safe_dump(value, default_flow_style=True, width=10**6).strip().removesuffix("...")
+    # A scalar is dumped as "1\n...\n" (a document end): drop that marker, then the newline.
+    text = yaml.safe_dump(value, default_flow_style=True, width=10**6)
+    return text.removesuffix("...\n").strip()
 
 
 def _from_file(path: Path) -> dict[str, list[str]]:
@@ -98,7 +102,8 @@ def parse(specs: list[str], overrides: Sequence[str] = ()) -> dict[str, list[str
     values of each swept key, in the order given. Everything that can be known before a
     variant is resolved is checked here, so a bad sweep writes nothing: keys swept twice or
     also set by one of the launch's `overrides` (whose value a variant would silently drop),
-    keys that cannot be swept, values empty or equal, and the number of variants."""
+    keys that cannot be swept, values empty or equal (after stripping, or as override text),
+    the number of variants, and their run directories' names (one each, and a valid name)."""
     axes: dict[str, list[str]] = {}
     where: dict[str, str] = {}  # each swept key's origin, for messages: the flag or the file
     for spec in specs:
@@ -124,15 +129,47 @@ def parse(specs: list[str], overrides: Sequence[str] = ()) -> dict[str, list[str
                     f"{origin}: also set by the override {fixed}, whose value every variant "
                     "would drop: expected the key swept or overridden, not both"
                 )
-            if "" in (v.strip() for v in vs) or len(set(vs)) != len(vs):
+            vs = [v.strip() for v in vs]  # "x,x " is two x's: compare what the variants get
+            if "" in vs or len(set(vs)) != len(vs):
                 raise UserError(f"{origin}: expected distinct, non-empty values, got {vs}")
-            axes[k], where[k] = [v.strip() for v in vs], origin
+            if any("\0" in v for v in vs):  # from a file's "\0": no file name can hold one
+                raise UserError(f"{origin}: expected values without a NUL character")
+            axes[k], where[k] = vs, origin
     count = 1
     for vs in axes.values():
         count *= len(vs)
     if count > MAX_VARIANTS:
         raise UserError(f"--sweep: {count} variants; at most {MAX_VARIANTS} in one sweep")
+    _check_names(variants(axes), where)
     return axes
+
+
+def _check_names(vs: list[Variant], where: dict[str, str]) -> None:
+    """Each variant's run directory name is a file name of its own: two variants in one
+    directory would overwrite each other's checkpoints and count twice in the report, and a
+    name the file system refuses would fail only after sweep.json was written. `where`: each
+    swept key's origin, in the order of the variants' overrides."""
+    keys = list(where)
+    seen: dict[str, Variant] = {}
+    for v in vs:
+        size = len(os.fsencode(v.name))  # fsencode: bytes of argv that were not UTF-8 too
+        if size > NAME_MAX:
+            key = max(zip(keys, v.overrides, strict=True), key=lambda ko: len(ko[1]))[0]
+            raise UserError(
+                f"{where[key]}: the run directory name of variant {v.index} ({v.name[:40]!r}...) "
+                f"is {size} bytes: expected values short enough for a file name ({NAME_MAX})"
+            )
+        if v.name in seen:
+            key, a, b = next(
+                (k, x, y)
+                for k, x, y in zip(keys, seen[v.name].overrides, v.overrides, strict=True)
+                if x != y
+            )
+            raise UserError(
+                f"{where[key]}: {a!r} and {b!r} give one run directory name, {v.name!r} (a '/' "
+                "becomes '_'): expected values whose names differ"
+            )
+        seen[v.name] = v
 
 
 def variants(axes: dict[str, list[str]]) -> list[Variant]:

@@ -104,6 +104,21 @@ REFUSED = [
     ("swept-twice-section", None, ["--sweep", "optim.lr=1,2", "--sweep", "optim={lr: 3}"],
      "--sweep optim: swept twice (also by --sweep optim.lr)"),
     ("run-section", None, ["--sweep", "run={dir: a},{dir: b}"], "--sweep run: cannot be swept"),
+    # Values equal once normalised, and run directory names that collide or cannot be.
+    ("values-equal-stripped", None, ["--sweep", "label=x,x "],
+     "--sweep label: expected distinct, non-empty values, got ['x', 'x']"),
+    ("values-equal-as-text", b"sweep:\n  train.seed: [1, '1']\n", ["--sweep", "{file}"],
+     "{file}: sweep.train.seed: expected distinct, non-empty values, got ['1', '1']"),
+    ("names-collide", None, ["--sweep", "label=a/b,a_b"],
+     "--sweep label: 'label=a/b' and 'label=a_b' give one run directory name, 'label=a_b'"),
+    ("same-recipe", None, ["--sweep", "train.seed=0,1", "--sweep", "optim.lr=1e-3,0.001"],
+     "--sweep optim.lr: 'optim.lr=1e-3' and 'optim.lr=0.001' give the same recipe (variants 0 "
+     "and 1"),
+    ("name-too-long", None, ["--sweep", "train.seed=0,1", "--sweep", "label=" + "y" * 300 + ",z"],
+     "--sweep label: the run directory name of variant 0 ('train.seed=0,label="
+     + "y" * 21 + "'...) is 319 bytes: expected values short enough for a file name (255)"),
+    ("nul-in-value", b'sweep: {label: ["a\\0b", c]}\n', ["--sweep", "{file}"],
+     "{file}: sweep.label: expected values without a NUL character"),
 ]  # fmt: skip
 
 
