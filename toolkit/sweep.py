@@ -203,9 +203,33 @@ def read(base: Path) -> dict[str, Any] | None:
     if not path.is_file():
         return None
     try:
-        doc = json.loads(path.read_text())
-    except ValueError as err:
+        doc = json.loads(path.read_bytes().decode("utf-8"))
+    except OSError as err:
+        raise UserError(f"{path}: cannot read the sweep record: {err.strerror}") from None
+    except ValueError as err:  # not JSON, or not UTF-8
         raise UserError(f"{path}: not a sweep record ({err})") from None
     if not isinstance(doc, dict) or not isinstance(doc.get("variants"), list):
         raise UserError(f"{path}: not a sweep record (expected its axes and variants)")
+    for i, v in enumerate(doc["variants"]):
+        # The report joins each name to the sweep's directory and reads each override: a
+        # record edited by hand or cut short is refused here, not a TypeError there.
+        name = v.get("name") if isinstance(v, dict) else None
+        overrides = v.get("overrides") if isinstance(v, dict) else None
+        if (
+            not isinstance(name, str)
+            or name in ("", ".", "..")
+            or "/" in name
+            or not isinstance(overrides, list)
+            or not all(isinstance(o, str) for o in overrides)
+        ):
+            raise UserError(
+                f"{path}: variants[{i}]: expected a mapping with a `name` (a run directory in "
+                f"the sweep's) and a list of `overrides` (key=value texts), got {_short(v)}"
+            )
     return doc
+
+
+def _short(value: Any) -> str:
+    """A value for a one-line message: its JSON, cut to 60 characters."""
+    text = json.dumps(value)
+    return text if len(text) <= 60 else text[:57] + "..."

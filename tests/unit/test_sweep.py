@@ -3,12 +3,13 @@ sweep file, and each bad spec as one user error."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
 
 from tests.helpers import DEBUG_RECIPE
-from toolkit import launch
+from toolkit import launch, report
 from toolkit.errors import UserError
 from toolkit.sweep import parse, read, variants, write
 
@@ -148,3 +149,32 @@ def test_a_bad_sweep_is_one_line_and_writes_nothing(
     assert err.removeprefix("error: ").startswith(expected.replace("{file}", str(sweep_file)))
     assert not base.exists()  # no sweep.json, no run directory
     assert {p.name for p in tmp_path.iterdir()} <= {"s.yaml"}
+
+
+@pytest.mark.parametrize(
+    ("variants", "got"),
+    [
+        ([1, 2], "1"),  # the audit's record: a TypeError in the report
+        ([{"name": 1, "overrides": []}], '{"name": 1, "overrides": []}'),
+        ([{"name": "../elsewhere", "overrides": []}], '{"name": "../elsewhere"'),
+        ([{"name": "a"}], '{"name": "a"}'),
+        ([{"name": "a", "overrides": "optim.lr=1"}], '{"name": "a", "overrides": "optim.lr=1"}'),
+        ([{"name": "a", "overrides": [1]}], '{"name": "a", "overrides": [1]}'),
+    ],
+)
+def test_a_bad_sweep_record_is_one_line_in_the_report(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], variants: list, got: str
+) -> None:
+    """`report SWEEP_DIR` on a sweep.json whose variants are not {name, overrides} (edited by
+    hand, another tool's): one line naming the file and the entry, exit 2, no report."""
+    base = tmp_path / "sweep"
+    base.mkdir()
+    (base / "sweep.json").write_text(json.dumps({"axes": {}, "variants": variants}))
+    code = report.main([str(base), "--out", str(tmp_path / "report")])
+    out, err = capsys.readouterr()
+    assert (code, out) == (2, "") and "Traceback" not in err and err.count("\n") == 1
+    assert err.startswith(
+        f"error: {base / 'sweep.json'}: variants[0]: expected a mapping with a `name` "
+    )
+    assert f"got {got}" in err
+    assert not (tmp_path / "report").exists()
