@@ -11,10 +11,11 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from safetensors.torch import load_file
 from sklearn.metrics import accuracy_score, confusion_matrix, roc_auc_score
 
 from tests.helpers import ROOT, evaluate_json
-from toolkit import launch, report
+from toolkit import launch, recipe, report
 from toolkit.data.format import read_manifest, read_samples
 from toolkit.data.sources import decode
 from toolkit.runs import load_model, locate
@@ -98,3 +99,22 @@ def test_a_cnn_classifies_and_its_scores_are_scikit_learn_s(tmp_path: Path) -> N
     for k in ("accuracy", "auc_micro", "auc_macro"):
         assert two["model"][k] == pytest.approx(ev["model"][k], abs=1e-6), k
     assert two["confusion"] == ev["confusion"]
+
+
+def test_the_shipped_cnn_recipe_trains_under_deepspeed_bf16(tmp_path: Path) -> None:
+    """recipes/classify/cnn.yaml as shipped (bf16, ZeRO-2 from _base.yaml) stopped at its first
+    step: DeepSpeed casts the batch norms' weights to bf16 and leaves their statistics fp32."""
+    shards = tmp_path / "shards"
+    shard(labelled(tmp_path / "src", per_class=10), shards, val_fraction=0.3, seed=0, labels=True)
+    run = tmp_path / "cnn"
+    overrides = [f"data.shards={shards}", f"run.dir={run}", "model.img_size=32",
+                 "model.channels=4", "model.depth=2", "data.batch_size=4", "data.num_workers=0",
+                 "train.max_steps=2"]  # fmt: skip
+    assert launch.main([str(CNN), *overrides, "--local"]) == 0
+    ran = recipe.load(run / "recipe.yaml")
+    assert ran.train.precision == "bf16" and ran.deepspeed and ran.deepspeed.zero_stage == 2
+    weights = load_file(str(run / "model.safetensors"))
+    assert weights["body.1.weight"].dtype == torch.float32  # the export is fp32
+    assert json.loads((run / "eval.json").read_text())["count"] == read_manifest(shards).count(
+        "val"
+    )

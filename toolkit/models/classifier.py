@@ -17,6 +17,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from toolkit.models.mae import MAEConfig
@@ -63,13 +65,33 @@ class CNNConfig(ModelBase):
     num_classes: int = setting(3, ge=2, le=MAX_WIDTH)
 
 
+class FloatBatchNorm2d(nn.BatchNorm2d):
+    """BatchNorm whose weights may be cast to bf16 (DeepSpeed's bf16 casts parameters, not
+    buffers): it then normalises in fp32 with fp32 weights and running statistics (batch_norm
+    refuses bf16 weights beside fp32 statistics, and statistics need fp32's precision, which is
+    why mixed precision keeps normalisation in fp32) and returns the input's dtype. With fp32
+    weights (fp32 training, or DDP under autocast) it is plain BatchNorm2d."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.weight.dtype == torch.float32:
+            return super().forward(x)
+        if self.training:
+            self.num_batches_tracked.add_(1)  # type: ignore[operator]
+        with torch.autocast(x.device.type, enabled=False):
+            y = F.batch_norm(
+                x.float(), self.running_mean, self.running_var, self.weight.float(),
+                self.bias.float(), self.training, self.momentum, self.eps,
+            )  # fmt: skip
+        return y.to(x.dtype)
+
+
 class CNN(nn.Module):
     def __init__(self, cfg: CNNConfig) -> None:
         super().__init__()
         layers: list[nn.Module] = []
         c_in, c = cfg.in_chans, cfg.channels
         for _ in range(cfg.depth):
-            layers += [nn.Conv2d(c_in, c, 3, padding=1), nn.BatchNorm2d(c), nn.ReLU(inplace=True),
+            layers += [nn.Conv2d(c_in, c, 3, padding=1), FloatBatchNorm2d(c), nn.ReLU(inplace=True),
                        nn.MaxPool2d(2)]  # fmt: skip
             c_in, c = c, 2 * c
         self.body = nn.Sequential(*layers)
