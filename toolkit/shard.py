@@ -464,7 +464,7 @@ def shard(
             normalise = str(parse_normalisation(normalise))
         except ValueError as err:
             raise UserError(f"--normalise {err}") from None
-    source = list_source(Path(src).resolve())
+    source = list_source(Path(src).resolve(), Path(out).resolve())
     out = Path(out)
     classes = classes_of(source, seed, val_fraction) if labels else None
     old = _check_out(out, overwrite)

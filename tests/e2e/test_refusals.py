@@ -235,8 +235,9 @@ def test_shard_refuses_what_its_files_turn_out_to_hold(tmp_path: Path, capsys) -
     """What only reading the files shows, checked before anything is made visible: pairs of
     two scales (the loader skipped those of the other with a warning), a class whose files were
     all skipped (its count was 0, although classes must have samples), `--normalise unit` on
-    counts (every value would be clamped to 1). A pair whose LR is not its HR reduced by a
-    whole factor is skipped and listed, like a corrupt file."""
+    counts (every value would be clamped to 1), other folders beside hr/ and lr/ (they were left
+    out without a word). A pair whose LR is not its HR reduced by a whole factor is skipped and
+    listed, like a corrupt file."""
     from toolkit import shard as shard_cli
 
     mixed = tmp_path / "mixed"
@@ -260,6 +261,10 @@ def test_shard_refuses_what_its_files_turn_out_to_hold(tmp_path: Path, capsys) -
         f.write_bytes(b"\x93NUMPY broken")
     line = refused(capsys, shard_cli, classes, tmp_path / "cls-out", "--labels")
     assert "class c has no readable sample in train" in line and not (tmp_path / "cls-out").exists()
+    labelled(mixed, ("cdm", "no_sub"))  # a labelled set written into the pairs' folder
+    line = refused(capsys, shard_cli, mixed, tmp_path / "mixed-out")
+    assert f"{mixed}: holds hr/ and lr/ (pairs) and also cdm, no_sub" in line  # not left out
+    assert not (tmp_path / "mixed-out").exists()
     counts = images(tmp_path / "counts", 4, scale=4000, offset=82)
     line = refused(capsys, shard_cli, counts, tmp_path / "c-out", "--normalise", "unit")
     assert "--normalise unit says values lie in [0, 1], but the files hold 82 to 4082" in line

@@ -331,8 +331,9 @@ def _missing(keys: list[str], files: dict[str, Path], other: str) -> UserError:
     return UserError(f"{files[keys[0]]} has no {other} partner {other}/{keys[0]}.*{more}")
 
 
-def list_source(src: Path) -> Source:
-    """List SRC: a folder of images/arrays ("hr") or one with hr/ and lr/ paired by name."""
+def list_source(src: Path, out: Path | None = None) -> Source:
+    """List SRC: a folder of images/arrays ("hr") or one with hr/ and lr/ paired by name (and
+    nothing else but `out`, the shards' folder, if it lies there)."""
     src = Path(src)
     if not src.exists():
         raise UserError(f"{src}: source folder not found")
@@ -345,6 +346,15 @@ def list_source(src: Path) -> Source:
             raise UserError(f"{src}: no usable files ({exts}) found, nested folders included")
         items = [Item(k, files[k], None) for k in sorted(files)]
         return Source("hr", src, items)
+    # Images or folders beside hr/ and lr/ would be left out without a word (notes are not).
+    others = sorted(
+        p.name for p in src.iterdir()
+        if p.name not in ("hr", "lr") and not p.name.startswith(".") and p.resolve() != out
+        and (p.is_dir() or p.suffix.lower() in EXTS)
+    )  # fmt: skip
+    if others:  # they would be left out without a word
+        raise UserError(f"{src}: holds hr/ and lr/ (pairs) and also {', '.join(others[:3])}: "
+                        "give the pairs a folder of their own")  # fmt: skip
     hr = _keyed(src / "hr", "hr/") if (src / "hr").is_dir() else {}
     lr = _keyed(src / "lr", "lr/")
     if not hr and not lr:
