@@ -22,6 +22,7 @@ from toolkit.data.sources import (
     IMAGE_EXTS,
     array_layout,
     image_values,
+    integer_scale,
     load_npy,
     npy_values,
     open_image,
@@ -64,13 +65,14 @@ def read(data: bytes, ext: str, hdu: str | None = None) -> tuple[np.ndarray, Lik
 
 
 def _stored(values: np.ndarray, dtype: np.dtype) -> np.ndarray:
-    """Float values back into `dtype`: integers x their maximum, rounded and saturated."""
+    """Float values back into `dtype`: integers times what reading divided them by
+    (`sources.integer_scale`), rounded and saturated."""
     if dtype.kind == "f":
         return values.astype(dtype)
     if dtype.kind == "b":
         return values >= 0.5
     info = np.iinfo(dtype)
-    scaled = np.rint(np.nan_to_num(values) * np.float64(info.max))
+    scaled = np.rint(np.nan_to_num(values) * np.float64(integer_scale(dtype)))
     return np.clip(scaled, info.min, info.max).astype(dtype)
 
 

@@ -75,16 +75,24 @@ def _check_dtype(dtype: np.dtype) -> None:
         raise ValueError(f"array of dtype {dtype}: expected bool, integer or float")
 
 
+def integer_scale(dtype: np.dtype) -> float:
+    """What an integer array's values are divided by: an image depth's maximum for 8- and 16-bit
+    integers (uint8 by 255, uint16 by 65535, int16 by 32767), and nothing (1) for wider ones,
+    which hold counts (a detector's electrons, a catalogue's fluxes), not a depth: no camera
+    has 31 bits, and dividing by 2**31 would put counts of a few thousand near 1e-6."""
+    return float(np.iinfo(dtype).max) if dtype.itemsize <= 2 else 1.0
+
+
 def _to_float(a: np.ndarray) -> np.ndarray:
-    """float32 values: floats as they are (negative, above 1, NaN: nothing is clipped); integers
-    divided by their type's maximum (uint8 by 255, uint16 by 65535, int16 by 32767: signed values
-    keep their sign); booleans 0 or 1."""
+    """float32 values: floats as they are (negative, above 1, NaN: nothing is clipped); 8- and
+    16-bit integers divided by their type's maximum (signed values keep their sign), wider ones
+    as they are (`integer_scale`); booleans 0 or 1."""
     _check_dtype(a.dtype)
     if a.dtype.kind == "f":
         return a.astype(np.float32, copy=False)
     if a.dtype.kind == "b":
         return a.astype(np.float32)
-    return a.astype(np.float32) / np.float32(np.iinfo(a.dtype).max)
+    return a.astype(np.float32) / np.float32(integer_scale(a.dtype))
 
 
 def load_npy(data: bytes) -> np.ndarray:
@@ -206,7 +214,7 @@ def npy_range(data: bytes) -> tuple[float, float]:
         return math.nan, math.nan
     lo, hi = np.float32(view.min()), np.float32(view.max())  # NaN if any is (numpy propagates)
     if dtype.kind in "iu":
-        top = np.float32(np.iinfo(dtype).max)
+        top = np.float32(integer_scale(dtype))
         lo, hi = lo / top, hi / top
     return float(lo), float(hi)
 

@@ -34,8 +34,9 @@ def pil(a: np.ndarray, fmt: str) -> bytes:
         (RNG.standard_normal((12, 10, 5)) * 3).astype(np.float32),  # (H, W, C): 5 bands
         RNG.integers(0, 65535, (3, 12, 10)).astype(np.uint16),  # (C, H, W) 16 bit
         RNG.integers(-32768, 32767, (12, 10)).astype(np.int16),  # signed counts
+        RNG.integers(0, 2**20, (12, 10)).astype(np.int32),  # detector counts
     ],
-    ids=["hw-float64", "hwc-float32", "chw-uint16", "hw-int16"],
+    ids=["hw-float64", "hwc-float32", "chw-uint16", "hw-int16", "hw-int32"],
 )
 def test_an_npy_comes_back_in_its_dtype_and_axis_order(array: np.ndarray) -> None:
     values, like = read(npy(array), ".npy")

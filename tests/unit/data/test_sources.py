@@ -147,6 +147,9 @@ def test_decode_npy_dtypes() -> None:
     signed = decode(npy(np.array([[-5, 127]], np.int8)), "npy")[0]
     np.testing.assert_allclose(signed, [[-5 / 127, 1]])  # signed: by the max, sign kept
     np.testing.assert_allclose(decode(npy(np.array([[-32767, 0]], np.int16)), "npy")[0], [[-1, 0]])
+    for wide in (np.int32, np.uint32, np.int64):  # counts, not an image depth: as they are
+        counts = decode(npy(np.array([[1, 3989, 82]], wide)), "npy")[0]
+        np.testing.assert_array_equal(counts, [[1, 3989, 82]])
     np.testing.assert_array_equal(decode(npy(np.array([[True, False]])), "npy")[0], [[1, 0]])
     floats = np.array([[-0.5, 2.0, 0.3]], np.float64)
     np.testing.assert_array_equal(decode(npy(floats), "npy")[0], floats.astype(np.float32))
@@ -341,6 +344,7 @@ def test_list_unlistable_folder_is_a_user_error(tmp_path: Path) -> None:
         np.arange(-7, 53, dtype=np.float32).reshape(6, 10),
         np.arange(100, 160, dtype=np.uint16).reshape(1, 6, 10),
         np.arange(-30, 30, dtype=np.int16).reshape(6, 10, 1),
+        np.arange(82, 142, dtype=np.int32).reshape(6, 10),  # counts
         np.eye(6, 10, dtype=bool),
     ],
 )
