@@ -152,8 +152,9 @@ def refuse_if_held(directory: Path) -> None:
 class Hold:
     """This process's hold on a directory: refreshed in the background until released."""
 
-    def __init__(self, path: Path, holder: Holder) -> None:
+    def __init__(self, path: Path, holder: Holder, made: bool = False) -> None:
         self.path, self.holder = path, holder
+        self.made = made  # the directory was made for this hold
         self._done = threading.Event()
         self._thread = threading.Thread(target=self._beat, name="hold-heartbeat", daemon=True)
         self._thread.start()
@@ -180,11 +181,15 @@ class Hold:
         current = _read(self.path)
         if current is not None and current.token == self.holder.token:
             self.path.unlink(missing_ok=True)
+            if self.made:  # a command refused before writing leaves no empty folder behind
+                with contextlib.suppress(OSError):
+                    self.path.parent.rmdir()  # only if empty
 
 
 def acquire(directory: Path, command: str) -> Hold:
     """Hold `directory` (created if missing) for this process, or raise `Held` naming the live
     holder. A dead holder's hold is taken over, with a warning."""
+    made = not Path(directory).exists()
     directory = make_folder(Path(directory))
     path = directory / HOLD
     mine = me(command)
@@ -204,7 +209,7 @@ def acquire(directory: Path, command: str) -> Hold:
             f.write(body)
             f.flush()
             os.fsync(f.fileno())
-        return Hold(path, mine)
+        return Hold(path, mine, made)
     raise Held(f"{directory}: other processes keep taking it (see {path})")
 
 

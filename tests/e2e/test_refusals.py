@@ -204,6 +204,18 @@ def test_a_report_of_an_evaluation_of_another_task_is_refused(tmp_path: Path, ca
     assert f"{tmp_path / 'taken'}: a file, not a folder to write into" in line
 
 
+def test_init_from_a_run_of_another_model_leaves_no_run_directory(
+    data: Path, tmp_path: Path, capsys
+) -> None:
+    """The refusal came after the run directory was made: an empty folder was left behind."""
+    source = make_run(tmp_path / "cnn", f"data.shards={data / 'cls3'}", *TINY_CNN, base=CNN)
+    run = tmp_path / "run"
+    line = refused(capsys, launch, DEBUG_RECIPE, "--local",
+                   *tiny(data / "x2", run, f"init.from={source}"))  # fmt: skip
+    assert f"init.from {source}: no tensor of the checkpoint has a place in this model" in line
+    assert not run.exists()
+
+
 @pytest.mark.slow
 def test_relaunching_a_run_with_another_model_changes_nothing(
     data: Path, tmp_path: Path, capsys

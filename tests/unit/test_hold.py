@@ -136,3 +136,20 @@ def test_of_many_contenders_for_a_dead_hold_exactly_one_wins(tmp_path: Path) -> 
         p.join(30)
     results = sorted(out.get(timeout=5) for _ in procs)
     assert results == ["refused"] * 5 + ["won"]
+
+
+def test_a_folder_made_for_a_hold_goes_with_it_when_nothing_was_written(tmp_path: Path) -> None:
+    """A command refused after taking its hold (an init.from that does not fit) left an empty
+    run directory behind; a folder it wrote into, or one that was there before, stays."""
+    new = tmp_path / "new"
+    acquire(new, "test").release()
+    assert not new.exists()
+    written = tmp_path / "written"
+    h = acquire(written, "test")
+    (written / "recipe.yaml").write_text("name: x\n")
+    h.release()
+    assert sorted(p.name for p in written.iterdir()) == ["recipe.yaml"]
+    there = tmp_path / "there"
+    there.mkdir()
+    acquire(there, "test").release()
+    assert there.is_dir() and not any(there.iterdir())
