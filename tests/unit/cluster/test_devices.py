@@ -3,9 +3,13 @@ when GPUs were given but CUDA does not work, and one process per GPU for --local
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import pytest
 import torch
 
+from tests.helpers import DEBUG_RECIPE, make_pairs, one_error_line, tiny
 from tests.unit.cluster.test_env import TASK1
 from toolkit.cluster import devices, env
 from toolkit.errors import UserError
@@ -89,3 +93,79 @@ def test_local_runs_get_one_process_per_gpu(monkeypatch) -> None:
     devices.check_local(2)
     with pytest.raises(UserError, match=r"--procs 3: this machine has 2 GPU\(s\)"):
         devices.check_local(3)
+
+
+# What `torch.cuda.init()` raises on a CUDA build of torch when the node's driver is missing
+# (c10/cuda/CUDAFunctions.cpp, device_count_impl: cudaErrorInsufficientDriver, no driver version).
+NO_DRIVER = (
+    "Found no NVIDIA driver on your system. Please check that you have an NVIDIA GPU and "
+    "installed a driver from http://www.nvidia.com/Download/index.aspx"
+)
+
+
+class BrokenDriver:
+    """A CUDA build of torch on a node whose driver does not load: the boundary `cuda_problem`
+    checks (`torch.version.cuda`, `torch.cuda.init()`), and nothing of the code under test."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.inits = 0
+        monkeypatch.setattr(torch.version, "cuda", "12.4")
+        monkeypatch.setattr(torch.cuda, "init", self.init)
+
+    def init(self) -> None:
+        self.inits += 1
+        raise RuntimeError(NO_DRIVER)
+
+
+def test_given_gpus_with_a_broken_driver_stop_with_the_drivers_words(monkeypatch) -> None:
+    """A Slurm GPU allocation whose CUDA does not initialise is refused, in one line naming the
+    evidence of the allocation and the driver's own words, never trained on the CPU."""
+    cuda = BrokenDriver(monkeypatch)
+    with pytest.raises(UserError) as err:
+        devices.bind({"SLURM_JOB_GPUS": "0", "CUDA_VISIBLE_DEVICES": "0"})
+    message = str(err.value)
+    assert "\n" not in message and cuda.inits == 1
+    assert message == (
+        f"this process was given GPUs (SLURM_JOB_GPUS=0) but CUDA does not initialise: {NO_DRIVER}"
+    )
+
+
+def test_a_broken_cuda_without_gpu_variables_falls_back_to_the_cpu(monkeypatch) -> None:
+    """Without any sign of a GPU allocation the same broken CUDA is not an error: the process
+    runs on the CPU (after asking CUDA, which is how it knows); CUDA_VISIBLE_DEVICES="" asks for
+    the CPU without asking CUDA at all."""
+    cuda = BrokenDriver(monkeypatch)
+    assert devices.bind({}) == "cpu" and cuda.inits == 1
+    assert devices.bind({"CUDA_VISIBLE_DEVICES": ""}) == "cpu" and cuda.inits == 1
+    devices.check_local(4)  # CPU processes (gloo): as many as wanted
+
+
+def test_train_on_gpus_with_a_broken_driver_exits_2_and_writes_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`python -m toolkit.train` in a Slurm GPU allocation whose driver does not load: exit
+    status 2, one `error:` line naming the allocation and the driver's words, and nothing
+    written into the run directory (no hold, no recipe, no checkpoint)."""
+    from toolkit import train
+    from toolkit.data.format import MANIFEST
+    from toolkit.shard import shard
+
+    make_pairs(tmp_path / "src", 8)
+    shard(tmp_path / "src", tmp_path / "shards", val_fraction=0.25, shard_size=8)
+    assert (tmp_path / "shards" / MANIFEST).is_file()
+    for key in [k for k in os.environ if k.startswith("SLURM_")]:
+        monkeypatch.delenv(key)  # whatever Slurm job the tests run in
+    monkeypatch.setenv("SLURM_JOB_GPUS", "0")
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0")
+    cuda = BrokenDriver(monkeypatch)
+    run = tmp_path / "run"
+    overrides = tiny(tmp_path / "shards", run, "train.max_steps=1")
+    capsys.readouterr()
+    assert train.main([str(DEBUG_RECIPE), *overrides]) == 2
+    line = one_error_line(capsys.readouterr().err)
+    assert line == (
+        "error: this process was given GPUs (SLURM_JOB_GPUS=0) but CUDA does not initialise: "
+        f"{NO_DRIVER}"
+    )
+    assert cuda.inits == 1
+    assert not run.exists()
