@@ -9,7 +9,7 @@ TORCH ?= torch==2.13.0
 TORCH_INDEX ?=
 PIP := $(PY) -m pip install --progress-bar off
 
-.PHONY: setup demo test lint format clean
+.PHONY: setup demo test test-numeric lint format clean
 
 $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +29,19 @@ lint: setup
 
 test: lint
 	$(PY) -m pytest
+	$(MAKE) --no-print-directory test-numeric
+
+# The tests marked `numeric` compare floats from two kernel sets (compiled and eager, numbers
+# recorded on another CPU): rerun them with the kernels of a CPU with AVX2 only and of one with no
+# SIMD at all, whatever this one has. Each pass has an inductor cache of its own: the cache's key
+# leaves out the vector instruction set, and a kernel generated for another one computes garbage
+# (NaN losses) or does not compile.
+numeric_pass = ATEN_CPU_CAPABILITY=$(1) ONEDNN_MAX_CPU_ISA=$(2) \
+	TORCHINDUCTOR_CACHE_DIR=$(CURDIR)/.pytest_cache/inductor-$(1) $(PY) -m pytest -m numeric
+
+test-numeric: setup
+	$(call numeric_pass,avx2,AVX2)
+	$(call numeric_pass,default,SSE41)
 
 format: setup
 	$(PY) -m ruff format .

@@ -63,6 +63,7 @@ TINY_VIT = ["model.img_size=16", "model.patch_size=4", "model.embed_dim=16", "mo
 ACROSS_CPUS = 1e-6
 
 
+@pytest.mark.numeric
 def test_legacy_runs_evaluate_to_what_they_recorded(legacy: Path, capsys) -> None:
     """Each legacy run evaluates (1) bit for bit as a run of today's recipe with the same
     weights, task and architecture written out, on this machine: its `stage:` recipe is read as

@@ -382,6 +382,7 @@ def drift(w: dict[str, torch.Tensor], ref: dict[str, torch.Tensor], init: dict) 
     return apart / moved
 
 
+@pytest.mark.numeric
 def test_compiled_runs_match_eager_and_checkpoints_cross_between_them(shards, tmp_path) -> None:
     """train.compile: the same losses and weights as eager (to float rounding: DRIFT,
     LOSS_REL); a compiled run resumed is exactly the compiled run straight through; a compiled
