@@ -40,7 +40,9 @@ numeric_pass = ATEN_CPU_CAPABILITY=$(1) ONEDNN_MAX_CPU_ISA=$(2) \
 	TORCHINDUCTOR_CACHE_DIR=$(CURDIR)/.pytest_cache/inductor-$(1) $(PY) -m pytest -m numeric
 
 test-numeric: setup
-	$(call numeric_pass,avx2,AVX2)
+	@if grep -qw avx2 /proc/cpuinfo 2>/dev/null; then \
+		echo "numeric tests with AVX2 kernels"; $(call numeric_pass,avx2,AVX2); \
+	else echo "numeric tests with AVX2 kernels: skipped, this CPU has no AVX2"; fi
 	$(call numeric_pass,default,SSE41)
 
 format: setup

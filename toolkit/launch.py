@@ -193,6 +193,7 @@ def run_local(args: Any, r: recipe.Recipe) -> int:
     if done is not None:
         logger.warning("%s", done.line())
         return 0
+    preflight.require(r)
     devices.check_local(args.procs or 1)
     if (args.procs or 1) == 1:
         from toolkit.train import run
@@ -343,7 +344,6 @@ def _main(argv: Sequence[str] | None) -> int:
     if args.dry_run:
         dry_run(args.recipe, r, world, preflight.problems(r), args.json)
         return 0
-    preflight.require(r)
     return run_local(args, r)
 
 

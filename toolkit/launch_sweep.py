@@ -23,6 +23,7 @@ from toolkit.launch import (
     wait_for,
     world_of,
 )
+from toolkit.runs import check_relaunch
 
 logger = logging.getLogger(__name__)
 
@@ -140,8 +141,7 @@ def _run_local(args: Any, base: Path, axes: dict, planned: list[Planned]) -> int
         one = copy.copy(args)
         one.overrides = p.overrides
         try:
-            preflight.require(p.recipe)
-            status = run_local(one, p.recipe)
+            status = run_local(one, p.recipe)  # a finished variant is left as it is
         except UserError as err:
             sys.stderr.write(f"error: variant {p.variant.index}: {err}\n")
             status = 2
@@ -160,24 +160,36 @@ def _run_slurm(args: Any, base: Path, axes: dict, planned: list[Planned], limit:
     from toolkit.cluster import slurm
 
     slurm.require_slurm()
-    for p in planned:
+    world = world_of(planned[0].recipe, args)
+    todo = []
+    for p in planned:  # a finished variant is left out of the array, as it is
+        done = check_relaunch(p.recipe, world.world_size)
+        if done is not None:
+            logger.warning("%s", done.line())
+            continue
         preflight.require(p.recipe)
+        todo.append(p)
+    if not todo:
+        sys.stdout.write(f"sweep: all {len(planned)} variants are complete; compare them with: "
+                         f"python -m toolkit.report {shlex.quote(str(base))}\n")  # fmt: skip
+        return 0
+    limit = min(limit, len(todo))
     spec = slurm.job_spec(planned[0].recipe, {k: getattr(args, k) for k in SLURM_FLAGS})
     after = after_of(args)
     folder = base.absolute() / "slurm"
-    argvs = [[args.recipe, *p.overrides] for p in planned]
+    argvs = [[args.recipe, *p.overrides] for p in todo]
     jobs = slurm.submit_array(spec, folder, argvs, after, limit)
     array = jobs[0].job_id.split("_")[0]
     sweep.write(base, args.recipe, axes, [p.variant for p in planned], array)
-    world = world_of(planned[0].recipe, args)
+    left = f" ({len(planned) - len(todo)} complete, left out)" if len(todo) < len(planned) else ""
     sys.stdout.write(
-        f"array job {array}: {len(planned)} variant(s), at most {limit} at a time, each "
+        f"array job {array}: {len(todo)} variant(s){left}, at most {limit} at a time, each "
         f"{world.nodes} node(s) x {max(world.gpus_per_node, 1)} process(es)\n"
         f"  sweep dir: {base} (sweep.json; a run directory per variant)\n"
         f"  logs:      {folder / f'{array}_<variant>_0_log.err'}\n"
         f"  compare:   python -m toolkit.report {shlex.quote(str(base))}\n"
     )
-    for p, job in zip(planned, jobs, strict=True):
+    for p, job in zip(todo, jobs, strict=True):
         sys.stdout.write(f"job {job.job_id}: {' '.join(p.variant.overrides)}\n")
     sys.stdout.flush()
     if not args.wait:
@@ -185,4 +197,4 @@ def _run_slurm(args: Any, base: Path, axes: dict, planned: list[Planned], limit:
     from toolkit.launch import Stage
 
     return wait_for([(Stage(args.recipe, p.recipe, world, spec, False), job)
-                     for p, job in zip(planned, jobs, strict=True)])  # fmt: skip
+                     for p, job in zip(todo, jobs, strict=True)])  # fmt: skip

@@ -270,8 +270,10 @@ def check_record(out: Path, made: dict[str, Any]) -> bool:
     try:
         then = json.loads(path.read_text())
     except ValueError:
-        then = {}
-    then = then if isinstance(then, dict) else {}
+        then = None
+    if not isinstance(then, dict):
+        raise UserError(f"{path}: unreadable, so what the outputs in {out} come from is unknown: "
+                        "give another --out, or remove the folder to predict again")  # fmt: skip
     for key, value in made.items():
         if key != "source" and then.get(key) != value:
             what = "weights" if key == "weights" else f"{key} {then.get(key)}, here {value}"

@@ -55,7 +55,7 @@ def foreign(run_dir: Path) -> str | None:
         return f"{run_dir} is a file, not a run directory"
     others = sorted(
         p.name for p in run_dir.iterdir()
-        if p.name not in RUN_ENTRIES and not p.name.startswith("eval")
+        if p.name not in RUN_ENTRIES and not p.name.startswith(("eval", "."))
     )  # fmt: skip
     if others and not (run_dir / "recipe.yaml").is_file():
         return (

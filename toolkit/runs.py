@@ -12,16 +12,15 @@ from typing import Any
 from torch import nn
 
 from toolkit import recipe
-from toolkit.data.fit import Expected, shards_misfit
+from toolkit.data.fit import Expected, shards_misfit, unit_misfit
 from toolkit.data.format import (
     MANIFEST,
     TRAINED_ON,
     Manifest,
-    in_unit_range,
     mismatches,
     read_manifest,
 )
-from toolkit.data.format import trained_on as format_trained_on
+from toolkit.data.format import trained_on as record_of
 from toolkit.data.loader import Loader, build_loader
 from toolkit.data.normalise import resolve
 from toolkit.engine.checkpointer import (
@@ -35,6 +34,7 @@ from toolkit.engine.checkpointer import (
 from toolkit.engine.state import TrainState
 from toolkit.engine.steps import StepPlan
 from toolkit.errors import UserError
+from toolkit.recipe import RecipeError
 from toolkit.tasks import Task, task_of
 
 
@@ -96,21 +96,33 @@ class Finished:
         )
 
 
-def finished(r: recipe.Recipe, manifest: Manifest | None = None) -> Finished | None:
-    """Whether the run in `r.run_dir` has reached its end: its newest complete checkpoint is at
-    the last step that `r` plans for the number of processes that wrote it. Any other number of
-    processes relaunching it would map that position to another step and train again, so a
-    finished run is judged by its own world size, never the relaunch's."""
-    ckpts = complete_checkpoints(r.run_dir)
+def finished(r: recipe.Recipe, ckpts: list[Path]) -> Finished | None:
+    """Whether the run in `r.run_dir` (whose complete checkpoints, newest first, are `ckpts`)
+    has reached its end: its newest checkpoint is at the last step that `r` plans for the
+    number of processes that wrote it. Any other number of processes relaunching it would map
+    that position to another step and train again, so a finished run is judged by its own world
+    size, never the relaunch's. The sample counts come from the shards, or from the run's own
+    record of them where the shards are gone (a scratch file system purged)."""
     if not ckpts:
         return None
     state = TrainState.read(ckpts[0] / STATE)
-    manifest = manifest if manifest is not None else read_manifest(r.data.shards)
-    if state.step < StepPlan.of(r, manifest.count("train"), state.world_size).total:
+    counts = _sample_counts(r)
+    if state.step < StepPlan.of(r, counts["train"], state.world_size).total:
         return None
-    evaluated = not manifest.count("val") or (r.run_dir / "eval.json").is_file()
+    evaluated = not counts.get("val") or (r.run_dir / "eval.json").is_file()
     written = exported_step(r.run_dir) == state.step and evaluated
     return Finished(r.run_dir, state.step, state.world_size, written)
+
+
+def _sample_counts(r: recipe.Recipe) -> dict[str, int]:
+    try:
+        manifest = read_manifest(r.data.shards)
+        return {split: manifest.count(split) for split in manifest.splits}
+    except UserError:
+        record = _read_record(r.run_dir)
+        if record is None or not isinstance(record.get("count"), dict):
+            raise
+        return {k: int(v) for k, v in record["count"].items()}
 
 
 def another_run(then: recipe.Recipe, now: recipe.Recipe) -> str | None:
@@ -120,10 +132,12 @@ def another_run(then: recipe.Recipe, now: recipe.Recipe) -> str | None:
     learning rate, another mask ratio)."""
     for key, a, b in (
         ("task", then.task, now.task),
-        ("data.scale", then.data.scale, now.data.scale),
         ("freeze", then.freeze, now.freeze),
         ("deepspeed.zero_stage", _stage(then), _stage(now)),
-    ):
+        # the factor matters to a task that makes LR images (its model's shapes may not show it)
+        ("data.scale", then.data.scale if "lr" in task_of(then).fields else None,
+         now.data.scale if "lr" in task_of(now).fields else None),
+    ):  # fmt: skip
         if a != b:
             return f"{key} {a} in the run, {b} here"
     shapes = [param_shapes(x) for x in (then, now)]
@@ -156,13 +170,17 @@ def check_relaunch(r: recipe.Recipe, world_size: int) -> Finished | None:
     ckpts = complete_checkpoints(r.run_dir)
     if not ckpts:
         return None
-    difference = another_run(recipe.load(ckpts[0] / RECIPE), r)
+    try:
+        then = recipe.load(ckpts[0] / RECIPE)
+    except RecipeError as err:  # a recipe of an older toolkit that today's schema refuses
+        raise UserError(f"{ckpts[0] / RECIPE}: the run's recipe does not load ({err})") from None
+    difference = another_run(then, r)
     if difference is not None:
         raise UserError(
             f"{r.run_dir}: holds a run this recipe cannot continue ({difference}); give this run "
             f"its own run.dir, or relaunch with the run's own recipe ({r.run_dir / RECIPE})"
         )
-    done = finished(r)
+    done = finished(r, ckpts)
     if done is None or done.written:
         return done
     if done.world_size != world_size:
@@ -174,28 +192,36 @@ def check_relaunch(r: recipe.Recipe, world_size: int) -> Finished | None:
     return None  # the same world: the relaunch resumes at the last step and only finishes
 
 
-def trained_on(target: Target) -> dict[str, Any] | None:
-    """What the run records of the shards it trained on (`data.json`); for a run older than that
-    record, the same read from its shards' manifest where it is still readable; else None."""
-    path = target.run_dir / TRAINED_ON
-    if path.is_file():
-        try:
-            doc = json.loads(path.read_text())
-        except ValueError as err:
-            raise UserError(f"{path}: not a record of the training data ({err})") from None
-        return doc if isinstance(doc, dict) else None
-    try:
-        manifest = read_manifest(target.recipe.data.shards)
-    except UserError:
+def _read_record(run_dir: Path) -> dict[str, Any] | None:
+    path = run_dir / TRAINED_ON
+    if not path.is_file():
         return None
-    return format_trained_on(manifest, target.recipe.data.normalise or "")
+    try:
+        doc = json.loads(path.read_text())
+    except ValueError as err:
+        raise UserError(f"{path}: not a record of the training data ({err})") from None
+    return doc if isinstance(doc, dict) else None
+
+
+def training_record(target: Target) -> dict[str, Any] | None:
+    """What the run records of the shards it trained on (`data.json`); for a run older than that
+    record, the same read from the manifest of the shards its own recipe names (not those of
+    an override) where it is still readable; else None."""
+    record = _read_record(target.run_dir)
+    if record is not None:
+        return record
+    try:
+        own = recipe.load(target.run_dir / RECIPE)
+        return record_of(read_manifest(own.data.shards), own.data.normalise or "")
+    except (UserError, RecipeError):
+        return None
 
 
 def expected_by(target: Target, min_side: int = 1) -> Expected:
     """What data must look like to fit the target's model: its channels, the smallest side it
     takes, its normalisation and the range of its training values (where known)."""
     r = target.recipe
-    record = trained_on(target) or {}
+    record = training_record(target) or {}
     value_range = record.get("value_range")
     return Expected(
         run=str(target.run_dir),
@@ -249,21 +275,19 @@ def shard_problems(
     scale = r.data.scale if "lr" in task.fields else None
     out = mismatches(manifest, r.model.in_chans, r.model.img_size, scale)
     out += task.shard_problems(manifest, trained)
-    norm = resolve(r.data.normalise, manifest)
+    norm = resolve(r.data.normalise, manifest)  # how these shards are mapped (an override)
     where = str(manifest.root / MANIFEST)
-    if norm.name == "unit" and not in_unit_range(manifest.value_range):
-        low, high = manifest.value_range or (0.0, 1.0)
-        out.append(
-            f"{where}: data.normalise unit says values lie in [0, 1], but the shards hold "
-            f"{low:.4g} to {high:.4g}: use data.normalise=minmax, percentile, asinh or none"
-            + (f" (the shards' own is {manifest.normalise})" if manifest.normalise else "")
-        )
-    elif trained and trained.get("value_range"):
+    problem = unit_misfit(where, manifest.value_range, "data.normalise", norm)
+    if problem is not None and manifest.normalise:
+        problem += f" (the shards' own is {manifest.normalise})"
+    if problem is None and trained and trained.get("value_range"):
         low, high = trained["value_range"]
-        expected = Expected(str(r.run_dir), r.model.in_chans, norm, (float(low), float(high)))
+        # ... against what the model saw: the run's own map of its training values
+        trained_norm = resolve(trained.get("normalise") or r.data.normalise, manifest)
+        expected = Expected(str(r.run_dir), r.model.in_chans, trained_norm, (low, high))
         problem = shards_misfit(where, manifest.value_range, norm, expected)
-        if problem:
-            out.append(problem)
+    if problem is not None:
+        out.append(problem)
     return out
 
 
@@ -272,7 +296,7 @@ def check_shards(target: Target, split: str) -> None:
     fit what it was trained on: a user error otherwise."""
     r = target.recipe
     manifest = read_manifest(r.data.shards)
-    problems = shard_problems(r, manifest, trained_on(target))
+    problems = shard_problems(r, manifest, training_record(target))
     if problems:
         raise UserError(problems[0])
     if not manifest.count(split):

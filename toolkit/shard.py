@@ -26,6 +26,7 @@ import numpy as np
 from tqdm import tqdm
 
 from toolkit import cli
+from toolkit.data.fit import unit_misfit
 from toolkit.data.fits import FITS_EXTS
 from toolkit.data.format import (
     MANIFEST,
@@ -35,7 +36,6 @@ from toolkit.data.format import (
     ShardResult,
     TarWriter,
     commit,
-    in_unit_range,
     manifest_doc,
     verify,
 )
@@ -117,17 +117,19 @@ def refuse_unfit(
                         counts[label] += n
             empty = [c for c, n in zip(classes, counts, strict=True) if not n]
             if empty:
+                bad = sum(class_of(p) == empty[0] for r in results for p, _ in r.skipped)
+                why = f"{bad} of its files were skipped: see the log" if bad else "none fell there"
                 raise UserError(
-                    f"{root}: class {empty[0]} has no readable sample in {split} (its files "
-                    "were skipped: see the log); add or mend them"
+                    f"{root}: class {empty[0]} has no readable sample in {split} ({why}); add "
+                    "samples of it or mend them"
                 )
     low = min((r.low for r in results if r.count), default=0.0)
     high = max((r.high for r in results if r.count), default=1.0)
-    if normalise == "unit" and not in_unit_range((low, high)):
-        raise UserError(
-            f"{root}: --normalise unit says values lie in [0, 1], but the files hold {low:.4g} "
-            f"to {high:.4g}: use none, minmax, percentile or asinh"
-        )
+    problem = unit_misfit(
+        str(root), (low, high), "--normalise", parse_normalisation(normalise or "none")
+    )
+    if problem is not None:
+        raise UserError(problem)
 
 
 def order_of(key: str, seed: int) -> str:
@@ -246,6 +248,13 @@ def _members(job: ShardJob, item: Item, result: ShardResult) -> list[tuple[str, 
         values.append((path.relative_to(job.root).as_posix(), filled, low, high))
     if not ok:
         return None
+    if len(shapes) == 2:  # a pair: its LR must be its HR reduced by one whole factor
+        (_, h, w), (_, lh, lw) = shapes
+        if lh < 1 or lw < 1 or h % lh or w % lw or h // lh != w // lw or h // lh < 2:
+            lr = item.lr.relative_to(job.root).as_posix()  # type: ignore[union-attr]
+            result.skipped.append((lr, f"{lh}x{lw}: not its hr {h}x{w} reduced by one factor"))
+            return None  # before anything of it is counted
+        result.scales[h // lh] = result.scales.get(h // lh, 0) + 1
     if job.classes is not None:  # webdataset's `cls`: the class index as text
         label = job.classes.index(class_of(item.key))
         members.append((f"{item.key}.cls", str(label).encode()))
@@ -254,13 +263,6 @@ def _members(job: ShardJob, item: Item, result: ShardResult) -> list[tuple[str, 
         result.low, result.high = min(result.low, low), max(result.high, high)
         if filled:
             result.filled[rel] = filled
-    if len(shapes) == 2:  # a pair: its LR must be its HR reduced by one whole factor
-        (_, h, w), (_, lh, lw) = shapes
-        if lh < 1 or lw < 1 or h % lh or w % lw or h // lh != w // lw or h // lh < 2:
-            lr = item.lr.relative_to(job.root).as_posix()  # type: ignore[union-attr]
-            result.skipped.append((lr, f"{lh}x{lw}: not its hr {h}x{w} reduced by one factor"))
-            return None
-        result.scales[h // lh] = result.scales.get(h // lh, 0) + 1
     result.channels.update(c for c, _, _ in shapes)
     _, h, w = shapes[0]
     result.hr_min = (min(result.hr_min[0], h), min(result.hr_min[1], w))

@@ -9,11 +9,10 @@ after a checkpoint (the Slurm scripts requeue the job on it); relaunching resume
 from __future__ import annotations
 
 import logging
-import os
 import sys
 from collections.abc import Sequence
 
-from toolkit import cli, preflight, recipe
+from toolkit import cli, recipe
 from toolkit.cluster import env
 
 logger = logging.getLogger(__name__)
@@ -26,8 +25,6 @@ def run(r: recipe.Recipe) -> int:
     signal stopped it after a checkpoint."""
     from toolkit.engine.loop import NonFiniteLoss, train  # torch/accelerate: only when training
 
-    if os.environ.get("RANK", "0") == "0":  # one process checks the inputs for the job
-        preflight.require(r)
     try:
         result = train(r)
     except NonFiniteLoss as err:

@@ -118,7 +118,7 @@ def classify_run(tmp_path: Path, data: Path, normalise: str = "unit") -> Path:
         ("plain", "the shards carry no label"),
         ("cls4", "the shards hold 4 classes (a, b, c, d), but model.num_classes is 3"),
         ("xyz", "the shards' classes are x, y, z, but the run was trained on a, b, c"),
-        ("counts", "data.normalise unit says values lie in [0, 1], but the shards hold 82 to 4082"),
+        ("counts", "data.normalise unit says values lie in [0, 1], but they span 82 to 4082"),
     ],
 )
 def test_evaluating_on_shards_that_do_not_fit_the_run_is_refused(
@@ -166,7 +166,7 @@ def test_unit_normalisation_on_data_beyond_0_1_is_refused(
     run = tmp_path / "run"
     line = refused(capsys, launch, DEBUG_RECIPE, "--local",
                    *tiny(data / "flux", run, "data.normalise=unit", task="mae"))  # fmt: skip
-    assert "data.normalise unit says values lie in [0, 1], but the shards hold 82 to 4082" in line
+    assert "data.normalise unit says values lie in [0, 1], but they span 82 to 4082" in line
     assert "(the shards' own is none)" in line and not run.exists()
     assert launch.main([str(DEBUG_RECIPE), "--dry-run", *tiny(data / "flux", run, task="mae")]) == 0
 
@@ -279,5 +279,5 @@ def test_shard_refuses_what_its_files_turn_out_to_hold(tmp_path: Path, capsys) -
     assert not (tmp_path / "mixed-out").exists()
     counts = images(tmp_path / "counts", 4, scale=4000, offset=82)
     line = refused(capsys, shard_cli, counts, tmp_path / "c-out", "--normalise", "unit")
-    assert "--normalise unit says values lie in [0, 1], but the files hold 82 to 4082" in line
+    assert "--normalise unit says values lie in [0, 1], but they span 82 to 4082" in line
     assert not (tmp_path / "c-out").exists()

@@ -455,6 +455,8 @@ def test_a_finished_run_stays_finished_whatever_the_world_size(shards, tmp_path)
     for relaunch in (
         ["--procs", "2", *args],
         [*args],
+        [*args, "data.scale=4"],  # a chain's shared override the MAE does not use
+        [*args, f"data.shards={tmp_path / 'purged'}"],  # shards gone: data.json counts
     ):
         code, out = launch_local(*relaunch)
         said = [x for x in out.splitlines() if "complete (trained to its last step, 4, on 1" in x]

@@ -93,6 +93,23 @@ def range_misfit(
     )
 
 
+def unit_misfit(
+    where: str, value_range: tuple[float, float] | None, key: str, norm: Normalisation
+) -> str | None:
+    """Why `unit` (named by `key`: a flag or a recipe key) cannot map values spanning
+    `value_range`, or None: it says they lie in [0, 1], and everything beyond would be clamped
+    there (a blank image of ones for counts)."""
+    if norm.name != "unit" or value_range is None:
+        return None
+    low, high = value_range
+    if low >= 0.0 and high <= 1.0:
+        return None
+    return (
+        f"{where}: {key} unit says values lie in [0, 1], but they span {_g(low)} to {_g(high)}: "
+        "use none, minmax, percentile or asinh"
+    )
+
+
 def shards_misfit(
     where: str, value_range: tuple[float, float] | None, norm: Normalisation, expected: Expected
 ) -> str | None:

@@ -357,7 +357,8 @@ def list_source(src: Path, out: Path | None = None) -> Source:
     # Images or folders beside hr/ and lr/ would be left out without a word (notes are not).
     others = sorted(
         p.name for p in src.iterdir()
-        if p.name not in ("hr", "lr") and not p.name.startswith(".") and p.resolve() != out
+        if p.name not in ("hr", "lr") and not p.name.startswith(".")
+        and (out is None or (p.resolve() != out and p.resolve() not in out.parents))
         and (p.is_dir() or p.suffix.lower() in EXTS)
     )  # fmt: skip
     if others:  # they would be left out without a word

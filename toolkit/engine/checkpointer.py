@@ -344,7 +344,10 @@ def damage(ckpt: Path) -> str | None:
 
 
 def complete_checkpoints(run_dir: Path) -> list[Path]:
-    """Complete, undamaged checkpoints, newest first; damaged ones are reported here."""
+    """Complete, undamaged checkpoints, newest first; damaged ones are reported here. Newest is
+    the one `latest` names (the last written), then by step: after a restart on more processes
+    the run goes on from an earlier step, and a checkpoint the old processes wrote at a later
+    one must not be taken for newer (should the run die before `prune` removes it)."""
     out = []
     for ckpt in reversed(_step_dirs(checkpoint_dir(run_dir))):
         problem = damage(ckpt)
@@ -352,7 +355,11 @@ def complete_checkpoints(run_dir: Path) -> list[Path]:
             out.append(ckpt)
         else:
             logger.warning("checkpoint %s is damaged: %s; skipping it", ckpt, problem)
-    return out
+    try:
+        last = checkpoint_dir(run_dir) / (checkpoint_dir(run_dir) / "latest").read_text().strip()
+    except OSError:
+        return out
+    return sorted(out, key=lambda c: c != last)  # stable: the rest stay newest first
 
 
 def _frozen_file(ckpt: Path) -> dict[str, torch.Tensor]:

@@ -16,7 +16,8 @@ from typing import Any
 
 import torch
 
-from toolkit import recipe
+from toolkit import preflight, recipe
+from toolkit.atomic import write_atomic
 from toolkit.data.format import TRAINED_ON, Manifest, read_manifest, trained_on, write_json
 from toolkit.data.loader import Loader, build_loader
 from toolkit.data.normalise import resolve
@@ -74,13 +75,16 @@ def train(r: recipe.Recipe) -> TrainResult:
     engine = Engine(r.train, r.deepspeed, micro_batch=r.data.batch_size)
     run, hold = None, None
     try:
-        # A run that reached its end is left as it is, whatever the number of processes.
+        # A run that reached its end is left as it is, whatever the number of processes (and
+        # whether its shards are still there); then the inputs are checked, by one process for
+        # the job, and every rank stops with the same line if one does not fit.
         done = engine.on_main(lambda: check_relaunch(r, engine.world_size))
         if done is not None:
             if engine.is_main:
                 logger.warning("%s", done.line())
             engine.close()
             return TrainResult(r.run_dir, done.step, False, None)
+        engine.on_main(lambda: preflight.require(r))
         hold = engine.on_main(lambda: acquire(r.run_dir, f"training {r.name}"), share=False)
         run = build(engine, r)
         state = restore(run)
@@ -148,7 +152,7 @@ def restore(run: Run) -> TrainState:
     start = time.perf_counter()
     state = run.ckpt.restore(run.resume, run.parts)
     if run.engine.is_main:  # only now: a relaunch that cannot resume leaves the run's files be
-        (run.r.run_dir / "recipe.yaml").write_text(run.ckpt.recipe_yaml)
+        write_atomic(run.r.run_dir / "recipe.yaml", run.ckpt.recipe_yaml)
         write_json(run.r.run_dir / TRAINED_ON, run.trained)
     run.log = RunLogger(run.r.run_dir, enabled=run.engine.is_main, total_steps=run.plan.total,
                         start_step=state.step, log_every=run.r.train.log_every)  # fmt: skip

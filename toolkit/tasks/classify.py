@@ -25,6 +25,12 @@ def _thin(fpr: list[float], tpr: list[float]) -> tuple[list[float], list[float]]
     return [round(fpr[i], 6) for i in keep], [round(tpr[i], 6) for i in keep]
 
 
+def _names(classes: Any) -> str:
+    """Class names for a one-line message: the first few of a long list."""
+    shown = ", ".join(classes[:6])
+    return shown + (f", ... ({len(classes)} in all)" if len(classes) > 6 else "")
+
+
 class ClassifyTask(Task):
     """The model maps an image [N, C, H, H] (the shards' stored image, `hr`) to logits
     [N, num_classes]; the loss is cross-entropy with the shards' labels (`shard --labels`)."""
@@ -63,14 +69,14 @@ class ClassifyTask(Task):
             return
         if len(classes) != self.num_classes:
             yield (
-                f"{where}: the shards hold {len(classes)} classes ({', '.join(classes)}), but "
+                f"{where}: the shards hold {len(classes)} classes ({_names(classes)}), but "
                 f"model.num_classes is {self.num_classes}: set model.num_classes="
                 f"{len(classes)}, or use shards of {self.num_classes} classes"
             )
         elif trained and trained.get("classes") and list(classes) != list(trained["classes"]):
             yield (
-                f"{where}: the shards' classes are {', '.join(classes)}, but the run was trained "
-                f"on {', '.join(trained['classes'])} (labels are indices in that order)"
+                f"{where}: the shards' classes are {_names(classes)}, but the run was trained "
+                f"on {_names(trained['classes'])} (labels are indices in that order)"
             )
 
     @property

@@ -5,6 +5,7 @@ number of processes, frozen weights in the export, and reading weights back."""
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -101,8 +102,13 @@ def test_a_checkpoint_after_a_restart_on_more_processes_supersedes_later_steps(
     parts(engine)  # what accelerate saves
     for s in (2, 4, 6):
         ckpt.save(TrainState(step=s, world_size=1))
+    six = tmp_path / "checkpoints" / "step-00000006"
+    shutil.copytree(six, tmp_path / "six")
     ckpt.save(TrainState(step=4, world_size=2))
     assert [c.name for c in complete_checkpoints(tmp_path)] == ["step-00000004", "step-00000002"]
+    # Had the run died between writing step 4 and removing step 6, `latest` still tells.
+    shutil.copytree(tmp_path / "six", six)
+    assert [c.name for c in complete_checkpoints(tmp_path)][:2] == ["step-00000004", six.name]
     ckpt.save(TrainState(step=5, world_size=2))
     assert next(c.name for c in complete_checkpoints(tmp_path)) == "step-00000005"
     resume = ckpt.find()
