@@ -260,6 +260,7 @@ def run_slurm(args: Any) -> int:
         for i, stage in enumerate(stages):
             script = stage_sbatch(stage, after if i == 0 else f"<job id of stage {i}>")
             warnings = preflight.problems(stage.recipe, chained=stage.chained)
+            warnings += preflight.relaunch_notes(stage.recipe, stage.world.world_size)
             if args.json:
                 docs.append(dry_run_doc(stage.recipe, stage.world, warnings, script))
                 continue
@@ -342,7 +343,8 @@ def _main(argv: Sequence[str] | None) -> int:
     r = recipe.load(args.recipe, args.overrides)
     world = world_of(r, args)
     if args.dry_run:
-        dry_run(args.recipe, r, world, preflight.problems(r), args.json)
+        notes = preflight.problems(r) + preflight.relaunch_notes(r, world.world_size)
+        dry_run(args.recipe, r, world, notes, args.json)
         return 0
     return run_local(args, r)
 

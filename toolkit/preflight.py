@@ -8,7 +8,7 @@ from toolkit import recipe
 from toolkit.data.format import MANIFEST, read_manifest
 from toolkit.errors import UserError
 from toolkit.hold import holder_of, refusal
-from toolkit.runs import shard_problems
+from toolkit.runs import check_relaunch, shard_problems
 
 
 def problems(r: recipe.Recipe, *, chained: bool = False) -> list[str]:
@@ -63,6 +63,16 @@ def foreign(run_dir: Path) -> str | None:
             "run: give the run a folder of its own"
         )
     return None
+
+
+def relaunch_notes(r: recipe.Recipe, world_size: int) -> list[str]:
+    """What a launch would find in run.dir, for a dry run to say: a finished run it would leave
+    as it is, or a run of another model it would refuse."""
+    try:
+        done = check_relaunch(r, world_size)
+    except UserError as err:
+        return [f"run.dir: {err}"]
+    return [f"run.dir: {done.line()}"] if done is not None else []
 
 
 def require(r: recipe.Recipe, *, chained: bool = False) -> None:

@@ -3,6 +3,7 @@ damaged checkpoints, two processes as one group, stage chaining, non-finite loss
 
 from __future__ import annotations
 
+import json
 import signal
 import sys
 import time
@@ -463,6 +464,9 @@ def test_a_finished_run_stays_finished_whatever_the_world_size(shards, tmp_path)
         assert code == 0 and len(said) == 1, out[-3000:]
         assert f"python -m toolkit.evaluate {run}" in said[0] and "run.dir=" in said[0]
         assert tree_digest(run) == before
+    code, out = launch_local("--dry-run", "--json", *args)  # a dry run says what it would find
+    warnings = json.loads(out[out.index("{") : out.rindex("}") + 1])["warnings"]
+    assert code == 0 and any("complete (trained to its last step, 4" in w for w in warnings)
     # Every rank of a job started without the launcher (torchrun here, srun on Slurm).
     proc = run_cli("torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m",
                    "toolkit.train", str(DEBUG_RECIPE), *args)  # fmt: skip
