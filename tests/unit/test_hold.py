@@ -98,7 +98,9 @@ def test_a_writer_that_lost_its_hold_stops(tmp_path: Path, monkeypatch) -> None:
     plant(tmp_path, token="newer")
     try:
         with pytest.raises(KeyboardInterrupt):
-            for _ in range(200):
+            # Up to a minute: the heartbeat thread notices within one beat (0.05 s) of running,
+            # but a loaded 2-core CI machine once did not run it within 10 s.
+            for _ in range(1200):
                 time.sleep(0.05)
     finally:
         mine.release()
