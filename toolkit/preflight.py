@@ -67,7 +67,9 @@ def foreign(run_dir: Path) -> str | None:
 
 def relaunch_notes(r: recipe.Recipe, world_size: int) -> list[str]:
     """What a launch would find in run.dir, for a dry run to say: a finished run it would leave
-    as it is, or a run of another model it would refuse."""
+    as it is, or a run of another model it would refuse (a held one: `problems` says so)."""
+    if holder_of(r.run_dir) is not None:
+        return []
     try:
         done = check_relaunch(r, world_size)
     except UserError as err:

@@ -34,6 +34,7 @@ from toolkit.engine.checkpointer import (
 from toolkit.engine.state import TrainState
 from toolkit.engine.steps import StepPlan
 from toolkit.errors import UserError
+from toolkit.hold import Held, holder_of, refusal
 from toolkit.recipe import RecipeError
 from toolkit.tasks import Task, task_of
 
@@ -166,7 +167,11 @@ def check_relaunch(r: recipe.Recipe, world_size: int) -> Finished | None:
     to resume; the Finished run that is left as it is (the caller says so and trains nothing);
     a user error for a run of another model or layout (it would not load, or would mean
     something else), and for one whose last writes were cut short and that a relaunch on
-    another number of processes cannot finish."""
+    another number of processes cannot finish. A run another process holds is refused first:
+    its writer prunes and writes checkpoints while they would be read."""
+    holder = holder_of(r.run_dir)
+    if holder is not None:
+        raise Held(f"run.dir: {refusal(r.run_dir, holder)}")
     ckpts = complete_checkpoints(r.run_dir)
     if not ckpts:
         return None

@@ -3,13 +3,16 @@ written, and how a terminal shows one."""
 
 from __future__ import annotations
 
+import os
+import re
 from pathlib import Path
 
 import pytest
 
 from toolkit import evaluate, recipe
 from toolkit.errors import UserError
-from toolkit.runs import eval_path, locate
+from toolkit.hold import Held, held
+from toolkit.runs import check_relaunch, eval_path, locate
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -69,3 +72,13 @@ def test_text_shows_the_tasks_metrics_for_model_and_reference() -> None:
     assert lines[2].split() == ["model", "31.23", "0.9100"]
     assert lines[3].split() == ["bicubic", "29.00", "0.9000"]
     assert lines[4] == "per image psnr: mean 30.00, median 30.50; worst: a 20.00"
+
+
+def test_a_run_another_process_holds_is_refused_before_its_checkpoints_are_read(run: Path) -> None:
+    """Its writer prunes and writes checkpoints while a second launch would judge them (a
+    checkpoint listed one instant is gone the next): the second launch is refused on the hold."""
+    r = recipe.load(ROOT / "recipes/debug.yaml", [f"run.dir={run}"])
+    with held(run, "training a"):
+        in_use = rf"^run\.dir: {re.escape(str(run))}: in use by training a \(pid {os.getpid()} on "
+        with pytest.raises(Held, match=in_use):
+            check_relaunch(r, 1)
