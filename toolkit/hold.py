@@ -38,6 +38,7 @@ logger = logging.getLogger(__name__)
 HOLD = ".hold"
 HEARTBEAT = 15.0  # seconds between the holder's refreshes of its hold file
 STALE = 90.0  # a hold from another host not refreshed for this long belongs to a dead holder
+RESEND = 5.0  # seconds between the interrupts of a writer that lost its hold, until it lets go
 
 
 class Held(UserError):
@@ -169,10 +170,20 @@ class Hold:
                 taker = current.describe() if current else "nobody"
                 logger.error("%s: lost the hold on this directory to %s: stopping",
                              self.path.parent, taker)  # fmt: skip
-                _thread.interrupt_main()
+                self._interrupt_until_released()
                 return
             with contextlib.suppress(OSError):
                 os.utime(self.path)
+
+    def _interrupt_until_released(self) -> None:
+        """KeyboardInterrupt in the main thread, again every RESEND seconds until `release`: an
+        interrupt that lands while the main thread runs a finaliser (`__del__`, a weakref
+        callback, run by the garbage collector at any moment) is swallowed there ("Exception
+        ignored in ...") and the writer would go on."""
+        while True:
+            _thread.interrupt_main()
+            if self._done.wait(RESEND):
+                return
 
     def release(self) -> None:
         """Give the directory up, if it is still ours."""

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import multiprocessing
 import os
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -96,14 +98,48 @@ def test_a_writer_that_lost_its_hold_stops(tmp_path: Path, monkeypatch) -> None:
     monkeypatch.setattr(hold, "HEARTBEAT", 0.05)
     mine = acquire(tmp_path, "training a")
     plant(tmp_path, token="newer")
+    gc.disable()  # no finaliser runs in the main thread meanwhile (one would swallow it: below)
     try:
         with pytest.raises(KeyboardInterrupt):
-            # Up to a minute: the heartbeat thread notices within one beat (0.05 s) of running,
-            # but a loaded 2-core CI machine once did not run it within 10 s.
+            # The heartbeat thread notices within one beat (0.05 s) of running; a minute, as a
+            # loaded 2-core CI machine once did not run it within 10 s.
             for _ in range(1200):
                 time.sleep(0.05)
     finally:
         mine.release()
+        gc.enable()
+
+
+class _SlowFinaliser:
+    """An object whose `__del__` runs while the hold is lost: an interrupt landing in it is
+    swallowed, as one landing in any finaliser the garbage collector runs would be."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+
+    def __del__(self) -> None:
+        plant(self.directory, token="newer")
+        for _ in range(1200):  # the loss is noticed, and the first interrupt lands, in here
+            time.sleep(0.05)
+
+
+def test_an_interrupt_swallowed_by_a_finaliser_is_sent_again(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setattr(hold, "HEARTBEAT", 0.05)
+    monkeypatch.setattr(hold, "RESEND", 3.0)
+    swallowed: list = []
+    monkeypatch.setattr(sys, "unraisablehook", swallowed.append)  # what Python does with it
+    mine = acquire(tmp_path, "training a")
+    gc.disable()
+    try:
+        slow = _SlowFinaliser(tmp_path)
+        del slow  # its __del__ runs here, in the main thread, and swallows the first interrupt
+        assert [u.exc_type for u in swallowed] == [KeyboardInterrupt]
+        with pytest.raises(KeyboardInterrupt):
+            for _ in range(1200):  # the next one comes RESEND (3 s) after the first
+                time.sleep(0.05)
+    finally:
+        mine.release()
+        gc.enable()
 
 
 def _contend(directory: str, go: multiprocessing.synchronize.Event, out: multiprocessing.Queue):
