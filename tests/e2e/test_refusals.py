@@ -110,6 +110,11 @@ def test_a_subset_the_shards_cannot_give_is_refused_before_training(
                    f"run.dir={run}", task, *extra, override)  # fmt: skip
     assert expected in line and str(data / shards / "manifest.json") in line
     assert not run.exists()
+    # a dry run says so among its warnings
+    args = [recipe_file, "--local", "--dry-run", f"data.shards={data / shards}", f"run.dir={run}",
+            task, *extra, override]  # fmt: skip
+    assert launch.main([str(a) for a in args]) == 0
+    assert f"  - {line.removeprefix('error: ')}" in capsys.readouterr().out.splitlines()
 
 
 @pytest.mark.parametrize("classes", [2, 5])
