@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from toolkit import recipe
+from toolkit.data import subset
 from toolkit.data.format import MANIFEST, read_manifest
 from toolkit.errors import UserError
 from toolkit.hold import holder_of, refusal
@@ -27,6 +28,7 @@ def problems(r: recipe.Recipe, *, chained: bool = False) -> list[str]:
             out.append(f"data.shards: {err}")
         else:
             out += shard_problems(r, manifest)
+            out += subset.problems(manifest, r.data)
     if r.init.from_ and not chained and not Path(r.init.from_).exists():
         out.append(
             f"init.from: {r.init.from_} does not exist yet: run the stage that writes it first"
@@ -42,8 +44,8 @@ def problems(r: recipe.Recipe, *, chained: bool = False) -> list[str]:
 
 # What a run directory holds (README, "The run directory"); `slurm/` comes first, from the
 # scheduler, before the job's first process has written anything.
-RUN_ENTRIES = ("recipe.yaml", "data.json", "checkpoints", "model.safetensors", "tb",
-               "metrics.jsonl", "slurm", ".hold")  # fmt: skip
+RUN_ENTRIES = ("recipe.yaml", "data.json", "subset.json", "checkpoints", "model.safetensors",
+               "tb", "metrics.jsonl", "slurm", ".hold")  # fmt: skip
 
 
 def foreign(run_dir: Path) -> str | None:

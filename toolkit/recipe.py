@@ -55,6 +55,17 @@ class DataConfig:
     # percentile[:lo,hi], asinh[:soft]; null: what the shards' manifest records. The run's
     # recipe.yaml holds the one used.
     normalise: str | None = None
+    # Train on this many samples of the train split (a label-efficiency study); null: all.
+    # More than the split holds is refused. Validation is never cut.
+    limit: int | None = setting(None, gt=0)
+    # Labelled shards (`shard --labels`): train on this many samples of each class (stratified);
+    # null: all. A class with fewer is refused (a smaller class taken whole would unbalance the
+    # set the study meant to balance). Not together with limit.
+    per_class: int | None = setting(None, gt=0)
+    # Seed of the subset's choice, apart from train.seed so that every run of a study trains on
+    # the same samples. Samples are ranked once by a hash of (this seed, their key), within their
+    # class for per_class, and the first N taken: the 10 of a class are among its 30.
+    subset_seed: int = setting(0, ge=0)
 
 
 @dataclass
@@ -374,6 +385,8 @@ def _check(r: Recipe, origins: Origins) -> None:
             parse(r.data.normalise)
         except ValueError as err:
             fail("data.normalise", str(err))
+    if r.data.limit is not None and r.data.per_class is not None:
+        fail("data.per_class", "set data.limit or data.per_class, not both (null: all samples)")
     if not r.train.max_steps and not r.train.epochs:
         fail("train.epochs", "0 with no train.max_steps: nothing to train")
     betas = r.optim.betas

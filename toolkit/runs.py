@@ -12,6 +12,7 @@ from typing import Any
 from torch import nn
 
 from toolkit import recipe
+from toolkit.data import subset
 from toolkit.data.fit import Expected, shards_misfit, unit_misfit
 from toolkit.data.format import (
     MANIFEST,
@@ -116,9 +117,14 @@ def finished(r: recipe.Recipe, ckpts: list[Path]) -> Finished | None:
 
 
 def _sample_counts(r: recipe.Recipe) -> dict[str, int]:
+    """Samples per split that `r` reads: the train count is its subset's, where it cuts one
+    (counted from the manifest: no shard is listed to tell whether a run is finished)."""
     try:
         manifest = read_manifest(r.data.shards)
-        return {split: manifest.count(split) for split in manifest.splits}
+        counts = {split: manifest.count(split) for split in manifest.splits}
+        if "train" in counts:
+            counts["train"] = subset.size(manifest, r.data)
+        return counts
     except UserError:
         record = _read_record(r.run_dir)
         if record is None or not isinstance(record.get("count"), dict):

@@ -118,3 +118,36 @@ def test_the_shipped_cnn_recipe_trains_under_deepspeed_bf16(tmp_path: Path) -> N
     assert json.loads((run / "eval.json").read_text())["count"] == read_manifest(shards).count(
         "val"
     )
+
+
+def test_label_efficiency_runs_train_on_nested_per_class_subsets(tmp_path: Path) -> None:
+    """data.per_class 5 on 3 classes: exactly 15 samples trained on (the step count says so),
+    recorded key by key in subset.json, the same for train.seed 0 and 1, a superset of the
+    per_class 2 run's 6; validation is evaluated whole."""
+    shards = tmp_path / "shards"
+    shard(labelled(tmp_path / "src", per_class=12), shards, val_fraction=0.3, seed=0, labels=True)
+    val = read_manifest(shards).count("val")
+    base = [f"data.shards={shards}", "model.img_size=32", "model.channels=4", "model.depth=1",
+            "data.batch_size=4", "data.num_workers=0", "train.precision=no", "deepspeed=null",
+            "train.epochs=2", "train.log_every=1", "optim.scheduler.name=constant"]  # fmt: skip
+
+    def run(name: str, *overrides: str) -> tuple[list[str], dict]:
+        d = tmp_path / name
+        assert launch.main([str(CNN), *base, f"run.dir={d}", *overrides, "--local"]) == 0
+        keys = json.loads((d / "subset.json").read_text())["keys"]
+        record = json.loads((d / "data.json").read_text())
+        steps = [
+            x["step"] for x in map(json.loads, (d / "metrics.jsonl").open()) if "train/loss" in x
+        ]
+        assert steps == list(range(1, 2 * -(-len(keys) // 4) + 1))  # 2 epochs of ceil(n / 4)
+        assert record["count"] == {"train": len(keys), "val": val}
+        assert json.loads((d / "eval.json").read_text())["count"] == val
+        return keys, record
+
+    five, record = run("five", "data.per_class=5")
+    assert len(five) == 15 and sorted(k.split("/")[0] for k in five) == sorted(CLASSES * 5)
+    assert record["subset"]["count"] == 15 and record["subset"]["per_class"] == 5
+    again, other = run("five-seed1", "data.per_class=5", "train.seed=1")
+    assert again == five and other["subset"]["keys_sha256"] == record["subset"]["keys_sha256"]
+    two, _ = run("two", "data.per_class=2")
+    assert len(two) == 6 and set(two) < set(five)

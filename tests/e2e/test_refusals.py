@@ -89,6 +89,34 @@ def test_a_classifier_on_shards_without_labels_is_refused_before_it_trains(
     assert "the shards carry no label" in line and not run.exists()
 
 
+@pytest.mark.parametrize(
+    ("shards", "override", "expected"),
+    [
+        ("cls3", "data.per_class=100", "data.per_class: 100 train samples of each class, but in"),
+        ("cls3", "data.limit=1000", "data.limit: 1000 is more than the"),
+        ("plain", "data.per_class=2", "holds no class labels: shard class folders with --labels"),
+    ],
+)
+def test_a_subset_the_shards_cannot_give_is_refused_before_training(
+    data: Path, tmp_path: Path, capsys, shards: str, override: str, expected: str
+) -> None:
+    """A class smaller than data.per_class, a limit past the train split, per_class on shards
+    without labels: one line naming the manifest and the key, nothing written."""
+    run = tmp_path / "run"
+    task = "task=classify" if shards == "cls3" else "task=mae"
+    recipe_file = CNN if shards == "cls3" else DEBUG_RECIPE
+    extra = TINY_CNN if shards == "cls3" else ("data.num_workers=0",)
+    line = refused(capsys, launch, recipe_file, "--local", f"data.shards={data / shards}",
+                   f"run.dir={run}", task, *extra, override)  # fmt: skip
+    assert expected in line and str(data / shards / "manifest.json") in line
+    assert not run.exists()
+    # a dry run says so among its warnings
+    args = [recipe_file, "--local", "--dry-run", f"data.shards={data / shards}", f"run.dir={run}",
+            task, *extra, override]  # fmt: skip
+    assert launch.main([str(a) for a in args]) == 0
+    assert f"  - {line.removeprefix('error: ')}" in capsys.readouterr().out.splitlines()
+
+
 @pytest.mark.parametrize("classes", [2, 5])
 def test_a_classifier_with_another_number_of_classes_is_refused(
     data: Path, tmp_path: Path, capsys, classes: int

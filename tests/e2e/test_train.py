@@ -94,14 +94,16 @@ def complete_steps(run: Path) -> list[int]:
     return sorted(int(d.name.removeprefix("step-")) for d in dirs if (d / "COMPLETE").is_file())
 
 
+@pytest.mark.parametrize("subset", [(), ("data.limit=10",)], ids=["whole", "limit"])
 def test_sigkill_then_relaunch_is_bit_identical(
-    shards: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+    shards: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture, subset: tuple[str, ...]
 ) -> None:
     """SIGKILL once step 5 is logged (checkpoints every 2 steps of 14): the process died of it,
     mid-run (no export, no eval.json), with the checkpoint of step 4 or a later one complete;
     the relaunch resumes from exactly the newest complete checkpoint, redoes the steps after
-    it, and ends with the losses and weights of a run never killed."""
-    args = ["train.max_steps=14", "train.checkpoint_every=2", "data.num_workers=1"]
+    it, and ends with the losses and weights of a run never killed. On a subset of 10 samples
+    too (3 batches an epoch: the checkpoints fall mid-epoch)."""
+    args = ["train.max_steps=14", "train.checkpoint_every=2", "data.num_workers=1", *subset]
     ref = tmp_path / "ref"
     assert train(*tiny(shards, ref, *args)) == 0
 
@@ -136,6 +138,11 @@ def test_sigkill_then_relaunch_is_bit_identical(
     assert losses[0] == losses[1] and len(losses[0]) == 14
     a, b = weights(ref), weights(run)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    if subset:  # the same 10 samples in both, and 14 steps of 3 batches: 4.67 epochs
+        assert json_of(run / "subset.json") == json_of(ref / "subset.json")
+        assert len(json_of(run / "subset.json")["keys"]) == 10
+        epochs = [x["epoch"] for x in read_jsonl(run / "metrics.jsonl") if "epoch" in x]
+        assert epochs[-1] == pytest.approx(14 / 3)
 
 
 def test_damaged_newest_checkpoint_falls_back(

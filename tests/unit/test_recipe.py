@@ -135,6 +135,10 @@ def test_unknown_key_in_override_suggests_across_sections() -> None:
         ("model.norm_pix_loss=1", "model.norm_pix_loss", "true or false"),
         ("freeze=encoder", "freeze", "a list"),
         ("deepspeed.zero_stage=4", "deepspeed.zero_stage", "0, 1, 2, 3"),
+        ("data.limit=0", "data.limit", "> 0"),
+        ("data.per_class=-3", "data.per_class", "> 0"),
+        ("data.per_class=2.5", "data.per_class", "an integer"),
+        ("data.subset_seed=-1", "data.subset_seed", ">= 0"),
     ],
 )
 def test_wrong_type_or_range_names_key_value_and_expectation(
@@ -166,6 +170,7 @@ CHECKS = [
     ("name: a/b\n", "name", "directory name"),
     ("optim: {betas: [0.9]}\n", "optim.betas", "two numbers"),
     ("data: [1, 2]\n", "data", "a mapping"),
+    ("data: {limit: 100, per_class: 10}\n", "data.per_class", "data.limit or data.per_class"),
     # tasks and architectures
     ("task: ''\n", "task", "missing: name what to train, one of: classify, mae, sr"),
     ("task: ssr\n", "task", "'ssr' is not one of: classify, mae, sr; did you mean 'sr'?"),

@@ -227,8 +227,11 @@ def manifest_doc(
 @dataclass(frozen=True)
 class Shard:
     name: str  # relative to the manifest's folder
-    count: int
+    count: int  # samples read from it: len(picks) where a subset picks some
     path: Path
+    # A training subset's samples of this shard (`toolkit/data/subset.py`): their indices in
+    # the tar, ascending; None: every sample.
+    picks: tuple[int, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -245,6 +248,11 @@ class Manifest:
     fits_hdu: str | None = None  # `toolkit.shard --hdu`: the HDU read from FITS members
     classes: tuple[str, ...] | None = None  # `toolkit.shard --labels`: the class names
     scale: int | None = None  # paired: HR side / LR side (None: HR only, or not recorded)
+    # labelled: samples per class (in the order of `classes`) per split, where recorded
+    class_counts: dict[str, tuple[int, ...]] | None = None
+    # The training subset in force (`toolkit/data/subset.py`), as data.json records it; None:
+    # the whole train split.
+    subset: dict[str, Any] | None = None
 
     def count(self, split: str) -> int:
         return sum(s.count for s in self.splits[split])
@@ -277,6 +285,9 @@ def read_manifest(root: str | Path) -> Manifest:
             fits_hdu=doc.get("fits_hdu"),
             classes=tuple(doc["classes"]) if "classes" in doc else None,
             scale=int(doc["scale"]) if doc.get("scale") is not None else None,
+            class_counts={k: tuple(int(n) for n in v) for k, v in doc["class_counts"].items()}
+            if "class_counts" in doc
+            else None,
         )
     except FileNotFoundError:
         raise UserError(f"{path}: not found: make shards with `python -m toolkit.shard`") from None
@@ -320,7 +331,11 @@ TRAINED_ON = "data.json"  # in a run directory: what its shards held (`trained_o
 def trained_on(manifest: Manifest, normalise: str) -> dict[str, Any]:
     """What a run records of the shards it trained on, so that `predict` and `evaluate` can
     tell whether other data fit it wherever the shards are gone: the values' range in the
-    data's units and the normalisation that mapped them for the model, channels, sizes, classes."""
+    data's units and the normalisation that mapped them for the model, channels, sizes, classes,
+    and the training subset, if any (its keys: subset.json)."""
+    subset = {}
+    if manifest.subset is not None:
+        subset = {"subset": {k: v for k, v in manifest.subset.items() if k != "keys"}}
     return {
         "shards": str(manifest.root.absolute()),
         "kind": manifest.kind,
@@ -329,7 +344,9 @@ def trained_on(manifest: Manifest, normalise: str) -> dict[str, Any]:
         "value_range": list(manifest.value_range) if manifest.value_range else None,
         "normalise": normalise,
         "classes": list(manifest.classes) if manifest.classes else None,
+        # a subset's train count: what the run trained on (its step plan is counted from it)
         "count": {split: manifest.count(split) for split in manifest.splits},
+        **subset,
     }
 
 
@@ -462,6 +479,27 @@ def read_samples(
             sample[ext] = entry.read()
     if key is not None and start <= index < stop:
         yield index, sample
+
+
+def sample_keys(stream: BinaryIO, labels: bool) -> Iterator[tuple[str, int | None]]:
+    """Each sample's key in shard order (its index is its place here, as `read_samples` counts)
+    and, with `labels`, its class index (`cls`; None where a sample has none). Image members
+    are seeked over: listing a shard reads its headers and the few bytes of its labels."""
+    key: str | None = None
+    label: int | None = None
+    for entry in tar_members(stream):
+        split = split_member(entry.name)
+        if split is None:
+            continue
+        name, ext = split
+        if name != key:
+            if key is not None:
+                yield key, label
+            key, label = name, None
+        if labels and ext == "cls":
+            label = int(entry.read())
+    if key is not None:
+        yield key, label
 
 
 def member(sample: dict[str, Any], side: str) -> tuple[bytes, str]:

@@ -47,6 +47,7 @@ from toolkit.data.plan import (
     split_even,
 )
 from toolkit.data.sources import decode
+from toolkit.data.subset import restrict
 from toolkit.errors import UserError
 from toolkit.recipe import DataConfig
 
@@ -166,15 +167,26 @@ class ShardStream(IterableDataset):
         segments, in order; samples not wanted are seeked over in the tar, not read."""
         for seg in segs:
             got = 0
+            picks = seg.shard.picks
+            at: Callable[[int], int | None]  # the position of shard sample i, if it has one
+            if picks is None:  # the shard's samples seg.start.. are positions seg.first..
+                lo, hi = seg.start, seg.stop
+                at = _Shifted(seg.first - seg.start)
+            else:  # a subset's: its picked samples seg.start.. are positions seg.first..
+                chosen = picks[seg.start : seg.stop]
+                lo, hi = chosen[0], chosen[-1] + 1
+                positions = range(seg.first, seg.first + len(chosen))
+                at = dict(zip(chosen, positions, strict=True)).get
             try:
                 with open(seg.shard.path, "rb") as stream:
-                    shift = seg.first - seg.start  # shard sample i is position i + shift
-                    rows = read_samples(stream, seg.start, seg.stop,
-                                        lambda i, shift=shift: wanted(i + shift))  # fmt: skip
+                    rows = read_samples(stream, lo, hi, _Wanted(at, wanted))
                     for i, sample in rows:
+                        pos = at(i)
+                        if pos is None:  # between a subset's picks: not one of its samples
+                            continue
                         if sample is not None:
                             sample["__url__"] = seg.shard.name
-                        yield i + shift, sample
+                        yield pos, sample
                         got += 1
             except (OSError, EOFError, ValueError) as err:
                 logger.warning("shard %s is damaged (%s)", seg.shard.name, err)
@@ -262,6 +274,27 @@ class ShardStream(IterableDataset):
                 if item is not None:
                     return item
         raise RuntimeError(f"no readable sample left in split {self.split!r}")
+
+
+class _Shifted:
+    """The position of shard sample i in a segment of a whole shard: i + shift."""
+
+    def __init__(self, shift: int) -> None:
+        self.shift = shift
+
+    def __call__(self, i: int) -> int | None:
+        return i + self.shift
+
+
+class _Wanted:
+    """Whether shard sample i is read: it has a position, and that position is wanted."""
+
+    def __init__(self, at: Callable[[int], int | None], wanted: Callable[[int], bool]) -> None:
+        self.at, self.wanted = at, wanted
+
+    def __call__(self, i: int) -> bool:
+        pos = self.at(i)
+        return pos is not None and self.wanted(pos)
 
 
 class _LazyRng:
@@ -361,13 +394,17 @@ def build_loader(
     `crop` is the HR side the model works on (model.img_size); `fields` are the tensors the task
     needs besides the sample key ("hr", and "lr" for super-resolution). The train split is read
     in training order (shuffled, random crops, padded by repeats) unless `evaluation` asks for
-    every sample exactly once, centre-cropped, as the validation split always is. `manifest`:
-    the shards' manifest as already read (by the main process of a job), else read here.
+    every sample exactly once, centre-cropped, as the validation split always is; training
+    reads the recipe's subset of the split (`data.limit`, `data.per_class`) where it names one,
+    evaluation the whole split. `manifest`: the shards' manifest as already read (by the main
+    process of a job, with the subset cut), else read here.
     """
     manifest = manifest if manifest is not None else read_manifest(data.shards)
     if split not in manifest.splits or not manifest.count(split):
         raise UserError(f"{manifest.root / MANIFEST}: split {split!r} has no samples")
     train = split == "train" and not evaluation
+    if train:  # a recipe's subset cuts the training order only (`data/subset.py`)
+        manifest = restrict(manifest, data)
     batch = data.batch_size if train else (data.val_batch_size or data.batch_size)
     stream = ShardStream(
         manifest,

@@ -18,6 +18,7 @@ import torch
 
 from toolkit import preflight, recipe
 from toolkit.atomic import write_atomic
+from toolkit.data import subset
 from toolkit.data.format import TRAINED_ON, Manifest, read_manifest, trained_on, write_json
 from toolkit.data.loader import Loader, build_loader
 from toolkit.data.normalise import resolve
@@ -61,6 +62,7 @@ class Run:
     ckpt: Checkpointer
     resume: Resume | None
     trained: dict[str, Any]  # what the run records of its shards (data.json)
+    subset: dict[str, Any] | None  # the training subset's record with its keys (subset.json)
     log: RunLogger | None = None
 
     def close_loaders(self) -> None:
@@ -107,7 +109,9 @@ def build(engine: Engine, r: recipe.Recipe) -> Run:
     resume from, if any, and what of it must be loaded before set-up."""
     engine.seed(r.train.seed, per_rank=False)  # the same initial model on every rank
     # One read of the manifest (and one check of its shards) per job, by the main process.
-    manifest = engine.broadcast(read_manifest(r.data.shards) if engine.is_main else None)
+    # The training subset, if the recipe cuts one, is chosen there too (every rank reads that
+    # one), and a refusal while choosing it stops every rank with the same line.
+    manifest = engine.on_main(lambda: subset.restrict(read_manifest(r.data.shards), r.data))
     # The normalisation in force, written into the run's recipe.yaml (evaluate and predict
     # map values as the training did, whatever shards they are given).
     norm = resolve(r.data.normalise, manifest)
@@ -136,7 +140,8 @@ def build(engine: Engine, r: recipe.Recipe) -> Run:
     engine.check_groups(optimizer, expected)
     engine.seed(r.train.seed, per_rank=True)
     parts = Parts(model, optimizer, scheduler, data)
-    return Run(r, task, engine, parts, val, plan, ckpt, resume, trained_on(manifest, str(norm)))
+    trained = trained_on(manifest, str(norm))
+    return Run(r, task, engine, parts, val, plan, ckpt, resume, trained, manifest.subset)
 
 
 def split_loader(
@@ -154,6 +159,10 @@ def restore(run: Run) -> TrainState:
     if run.engine.is_main:  # only now: a relaunch that cannot resume leaves the run's files be
         write_atomic(run.r.run_dir / "recipe.yaml", run.ckpt.recipe_yaml)
         write_json(run.r.run_dir / TRAINED_ON, run.trained)
+        if run.subset is not None:  # which samples it trained on, key by key
+            write_json(run.r.run_dir / subset.SUBSET, run.subset)
+        else:  # relaunched without one: a list left by an earlier launch would misstate it
+            (run.r.run_dir / subset.SUBSET).unlink(missing_ok=True)
     run.log = RunLogger(run.r.run_dir, enabled=run.engine.is_main, total_steps=run.plan.total,
                         start_step=state.step, log_every=run.r.train.log_every)  # fmt: skip
     if run.resume is not None:
