@@ -4,6 +4,7 @@ damaged checkpoints, two processes as one group, stage chaining, non-finite loss
 from __future__ import annotations
 
 import json
+import shutil
 import signal
 import sys
 import time
@@ -500,3 +501,29 @@ def test_a_run_cut_short_at_its_end_is_finished_on_its_own_world_size(shards, tm
         3,
         4,
     ]  # nothing trained again
+
+
+def test_resume_with_stochastic_depth_is_bit_identical(
+    shards: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """With model.drop_path set, a run resumed from its step-3 checkpoint (the later checkpoint
+    and the outputs removed, as a kill would leave it) ends with the weights of the run never
+    stopped: the drops come from the step's stream, not from whatever the global RNG held. The
+    same run without stochastic depth ends elsewhere, so the setting reached the model."""
+    args = ["train.max_steps=6", "train.checkpoint_every=3", "model.drop_path=0.5"]
+    ref, run = tmp_path / "ref", tmp_path / "run"
+    assert train(*tiny(shards, ref, *args)) == 0
+    shutil.copytree(ref, run)
+    shutil.rmtree(run / "checkpoints" / "step-00000006")
+    (run / "checkpoints" / "latest").write_text("step-00000003\n")
+    for name in ("model.safetensors", "eval.json"):
+        (run / name).unlink()
+    caplog.set_level("INFO")
+    assert train(*tiny(shards, run, *args)) == 0
+    assert f"resumed from {run / 'checkpoints' / 'step-00000003'} (step 3," in caplog.text
+    a, b = weights(ref), weights(run)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    plain = tmp_path / "plain"
+    assert train(*tiny(shards, plain, *args, "model.drop_path=0.0")) == 0
+    c = weights(plain)
+    assert not all(torch.equal(a[k], c[k]) for k in a)

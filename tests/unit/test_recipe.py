@@ -135,6 +135,8 @@ def test_unknown_key_in_override_suggests_across_sections() -> None:
         ("model.norm_pix_loss=1", "model.norm_pix_loss", "true or false"),
         ("freeze=encoder", "freeze", "a list"),
         ("deepspeed.zero_stage=4", "deepspeed.zero_stage", "0, 1, 2, 3"),
+        ("model.drop_path=1.0", "model.drop_path", "< 1"),
+        ("model.drop_path=-0.1", "model.drop_path", ">= 0"),
     ],
 )
 def test_wrong_type_or_range_names_key_value_and_expectation(

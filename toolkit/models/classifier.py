@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from toolkit.models.mae import MAEConfig
 from toolkit.models.registry import ModelSpec
-from toolkit.models.vit import Encoder, init_vit_weights
+from toolkit.models.vit import Encoder, EncoderLayers, init_vit_weights
 from toolkit.recipe import MAX_LAYERS, MAX_WIDTH, ModelBase, setting
 
 
@@ -36,11 +36,11 @@ class ViTClassifierConfig(MAEConfig):
     num_classes: int = setting(3, ge=2, le=MAX_WIDTH)
 
 
-class ViTClassifier(nn.Module):
+class ViTClassifier(EncoderLayers, nn.Module):
     def __init__(self, cfg: ViTClassifierConfig) -> None:
         super().__init__()
         self.encoder = Encoder(cfg.in_chans, cfg.img_size, cfg.patch_size, cfg.embed_dim,
-                               cfg.depth, cfg.num_heads, cfg.mlp_ratio)  # fmt: skip
+                               cfg.depth, cfg.num_heads, cfg.mlp_ratio, cfg.drop_path)  # fmt: skip
         init_vit_weights(self.encoder)
         self.head = nn.Linear(cfg.embed_dim, cfg.num_classes)
         # A small head at init: the first steps of a linear probe do not swing far (MAE's
