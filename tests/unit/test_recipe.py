@@ -178,6 +178,23 @@ CHECKS = [
     ("task: sr\nmodel: {arch: srmae, n_feats: 8}\n", "model.n_feats", "unknown key"),
     ("task: sr\nmodel: {arch: rcan, reduction: 10}\n", "model.reduction", "does not divide"),
     ("task: sr\nmodel: {arch: edsr, n_resblocks: 0}\n", "model.n_resblocks", "> 0"),
+    (
+        "task: sr\nmodel: {arch: edsr}\noptim: {layer_decay: 0.75}\n",
+        "optim.layer_decay",
+        "model.arch edsr has no transformer layers to number (a ViT's: mae, srmae, vit_classifier)",
+    ),
+    (
+        "task: classify\nmodel: {arch: cnn}\noptim: {layer_decay: 0.5}\n",
+        "optim.layer_decay",
+        "model.arch cnn has no transformer layers",
+    ),
+    (
+        "task: sr\nmodel: {arch: rcan}\noptim: {layer_decay: 0.5}\n",
+        "optim.layer_decay",
+        "model.arch rcan has no transformer layers",
+    ),
+    ("optim: {layer_decay: 0}\n", "optim.layer_decay", "expected > 0 and <= 1"),
+    ("optim: {layer_decay: 1.5}\n", "optim.layer_decay", "expected > 0 and <= 1"),
     # the recipes of before tasks: mapped, or refused with what to write instead
     ("stage: finetune\ntask: sr\n", "stage", "replaced by `task`; remove `stage`"),
     ("stage: classify\n", "stage", "write `task: mae` for `stage: pretrain`, `task: sr` for"),

@@ -131,7 +131,7 @@ def build(engine: Engine, r: recipe.Recipe) -> Run:
     scheduler = build_scheduler(
         optimizer, r.optim.scheduler, steps_per_epoch=plan.per_epoch, total_steps=plan.total
     )
-    expected = [(g.rule, g.lr, g.weight_decay, g.numel) for g in groups]  # ZeRO-3 empties params
+    expected = [(g.name, g.lr, g.weight_decay, g.numel) for g in groups]  # ZeRO-3 empties params
     universal = resume is not None and resume.universal
     model, optimizer, scheduler = engine.prepare(model, optimizer, scheduler, universal)
     engine.check_groups(optimizer, expected)

@@ -109,5 +109,6 @@ VIT_SPEC = ModelSpec(
     title="ViT (MAE encoder)",
     freeze_modes={"encoder": ("encoder.",)},  # a linear probe
     fixed_size=True,
+    layer_decay=True,
 )
 CNN_SPEC = ModelSpec("cnn", CNNConfig, lambda cfg: CNN(cfg), tasks=("classify",), title="CNN")

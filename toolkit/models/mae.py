@@ -224,4 +224,4 @@ def build(cfg: MAEConfig) -> MAE:
     return MAE(**cfg.vit(), mask_ratio=cfg.mask_ratio, norm_pix_loss=cfg.norm_pix_loss)
 
 
-SPEC = ModelSpec("mae", MAEConfig, build, tasks=("mae",), title="MAE")
+SPEC = ModelSpec("mae", MAEConfig, build, tasks=("mae",), title="MAE", layer_decay=True)

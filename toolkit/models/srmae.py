@@ -165,4 +165,5 @@ SPEC = ModelSpec(
     # The workload's finetune modes: "mae" is everything but the added sr.* layers.
     freeze_modes={"encoder": ("encoder.",), "mae": ("encoder.", "decoder.")},
     fixed_size=True,  # the ViT's position embeddings are for img_size x img_size
+    layer_decay=True,
 )
