@@ -512,3 +512,17 @@ def test_an_override_python_cannot_build_is_refused_by_the_schema(
     item = "train.seed=" + "9" * 5000
     msg = launch_refuses(capsys, str(ROOT / "recipes/finetune.yaml"), item)
     assert ": train.seed: expected an integer, got a string '999" in msg and len(msg) < 400
+
+
+def test_the_vit_from_scratch_is_the_classify_finetune_but_for_its_init() -> None:
+    """The scratch control answers "what is the pretraining worth" only if nothing else
+    differs: every resolved key of recipes/classify/scratch.yaml equals the finetune's, bar the
+    name, the report label and init.from (the finetune's, the pretraining run; the scratch's,
+    none)."""
+    classify = ROOT / "recipes" / "classify"
+    finetune = recipe.to_dict(recipe.load(classify / "finetune.yaml"))
+    scratch = recipe.to_dict(recipe.load(classify / "scratch.yaml"))
+    assert finetune["init"]["from"] == "runs/pretrain" and scratch["init"]["from"] is None
+    for doc in (finetune, scratch):
+        del doc["name"], doc["label"], doc["init"]["from"]
+    assert scratch == finetune
