@@ -123,10 +123,13 @@ def world_of(r: recipe.Recipe, args: Any) -> World:
 
 
 def group_table(params: dict[str, Any]) -> list[str]:
-    rows = [("rule", "lr", "weight decay", "params")]
-    rows += [(g["rule"], f"{g['lr']:.2e}", f"{g['weight_decay']:g}", f"{g['params']:,}")
+    """The optimiser groups, one row each; a layer column where optim.layer_decay splits them."""
+    layered = any(g.get("layer") is not None for g in params["groups"])
+    rows = [("rule", *(("layer",) if layered else ()), "lr", "weight decay", "params")]
+    rows += [(g["rule"], *((str(g["layer"]),) if layered else ()), f"{g['lr']:.2e}",
+              f"{g['weight_decay']:g}", f"{g['params']:,}")
              for g in params["groups"]]  # fmt: skip
-    widths = [max(len(row[i]) for row in rows) for i in range(4)]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     return ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) for row in rows]
 
 

@@ -1,4 +1,5 @@
-"""Param groups from the recipe's ordered rules, the AdamW optimiser, LR schedules and losses."""
+"""Param groups from the recipe's ordered rules (split by layer under layer-wise lr decay), the
+AdamW optimiser, LR schedules and losses."""
 
 from __future__ import annotations
 
@@ -26,24 +27,55 @@ def decays(name: str, param: nn.Parameter) -> bool:
 
 @dataclass
 class Group:
-    """One optimiser param group: which rule made it, its hyper-parameters and its parameters."""
+    """One optimiser param group: which rule made it, its hyper-parameters and its parameters.
+    Under optim.layer_decay, also its layer and the layer's scale, already in `lr`."""
 
     rule: str  # "optim.groups[i] '<regex>'" or "default"
     lr: float
     weight_decay: float
     names: list[str] = field(default_factory=list)
     params: list[nn.Parameter] = field(default_factory=list)
+    layer: int | None = None  # None: no layer-wise decay
+    scale: float = 1.0  # layer_decay ** (top layer - layer); the schedule's floor scales with it
 
     @property
     def numel(self) -> int:
         return sum(p.numel() for p in self.params)
 
+    @property
+    def name(self) -> str:
+        """Unique per rule and layer: the optimiser group's name, logged as train/lr/<name>."""
+        return self.rule if self.layer is None else f"{self.rule} layer {self.layer}"
+
+
+def layer_scales(
+    model: nn.Module, decay: float | None
+) -> Callable[[str], tuple[int, float]] | None:
+    """(layer, lr scale) of a parameter name under layer-wise decay; None when it is off. The
+    model numbers its layers (`lr_layer`, `lr_layers`: the ViTs, toolkit.models.vit)."""
+    if decay is None or decay == 1.0:
+        return None
+    if not hasattr(model, "lr_layer"):
+        raise UserError(
+            f"optim.layer_decay: {type(model).__name__} does not number its layers (only the "
+            "ViTs do: mae, srmae, vit_classifier); use null"
+        )
+    top = int(model.lr_layers)
+
+    def of(name: str) -> tuple[int, float]:
+        layer = int(model.lr_layer(name))
+        return layer, decay ** (top - layer)
+
+    return of
+
 
 def build_groups(model: nn.Module, cfg: OptimConfig) -> list[Group]:
     """Every trainable parameter in exactly one group: the first rule whose regex it matches, else
-    the default; each split by whether it decays. A rule matching nothing is an error."""
+    the default; each split by whether it decays and, under optim.layer_decay, by layer, whose
+    scale multiplies the rule's lr. A rule matching nothing is an error."""
     rules = [(i, rule, re.compile(rule.match)) for i, rule in enumerate(cfg.groups)]
-    groups: dict[tuple[int, bool], Group] = {}
+    scales = layer_scales(model, cfg.layer_decay)
+    groups: dict[tuple[int, bool, int], Group] = {}
     matched = [0] * len(rules)
     trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     for name, param in trainable:
@@ -59,17 +91,20 @@ def build_groups(model: nn.Module, cfg: OptimConfig) -> list[Group]:
             # An explicit weight_decay in a rule applies to every parameter it matches.
             decay = decay or rule.weight_decay is not None
             key, label = (i, decay), f"optim.groups[{i}] '{rule.match}'"
-        if key not in groups:
-            groups[key] = Group(label, lr, wd if decay else 0.0)
-        groups[key].names.append(name)
-        groups[key].params.append(param)
+        layer, scale = scales(name) if scales else (None, 1.0)
+        full = (*key, -1 if layer is None else layer)
+        if full not in groups:
+            groups[full] = Group(label, lr * scale, wd if decay else 0.0, layer=layer, scale=scale)
+        groups[full].names.append(name)
+        groups[full].params.append(param)
     for (i, rule, _), count in zip(rules, matched, strict=True):
         if not count:
             raise UserError(
                 f"optim.groups[{i}]: match '{rule.match}' matches no trainable parameter "
                 "(frozen parameters are not trained; remove the rule or change freeze)"
             )
-    out = sorted(groups.values(), key=lambda g: (g.rule == "default", g.rule, g.weight_decay == 0))
+    out = sorted(groups.values(), key=lambda g: (g.rule == "default", g.rule, g.layer or 0,
+                                                  g.weight_decay == 0))  # fmt: skip
     # The nanochat check: a parameter missing from the optimiser would silently never train.
     seen = [id(p) for g in out for p in g.params]
     if len(seen) != len(set(seen)) or len(seen) != len(trainable):
@@ -81,19 +116,29 @@ def build_optimizer(
     groups: list[Group], cfg: OptimConfig, fused: bool = False
 ) -> torch.optim.Optimizer:
     """AdamW over the groups; `fused`: one kernel for all parameters (CUDA), not a loop of them."""
+    # `lr_scale` rides along in the group (DeepSpeed keeps a group's other keys): the schedule
+    # scales its floor by it.
     torch_groups = [
-        {"params": g.params, "lr": g.lr, "weight_decay": g.weight_decay, "name": g.rule}
+        {"params": g.params, "lr": g.lr, "weight_decay": g.weight_decay, "name": g.name,
+         "lr_scale": g.scale}
         for g in groups
-    ]
+    ]  # fmt: skip
     return torch.optim.AdamW(torch_groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps,
                              fused=fused or None)  # fmt: skip
 
 
 def lr_at(
-    step: int, base_lr: float, cfg: SchedulerConfig, steps_per_epoch: int, total_steps: int
+    step: int,
+    base_lr: float,
+    cfg: SchedulerConfig,
+    steps_per_epoch: int,
+    total_steps: int,
+    scale: float = 1.0,
 ) -> float:
     """The learning rate of a group with `base_lr` after `step` optimiser steps: a pure function,
-    so the schedule needs no state beyond the step count."""
+    so the schedule needs no state beyond the step count. `scale`: the group's layer-decay
+    scale (already in `base_lr`), which scales the floor eta_min too, so the whole curve is the
+    undecayed one times the scale (a decayed base below eta_min would otherwise climb)."""
     warm = cfg.warmup_steps
     if step < warm:
         return base_lr * (step + 1) / warm
@@ -111,7 +156,8 @@ def lr_at(
             t -= period * (cfg.T_mult**n - 1) // (cfg.T_mult - 1)
             period *= cfg.T_mult**n
         progress = (t % period) / period
-    return cfg.eta_min + (base_lr - cfg.eta_min) * (1 + math.cos(math.pi * progress)) / 2
+    eta_min = cfg.eta_min * scale
+    return eta_min + (base_lr - eta_min) * (1 + math.cos(math.pi * progress)) / 2
 
 
 def build_scheduler(
@@ -124,10 +170,12 @@ def build_scheduler(
     """Each group follows the schedule from its own base lr (the encoder's 8e-5 and the others'
     5e-4 both follow the curve); state_dict/load_state_dict restore the step exactly."""
 
-    def factor(base: float) -> Callable[[int], float]:
-        return lambda step: lr_at(step, base, cfg, steps_per_epoch, total_steps) / base
+    def factor(base: float, scale: float) -> Callable[[int], float]:
+        return lambda step: lr_at(step, base, cfg, steps_per_epoch, total_steps, scale) / base
 
-    return LambdaLR(optimizer, [factor(g["lr"]) for g in optimizer.param_groups])
+    return LambdaLR(
+        optimizer, [factor(g["lr"], g.get("lr_scale", 1.0)) for g in optimizer.param_groups]
+    )
 
 
 def build_loss(name: str) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:

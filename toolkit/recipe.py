@@ -117,6 +117,14 @@ class OptimConfig:
     eps: float = setting(1.0e-8, gt=0)
     # Ordered param-group rules; a rule that matches no trainable parameter is an error.
     groups: list[GroupRule] = field(default_factory=list)
+    # Layer-wise learning-rate decay of a ViT (mae, srmae, vit_classifier), as in the BEiT and
+    # MAE finetuning: the parameters of layer l train at lr x layer_decay^(depth + 1 - l), where
+    # the patch embedding is layer 0, encoder block i is layer i + 1, and everything after the
+    # blocks (the encoder's last norm, head, decoder, SR layers) is layer depth + 1, at the full
+    # rate. It multiplies the lr each parameter has without it (its group rule's, or optim.lr),
+    # schedule floor (eta_min) included, and splits each group by layer; weight decay as
+    # without. null or 1.0: off.
+    layer_decay: float | None = setting(None, gt=0, le=1)
     # Learning-rate schedule; each group follows it from its own base lr.
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
 
@@ -387,6 +395,11 @@ def _check(r: Recipe, origins: Origins) -> None:
             fail("data.normalise", str(err))
     if r.data.limit is not None and r.data.per_class is not None:
         fail("data.per_class", "set data.limit or data.per_class, not both (null: all samples)")
+    decay = r.optim.layer_decay
+    if decay is not None and decay != 1.0 and not spec.layer_decay:
+        layered = ", ".join(n for n in MODELS.names() if MODELS.get(n).layer_decay)
+        fail("optim.layer_decay", f"{decay}: model.arch {r.model.arch} has no transformer "
+             f"layers to number (a ViT's: {layered}); use null")  # fmt: skip
     if not r.train.max_steps and not r.train.epochs:
         fail("train.epochs", "0 with no train.max_steps: nothing to train")
     betas = r.optim.betas

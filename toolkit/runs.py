@@ -342,7 +342,13 @@ def param_summary(r: recipe.Recipe) -> dict[str, Any]:
         model = build_model(r)
     total, trainable = param_counts(model)
     groups = [
-        {"rule": g.rule, "lr": g.lr, "weight_decay": g.weight_decay, "params": g.numel}
+        {
+            "rule": g.rule,
+            "layer": g.layer,
+            "lr": g.lr,
+            "weight_decay": g.weight_decay,
+            "params": g.numel,
+        }
         for g in build_groups(model, r.optim)
     ]
     return {"total": total, "trainable": trainable, "groups": groups}

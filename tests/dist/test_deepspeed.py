@@ -311,3 +311,24 @@ def test_bf16_deepspeed_keeps_residual_loss_and_outputs_in_fp32(shards, task) ->
             assert out.sample_loss.dtype == torch.float32 and out.pred.dtype == torch.bfloat16
     finally:
         engine.abandon()
+
+
+def test_layer_decay_and_drop_path_under_zero2_bf16(shards, tmp_path) -> None:
+    """DeepSpeed's ZeRO-2 (bf16) keeps every per-layer group and its rate (the engine's group
+    check passes, and the logged rates are the recipe's: encoder rule 8e-5 and default 5e-4,
+    each times 0.5^(3 - layer) for the tiny SR-MAE of depth 2), and with stochastic depth a
+    resume is still bit-exact."""
+    extra = ("optim.layer_decay=0.5", "model.drop_path=0.3")
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    launch(*tiny(shards, straight, "train.max_steps=4", *ds(2, "bf16"), *extra))
+    launch(*tiny(shards, resumed, "train.max_steps=2", *ds(2, "bf16"), *extra))
+    out = launch(*tiny(shards, resumed, "train.max_steps=4", *ds(2, "bf16"), *extra))
+    assert "resumed from" in out and "step-00000002" in out
+    a, b = weights(straight), weights(resumed)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    lines = read_jsonl(straight / "metrics.jsonl")
+    lrs = {k: v for x in lines for k, v in x.items() if k.startswith("train/lr/")}
+    enc = "train/lr/optim.groups[0] '^encoder\\.' layer"
+    want = {f"{enc} {i}": 8e-5 * 0.5 ** (3 - i) for i in range(4)}  # encoder.norm: layer 3
+    want["train/lr/default layer 3"] = 5e-4  # decoder and SR layers: the top layer
+    assert lrs == pytest.approx(want, rel=1e-12)

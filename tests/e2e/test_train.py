@@ -4,6 +4,7 @@ damaged checkpoints, two processes as one group, stage chaining, non-finite loss
 from __future__ import annotations
 
 import json
+import shutil
 import signal
 import sys
 import time
@@ -507,3 +508,41 @@ def test_a_run_cut_short_at_its_end_is_finished_on_its_own_world_size(shards, tm
         3,
         4,
     ]  # nothing trained again
+
+
+def test_resume_with_stochastic_depth_is_bit_identical(
+    shards: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """With model.drop_path set, a run resumed from its step-3 checkpoint (the later checkpoint
+    and the outputs removed, as a kill would leave it) ends with the weights of the run never
+    stopped: the drops come from the step's stream, not from whatever the global RNG held. The
+    same run without stochastic depth ends elsewhere, so the setting reached the model."""
+    args = ["train.max_steps=6", "train.checkpoint_every=3", "model.drop_path=0.5"]
+    ref, run = tmp_path / "ref", tmp_path / "run"
+    assert train(*tiny(shards, ref, *args)) == 0
+    shutil.copytree(ref, run)
+    shutil.rmtree(run / "checkpoints" / "step-00000006")
+    (run / "checkpoints" / "latest").write_text("step-00000003\n")
+    for name in ("model.safetensors", "eval.json"):
+        (run / name).unlink()
+    caplog.set_level("INFO")
+    assert train(*tiny(shards, run, *args)) == 0
+    assert f"resumed from {run / 'checkpoints' / 'step-00000003'} (step 3," in caplog.text
+    a, b = weights(ref), weights(run)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    plain = tmp_path / "plain"
+    assert train(*tiny(shards, plain, *args, "model.drop_path=0.0")) == 0
+    c = weights(plain)
+    assert not all(torch.equal(a[k], c[k]) for k in a)
+
+
+def test_layer_decay_trains_with_its_per_layer_rates(shards: Path, tmp_path: Path) -> None:
+    """optim.layer_decay through the whole engine (the live optimiser's groups checked against
+    the recipe's, the schedule, the logged rates): the tiny SR-MAE (depth 2, optim.lr 5e-4,
+    constant schedule) logs each layer's rate, 5e-4 x 0.5^(3 - layer)."""
+    run = tmp_path / "run"
+    assert train(*tiny(shards, run, "train.max_steps=2", "optim.layer_decay=0.5")) == 0
+    lines = [x for x in read_jsonl(run / "metrics.jsonl") if "train/loss" in x]
+    rates = {k: v for k, v in lines[-1].items() if k.startswith("train/lr/")}
+    assert rates == {f"train/lr/default layer {i}": pytest.approx(5e-4 * 0.5 ** (3 - i))
+                     for i in range(4)}  # fmt: skip

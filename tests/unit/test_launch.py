@@ -47,6 +47,31 @@ def test_world_sizes_local_and_slurm() -> None:
     assert cpus.world_size == 3  # the debug recipe's CPU nodes: one process each
 
 
+def test_dry_run_shows_each_layers_learning_rate_under_layer_decay() -> None:
+    """The debug MAE (depth 2, optim.lr 5e-4, no group rules) with optim.layer_decay=0.5: the
+    document and the table give each layer its rate, 5e-4 x 0.5^(3 - layer): layer 0 the patch
+    embedding, 1 and 2 the blocks, 3 the rest."""
+    r = recipe.load(DEBUG, ["optim.layer_decay=0.5"])
+    world = launch.world_of(r, launch.parse_args([DEBUG, "--local"]))
+    groups = launch.dry_run_doc(r, world, [], None)["params"]["groups"]
+    assert sorted({g["layer"] for g in groups}) == [0, 1, 2, 3]
+    for g in groups:
+        assert g["lr"] == pytest.approx(5e-4 * 0.5 ** (3 - g["layer"]), rel=1e-12)
+    text = launch.dry_run_text("debug.yaml", r, world, [], as_json=False)
+    header = next(line for line in text.splitlines() if line.startswith("rule"))
+    assert header.split() == ["rule", "layer", "lr", "weight", "decay", "params"]
+    rows = [line.split() for line in text.splitlines() if line.startswith("default ")]
+    assert {(row[1], row[2]) for row in rows} == {
+        ("0", "6.25e-05"),
+        ("1", "1.25e-04"),
+        ("2", "2.50e-04"),
+        ("3", "5.00e-04"),
+    }
+    # Off: no layer column, as before.
+    plain = launch.dry_run_text("debug.yaml", recipe.load(DEBUG), world, [], as_json=False)
+    assert "layer" not in next(line for line in plain.splitlines() if line.startswith("rule"))
+
+
 def test_dry_run_document_of_a_baseline() -> None:
     r = recipe.load(ROOT / "recipes/baselines/edsr.yaml")
     world = launch.world_of(r, launch.parse_args([DEBUG, "--local"]))

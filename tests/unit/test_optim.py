@@ -193,3 +193,103 @@ def test_warm_restarts_after_warmup_follow_the_formula_per_step(mult: int) -> No
     assert top[first - 1] < 0.1 * 5e-4 and top[first] == pytest.approx(5e-4, rel=1e-12)
     second = first + period * mult
     assert top[second - 1] < 0.1 * 5e-4 and top[second] == pytest.approx(5e-4, rel=1e-12)
+
+
+# --- layer-wise learning-rate decay --------------------------------------------------------------
+
+VIT = {"in_chans": 1, "img_size": 8, "patch_size": 4, "embed_dim": 8, "depth": 3, "num_heads": 2,
+       "decoder_embed_dim": 8, "decoder_depth": 1, "decoder_num_heads": 2,
+       "mlp_ratio": 2.0}  # fmt: skip
+
+
+def tiny_vit(arch: str) -> nn.Module:
+    from toolkit.models.classifier import ViTClassifier, ViTClassifierConfig
+    from toolkit.models.srmae import SRMAE
+
+    torch.manual_seed(0)
+    if arch == "srmae":
+        return SRMAE(**VIT, sr_channels=4, scale=2)
+    return ViTClassifier(ViTClassifierConfig(**VIT, num_classes=3))
+
+
+def expected_layer(name: str, depth: int) -> int:
+    """The recipe's numbering, written out: patch embedding 0, block i i + 1, the rest (the
+    encoder's last norm, the head, the decoder, the SR layers) depth + 1."""
+    parts = name.split(".")
+    if parts[:2] == ["encoder", "patch_embed"]:
+        return 0
+    if parts[:2] == ["encoder", "blocks"]:
+        return int(parts[2]) + 1
+    return depth + 1
+
+
+@pytest.mark.parametrize("arch", ["vit_classifier", "srmae"])
+def test_layer_decay_gives_each_parameter_its_rule_lr_times_decay_to_its_depth(arch: str) -> None:
+    """Every trainable parameter's lr is (its rule's lr, or optim.lr) x decay^(depth + 1 -
+    layer); its weight decay is what it would be without layer decay; each group holds one layer
+    of one rule, and the optimiser names the groups apart."""
+    decay, depth = 0.5, VIT["depth"]
+    model = tiny_vit(arch)
+    cfg = OptimConfig(lr=5e-4, weight_decay=1e-4, layer_decay=decay,
+                      groups=[GroupRule(match=r"^encoder\.", lr=8e-5)])  # fmt: skip
+    groups = optim.build_groups(model, cfg)
+    lr_of, wd_of = {}, {}
+    for g in groups:
+        assert len({expected_layer(n, depth) for n in g.names}) == 1  # one layer per group
+        for n in g.names:
+            lr_of[n], wd_of[n] = g.lr, g.weight_decay
+    params = dict(model.named_parameters())
+    assert set(lr_of) == set(params)
+    for name, p in params.items():
+        rule_lr = 8e-5 if name.startswith("encoder.") else 5e-4
+        want = rule_lr * decay ** (depth + 1 - expected_layer(name, depth))
+        assert lr_of[name] == pytest.approx(want, rel=1e-12), name
+        assert wd_of[name] == (1e-4 if p.ndim > 1 else 0.0), name
+    # Spot values that do not go through the numbering above.
+    assert lr_of["encoder.patch_embed.proj.weight"] == pytest.approx(8e-5 / 16, rel=1e-12)
+    assert lr_of["encoder.blocks.2.mlp.fc1.weight"] == pytest.approx(8e-5 / 2, rel=1e-12)
+    assert lr_of["encoder.norm.weight"] == pytest.approx(8e-5, rel=1e-12)
+    top = "head.weight" if arch == "vit_classifier" else "decoder.pred.weight"
+    assert lr_of[top] == pytest.approx(5e-4, rel=1e-12)
+    opt = optim.build_optimizer(groups, cfg)
+    names = [g["name"] for g in opt.param_groups]
+    assert len(set(names)) == len({(g.rule, g.layer) for g in groups})
+    assert "optim.groups[0] '^encoder\\.' layer 0" in names
+
+
+@pytest.mark.parametrize("off", [None, 1.0])
+def test_layer_decay_off_gives_the_groups_of_before(off: float | None) -> None:
+    model = tiny_vit("srmae")
+    rules = [GroupRule(match=r"^encoder\.", lr=8e-5)]
+    plain = optim.build_groups(model, OptimConfig(groups=rules))
+    got = optim.build_groups(model, OptimConfig(groups=rules, layer_decay=off))
+    assert [(g.name, g.lr, g.weight_decay, g.names) for g in got] == [
+        (g.name, g.lr, g.weight_decay, g.names) for g in plain
+    ]
+    assert all(g.layer is None and g.name == g.rule for g in got)
+
+
+def test_layer_decay_on_a_model_without_layers_is_a_user_error() -> None:
+    with pytest.raises(UserError, match=r"optim.layer_decay: Tiny does not number its layers"):
+        optim.build_groups(Tiny(), OptimConfig(layer_decay=0.75))
+
+
+def test_layer_decay_groups_follow_the_schedule_scaled_floor_included() -> None:
+    """Through the optimiser's real scheduler: each group's lr is its layer's scale times the
+    undecayed group's warm-restart curve (warmup, cosine to eta_min, restarts), so a deep
+    layer's small base never sits below the floor and climbs towards it."""
+    decay, depth, spe, warmup, eta_min = 0.5, VIT["depth"], 3, 2, 4e-5
+    sched = SchedulerConfig(name="cosine_warm_restarts", T_0=2, T_mult=1, eta_min=eta_min,
+                            warmup_steps=warmup)  # fmt: skip
+    cfg = OptimConfig(lr=5e-4, layer_decay=decay, scheduler=sched,
+                      groups=[GroupRule(match=r"^encoder\.", lr=8e-5)])  # fmt: skip
+    groups = optim.build_groups(tiny_vit("vit_classifier"), cfg)
+    opt = optim.build_optimizer(groups, cfg)
+    s = optim.build_scheduler(opt, sched, steps_per_epoch=spe, total_steps=30)
+    for step in range(30):
+        for g, pg in zip(groups, opt.param_groups, strict=True):
+            rule_lr = 8e-5 if g.rule.startswith("optim.groups[0]") else 5e-4
+            scale = decay ** (depth + 1 - expected_layer(g.names[0], depth))
+            curve = warm_restarts_formula(step, rule_lr, warmup, sched.T_0 * spe, 1, eta_min)
+            assert pg["lr"] == pytest.approx(scale * curve, rel=1e-12), (step, g.name)
+        opt.step(), s.step()

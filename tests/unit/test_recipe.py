@@ -139,6 +139,8 @@ def test_unknown_key_in_override_suggests_across_sections() -> None:
         ("data.per_class=-3", "data.per_class", "> 0"),
         ("data.per_class=2.5", "data.per_class", "an integer"),
         ("data.subset_seed=-1", "data.subset_seed", ">= 0"),
+        ("model.drop_path=1.0", "model.drop_path", "< 1"),
+        ("model.drop_path=-0.1", "model.drop_path", ">= 0"),
     ],
 )
 def test_wrong_type_or_range_names_key_value_and_expectation(
@@ -181,6 +183,23 @@ CHECKS = [
     ("task: sr\nmodel: {arch: srmae, n_feats: 8}\n", "model.n_feats", "unknown key"),
     ("task: sr\nmodel: {arch: rcan, reduction: 10}\n", "model.reduction", "does not divide"),
     ("task: sr\nmodel: {arch: edsr, n_resblocks: 0}\n", "model.n_resblocks", "> 0"),
+    (
+        "task: sr\nmodel: {arch: edsr}\noptim: {layer_decay: 0.75}\n",
+        "optim.layer_decay",
+        "model.arch edsr has no transformer layers to number (a ViT's: mae, srmae, vit_classifier)",
+    ),
+    (
+        "task: classify\nmodel: {arch: cnn}\noptim: {layer_decay: 0.5}\n",
+        "optim.layer_decay",
+        "model.arch cnn has no transformer layers",
+    ),
+    (
+        "task: sr\nmodel: {arch: rcan}\noptim: {layer_decay: 0.5}\n",
+        "optim.layer_decay",
+        "model.arch rcan has no transformer layers",
+    ),
+    ("optim: {layer_decay: 0}\n", "optim.layer_decay", "expected > 0 and <= 1"),
+    ("optim: {layer_decay: 1.5}\n", "optim.layer_decay", "expected > 0 and <= 1"),
     # the recipes of before tasks: mapped, or refused with what to write instead
     ("stage: finetune\ntask: sr\n", "stage", "replaced by `task`; remove `stage`"),
     ("stage: classify\n", "stage", "write `task: mae` for `stage: pretrain`, `task: sr` for"),
@@ -498,3 +517,17 @@ def test_an_override_python_cannot_build_is_refused_by_the_schema(
     item = "train.seed=" + "9" * 5000
     msg = launch_refuses(capsys, str(ROOT / "recipes/finetune.yaml"), item)
     assert ": train.seed: expected an integer, got a string '999" in msg and len(msg) < 400
+
+
+def test_the_vit_from_scratch_is_the_classify_finetune_but_for_its_init() -> None:
+    """The scratch control answers "what is the pretraining worth" only if nothing else
+    differs: every resolved key of recipes/classify/scratch.yaml equals the finetune's, bar the
+    name, the report label and init.from (the finetune's, the pretraining run; the scratch's,
+    none)."""
+    classify = ROOT / "recipes" / "classify"
+    finetune = recipe.to_dict(recipe.load(classify / "finetune.yaml"))
+    scratch = recipe.to_dict(recipe.load(classify / "scratch.yaml"))
+    assert finetune["init"]["from"] == "runs/pretrain" and scratch["init"]["from"] is None
+    for doc in (finetune, scratch):
+        del doc["name"], doc["label"], doc["init"]["from"]
+    assert scratch == finetune

@@ -32,6 +32,7 @@ from toolkit.hold import acquire
 from toolkit.logging import RunLogger, image_grid
 from toolkit.metrics import metric
 from toolkit.models import param_counts
+from toolkit.models.vit import drop_path_stream
 from toolkit.optim import build_groups, build_optimizer, build_scheduler
 from toolkit.runs import build_model, check_relaunch
 from toolkit.tasks import Placement, Task, task_of
@@ -134,7 +135,7 @@ def build(engine: Engine, r: recipe.Recipe) -> Run:
     scheduler = build_scheduler(
         optimizer, r.optim.scheduler, steps_per_epoch=plan.per_epoch, total_steps=plan.total
     )
-    expected = [(g.rule, g.lr, g.weight_decay, g.numel) for g in groups]  # ZeRO-3 empties params
+    expected = [(g.name, g.lr, g.weight_decay, g.numel) for g in groups]  # ZeRO-3 empties params
     universal = resume is not None and resume.universal
     model, optimizer, scheduler = engine.prepare(model, optimizer, scheduler, universal)
     engine.check_groups(optimizer, expected)
@@ -281,11 +282,13 @@ def train_step(
         t0 = time.perf_counter()
         batch = next(batches)
         wait += time.perf_counter() - t0
-        # The task's randomness (MAE masks) from its own stream, seeded by (seed, step,
-        # micro-batch, rank): the same after a resume, whatever else drew random numbers.
+        # The task's randomness (MAE masks) and the model's (stochastic depth) from their own
+        # stream, seeded by (seed, step, micro-batch, rank): the same after a resume, whatever
+        # else drew random numbers.
         rng = torch.Generator().manual_seed(_mix(run.r.train.seed, state.step, micro, engine.rank))
         with engine.accumulate(model):
-            loss = run.task.train_loss(model, batch, at, rng)
+            with drop_path_stream(rng):
+                loss = run.task.train_loss(model, batch, at, rng)
             engine.backward(loss)
             if engine.sync_gradients:
                 grad_norm = engine.clip_grad_norm(model, run.r.train.grad_clip)

@@ -1,7 +1,8 @@
 """Classifiers for the classify task: the MAE's ViT encoder with a linear head, and a small CNN.
 
     vit_classifier  image [N, C, H, H] -> encoder (the MAE's, all patches, no mask) -> mean of
-                    the tokens -> linear head -> logits [N, num_classes]
+                    the tokens -> (head_norm: batch norm, no affine) -> linear head -> logits
+                    [N, num_classes]
     cnn             depth x (3x3 conv, batch norm, ReLU, 2x2 max pool; channels doubling) ->
                     global mean -> linear -> logits
 
@@ -10,7 +11,11 @@ pretraining run loads it (the MAE's decoder and mask token are reported unused, 
 fresh), and `freeze: [encoder]` is a linear probe. Its recipe section is the MAE's (the same
 model section serves the pretraining and the classification), plus `num_classes`. The tokens
 are averaged rather than read from a class token: the MAE trains none, and the mean of its
-encoder's tokens is what linear probes of MAE encoders use.
+encoder's tokens is what linear probes of MAE encoders use. The linear probe's recipe puts a
+batch norm without affine parameters before the head (`model.head_norm`), as the MAE's linear
+probing does: the frozen features' scales differ widely between channels, and normalising them
+lets one learning rate suit every channel of the head (it adds no parameters, and a linear
+layer after it could absorb its affine part anyway).
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ from torch import Tensor, nn
 
 from toolkit.models.mae import MAEConfig
 from toolkit.models.registry import ModelSpec
-from toolkit.models.vit import Encoder, init_vit_weights
+from toolkit.models.vit import Encoder, EncoderLayers, init_vit_weights
 from toolkit.recipe import MAX_LAYERS, MAX_WIDTH, ModelBase, setting
 
 
@@ -34,14 +39,35 @@ class ViTClassifierConfig(MAEConfig):
 
     # Classes the head scores (the shards' `classes`, in their order).
     num_classes: int = setting(3, ge=2, le=MAX_WIDTH)
+    # Batch norm without affine parameters (eps 1e-6) on the mean token before the head, as the
+    # MAE's linear probe has (recipes/classify/linear_probe.yaml sets it); false: none, the
+    # classifier as before (a run trained without it records false and its weights load).
+    head_norm: bool = False
 
 
-class ViTClassifier(nn.Module):
+class ProbeNorm(nn.BatchNorm1d):
+    """The linear probe's BatchNorm1d(affine=False, eps=1e-6), computed in fp32 and returned in
+    the input's dtype: under DeepSpeed's bf16 the features arrive in bf16 beside the fp32
+    running statistics, and statistics need fp32's precision. In fp32 it is plain
+    BatchNorm1d."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__(dim, eps=1e-6, affine=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        with torch.autocast(x.device.type, enabled=False):
+            return super().forward(x.float()).to(x.dtype)
+
+
+class ViTClassifier(EncoderLayers, nn.Module):
     def __init__(self, cfg: ViTClassifierConfig) -> None:
         super().__init__()
         self.encoder = Encoder(cfg.in_chans, cfg.img_size, cfg.patch_size, cfg.embed_dim,
-                               cfg.depth, cfg.num_heads, cfg.mlp_ratio)  # fmt: skip
+                               cfg.depth, cfg.num_heads, cfg.mlp_ratio, cfg.drop_path)  # fmt: skip
         init_vit_weights(self.encoder)
+        # Its own name beside `head` (not a Sequential around it): `head.weight` keeps its name,
+        # so the weights of classifiers trained before it load.
+        self.head_norm: nn.Module = ProbeNorm(cfg.embed_dim) if cfg.head_norm else nn.Identity()
         self.head = nn.Linear(cfg.embed_dim, cfg.num_classes)
         # A small head at init: the first steps of a linear probe do not swing far (MAE's
         # probe uses the same trick, with std 0.01).
@@ -50,7 +76,7 @@ class ViTClassifier(nn.Module):
 
     def forward(self, imgs: Tensor) -> Tensor:
         tokens = self.encoder(self.encoder.embed(imgs))  # [N, L, D]
-        return self.head(tokens.mean(dim=1))  # [N, num_classes]
+        return self.head(self.head_norm(tokens.mean(dim=1)))  # [N, num_classes]
 
 
 @dataclass
@@ -109,5 +135,6 @@ VIT_SPEC = ModelSpec(
     title="ViT (MAE encoder)",
     freeze_modes={"encoder": ("encoder.",)},  # a linear probe
     fixed_size=True,
+    layer_decay=True,
 )
 CNN_SPEC = ModelSpec("cnn", CNNConfig, lambda cfg: CNN(cfg), tasks=("classify",), title="CNN")

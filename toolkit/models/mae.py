@@ -10,11 +10,19 @@ import torch
 from torch import Tensor, nn
 
 from toolkit.models.registry import ModelSpec
-from toolkit.models.vit import Decoder, Encoder, init_vit_weights, patchify, unpatchify
+from toolkit.models.vit import (
+    Decoder,
+    Encoder,
+    EncoderLayers,
+    init_vit_weights,
+    patchify,
+    unpatchify,
+)
 from toolkit.recipe import MAX_LAYERS, MAX_WIDTH, ModelBase, setting
 
 _VIT_FIELDS = ("in_chans", "img_size", "patch_size", "embed_dim", "depth", "num_heads",
-               "decoder_embed_dim", "decoder_depth", "decoder_num_heads", "mlp_ratio")  # fmt: skip
+               "decoder_embed_dim", "decoder_depth", "decoder_num_heads", "mlp_ratio",
+               "drop_path")  # fmt: skip
 
 
 @dataclass
@@ -37,6 +45,10 @@ class MAEConfig(ModelBase):
     decoder_num_heads: int = setting(4, gt=0, le=MAX_WIDTH)
     # Hidden width of each MLP as a multiple of the token width.
     mlp_ratio: float = setting(4.0, gt=0, le=MAX_LAYERS)
+    # Stochastic depth of the encoder's blocks in training: the drop rate of the last block, the
+    # earlier ones' rising linearly from 0 (timm's and the MAE finetuning's rule; 0.1 there for
+    # ViT-B); 0: none, the model as before.
+    drop_path: float = setting(0.0, ge=0, lt=1)
     # Fraction of patches hidden from the encoder during pretraining.
     mask_ratio: float = setting(0.75, ge=0, lt=1)
     # Pretraining target: each patch normalised by its own mean and variance.
@@ -74,7 +86,7 @@ class MAEOutput(NamedTuple):
     sample_loss: Tensor  # [N] each sample's loss: what validation reports per sample
 
 
-class MAE(nn.Module):
+class MAE(EncoderLayers, nn.Module):
     """Masked autoencoder (He et al. 2021) for square C-channel images, built from scratch.
 
     State dict names: `encoder.*` (patch embedding, blocks, norm), `decoder.*` (embed, blocks,
@@ -97,6 +109,7 @@ class MAE(nn.Module):
         mlp_ratio: float = 4.0,
         mask_ratio: float = 0.75,
         norm_pix_loss: bool = False,
+        drop_path: float = 0.0,
     ) -> None:
         super().__init__()
         self.in_chans = in_chans
@@ -104,7 +117,7 @@ class MAE(nn.Module):
         self.mask_ratio = mask_ratio
         self.norm_pix_loss = norm_pix_loss
         self.encoder = Encoder(
-            in_chans, img_size, patch_size, embed_dim, depth, num_heads, mlp_ratio
+            in_chans, img_size, patch_size, embed_dim, depth, num_heads, mlp_ratio, drop_path
         )
         self.decoder = Decoder(
             in_chans,
@@ -211,4 +224,4 @@ def build(cfg: MAEConfig) -> MAE:
     return MAE(**cfg.vit(), mask_ratio=cfg.mask_ratio, norm_pix_loss=cfg.norm_pix_loss)
 
 
-SPEC = ModelSpec("mae", MAEConfig, build, tasks=("mae",), title="MAE")
+SPEC = ModelSpec("mae", MAEConfig, build, tasks=("mae",), title="MAE", layer_decay=True)

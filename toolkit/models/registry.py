@@ -28,6 +28,9 @@ class ModelSpec:
     # True where the model takes inputs of model.img_size only (SR: img_size / scale at LR), as
     # a ViT with learned position embeddings does: `predict` gives it tiles of that size.
     fixed_size: bool = False
+    # True where the built model numbers its parameters' layers (`lr_layer(name)`, `lr_layers`)
+    # for optim.layer_decay; a recipe setting it for another architecture is refused.
+    layer_decay: bool = False
 
 
 # One line per built-in architecture: name -> "module:ModelSpec".

@@ -35,7 +35,7 @@ from torch import Tensor, nn
 
 from toolkit.models.mae import MAEConfig
 from toolkit.models.registry import ModelSpec
-from toolkit.models.vit import Decoder, Encoder, init_vit_weights, unpatchify
+from toolkit.models.vit import Decoder, Encoder, EncoderLayers, init_vit_weights, unpatchify
 from toolkit.recipe import MAX_WIDTH, setting
 
 
@@ -74,7 +74,7 @@ class SRLayers(nn.Module):
             nn.init.zeros_(conv.bias)
 
 
-class SRMAE(nn.Module):
+class SRMAE(EncoderLayers, nn.Module):
     """MAE encoder + decoder between convolution/deconvolution layers; LR in, HR out."""
 
     def __init__(
@@ -91,6 +91,7 @@ class SRMAE(nn.Module):
         mlp_ratio: float = 4.0,
         sr_channels: int = 64,
         scale: int = 2,
+        drop_path: float = 0.0,
     ) -> None:
         super().__init__()
         if scale < 2:
@@ -101,7 +102,7 @@ class SRMAE(nn.Module):
         self.scale = scale
         self.lr_size = img_size // scale
         self.encoder = Encoder(
-            in_chans, img_size, patch_size, embed_dim, depth, num_heads, mlp_ratio
+            in_chans, img_size, patch_size, embed_dim, depth, num_heads, mlp_ratio, drop_path
         )
         self.decoder = Decoder(
             in_chans,
@@ -164,4 +165,5 @@ SPEC = ModelSpec(
     # The workload's finetune modes: "mae" is everything but the added sr.* layers.
     freeze_modes={"encoder": ("encoder.",), "mae": ("encoder.", "decoder.")},
     fixed_size=True,  # the ViT's position embeddings are for img_size x img_size
+    layer_decay=True,
 )

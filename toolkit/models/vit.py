@@ -1,6 +1,12 @@
-"""ViT building blocks: 2D sin-cos position embeddings, patchify, patch embedding, blocks."""
+"""ViT building blocks: 2D sin-cos position embeddings, patchify, patch embedding, blocks,
+stochastic depth and the layer numbering of layer-wise learning-rate decay."""
 
 from __future__ import annotations
+
+import contextlib
+import re
+from collections.abc import Iterator
+from contextvars import ContextVar
 
 import torch
 import torch.nn.functional as F
@@ -91,19 +97,75 @@ class Mlp(nn.Module):
         return self.fc2(F.gelu(self.fc1(x)))
 
 
-class Block(nn.Module):
-    """Pre-norm transformer block: x + attn(norm(x)), then x + mlp(norm(x))."""
+# The training step's random stream (the loop's `rng`, seeded by seed, step, micro-batch and
+# rank) while a training forward runs: stochastic depth draws from it, so a resumed run drops
+# the same paths as an uninterrupted one whatever else drew random numbers in between.
+_STREAM: ContextVar[torch.Generator | None] = ContextVar("drop_path_stream", default=None)
 
-    def __init__(self, dim: int, num_heads: int, mlp_ratio: float) -> None:
+
+@contextlib.contextmanager
+def drop_path_stream(rng: torch.Generator | None) -> Iterator[None]:
+    """Stochastic depth inside this block draws its masks from `rng` (a CPU generator)."""
+    token = _STREAM.set(rng)
+    try:
+        yield
+    finally:
+        _STREAM.reset(token)
+
+
+class DropPath(nn.Module):
+    """Stochastic depth (Huang et al. 2016) of one residual branch: in training, each sample's
+    branch output is zeroed with probability p and the kept ones are scaled by 1 / (1 - p), so
+    the expected output is the branch's; in eval mode it is the identity."""
+
+    def __init__(self, p: float) -> None:
+        super().__init__()
+        if not 0.0 <= p < 1.0:
+            raise ValueError(f"drop path rate must be in [0, 1), got {p}")
+        self.p = p
+
+    def extra_repr(self) -> str:
+        return f"p={self.p:g}"
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.training or self.p == 0.0:
+            return x
+        keep = 1.0 - self.p
+        shape = (x.shape[0],) + (1,) * (x.ndim - 1)  # one draw per sample
+        rng = _STREAM.get()
+        if rng is None:  # outside the training loop: the global RNG, as timm does
+            u = torch.rand(shape, device=x.device)
+        else:  # drawn on the CPU, so the masks do not depend on the device
+            u = torch.rand(shape, generator=rng).to(x.device, non_blocking=True)
+        # The scale in fp32, then the input's dtype: 1 / keep rounds once, in the cast.
+        return x * ((u < keep).float() / keep).to(x.dtype)
+
+
+def drop_path_rates(rate: float, depth: int) -> list[float]:
+    """Per-block drop rates rising linearly from 0 (first block) to `rate` (last), as in timm
+    and the MAE's finetuning: early blocks, whose features every later block builds on, are
+    dropped least."""
+    if depth == 1:
+        return [0.0]
+    return [rate * i / (depth - 1) for i in range(depth)]
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: x + attn(norm(x)), then x + mlp(norm(x)); with `drop_path`,
+    each branch is dropped per sample in training (stochastic depth)."""
+
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float, drop_path: float = 0.0) -> None:
         super().__init__()
         self.norm1 = nn.LayerNorm(dim)
         self.attn = Attention(dim, num_heads)
         self.norm2 = nn.LayerNorm(dim)
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
+        # No parameters or buffers either way: state dicts are the same with and without.
+        self.drop_path: nn.Module = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
     def forward(self, x: Tensor) -> Tensor:
-        x = x + self.attn(self.norm1(x))
-        return x + self.mlp(self.norm2(x))
+        x = x + self.drop_path(self.attn(self.norm1(x)))
+        return x + self.drop_path(self.mlp(self.norm2(x)))
 
 
 class Encoder(nn.Module):
@@ -122,6 +184,7 @@ class Encoder(nn.Module):
         depth: int,
         num_heads: int,
         mlp_ratio: float,
+        drop_path: float = 0.0,
     ) -> None:
         super().__init__()
         if img_size % patch_size:
@@ -132,7 +195,10 @@ class Encoder(nn.Module):
         # grid, so a checkpoint loads into a model built for another image size.
         pos = sincos_pos_embed_2d(embed_dim, img_size // patch_size).unsqueeze(0)
         self.register_buffer("pos_embed", pos, persistent=False)  # [1, L, D]
-        self.blocks = nn.ModuleList(Block(embed_dim, num_heads, mlp_ratio) for _ in range(depth))
+        self.blocks = nn.ModuleList(
+            Block(embed_dim, num_heads, mlp_ratio, rate)
+            for rate in drop_path_rates(drop_path, depth)
+        )
         self.norm = nn.LayerNorm(embed_dim)
 
     def embed(self, imgs: Tensor) -> Tensor:
@@ -200,3 +266,34 @@ def init_vit_weights(module: nn.Module) -> None:
             w = m.proj.weight
             nn.init.xavier_uniform_(w.view(w.shape[0], -1))
             nn.init.zeros_(m.proj.bias)
+
+
+# Layer-wise learning-rate decay numbers a ViT's parameters by depth: the embeddings are layer 0,
+# block i is layer i + 1, and everything after the blocks (the encoder's last norm, a head, a
+# decoder, SR layers) is the top layer, depth + 1, which trains at the full rate: a pretrained
+# encoder's early layers hold general features to keep, and fresh layers have nothing to keep.
+_EMBEDDING = re.compile(r"^encoder\.(patch_embed\.|pos_embed$|cls_token$)")
+_BLOCK = re.compile(r"^encoder\.blocks\.(\d+)\.")
+
+
+def encoder_layer(name: str, depth: int) -> int:
+    """The layer (0 .. depth + 1) of parameter `name` in a model whose ViT encoder is
+    `encoder` with `depth` blocks."""
+    if _EMBEDDING.match(name):
+        return 0
+    block = _BLOCK.match(name)
+    return int(block.group(1)) + 1 if block else depth + 1
+
+
+class EncoderLayers:
+    """For models with a ViT `encoder` (MAE, SR-MAE, the ViT classifier): the layer numbering
+    `toolkit.optim` reads for `optim.layer_decay` (`lr_layers`: the top layer's number)."""
+
+    encoder: Encoder
+
+    @property
+    def lr_layers(self) -> int:
+        return len(self.encoder.blocks) + 1
+
+    def lr_layer(self, name: str) -> int:
+        return encoder_layer(name, len(self.encoder.blocks))
