@@ -254,3 +254,18 @@ def check_paired(a: Samples, b: Samples, a_name: str, b_name: str) -> None:
             f"{only_b[:2].tolist()}); "
             "a paired difference needs the same keys"
         )
+
+
+def paired(
+    a: Samples,
+    a_stat: Statistic,
+    b: Samples,
+    b_stat: Statistic,
+    strata: np.ndarray | None,
+    a_name: str,
+    b_name: str,
+) -> Interval:
+    """The interval of `a_stat - b_stat` on the same resamples of the samples both were
+    evaluated on: a user error where their keys differ (pairing is by key)."""
+    check_paired(a, b, a_name, b_name)
+    return bootstrap(difference(a_stat, b_stat), len(a.keys), strata)
