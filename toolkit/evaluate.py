@@ -7,7 +7,8 @@
 The model is described by the run's `recipe.yaml` (a checkpoint's own copy for a checkpoint;
 the one beside a .safetensors file); `key=value` overrides it as for training. Launched on
 several processes (torchrun, srun, or `--local --procs P`), each evaluates its share and every
-sample counts once. Writes `eval.json` into the run directory (other evaluations: beside it).
+sample counts once. Writes `eval.json` into the run directory (other evaluations: beside it),
+and every sample's values beside it (`eval.samples.npz`) for the report's intervals.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from toolkit import cli
 from toolkit.cluster import env
@@ -28,12 +29,16 @@ from toolkit.hold import acquire, refuse_if_held
 from toolkit.metrics import metric
 from toolkit.runs import Target, check_shards, eval_loader, eval_path, load_model, locate
 
+if TYPE_CHECKING:
+    from toolkit.engine.validate import Validation
+
 logger = logging.getLogger(__name__)
 
 
-def evaluate(target: Target, split: str = "val") -> dict[str, Any] | None:
-    """Evaluate on this process's share of `split` and gather; the summary on rank 0 (None on
-    the others). Collective when several processes run it. Weights are evaluated in fp32."""
+def evaluate(target: Target, split: str = "val") -> tuple[dict[str, Any], Validation] | None:
+    """Evaluate on this process's share of `split` and gather; on rank 0 the summary and every
+    sample's values (None on the others). Collective when several processes run it. Weights are
+    evaluated in fp32."""
     from toolkit.engine.accel import Engine
     from toolkit.engine.validate import summary as eval_summary
     from toolkit.engine.validate import validate
@@ -53,9 +58,10 @@ def evaluate(target: Target, split: str = "val") -> dict[str, Any] | None:
         engine.abandon()  # no barrier: the other ranks may be waiting in a gather instead
         raise
     engine.close(model)
-    if summary is not None:
-        summary["source"] = str(target.source)
-    return summary
+    if summary is None or result is None:
+        return None
+    summary["source"] = str(target.source)
+    return summary, result
 
 
 def text(summary: dict[str, Any], where: Path) -> str:
@@ -107,13 +113,13 @@ def _main(argv: Sequence[str] | None) -> int:
     # The evaluation is written into the run directory: not while another process writes it.
     hold = acquire(target.run_dir, "evaluate") if os.environ.get("RANK", "0") == "0" else None
     try:
-        summary = evaluate(target, args.split)
-        if summary is None:  # not rank 0
+        evaluated = evaluate(target, args.split)
+        if evaluated is None:  # not rank 0
             return 0
         from toolkit.engine.validate import write_eval
 
         path = eval_path(target, args.split, custom=bool(overrides))
-        write_eval(path, summary)
+        summary = write_eval(path, *evaluated)
     finally:
         if hold is not None:
             hold.release()

@@ -19,10 +19,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from toolkit import cli, recipe
+from toolkit import cli, recipe, stats
 from toolkit.atomic import make_folder
 from toolkit.errors import UserError
 from toolkit.metrics import metric
+from toolkit.stats import Samples
 from toolkit.tasks import Task, task_of
 
 logger = logging.getLogger(__name__)
@@ -45,6 +46,7 @@ class Run:
     # A sweep variant's swept overrides but the seed: runs with the same one are repeats,
     # shown as one row (mean and std); None for a run that is not part of a sweep.
     group: str | None = None
+    _cache: dict[str, Any] = dataclasses.field(default_factory=dict, repr=False, compare=False)
 
     @property
     def name(self) -> str:
@@ -58,6 +60,17 @@ class Run:
     def mode(self) -> str:
         """The run's row name: its recipe's label, else its architecture and freeze."""
         return self.task.label(self.recipe)
+
+    @property
+    def samples(self) -> Samples | None:
+        """Every validation sample's values (`eval.samples.npz`, named by eval.json); None for
+        an evaluation written before they were kept."""
+        name = self.eval.get("samples")
+        if not name:
+            return None
+        if "samples" not in self._cache:
+            self._cache["samples"] = Samples.read(self.dir / name)
+        return self._cache["samples"]
 
     @property
     def epochs(self) -> float:
@@ -124,6 +137,7 @@ def tables(runs: list[Run]) -> list[dict[str, Any]]:
     from toolkit.runs import param_summary
 
     out: dict[str, dict[str, Any]] = {}
+    handles: dict[int, _Handle] = {}  # id(row) -> what its resamples are computed from
     groups: dict[tuple[str, str | None, str], list[Run]] = {}
     for run in runs:  # repeats of one sweep variant (other seeds) become one row
         key = (run.task.name, run.group, run.name if run.group is None else str(run.dir.parent))
@@ -133,7 +147,7 @@ def tables(runs: list[Run]) -> list[dict[str, Any]]:
         table = out.setdefault(task.name, {"task": task.name, "title": task.title,
                                            "columns": list(task.table),
                                            "compare": list(task.compare), "rows": []})  # fmt: skip
-        table["rows"].append({
+        row = {
             "run": run.name if run.group is None else run.group or "(all)",
             "mode": run.mode,
             **_means(members, task.table),
@@ -142,14 +156,138 @@ def tables(runs: list[Run]) -> list[dict[str, Any]]:
             "init_from": run.recipe.init.from_,
             "split": run.eval.get("split"),
             "count": run.eval.get("count"),
-        })  # fmt: skip
+        }  # fmt: skip
+        table["rows"].append(row)
+        handle = _run_handle(members)
+        if handle is not None:
+            handles[id(row)] = handle
     for table in out.values():
         task_runs = [run for run in runs if run.task.name == table["task"]]
         ref = reference_row(task_runs)
         if ref is not None:
             table["rows"].append(ref)
+            handle = _reference_handle(task_runs)
+            if handle is not None:
+                handles[id(ref)] = handle
+        for row in table["rows"]:
+            _add_intervals(row, handles.get(id(row)), table["columns"])
         table["best"] = best(table["rows"], table["columns"])
+        table["pairs"] = _pairs(table, handles, task_runs[0].task.score)
+        table["bootstrap"] = {"level": stats.LEVEL, "resamples": stats.RESAMPLES,
+                              "seed": stats.SEED}  # fmt: skip
     return list(out.values())
+
+
+# --- intervals and paired differences ----------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Handle:
+    """What a row's bootstrap is computed from: its samples' keys, the statistic of its table
+    columns, the strata to resample within, and where it came from (for messages)."""
+
+    samples: Samples
+    statistic: stats.Statistic
+    strata: Any
+    where: str
+
+
+def _values(run: Run, part: str) -> dict[str, Any]:
+    samples = run.samples
+    assert samples is not None
+    if part not in samples.parts:
+        raise UserError(f"{run.dir / run.eval['samples']}: no {part!r} values")
+    return samples.parts[part]
+
+
+def _statistic(task: Task, run: Run, part: str) -> tuple[stats.Statistic, Any]:
+    values = _values(run, part)
+    try:
+        if part == "model":
+            return task.statistic(values)
+        return stats.mean_statistic(_columns(values, task.table)), None
+    except KeyError as err:
+        raise UserError(f"{run.dir / run.eval['samples']}: no {part}.{err.args[0]} values, "
+                        f"which the {task.name} table needs") from None  # fmt: skip
+
+
+def _columns(values: dict[str, Any], names: tuple[str, ...]) -> Any:
+    import numpy as np
+
+    return np.stack([values[n] for n in names], axis=1)
+
+
+def _run_handle(members: list[Run]) -> _Handle | None:
+    """A row of one run, or of a seed group: the mean over its runs of each run's statistic, on
+    the same resamples of the images (the runs' keys must be the same)."""
+    if any(run.samples is None for run in members):
+        return None
+    first = members[0]
+    assert first.samples is not None
+    others = [run for run in members[1:] if not stats.same_keys(first.samples, run.samples)]
+    if others:
+        logger.warning("%s and %s: seeds of one row evaluated on other samples; no interval",
+                       first.dir, others[0].dir)  # fmt: skip
+        return None
+    parts = [_statistic(first.task, run, "model") for run in members]
+    statistic = parts[0][0] if len(parts) == 1 else stats.average([p[0] for p in parts])
+    return _Handle(first.samples, statistic, parts[0][1], str(first.dir))
+
+
+def _reference_handle(runs: list[Run]) -> _Handle | None:
+    """The reference row's values from the first run that kept them."""
+    name = runs[0].task.reference
+    for run in runs:
+        if name and run.samples is not None and name in run.samples.parts:
+            statistic, strata = _statistic(run.task, run, name)
+            return _Handle(run.samples, statistic, strata, f"{run.dir} ({name})")
+    return None
+
+
+def _add_intervals(row: dict[str, Any], handle: _Handle | None, columns: list[str]) -> None:
+    """`<column>_ci`: [low, high] of each column, None without per-sample values."""
+    if handle is None:
+        for k in columns:
+            row[f"{k}_ci"] = None
+        return
+    iv = stats.bootstrap(handle.statistic, len(handle.samples.keys), handle.strata)
+    for j, k in enumerate(columns):
+        row[f"{k}_ci"] = [float(iv.low[j]), float(iv.high[j])]
+
+
+def _label(row: dict[str, Any]) -> str:
+    return row["mode"] + (f" (`{row['run']}`)" if row["run"] else "")
+
+
+def _pairs(table: dict[str, Any], handles: dict[int, _Handle], score: str) -> list[dict[str, Any]]:
+    """Paired differences on the same validation samples: each run row against the best run
+    row (by the task's score), and each run row against the reference row. Rows evaluated on
+    other samples than the pair's second row are left out."""
+    rows = [row for row in table["rows"] if id(row) in handles]
+    runs = [row for row in rows if row["run"] is not None and row.get(score) is not None]
+    pairs = []
+    if runs:
+        pick = max if metric(score).higher_is_better else min
+        top = pick(runs, key=lambda row: row[score])
+        pairs += [(row, top) for row in runs if row is not top]
+    ref = next((row for row in rows if row["run"] is None), None)
+    if ref is not None:
+        pairs += [(row, ref) for row in runs]
+    out = []
+    for a, b in pairs:
+        ha, hb = handles[id(a)], handles[id(b)]
+        if not stats.same_keys(ha.samples, hb.samples):
+            logger.warning("%s and %s: other validation samples; not paired", ha.where, hb.where)
+            continue
+        iv = stats.paired(ha.samples, ha.statistic, hb.samples, hb.statistic, ha.strata,
+                          ha.where, hb.where)  # fmt: skip
+        entry: dict[str, Any] = {"a": _label(a), "b": _label(b), "count": len(ha.samples.keys)}
+        for j, k in enumerate(table["columns"]):
+            low, high = float(iv.low[j]), float(iv.high[j])
+            entry[k] = {"diff": float(iv.point[j]), "ci": [low, high],
+                        "significant": not low <= 0.0 <= high}  # fmt: skip
+        out.append(entry)
+    return out
 
 
 def _means(runs: list[Run], columns: tuple[str, ...]) -> dict[str, Any]:
@@ -209,6 +347,8 @@ def markdown(table: dict[str, Any]) -> str:
             text = f"**{text}**" if v is not None and v == top.get(k) else text
             if row.get(f"{k}_std") is not None:
                 text += f" ± {metric(k).format(row[f'{k}_std'])}"
+            if row.get(f"{k}_ci") is not None:
+                text += " [{}, {}]".format(*map(metric(k).format, row[f"{k}_ci"]))
             cells.append(text)
         cells.append("-" if row["trainable"] is None else f"{row['trainable']:,}")
         cells.append("-" if row["epochs"] is None else f"{row['epochs']:g}")
@@ -224,6 +364,27 @@ def markdown(table: dict[str, Any]) -> str:
         lines += ["", "Runs evaluated on different splits: " + ", ".join(
             f"{row['run']} {row['split']} ({row['count']})" for row in table["rows"] if row["run"]
         )]  # fmt: skip
+    if any(row.get(f"{k}_ci") for row in table["rows"] for k in columns):
+        boot = table.get("bootstrap") or {}
+        how = f"{boot.get('level', stats.LEVEL):.0%} bootstrap interval over the images " \
+              f"({boot.get('resamples', stats.RESAMPLES)} resamples" + \
+              (", within each class)" if table["task"] == "classify" else ")")  # fmt: skip
+        seeds = "; ± the standard deviation over seeds, the interval that of their mean" \
+            if any(row.get("n") for row in table["rows"]) else ""  # fmt: skip
+        lines.append(f"[low, high]: the {how}{seeds}.")
+    if table.get("pairs"):
+        lines += ["", "Paired differences on the same images (A - B, the interval of the "
+                  "difference; n.s.: not significant, the interval contains 0):", "",
+                  "| A - B | " + " | ".join(metric(k).title for k in columns) + " |",
+                  "|" + "---|" * (len(columns) + 1)]  # fmt: skip
+        for pair in table["pairs"]:
+            cells = [f"{pair['a']} - {pair['b']}"]
+            for k in columns:
+                signed = metric(k).fmt.replace("{:", "{:+")
+                d = pair[k]
+                text = "{} [{}, {}]".format(*map(signed.format, (d["diff"], *d["ci"])))
+                cells.append(text + ("" if d["significant"] else " n.s."))
+            lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 

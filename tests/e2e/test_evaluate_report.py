@@ -113,16 +113,28 @@ def test_evaluate_counts_every_sample_once_and_matches_on_two_processes(grey) ->
     stats = one["per_image"]["model"]["psnr"]
     assert len(stats["worst"]) == 5 and stats["worst"][0][1] == min(v for _, v in stats["worst"])
     assert stats["worst"][0][1] <= stats["median"]
+    # every sample's values beside it, by key: the val shard's keys, each PSNR the model's
+    assert one["samples"] == "eval.samples.npz"
+    with np.load(fine / "eval.samples.npz", allow_pickle=False) as kept:
+        assert kept["keys"].tolist() == sorted(samples)
+        assert kept["model.psnr"].mean() == pytest.approx(one["model"]["psnr"], abs=1e-9)
+        assert kept["bicubic.psnr"].mean() == pytest.approx(one["bicubic"]["psnr"], abs=1e-9)
+        one_proc = kept["model.psnr"].copy()
     two = evaluate_json(str(fine), "--local", "--procs", "2")
     for part in ("model", "bicubic"):
         # the same samples; batches of another composition round differently (~1e-8)
         assert two[part] == pytest.approx(one[part], rel=1e-6, abs=1e-12)
     assert two["count"] == one["count"]
+    with np.load(fine / "eval.samples.npz", allow_pickle=False) as kept:  # 2 processes: by key
+        assert kept["model.psnr"] == pytest.approx(one_proc, rel=1e-6)
     # the train split, read once each, centre-cropped: every sample counted once there too
     train = evaluate_json(str(fine), "--split", "train")
     assert train["count"] == read_manifest(shards).count("train")
     # ... written beside the run's own result, which stays the validation one
     assert json.loads((fine / "eval-train.json").read_text()) == train
+    assert train["samples"] == "eval-train.samples.npz"  # each evaluation its own samples
+    with np.load(fine / "eval-train.samples.npz", allow_pickle=False) as kept:
+        assert len(kept["keys"]) == train["count"]
     assert json.loads((fine / "eval.json").read_text())["split"] == "val"
 
 
@@ -156,9 +168,18 @@ def test_report_table_equals_eval_json_and_figures_are_real(grey, tmp_path) -> N
     assert all(row[k] == ev["model"][k] for k in ("mse", "psnr", "ssim"))
     bicubic = next(r for r in sr["rows"] if r["mode"] == "bicubic")
     assert all(bicubic[k] == ev["bicubic"][k] for k in ("mse", "psnr", "ssim"))
+    for r in (row, bicubic, mae["rows"][0]):  # an interval about each value, from the samples
+        for k in ("mse", "psnr", "ssim") if r is not mae["rows"][0] else ("loss",):
+            low, high = r[f"{k}_ci"]
+            assert low < r[k] < high, (r["mode"], k)
+    (pair,) = sr["pairs"]  # the one run against bicubic, on the same 10 images
+    assert (pair["a"], pair["b"], pair["count"]) == ("SR-MAE, frozen encoder (`fine`)",
+                                                     "bicubic", ev["count"])  # fmt: skip
+    assert pair["psnr"]["diff"] == pytest.approx(ev["model"]["psnr"] - ev["bicubic"]["psnr"])
     md = (out / "results.md").read_text()
     best = sr["best"]["psnr"]
-    assert f"**{best:.2f}**" in md and md.count("**") == 2 * (len(sr["best"]) + len(mae["best"]))
+    assert f"**{best:.2f}** [" in md and md.count("**") == 2 * (len(sr["best"]) + len(mae["best"]))
+    assert "| SR-MAE, frozen encoder (`fine`) - bicubic | " in md
     sizes = {
         "loss_fine.png": (1000, 500),
         "loss_pre.png": (1000, 500),

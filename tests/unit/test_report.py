@@ -3,14 +3,16 @@ table per task with its reference row, a sweep's seeds folded into one row (mean
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import statistics
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from tests.helpers import DEBUG_RECIPE
-from toolkit import recipe
+from toolkit import recipe, stats
 from toolkit.report import Run, best, markdown, markdown_all, read_runs, tables
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -158,3 +160,104 @@ def test_two_sweeps_with_the_same_swept_values_are_two_rows_each(tmp_path: Path)
     assert [row["loss"] for row in table["rows"]] == pytest.approx(
         [0.25, 0.55, 1.25, 1.55], rel=1e-12
     )
+
+
+# --- intervals and paired differences, from the per-sample values beside eval.json ------------
+
+
+def sr_run(base: Path, name: str, path: str, psnr: np.ndarray, keys: list[str]) -> Run:
+    """An SR run directory as evaluate leaves it: eval.json naming eval.samples.npz, whose
+    values (the model's, and bicubic's 1 dB below a fixed 30 dB) are written here."""
+    run = base / name
+    run.mkdir()
+    mse = 10 ** (-psnr / 10)
+    bicubic = np.full(len(keys), 30.0) + np.arange(len(keys)) % 3
+    parts = {
+        "model": {"psnr": psnr, "mse": mse, "ssim": psnr / 40, "loss": mse},
+        "bicubic": {"psnr": bicubic, "mse": 10 ** (-bicubic / 10), "ssim": bicubic / 40},
+    }
+    stats.Samples.of(keys, parts).write(run / "eval.samples.npz")
+    means = {p: {k: float(np.mean(v)) for k, v in vs.items()} for p, vs in parts.items()}
+    ev = {"model": means["model"], "reference": "bicubic", "bicubic": means["bicubic"],
+          "samples": "eval.samples.npz"}  # fmt: skip
+    return dataclasses.replace(run_of(name, path, ev), dir=run)
+
+
+def test_rows_get_intervals_and_pairs_their_differences_by_key(tmp_path: Path) -> None:
+    keys = [f"k{i:02d}" for i in range(40)]
+    rng = np.random.default_rng(0)
+    base = 32 + rng.gamma(2.0, 1.0, 40)  # each image's difficulty, shared by both runs
+    a = sr_run(tmp_path, "a", "recipes/finetune.yaml", base + 0.5, keys)
+    # b's values listed in another key order (as 2 processes gather them): paired by key
+    shuffled = rng.permutation(40)
+    b = sr_run(tmp_path, "b", "recipes/baselines/edsr.yaml", (base + 0.49)[shuffled],
+               [keys[i] for i in shuffled])  # fmt: skip
+    other = sr_run(tmp_path, "c", "recipes/baselines/rcan.yaml", base, [f"x{i}" for i in range(40)])
+    (table,) = tables([a, b, other])
+    rows = {row["run"]: row for row in table["rows"]}
+    for name, values in (("a", base + 0.5), ("b", base + 0.49)):
+        low, high = rows[name]["psnr_ci"]
+        mean = values.mean()
+        assert low < mean < high and high - low > 0.1  # 40 images of 1.4 dB spread
+        # the interval of that run's own values, whatever order they were written in
+        want = stats.bootstrap(stats.mean_statistic(values[:, None]), 40)
+        assert [low, high] == pytest.approx([want.low[0], want.high[0]], abs=1e-12)
+    pairs = {(p["a"], p["b"]): p for p in table["pairs"]}
+    # best by PSNR: a; b paired against it; c was evaluated on other images: not paired
+    ab = pairs[("EDSR (`b`)", "full finetune (`a`)")]
+    assert ab["psnr"]["diff"] == pytest.approx(-0.01, abs=1e-9)
+    # the same 0.01 dB on every image: every resample differs by exactly that, a paired
+    # interval of zero width (unpaired it would be ~1 dB wide)
+    assert ab["psnr"]["ci"] == pytest.approx([-0.01, -0.01], abs=1e-9)
+    assert ab["psnr"]["significant"]
+    assert not any("`c`" in p["a"] or "`c`" in p["b"] for p in table["pairs"])
+    assert ("full finetune (`a`)", "bicubic") in pairs and ("EDSR (`b`)", "bicubic") in pairs
+    text = markdown(table)
+    low, high = rows["a"]["psnr_ci"]
+    assert f"| **{(base + 0.5).mean():.2f}** [{low:.2f}, {high:.2f}] |" in text
+    assert "| EDSR (`b`) - full finetune (`a`) | " in text and "-0.01 [-0.01, -0.01]" in text
+
+
+def test_a_difference_whose_interval_holds_zero_is_marked_not_significant(tmp_path) -> None:
+    keys = [f"k{i}" for i in range(30)]
+    noise = np.random.default_rng(1).normal(0, 0.3, (2, 30))
+    a = sr_run(tmp_path, "a", "recipes/finetune.yaml", 33 + noise[0], keys)
+    b = sr_run(tmp_path, "b", "recipes/baselines/edsr.yaml", 33 + noise[1], keys)
+    (table,) = tables([a, b])
+    pair = table["pairs"][0]  # the run that is not best against the best
+    assert {pair["a"], pair["b"]} == {"full finetune (`a`)", "EDSR (`b`)"}
+    low, high = pair["psnr"]["ci"]
+    assert low < 0 < high and not pair["psnr"]["significant"]
+    assert pair["psnr"]["diff"] == pytest.approx(
+        (noise[1] - noise[0]).mean() * (1 if pair["a"].startswith("EDSR") else -1), abs=1e-12
+    )
+    (line,) = [
+        x for x in markdown(table).splitlines() if x.startswith(f"| {pair['a']} - {pair['b']} |")
+    ]
+    assert line.count(" n.s.") == 3  # MSE, PSNR and SSIM alike
+
+
+def test_a_seed_groups_interval_is_that_of_the_mean_over_its_seeds(tmp_path: Path) -> None:
+    """Repeats with train.seed: mean ± std over seeds, and the interval of the seeds' mean on
+    the same resamples of the images."""
+    losses = {("1e-3", "0"): 0.40, ("1e-3", "1"): 0.10, ("1e-3", "2"): 0.25}
+    sweep = sweep_dir(tmp_path / "sweep", losses)
+    keys = [f"s{i:02d}" for i in range(12)]  # sorted as listed: the draws index sorted keys
+    per_sample = {}
+    for i, ((lr, seed), loss) in enumerate(losses.items()):
+        values = loss + np.random.default_rng(i).normal(0, 0.05, 12)
+        per_sample[seed] = values
+        run = sweep / f"optim.lr={lr},train.seed={seed}"
+        stats.Samples.of(keys, {"model": {"loss": values}}).write(run / "eval.samples.npz")
+        ev = json.loads((run / "eval.json").read_text())
+        (run / "eval.json").write_text(json.dumps({**ev, "samples": "eval.samples.npz"}))
+    (table,) = tables(read_runs(sweep))
+    (row,) = table["rows"]
+    seed_mean = np.mean(list(per_sample.values()), axis=0)
+    want = stats.bootstrap(stats.mean_statistic(seed_mean[:, None]), 12)
+    # a mean of means against a mean of the per-image means: float rounding only
+    assert row["loss_ci"] == pytest.approx([want.low[0], want.high[0]], abs=1e-12)
+    assert row["n"] == 3 and row["loss_std"] > 0.1
+    mean, std = row["loss"], row["loss_std"]
+    low, high = row["loss_ci"]
+    assert f"**{mean:.6f}** ± {std:.6f} [{low:.6f}, {high:.6f}] |" in markdown(table)

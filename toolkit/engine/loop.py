@@ -258,7 +258,7 @@ def finish(run: Run, end: Outcome) -> TrainResult:
     if not end.stopped:
         run.ckpt.export(run.parts.model, state.step)
         if engine.is_main and last is not None:
-            doc = write_eval(r.run_dir / "eval.json", summary(run.task, last, "val"))
+            doc = write_eval(r.run_dir / "eval.json", summary(run.task, last, "val"), last)
     assert run.log is not None
     run.log.close()
     engine.close(run.parts.model, run.parts.optimizer, run.parts.scheduler)

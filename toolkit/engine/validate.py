@@ -14,6 +14,7 @@ from torch import Tensor, nn
 
 from toolkit.atomic import write_atomic
 from toolkit.metrics import MetricAccumulator
+from toolkit.stats import Samples
 from toolkit.tasks import Placement, Task
 
 GRID_SAMPLES = 4  # samples shown in the TensorBoard image grid
@@ -85,7 +86,27 @@ def summary(task: Task, result: Validation, split: str) -> dict[str, Any]:
     return out
 
 
-def write_eval(path: Path, doc: dict[str, Any]) -> dict[str, Any]:
-    """Write an evaluation (a run's `eval.json`) atomically: a reader never sees half of it."""
+def samples_path(path: Path) -> Path:
+    """The per-sample values beside an evaluation: eval.json -> eval.samples.npz."""
+    return path.with_name(f"{path.stem}.samples.npz")
+
+
+def write_eval(path: Path, doc: dict[str, Any], result: Validation | None = None) -> dict[str, Any]:
+    """Write an evaluation (a run's `eval.json`) atomically: a reader never sees half of it.
+    With `result`, every sample's values (the model's metrics, a classifier's labels and scores,
+    the reference's metrics) go to `<name>.samples.npz` beside it, which `doc["samples"]` names:
+    what the report's intervals and paired differences are computed from. It is written first,
+    so an eval.json never names a file that is not there yet."""
+    if result is not None:
+        model = result.model
+        parts = {"model": {n: model.values(n).numpy() for n in model.names}}
+        if result.reference is not None and doc.get("reference"):
+            if result.reference.keys != model.keys:  # both are added batch by batch, together
+                raise ValueError("the reference's samples differ from the model's")
+            ref = result.reference
+            parts[doc["reference"]] = {n: ref.values(n).numpy() for n in ref.names}
+        where = samples_path(path)
+        Samples.of(model.keys, parts).write(where)
+        doc = {**doc, "samples": where.name}
     write_atomic(path, json.dumps(doc, indent=2) + "\n")
     return doc

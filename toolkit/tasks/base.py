@@ -5,11 +5,12 @@ none of them knows which task it is."""
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -17,6 +18,7 @@ from toolkit.data.format import MANIFEST, Manifest
 from toolkit.metrics import MetricAccumulator
 from toolkit.models import MODELS, build_model
 from toolkit.recipe import Recipe
+from toolkit.stats import Statistic, mean_statistic
 
 
 @dataclass(frozen=True)
@@ -142,6 +144,12 @@ class Task(ABC):
         """More of the evaluation for eval.json, beyond numbers (a confusion matrix, ROC
         curves); none by default."""
         return {}
+
+    def statistic(self, values: Mapping[str, np.ndarray]) -> tuple[Statistic, np.ndarray | None]:
+        """The `table` metrics of a bootstrap resample (`toolkit.stats`), from one evaluation's
+        per-sample values (sorted by key), and the strata to resample within (None: all
+        together). By default the mean of each metric's per-sample values."""
+        return mean_statistic(np.stack([values[n] for n in self.table], axis=1)), None
 
     @property
     def reference_metrics(self) -> list[str]:

@@ -4,9 +4,10 @@ matrix and ROC curves, from every sample's softmax scores gathered across ranks.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -14,6 +15,7 @@ from torch import Tensor, nn
 from toolkit.data.format import MANIFEST, Manifest
 from toolkit.metrics import MetricAccumulator, one_vs_rest_auc, roc_curve
 from toolkit.recipe import Recipe
+from toolkit.stats import Statistic, auc_statistic, concat, mean_statistic
 from toolkit.tasks.base import BatchResult, Placement, Task
 
 _ROC_POINTS = 200  # ROC curves in eval.json are thinned to about this many points
@@ -107,6 +109,15 @@ class ClassifyTask(Task):
     def scores(self, values: MetricAccumulator) -> dict[str, float]:
         micro, macro = one_vs_rest_auc(*self._gathered(values))
         return {**super().scores(values), "auc_micro": micro, "auc_macro": macro}
+
+    def statistic(self, values: Mapping[str, np.ndarray]) -> tuple[Statistic, np.ndarray | None]:
+        """Accuracy (the mean of the per-sample hits) and the micro and macro AUCs of the
+        resample's scores, resampled within each class: every resample keeps the class counts,
+        so each class's AUC stays defined."""
+        labels = values["label"].astype(np.int64)
+        scores = np.stack([values[f"score.{k}"] for k in range(self.num_classes)], axis=1)
+        accuracy = mean_statistic(values["accuracy"][:, None])
+        return concat(accuracy, auc_statistic(scores, labels)), labels
 
     def extras(self, values: MetricAccumulator) -> dict[str, Any]:
         """The class names (from the shards, where readable), the confusion matrix (rows: true

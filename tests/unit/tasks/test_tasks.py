@@ -14,7 +14,7 @@ from sklearn.metrics import confusion_matrix
 from sklearn.metrics import roc_curve as sk_roc_curve
 
 from tests.helpers import TINY_VIT
-from toolkit import recipe
+from toolkit import recipe, stats
 from toolkit.engine.validate import validate
 from toolkit.metrics import MetricAccumulator, psnr
 from toolkit.runs import build_model
@@ -188,3 +188,24 @@ def test_each_class_roc_curve_is_its_score_column_against_its_label(tmp_path: Pa
             "fpr": [round(v, 6) for v in fpr.tolist()],
             "tpr": [round(v, 6) for v in tpr.tolist()],
         }
+
+
+def test_classify_bootstrap_statistic_is_accuracy_and_the_aucs_resampled_within_classes(
+    tmp_path: Path,
+) -> None:
+    """The report's classification intervals: on the sample itself the statistic is the
+    accuracy and scikit-learn's micro / macro AUC; the strata are the labels."""
+    from sklearn.metrics import roc_auc_score
+
+    g = torch.Generator().manual_seed(1)
+    labels = torch.arange(30) % 3
+    scores = torch.rand(30, 3, generator=g, dtype=torch.float64) + F.one_hot(labels, 3) * 0.4
+    values = {"label": labels.double().numpy(), "accuracy": (scores.argmax(1) == labels).double()
+              .numpy(), **{f"score.{k}": scores[:, k].numpy() for k in range(3)}}  # fmt: skip
+    statistic, strata = classify_task(tmp_path).statistic(values)
+    point = statistic(stats.Draw(np.arange(30)[None], 30))[0]
+    onehot = F.one_hot(labels, 3).numpy()
+    want = [values["accuracy"].mean(), roc_auc_score(onehot, scores.numpy(), average="micro"),
+            roc_auc_score(onehot, scores.numpy(), average="macro")]  # fmt: skip
+    assert point == pytest.approx(want, abs=1e-12) and 0.3 < want[0] < 0.95
+    assert (strata == labels.numpy()).all()
