@@ -135,7 +135,8 @@ def _sample_counts(r: recipe.Recipe) -> dict[str, int]:
 def another_run(then: recipe.Recipe, now: recipe.Recipe) -> str | None:
     """How `now` differs from the recipe a run was trained with where its checkpoint cannot go
     on under it: another task, SR factor, frozen set, parameter layout (DDP or a ZeRO stage) or
-    model (a parameter another shape, or missing); None where it can (more steps, another
+    model (a tensor another shape, or missing), training subset, or optimiser groups (per layer
+    or not: the optimiser's state would not load); None where it can (more steps, another
     learning rate, another mask ratio)."""
     for key, a, b in (
         ("task", then.task, now.task),
@@ -144,28 +145,44 @@ def another_run(then: recipe.Recipe, now: recipe.Recipe) -> str | None:
         # the factor matters to a task that makes LR images (its model's shapes may not show it)
         ("data.scale", then.data.scale if "lr" in task_of(then).fields else None,
          now.data.scale if "lr" in task_of(now).fields else None),
+        # a run of a study goes on with the samples it started on (toolkit/data/subset.py)
+        ("data.limit", then.data.limit, now.data.limit),
+        ("data.per_class", then.data.per_class, now.data.per_class),
+        ("data.subset_seed", _subset_seed(then), _subset_seed(now)),
+        ("optim.layer_decay", _layered(then), _layered(now)),
     ):  # fmt: skip
         if a != b:
             return f"{key} {a} in the run, {b} here"
-    shapes = [param_shapes(x) for x in (then, now)]
+    shapes = [state_shapes(x) for x in (then, now)]
     for name in [*shapes[0], *(n for n in shapes[1] if n not in shapes[0])]:  # model order
         a, b = (s.get(name) for s in shapes)
         if a != b:
-            return f"model parameter {name} {a or 'absent'} in the run, {b or 'absent'} here"
+            return f"model tensor {name} {a or 'absent'} in the run, {b or 'absent'} here"
     return None
+
+
+def _subset_seed(r: recipe.Recipe) -> int | None:
+    """The subset's seed, where there is a subset for it to choose."""
+    return r.data.subset_seed if r.data.limit or r.data.per_class else None
+
+
+def _layered(r: recipe.Recipe) -> str:
+    """Whether the optimiser's groups are split per layer (`optim.layer_decay`)."""
+    return "per layer" if r.optim.layer_decay not in (None, 1.0) else "off"
 
 
 def _stage(r: recipe.Recipe) -> int | str:
     return r.deepspeed.zero_stage if r.deepspeed is not None else "none (DDP)"
 
 
-def param_shapes(r: recipe.Recipe) -> dict[str, tuple[int, ...]]:
-    """Every parameter of the recipe's model and its shape, built on the meta device."""
+def state_shapes(r: recipe.Recipe) -> dict[str, tuple[int, ...]]:
+    """Every tensor of the recipe's model's state (parameters and buffers, such as a probe's
+    batch-norm statistics) and its shape, built on the meta device."""
     import torch
 
     with torch.device("meta"):
         model = task_of(r).build_model(r)
-    return {name: tuple(p.shape) for name, p in model.named_parameters()}
+    return {name: tuple(t.shape) for name, t in model.state_dict().items()}
 
 
 def check_relaunch(r: recipe.Recipe, world_size: int) -> Finished | None:

@@ -262,6 +262,9 @@ def test_relaunching_a_run_with_another_model_changes_nothing(
           "data.batch_size=4"], "task sr in the run, mae here"),
         ([*args, "model.embed_dim=48"], "(32, 1, 4, 4) in the run, (48, 1, 4, 4) here"),
         ([*args, "train.max_steps=4", "model.embed_dim=48"], "(48, 1, 4, 4) here"),
+        ([*args, "train.max_steps=4", "data.limit=4"], "data.limit None in the run, 4 here"),
+        ([*args, "train.max_steps=4", "optim.layer_decay=0.75"],
+         "optim.layer_decay off in the run, per layer here"),
     ):  # fmt: skip
         line = refused(capsys, launch, DEBUG_RECIPE, "--local", *change)
         assert f"{run}: holds a run this recipe cannot continue (" in line and said in line

@@ -12,7 +12,7 @@ import pytest
 from toolkit import evaluate, recipe
 from toolkit.errors import UserError
 from toolkit.hold import Held, held
-from toolkit.runs import check_relaunch, eval_path, locate
+from toolkit.runs import another_run, check_relaunch, eval_path, locate
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -82,3 +82,23 @@ def test_a_run_another_process_holds_is_refused_before_its_checkpoints_are_read(
         in_use = rf"^run\.dir: {re.escape(str(run))}: in use by training a \(pid {os.getpid()} on "
         with pytest.raises(Held, match=in_use):
             check_relaunch(r, 1)
+
+
+def test_a_run_cannot_go_on_under_a_model_with_other_buffers_or_optimiser_groups() -> None:
+    """A probe's batch norm has no parameters, only statistics (buffers): its checkpoint does not
+    load into a model without it; per-layer optimiser groups do not take an optimiser state of
+    whole groups. Another decay keeps the groups: the run goes on."""
+    probe = ROOT / "recipes/classify/linear_probe.yaml"
+    then = recipe.load(probe)
+    assert then.model.head_norm
+    plain = recipe.load(probe, ["model.head_norm=false"])
+    width = (then.model.embed_dim,)
+    assert another_run(then, plain) == (
+        f"model tensor head_norm.running_mean {width} in the run, absent here"
+    )
+    vit = ROOT / "recipes/classify/finetune.yaml"
+    decayed = recipe.load(vit, ["optim.layer_decay=0.75"])
+    assert another_run(recipe.load(vit), decayed) == (
+        "optim.layer_decay off in the run, per layer here"
+    )
+    assert another_run(decayed, recipe.load(vit, ["optim.layer_decay=0.5"])) is None
