@@ -94,7 +94,11 @@ def draws(
     """Resamples in chunks of at most `CHUNK_CELLS` draws: each of n draws with replacement,
     within each stratum (as many draws from a stratum as it has samples) where `strata` [n] is
     given."""
-    groups = None if strata is None else [np.flatnonzero(strata == s) for s in np.unique(strata)]
+    groups = (
+        None
+        if strata is None
+        else [np.flatnonzero(strata == s).astype(np.int32) for s in np.unique(strata)]
+    )
     rows = max(1, CHUNK_CELLS // max(n, 1))
     done = 0
     while done < resamples:
@@ -103,9 +107,14 @@ def draws(
         if groups is None:
             index = rng.integers(0, n, size=(r, n), dtype=np.int32)
         else:
-            index = np.concatenate(
-                [g[rng.integers(0, len(g), size=(r, len(g)), dtype=np.int32)] for g in groups], 1
-            )
+            # each stratum's samples taken straight into its columns: the same draws as
+            # gathering and concatenating, without two int64 copies of the chunk
+            index = np.empty((r, sum(len(g) for g in groups)), dtype=np.int32)
+            start = 0
+            for g in groups:
+                drawn = rng.integers(0, len(g), size=(r, len(g)), dtype=np.int32)
+                np.take(g, drawn, out=index[:, start : start + len(g)], mode="clip")
+                start += len(g)
         yield Draw(index, n)
         done += r
 
