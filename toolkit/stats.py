@@ -172,10 +172,11 @@ class _AUC:
         self._scratch: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
 
     def __call__(self, d: Draw) -> np.ndarray:
-        # Integers throughout, exact at any N: an int64 cumulative sum is several times faster
-        # than a float64 one (no chain of float additions). The arrays are reused from chunk to
-        # chunk: fresh MB-sized ones cost more in page faults than the arithmetic (at 1e5
-        # samples, 4x the time of the micro AUC; measured). Not safe for concurrent calls.
+        # Integers throughout (int64: U exact below 3e9 pairs): an int64 cumulative sum is
+        # several times faster than a float64 one (no chain of float additions). The arrays are
+        # reused from chunk to chunk: fresh MB-sized ones cost more in page faults than the
+        # arithmetic (at 1e5 samples, 4x the time of the micro AUC; measured). Not safe for
+        # concurrent calls.
         if d.rows not in self._scratch:
             self._scratch[d.rows] = (
                 np.zeros((d.rows, len(self.neg_sample) + 1), dtype=np.int64),
