@@ -1,4 +1,4 @@
-"""Rank-0 run logging: TensorBoard scalars and images, metrics.jsonl, and console progress."""
+"""Rank-0 run logging: TensorBoard (scalars, images, a sweep variant's hparams), metrics.jsonl."""
 
 from __future__ import annotations
 
