@@ -135,3 +135,23 @@ def one_error_line(out: str) -> str:
     lines = [x for x in out.splitlines() if x.startswith("error:")]
     assert len(lines) == 1 and "Traceback" not in out, out[-3000:]
     return lines[0]
+
+
+def hparams_of(tb_dir: Path) -> tuple[dict[str, object], list[str], dict[str, list[float]]]:
+    """What TensorBoard's HParams dashboard reads from a run's event files, read back with
+    TensorBoard's own reader: (the session's hyperparameter values, the metric tags the
+    experiment names, each scalar tag's values)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.plugins.hparams import plugin_data_pb2
+
+    acc = EventAccumulator(str(tb_dir))
+    acc.Reload()
+    values: dict[str, object] = {}
+    metrics: list[str] = []
+    for content in acc.PluginTagToContent("hparams").values():
+        data = plugin_data_pb2.HParamsPluginData.FromString(content)
+        for name, v in data.session_start_info.hparams.items():
+            values[name] = getattr(v, v.WhichOneof("kind"))
+        metrics += [m.name.tag for m in data.experiment.metric_infos]
+    scalars = {tag: [e.value for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+    return values, metrics, scalars

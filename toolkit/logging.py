@@ -1,4 +1,4 @@
-"""Rank-0 run logging: TensorBoard scalars and images, metrics.jsonl, and console progress."""
+"""Rank-0 run logging: TensorBoard (scalars, images, a sweep variant's hparams), metrics.jsonl."""
 
 from __future__ import annotations
 
@@ -94,6 +94,29 @@ class RunLogger:
             return
         img = grid.detach().float().clamp(0, 1).cpu()
         self._writer.add_image(tag, img, step, dataformats="CHW")
+        self._writer.flush()
+
+    def hparams(self, values: dict[str, Any], metrics: dict[str, float], step: int) -> None:
+        """A sweep variant's swept values and its final metrics for TensorBoard's HParams
+        dashboard: the session summaries go into this run's own `tb/` event file (not the
+        subfolder `SummaryWriter.add_hparams` would make) so `tensorboard --logdir SWEEP_DIR`
+        shows one row per run, and each metric as a scalar `eval/<name>` at `step`, which is
+        where the dashboard reads a metric's value from."""
+        if not self.enabled:
+            return
+        from torch.utils.tensorboard.summary import hparams
+
+        numbers = {k: v for k, v in metrics.items()
+                   if isinstance(v, (int, float)) and not isinstance(v, bool)}  # fmt: skip
+        tags = {f"eval/{k}": float(v) for k, v in numbers.items() if math.isfinite(v)}
+        # The plugin takes numbers, strings and booleans: anything else (a list, null) as text.
+        plain = {k: v if isinstance(v, (bool, int, float, str)) else json.dumps(v)
+                 for k, v in values.items()}  # fmt: skip
+        writer = self._writer.file_writer
+        for summary in hparams(plain, tags):
+            writer.add_summary(summary)
+        for tag, v in tags.items():
+            self._writer.add_scalar(tag, v, step)
         self._writer.flush()
 
     def close(self) -> None:

@@ -5,7 +5,8 @@
 Reads each run's `recipe.yaml`, `eval.json` (written at the end of training, or by
 `python -m toolkit.evaluate`) and `metrics.jsonl`; the sample maps run the exported model on the
 first validation samples. Writes `results.md`, `results.json`, `loss_<run>.png`,
-`samples_<run>.png` and, where runs can be compared, `compare.png` (PNG figures).
+`samples_<run>.png`, where runs can be compared `compare.png`, and for a sweep with a numeric
+swept key `curve_<key>.png`: each metric against that key (PNG figures).
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ logger = logging.getLogger(__name__)
 DPI = 100
 LOSS_SIZE = (10.0, 5.0)
 COMPARE_PANEL = (5.0, 4.5)  # one metric's panel of the comparison
+CURVE_PANEL = (5.5, 4.5)  # one metric's panel of a sweep's curves
 TILE_INCHES = 2.4  # one tile of a sample map; one row per sample
 
 
@@ -46,6 +48,8 @@ class Run:
     # A sweep variant's swept overrides but the seed: runs with the same one are repeats,
     # shown as one row (mean and std); None for a run that is not part of a sweep.
     group: str | None = None
+    # A sweep variant's swept `key: value` texts (the seed too), from sweep.json.
+    swept: dict[str, str] | None = None
     _cache: dict[str, Any] = dataclasses.field(default_factory=dict, repr=False, compare=False)
 
     @property
@@ -122,7 +126,8 @@ def read_runs(path: Path) -> list[Run]:
             logger.warning("%s: not evaluated yet, left out", run_dir)
             continue
         group = ",".join(o for o in variant["overrides"] if not o.startswith(f"{sweep.SEED}="))
-        runs.append(dataclasses.replace(read_run(run_dir), group=group))
+        swept = dict(o.partition("=")[::2] for o in variant["overrides"])
+        runs.append(dataclasses.replace(read_run(run_dir), group=group, swept=swept))
     if not runs:
         raise UserError(f"{path}: none of the sweep's {len(record['variants'])} runs is evaluated")
     return runs
@@ -156,6 +161,8 @@ def tables(runs: list[Run]) -> list[dict[str, Any]]:
             "init_from": run.recipe.init.from_,
             "split": run.eval.get("split"),
             "count": run.eval.get("count"),
+            # its sweep's directory: two sweeps can have rows of the same swept values
+            "sweep": None if run.group is None else str(run.dir.parent),
         }  # fmt: skip
         table["rows"].append(row)
         handle = _run_handle(members)
@@ -389,10 +396,116 @@ def markdown(table: dict[str, Any]) -> str:
 
 
 def markdown_all(doc: dict[str, Any]) -> str:
-    """Every task's table; with several, each under its task's title."""
+    """Every task's table; with several, each under its task's title; then a sweep's curves."""
     if len(doc["tables"]) == 1:
-        return markdown(doc["tables"][0])
-    return "\n".join(f"### {t['title']} (`{t['task']}`)\n\n{markdown(t)}" for t in doc["tables"])
+        text = markdown(doc["tables"][0])
+    else:
+        text = "\n".join(f"### {t['title']} (`{t['task']}`)\n\n{markdown(t)}"
+                         for t in doc["tables"])  # fmt: skip
+    if doc.get("curves"):
+        text += "\n### Curves over the swept values\n\n" + curves_markdown(doc["curves"])
+    return text
+
+
+# --- curves over a numeric swept key ----------------------------------------------------------
+
+
+def curves(runs: list[Run], doc_tables: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """For each sweep (and task), each swept key but the seed whose value is a number in every
+    run's resolved recipe: one entry per table metric, that metric against the key with one line
+    per combination of the other swept keys. A point is the line's table row at that value (the
+    seeds' mean); its bars the row's interval of that mean, or mean ± the standard deviation
+    over seeds where the row has none (no per-sample values). A key with other values (a path,
+    a list, null) draws no curve."""
+    from toolkit import sweep
+
+    out: list[dict[str, Any]] = []
+    by_sweep: dict[tuple[str, str], list[Run]] = {}
+    for run in runs:
+        if run.swept is not None:
+            by_sweep.setdefault((str(run.dir.parent), run.task.name), []).append(run)
+    for (where, task_name), members in by_sweep.items():
+        table = next(t for t in doc_tables if t["task"] == task_name)
+        rows = {row["run"]: row for row in table["rows"] if row.get("sweep") == where}
+        assert members[0].swept is not None
+        keys = [k for k in members[0].swept if k != sweep.SEED]
+        # the resolved values, not the override texts: "1e-3" is a string to YAML, 1e-3 a number
+        # to the recipe, and a number may be written several ways (8, 8.0)
+        values = {run.name: {k: sweep.value_at(recipe.to_dict(run.recipe), k) for k in keys}
+                  for run in members}  # fmt: skip
+        for key in keys:
+            found = [values[run.name][key] for run in members]
+            if not all(_number(x) for x in found):  # a list is not even hashable: test first
+                logger.info("%s: %s is not a number in every run, so no curve", where, key)
+                continue
+            xs = sorted(set(found))
+            lines: dict[str, dict[float, dict[str, Any]]] = {}
+            for run in members:
+                assert run.swept is not None
+                label = ", ".join(f"{k}={run.swept[k]}" for k in keys if k != key) or run.mode
+                lines.setdefault(label, {})[values[run.name][key]] = rows[run.group or "(all)"]
+            for name in table["columns"]:
+                out.append({
+                    "sweep": where, "task": task_name, "key": key, "metric": name, "x": xs,
+                    "lines": [{"label": label, "points": [_point(x, row, name)
+                                                          for x, row in sorted(points.items())]}
+                              for label, points in lines.items()],
+                })  # fmt: skip
+    return out
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and value == value
+
+
+def _point(x: float, row: dict[str, Any], name: str) -> dict[str, Any]:
+    """One point of a curve from its table row; `bars`: "interval" (the bootstrap interval of
+    the seeds' mean), "std" (mean ± std over seeds) or None (one run without samples)."""
+    mean, ci, std = row.get(name), row.get(f"{name}_ci"), row.get(f"{name}_std")
+    low = high = mean
+    bars = None
+    if mean is not None and ci is not None:
+        (low, high), bars = ci, "interval"
+    elif mean is not None and std is not None:
+        low, high, bars = mean - std, mean + std, "std"
+    return {"x": x, "mean": mean, "low": low, "high": high, "n_seeds": row.get("n", 1),
+            "bars": bars}  # fmt: skip
+
+
+def _line_label(line: dict[str, Any]) -> str:
+    """A line's label, saying where its bars are the spread over seeds, not an interval."""
+    std = any(p["bars"] == "std" for p in line["points"])
+    return line["label"] + (" (± std over seeds)" if std else "")
+
+
+def curves_markdown(entries: list[dict[str, Any]]) -> str:
+    """Each curve as a table: a row per line, a column per value of the swept key."""
+    out = []
+    for e in entries:
+        m = metric(e["metric"])
+        head = ["line", *(f"`{e['key']}`={x:g}" for x in e["x"])]
+        lines = [f"#### {m.title} against `{e['key']}` ({Path(e['sweep']).name})", "",
+                 "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]  # fmt: skip
+        for line in e["lines"]:
+            cells = [_line_label(line)]
+            points = {p["x"]: p for p in line["points"]}
+            for x in e["x"]:
+                p = points.get(x)
+                if p is None or p["mean"] is None:
+                    cells.append("-")
+                    continue
+                text = m.format(p["mean"])
+                if p["bars"] == "interval":
+                    text += " [{}, {}]".format(m.format(p["low"]), m.format(p["high"]))
+                elif p["bars"] == "std":
+                    text += f" ± {m.format(p['high'] - p['mean'])}"
+                cells.append(f"{text} (n={p['n_seeds']})")
+            lines.append("| " + " | ".join(cells) + " |")
+        lines += ["", f"Figure: `{e.get('png')}`. n: seeds averaged; [low, high]: the bootstrap "
+                  "interval of their mean over the images; ±: the standard deviation over "
+                  "seeds, where a run kept no per-sample values.", ""]  # fmt: skip
+        out.append("\n".join(lines))
+    return "\n".join(out)
 
 
 # --- the figures -------------------------------------------------------------------------------
@@ -571,6 +684,39 @@ def plot_compare(table: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
+def plot_curves(entries: list[dict[str, Any]], path: Path) -> None:
+    """One sweep's curves over one key: a panel per metric, a line per combination of the other
+    swept keys, points at the seeds' mean with their bars; the key on a log axis (swept sizes
+    and rates are spaced by factors), linear where a value is not positive."""
+    plt = _pyplot()
+    width, height = CURVE_PANEL
+    fig, axes = plt.subplots(1, len(entries), figsize=(width * len(entries), height), dpi=DPI,
+                             squeeze=False)  # fmt: skip
+    for ax, e in zip(axes[0], entries, strict=True):
+        for i, line in enumerate(e["lines"]):
+            points = [p for p in line["points"] if p["mean"] is not None]
+            if not points:
+                continue
+            x = [p["x"] for p in points]
+            y = [p["mean"] for p in points]
+            err = [[p["mean"] - p["low"] for p in points], [p["high"] - p["mean"] for p in points]]
+            ax.errorbar(x, y, yerr=err, fmt="o-", capsize=3, markersize=4, color=f"C{i}",
+                        label=_line_label(line))  # fmt: skip
+        if all(x > 0 for x in e["x"]):
+            ax.set_xscale("log")
+        ax.set_xticks(e["x"], [f"{x:g}" for x in e["x"]])
+        ax.minorticks_off()
+        ax.set_xlabel(e["key"])
+        ax.set_ylabel(metric(e["metric"]).title)
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(f"{Path(entries[0]['sweep']).name}: mean over seeds, bars: interval of the "
+                 "mean (or ± std)", fontsize=10)  # fmt: skip
+    fig.tight_layout()
+    fig.savefig(path, dpi=DPI)
+    plt.close(fig)
+
+
 # --- the command -------------------------------------------------------------------------------
 
 
@@ -581,6 +727,18 @@ def report(run_dirs: Sequence[Path], out: Path, samples: int = 4) -> dict[str, A
     if len(set(names)) != len(names):
         raise UserError(f"run directories must have distinct names (file names): {names}")
     doc = {"tables": tables(runs), "runs": [str(run.dir) for run in runs]}
+    doc["curves"] = curves(runs, doc["tables"])
+    figures: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
+    for entry in doc["curves"]:  # one figure per sweep and key, a panel per metric
+        figures.setdefault((entry["sweep"], entry["task"], entry["key"]), []).append(entry)
+    names: list[str] = []
+    for (_, _, key), entries in figures.items():
+        name = f"curve_{key}.png".replace("/", "_")
+        if name in names:  # another sweep (or task) over the same key
+            name = f"curve_{key}_{len(names) + 1}.png".replace("/", "_")
+        names.append(name)
+        for entry in entries:
+            entry["png"] = name
     make_folder(out)
     (out / "results.json").write_text(json.dumps(doc, indent=2) + "\n")
     (out / "results.md").write_text(markdown_all(doc))
@@ -593,6 +751,8 @@ def report(run_dirs: Sequence[Path], out: Path, samples: int = 4) -> dict[str, A
             plot_samples(run, out / f"samples_{run.name}.png", samples)
         except UserError as err:  # weights or shards gone: the rest of the report still stands
             logger.warning("no sample map for %s: %s", run.name, err)
+    for name, entries in zip(names, figures.values(), strict=True):
+        plot_curves(entries, out / name)
     compared = [t for t in doc["tables"] if _comparable(t)]
     for i, table in enumerate(compared):
         plot_compare(table, out / ("compare.png" if i == 0 else f"compare_{table['task']}.png"))

@@ -233,3 +233,30 @@ def _short(value: Any) -> str:
     """A value for a one-line message: its JSON, cut to 60 characters."""
     text = json.dumps(value)
     return text if len(text) <= 60 else text[:57] + "..."
+
+
+def swept_of(run_dir: Path) -> dict[str, str] | None:
+    """A run's swept `key: value` texts (the seed too), from the sweep.json of the directory
+    holding it where one of its variants is that run directory; None for a run outside a sweep.
+    A run learns it is a variant this way, not from its overrides: the launch passes the swept
+    ones and the fixed ones alike, and only the record tells them apart."""
+    run_dir = Path(run_dir)
+    try:
+        record = read(run_dir.parent)
+    except UserError:  # a broken record must not fail a run at its end: no hparams then
+        return None
+    if record is None:
+        return None
+    for v in record["variants"]:
+        if v["name"] == run_dir.name:
+            return dict(o.partition("=")[::2] for o in v["overrides"])
+    return None
+
+
+def value_at(doc: dict[str, Any], key: str) -> Any:
+    """The value at dotted `key` of a recipe's plain data (`recipe.to_dict`); None if absent."""
+    for part in key.split("."):
+        if not isinstance(doc, dict) or part not in doc:
+            return None
+        doc = doc[part]
+    return doc

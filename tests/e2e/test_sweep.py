@@ -8,7 +8,7 @@ import statistics
 
 import pytest
 
-from tests.helpers import DEBUG_RECIPE, make_pairs, tiny
+from tests.helpers import DEBUG_RECIPE, hparams_of, make_pairs, tiny
 from toolkit import launch, recipe, report
 from toolkit.shard import shard
 
@@ -44,3 +44,20 @@ def test_a_local_sweep_trains_every_variant_and_the_report_averages_seeds(tmp_pa
         assert rows[name]["loss_std"] == pytest.approx(statistics.stdev(values), rel=1e-9)
     md = (tmp_path / "report" / "results.md").read_text()
     assert "`optim.lr=1e-3`, 3 seeds" in md and " ± " in md
+    # the rate is a number: the loss against it, one line, each point the mean of its seeds
+    (curve,) = doc["curves"]
+    assert (curve["key"], curve["x"]) == ("optim.lr", [1e-3, 1e-2])
+    (line,) = curve["lines"]
+    assert [p["mean"] for p in line["points"]] == pytest.approx(
+        [statistics.mean(losses["optim.lr=1e-3"]), statistics.mean(losses["optim.lr=1e-2"])],
+        rel=1e-12,
+    )
+    assert (tmp_path / "report" / curve["png"]).is_file()
+    # each variant's swept values and final loss on TensorBoard's HParams dashboard
+    for v in record["variants"]:
+        values, metric_tags, scalars = hparams_of(base / v["name"] / "tb")
+        lr, seed = (o.split("=")[1] for o in v["overrides"])
+        assert values == {"optim.lr": float(lr), "train.seed": float(seed)}
+        assert "eval/loss" in metric_tags
+        loss = json.loads((base / v["name"] / "eval.json").read_text())["model"]["loss"]
+        assert scalars["eval/loss"] == [pytest.approx(loss, rel=1e-6)]  # stored as float32

@@ -4,6 +4,7 @@ table per task with its reference row, a sweep's seeds folded into one row (mean
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import statistics
 from pathlib import Path
@@ -13,7 +14,7 @@ import pytest
 
 from tests.helpers import DEBUG_RECIPE
 from toolkit import recipe, stats
-from toolkit.report import Run, best, markdown, markdown_all, read_runs, tables
+from toolkit.report import Run, best, markdown, markdown_all, read_runs, report, tables
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -261,3 +262,96 @@ def test_a_seed_groups_interval_is_that_of_the_mean_over_its_seeds(tmp_path: Pat
     mean, std = row["loss"], row["loss_std"]
     low, high = row["loss_ci"]
     assert f"**{mean:.6f}** ± {std:.6f} [{low:.6f}, {high:.6f}] |" in markdown(table)
+
+
+# --- curves over a numeric swept key -------------------------------------------------------------
+
+# MAE runs' final losses over data.limit x init.from x train.seed (2 x 2 x 2).
+CURVE_LOSSES = {
+    ("8", "runs/pre_a", "0"): 0.60,
+    ("8", "runs/pre_a", "1"): 0.50,
+    ("32", "runs/pre_a", "0"): 0.30,
+    ("32", "runs/pre_a", "1"): 0.20,
+    ("8", "runs/pre_b", "0"): 0.70,
+    ("8", "runs/pre_b", "1"): 0.40,
+    ("32", "runs/pre_b", "0"): 0.35,
+    ("32", "runs/pre_b", "1"): 0.15,
+}
+CURVE_KEYS = [f"c{i:02d}" for i in range(10)]  # sorted as listed: the draws index sorted keys
+
+
+def curve_sweep(base: Path) -> dict[str, np.ndarray]:
+    """The sweep as `launch --sweep data.limit=8,32 --sweep init.from=runs/pre_a,runs/pre_b
+    --sweep train.seed=0,1` leaves it; the runs from runs/pre_a keep per-sample values (their
+    points get the bootstrap interval), those from runs/pre_b do not (mean ± std over seeds).
+    Returns the per-sample values written, by run directory name."""
+    axes = {"data.limit": ["8", "32"], "init.from": ["runs/pre_a", "runs/pre_b"],
+            "train.seed": ["0", "1"]}  # fmt: skip
+    variants = []
+    samples = {}
+    for index, combo in enumerate(itertools.product(*axes.values())):
+        overrides = [f"{k}={v}" for k, v in zip(axes, combo, strict=True)]
+        name = ",".join(overrides).replace("/", "_")
+        variants.append({"index": index, "name": name, "overrides": overrides})
+        run = base / name
+        run.mkdir(parents=True)
+        r = recipe.load(DEBUG_RECIPE, [*overrides, f"run.dir={run}"])
+        (run / "recipe.yaml").write_text(recipe.dump(r))
+        loss = CURVE_LOSSES[combo]
+        ev = {"split": "val", "count": 10, "model": {"loss": loss}, "bicubic": None}
+        if combo[1] == "runs/pre_a":
+            values = loss + np.random.default_rng(index).normal(0, 0.05, 10)
+            stats.Samples.of(CURVE_KEYS, {"model": {"loss": values}}).write(run / "s.npz")
+            samples[name] = values
+            ev["samples"] = "s.npz"
+        (run / "eval.json").write_text(json.dumps(ev))
+        (run / "metrics.jsonl").write_text(json.dumps({"step": 6, "epoch": 1.0}) + "\n")
+    doc = {"recipe": str(DEBUG_RECIPE), "axes": axes, "variants": variants, "array": None}
+    (base / "sweep.json").write_text(json.dumps(doc))
+    return samples
+
+
+def test_a_numeric_swept_key_draws_each_metric_with_a_line_per_other_value(tmp_path) -> None:
+    """report SWEEP_DIR: the loss against data.limit, one line per init.from, each point the
+    mean over the seed runs' eval.json values with its bars; init.from (a path) draws none."""
+    samples = curve_sweep(tmp_path / "sweep")
+    doc = report([tmp_path / "sweep"], tmp_path / "out", samples=1)
+    written = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert written["curves"] == json.loads(json.dumps(doc["curves"]))
+    (curve,) = written["curves"]  # the MAE table has one metric; no curve over init.from
+    assert (curve["key"], curve["metric"], curve["x"]) == ("data.limit", "loss", [8, 32])
+    # each point says what its bars are; the table and legend say it of the line
+    assert [line["label"] for line in curve["lines"]] == ["init.from=runs/pre_a",
+                                                          "init.from=runs/pre_b"]  # fmt: skip
+    for line, init in zip(curve["lines"], ("runs/pre_a", "runs/pre_b"), strict=True):
+        assert [p["x"] for p in line["points"]] == [8, 32]
+        for point, limit in zip(line["points"], ("8", "32"), strict=True):
+            names = [f"data.limit={limit},init.from={init.replace('/', '_')},train.seed={s}"
+                     for s in ("0", "1")]  # fmt: skip
+            evals = [json.loads((tmp_path / "sweep" / n / "eval.json").read_text()) for n in names]
+            losses = [ev["model"]["loss"] for ev in evals]
+            assert point["n_seeds"] == 2
+            assert point["mean"] == pytest.approx(statistics.mean(losses), rel=1e-12)
+            if init == "runs/pre_b":  # no per-sample values: mean ± sample std over seeds
+                spread = statistics.stdev(losses)
+                assert point["bars"] == "std" and spread > 0.1
+                assert [point["low"], point["high"]] == pytest.approx(
+                    [statistics.mean(losses) - spread, statistics.mean(losses) + spread], rel=1e-12
+                )
+            else:  # the bootstrap interval of the two seeds' mean over the images
+                seed_mean = np.mean([samples[n] for n in names], axis=0)
+                want = stats.bootstrap(stats.mean_statistic(seed_mean[:, None]), 10)
+                assert point["bars"] == "interval"
+                assert [point["low"], point["high"]] == pytest.approx(
+                    [want.low[0], want.high[0]], abs=1e-12
+                )
+                assert point["low"] < point["mean"] < point["high"]
+    png = (tmp_path / "out" / curve["png"]).read_bytes()
+    assert curve["png"] == "curve_data.limit.png" and png[:8] == b"\x89PNG\r\n\x1a\n"
+    # one panel of the house size: 5.5 x 4.5 inches at 100 dpi (the IHDR's width, height)
+    assert (int.from_bytes(png[16:20], "big"), int.from_bytes(png[20:24], "big")) == (550, 450)
+    md = (tmp_path / "out" / "results.md").read_text()
+    assert "#### val loss against `data.limit` (sweep)" in md
+    b8 = curve["lines"][1]["points"][0]
+    want_cell = f"{b8['mean']:.6f} ± {b8['high'] - b8['mean']:.6f} (n=2)"
+    assert f"| init.from=runs/pre_b (± std over seeds) | {want_cell} |" in md

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from tests.helpers import DEBUG_RECIPE
-from toolkit import launch, report
+from toolkit import launch, recipe, report
 from toolkit.errors import UserError
 from toolkit.sweep import parse, read, variants, write
 
@@ -178,3 +178,30 @@ def test_a_bad_sweep_record_is_one_line_in_the_report(
     )
     assert f"got {got}" in err
     assert not (tmp_path / "report").exists()
+
+
+def test_a_variant_writes_its_swept_values_and_metrics_to_the_hparams_dashboard(tmp_path) -> None:
+    """A run directory that sweep.json lists is a variant: its swept keys (seed included) and
+    final metrics go into its own tb/ event file, read back here by TensorBoard's reader."""
+    from tests.helpers import hparams_of
+    from toolkit.logging import RunLogger
+    from toolkit.sweep import swept_of, value_at
+
+    axes = {"data.limit": ["8", "32"], "init.from": ["runs/a", "runs/b"], "train.seed": ["0"]}
+    base = tmp_path / "sweep"
+    write(base, str(DEBUG_RECIPE), axes, variants(axes))
+    run_dir = base / "data.limit=32,init.from=runs_b,train.seed=0"
+    swept = swept_of(run_dir)
+    assert swept == {"data.limit": "32", "init.from": "runs/b", "train.seed": "0"}
+    assert swept_of(tmp_path / "alone") is None and swept_of(base / "not-a-variant") is None
+    r = recipe.load(DEBUG_RECIPE, [f"{k}={v}" for k, v in swept.items()])
+    values = {k: value_at(recipe.to_dict(r), k) for k in swept}
+    log = RunLogger(run_dir, enabled=True, total_steps=4)
+    log.log({"train/loss": 0.5}, 4)
+    log.hparams(values, {"loss": 0.25, "accuracy": float("nan"), "note": "x"}, 4)
+    log.close()
+    got, metric_tags, scalars = hparams_of(run_dir / "tb")
+    # numbers as numbers (the dashboard sorts and plots them), the path as text
+    assert got == {"data.limit": 32.0, "init.from": "runs/b", "train.seed": 0.0}
+    assert metric_tags == ["eval/loss"]  # non-finite and non-numeric values are left out
+    assert scalars["eval/loss"] == [0.25] and scalars["train/loss"] == [0.5]

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from toolkit import preflight, recipe
+from toolkit import preflight, recipe, sweep
 from toolkit.atomic import write_atomic
 from toolkit.data import subset
 from toolkit.data.format import TRAINED_ON, Manifest, read_manifest, trained_on, write_json
@@ -259,10 +259,23 @@ def finish(run: Run, end: Outcome) -> TrainResult:
         run.ckpt.export(run.parts.model, state.step)
         if engine.is_main and last is not None:
             doc = write_eval(r.run_dir / "eval.json", summary(run.task, last, "val"), last)
+            _hparams(run, doc, state.step)
     assert run.log is not None
     run.log.close()
     engine.close(run.parts.model, run.parts.optimizer, run.parts.scheduler)
     return TrainResult(r.run_dir, state.step, end.stopped, doc)
+
+
+def _hparams(run: Run, doc: dict[str, Any], step: int) -> None:
+    """A sweep variant's swept values (as its resolved recipe has them: numbers as numbers) and
+    final metrics on TensorBoard's HParams dashboard; nothing for a run outside a sweep."""
+    swept = sweep.swept_of(run.r.run_dir)
+    if not swept:
+        return
+    plain = recipe.to_dict(run.r)
+    values = {k: sweep.value_at(plain, k) for k in swept}
+    assert run.log is not None
+    run.log.hparams(values, doc.get("model") or {}, step)
 
 
 # --- the named calls of the loop ----------------------------------------------------------------
