@@ -18,8 +18,16 @@ ARGS = ["--count", "30", "--classes", "60", "--workers", "1", "--max-steps", "2"
 
 
 def modes(out: str) -> list[str]:
-    rows = [line for line in out.splitlines() if line.startswith("| ") and "| Mode |" not in line]
-    return [r.split("|")[1].split(" (`")[0].strip() for r in rows]
+    """The row names of the results tables (not those of the paired differences below them)."""
+    names, in_results = [], False
+    for line in out.splitlines():
+        if not line.startswith("|"):
+            in_results = False  # a table ends at its first line that is not a row
+        elif line.startswith("| Mode |"):
+            in_results = True
+        elif in_results and line.startswith("| "):
+            names.append(line.split("|")[1].split(" (`")[0].strip())
+    return names
 
 
 def test_demo_runs_every_stage_and_writes_the_report(tmp_path, monkeypatch, capsys) -> None:
@@ -34,6 +42,8 @@ def test_demo_runs_every_stage_and_writes_the_report(tmp_path, monkeypatch, caps
         "CNN from scratch", "linear probe", "full finetune",  # the classification table
     ]  # fmt: skip
     assert "### super-resolution (`sr`)" in out
+    # below the SR and the classification tables (the MAE table has one run: nothing to pair)
+    assert out.count("Paired differences on the same images") == 2
     full = json.loads(Path("runs/demo/finetune/eval.json").read_text())
     row = next(line for line in out.splitlines() if line.startswith("| full finetune (`finetune`"))
     assert f"{full['model']['psnr']:.2f}" in row
