@@ -66,6 +66,9 @@ def _base(args: Any, files: list[str] | None) -> Path:
         got = _shared(path, args.overrides)
         for key, why in _SHARED:
             a, b = sweep.value_at(want, key), sweep.value_at(got, key)
+            while isinstance(a, dict) and isinstance(b, dict) and a != b:  # name the setting
+                sub = next(k for k in {**a, **b} if a.get(k) != b.get(k))
+                key, a, b = f"{key}.{sub}", a.get(sub), b.get(sub)
             if a != b:
                 raise UserError(
                     f"{path}: {key}: {b!r}, but {first} has {a!r}: expected the swept recipes "
