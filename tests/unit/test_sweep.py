@@ -249,7 +249,8 @@ RECIPE_REFUSED = [
      "no recipe given: expected a recipe file (.yaml/.yml) or a sweep of `recipe`"),
     ("not-a-recipe-file", ["--sweep", "recipe={cnn},notes.txt"],
      "--sweep recipe: expected recipe files (.yaml/.yml), got"),
-    ("missing-file", ["--sweep", "recipe={cnn},{tmp}/missing.yaml", "run.dir=r"], "{tmp}/missing.yaml"),
+    ("missing-file", ["--sweep", "recipe={cnn},{tmp}/missing.yaml", "run.dir=r"],
+     "{tmp}/missing.yaml"),
     ("task", ["--sweep", "recipe={cnn},{pretrain}", "run.dir=r"],
      "{pretrain}: task: 'mae', but {cnn} has 'classify': expected the swept recipes to share task"),
     ("run-dir", ["--sweep", "recipe={cnn},{scratch}"],
@@ -271,8 +272,12 @@ def test_a_bad_swept_recipe_is_one_line(tmp_path, capsys, monkeypatch, args, exp
     monkeypatch.chdir(tmp_path)
     (tmp_path / "big.yaml").write_text(f"extends: {CLASSIFY}/cnn.yaml\ncluster: {{nodes: 2}}\n")
     (tmp_path / "cnn.yaml").write_text(f"extends: {CLASSIFY}/cnn.yaml\n")
-    paths = {"cnn": f"{CLASSIFY}/cnn.yaml", "scratch": f"{CLASSIFY}/scratch.yaml",
-             "pretrain": f"{Path(DEBUG_RECIPE).parent}/pretrain.yaml", "tmp": str(tmp_path)}
+    paths = {
+        "cnn": f"{CLASSIFY}/cnn.yaml",
+        "scratch": f"{CLASSIFY}/scratch.yaml",
+        "pretrain": f"{Path(DEBUG_RECIPE).parent}/pretrain.yaml",
+        "tmp": str(tmp_path),
+    }
     code = launch.main([a.format(**paths) for a in args] + ["--local"])
     out, err = capsys.readouterr()
     assert (code, out) == (2, "") and "Traceback" not in err
