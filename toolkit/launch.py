@@ -43,7 +43,7 @@ def parse_args(argv: Sequence[str] | None) -> Any:
         epilog="Overrides use dotted keys and apply to every recipe: optim.lr=3e-4 "
         "train.epochs=2 freeze=[encoder] deepspeed=null",
     )
-    p.add_argument("items", nargs="+", metavar="RECIPE|key=value",
+    p.add_argument("items", nargs="*", metavar="RECIPE|key=value",
                    help="recipe YAML files (.yaml/.yml) and recipe overrides")  # fmt: skip
     p.add_argument("--nodes", type=int, help="Slurm nodes (default: cluster.nodes)")
     p.add_argument(
@@ -78,9 +78,9 @@ def parse_args(argv: Sequence[str] | None) -> Any:
             args.recipes.append(item)
         else:
             p.error(f"expected key=value or a recipe file (.yaml/.yml), got {item!r}")
-    if not args.recipes:
+    if not args.recipes and not args.sweep:  # a sweep may vary the recipe itself (launch_sweep)
         p.error("no recipe given: expected a file ending in .yaml or .yml")
-    args.recipe = args.recipes[0]
+    args.recipe = args.recipes[0] if args.recipes else None
     if args.procs is not None and not args.local:
         p.error("--procs goes with --local")
     slurm_only = [f"--{k.replace('_', '-')}" for k in (*SLURM_FLAGS, "after", "wait")

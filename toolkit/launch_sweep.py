@@ -30,11 +30,60 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class Planned:
-    """One variant of the sweep: its overrides, resolved recipe and command line."""
+    """One variant of the sweep: its recipe file, overrides, resolved recipe and command line."""
 
     variant: sweep.Variant
+    path: str  # its recipe file: the launch's, or its value of a swept `recipe`
     recipe: recipe.Recipe
     overrides: list[str]  # the launch's overrides, the variant's, and its run.dir
+
+
+# What the recipes of a swept `recipe` must share, and why.
+_SHARED = (
+    ("task", "one report table"),
+    ("run.dir", "one sweep directory"),
+    ("cluster", "one job array"),
+)
+
+
+def _base(args: Any, files: list[str] | None) -> Path:
+    """The sweep's directory: the recipe's run.dir, or the one every swept recipe file names
+    (each loaded here with the launch's overrides, so a file that does not load, or that
+    differs from the first in task, run.dir or cluster, is refused before anything is
+    written). A recipe both given and swept, or neither, is refused too."""
+    if files and args.recipe:
+        raise UserError(f"--sweep {sweep.RECIPE}: the recipe is swept, so no recipe file goes on "
+                        f"the command line: expected {args.recipe} in the sweep, or no recipe "
+                        "swept")  # fmt: skip
+    if not files:
+        if not args.recipe:
+            raise UserError("no recipe given: expected a recipe file (.yaml/.yml) or a sweep "
+                            f"of `{sweep.RECIPE}`")  # fmt: skip
+        return recipe.load(args.recipe, args.overrides).run_dir
+    first = files[0]
+    want = _shared(first, args.overrides)
+    for path in files[1:]:
+        got = _shared(path, args.overrides)
+        for key, why in _SHARED:
+            a, b = sweep.value_at(want, key), sweep.value_at(got, key)
+            while isinstance(a, dict) and isinstance(b, dict) and a != b:  # name the setting
+                sub = next(k for k in {**a, **b} if a.get(k) != b.get(k))
+                key, a, b = f"{key}.{sub}", a.get(sub), b.get(sub)
+            if a != b:
+                raise UserError(
+                    f"{path}: {key}: {b!r}, but {first} has {a!r}: expected the swept recipes "
+                    f"to share {key} ({why})"
+                )
+    return recipe.load(first, args.overrides).run_dir
+
+
+def _shared(path: str, overrides: list[str]) -> dict[str, Any]:
+    """A recipe file's plain data, its run.dir resolved (a recipe without one is named by its
+    `name`: two such files are two directories)."""
+    r = recipe.load(path, overrides)
+    doc = recipe.to_dict(r)
+    doc["run"]["dir"] = str(r.run_dir)
+    return doc
 
 
 def plan(args: Any) -> tuple[Path, dict[str, list[str]], list[Planned]]:
@@ -42,12 +91,13 @@ def plan(args: Any) -> tuple[Path, dict[str, list[str]], list[Planned]]:
     overrides do not make a valid recipe, or that trains the very recipe another one does
     (optim.lr=1e-3 and 0.001), stops it here, named, before anything is written."""
     axes = sweep.parse(args.sweep, args.overrides)
-    base = recipe.load(args.recipe, args.overrides).run_dir
+    base = _base(args, axes.get(sweep.RECIPE))
     out: list[Planned] = []
     seen: dict[str, Planned] = {}
     for v in sweep.variants(axes):
-        overrides = [*args.overrides, *v.overrides, f"run.dir={base / v.name}"]
-        p = Planned(v, recipe.load(args.recipe, overrides), overrides)
+        path = v.recipe or args.recipe
+        overrides = [*args.overrides, *v.settings, f"run.dir={base / v.name}"]
+        p = Planned(v, path, recipe.load(path, overrides), overrides)
         same = seen.setdefault(_trained(p.recipe), p)
         if same is not p:
             a, b = next((x, y) for x, y in zip(same.variant.overrides, v.overrides, strict=True)
@@ -123,7 +173,7 @@ def _dry_run(args: Any, base: Path, axes: dict, planned: list[Planned], where: s
         sys.stdout.write(json.dumps(doc, indent=2) + "\n")
         return 0
     first = planned[0]
-    text = dry_run_text(args.recipe, first.recipe, worlds[0], preflight.problems(first.recipe),
+    text = dry_run_text(first.path, first.recipe, worlds[0], preflight.problems(first.recipe),
                         as_json=False, sbatch=script)  # fmt: skip
     sys.stdout.write(_listing(base, axes, planned, where) + "\n# variant 0\n" + text)
     return 0
@@ -139,7 +189,7 @@ def _run_local(args: Any, base: Path, axes: dict, planned: list[Planned]) -> int
         logger.info("sweep variant %d of %d: %s", p.variant.index + 1, len(planned),
                     " ".join(p.variant.overrides))  # fmt: skip
         one = copy.copy(args)
-        one.overrides = p.overrides
+        one.recipe, one.overrides = p.path, p.overrides
         try:
             status = run_local(one, p.recipe)  # a finished variant is left as it is
         except UserError as err:
@@ -177,7 +227,7 @@ def _run_slurm(args: Any, base: Path, axes: dict, planned: list[Planned], limit:
     spec = slurm.job_spec(planned[0].recipe, {k: getattr(args, k) for k in SLURM_FLAGS})
     after = after_of(args)
     folder = base.absolute() / "slurm"
-    argvs = [[args.recipe, *p.overrides] for p in todo]
+    argvs = [[p.path, *p.overrides] for p in todo]
     jobs = slurm.submit_array(spec, folder, argvs, after, limit)
     array = jobs[0].job_id.split("_")[0]
     sweep.write(base, args.recipe, axes, [p.variant for p in planned], array)
@@ -196,5 +246,5 @@ def _run_slurm(args: Any, base: Path, axes: dict, planned: list[Planned], limit:
         return 0
     from toolkit.launch import Stage
 
-    return wait_for([(Stage(args.recipe, p.recipe, world, spec, False), job)
+    return wait_for([(Stage(p.path, p.recipe, world, spec, False), job)
                      for p, job in zip(todo, jobs, strict=True)])  # fmt: skip

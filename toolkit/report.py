@@ -125,8 +125,10 @@ def read_runs(path: Path) -> list[Run]:
         if not (run_dir / "eval.json").is_file():
             logger.warning("%s: not evaluated yet, left out", run_dir)
             continue
-        group = ",".join(o for o in variant["overrides"] if not o.startswith(f"{sweep.SEED}="))
-        swept = dict(o.partition("=")[::2] for o in variant["overrides"])
+        # A swept recipe file as its stem (`recipe=cnn`): the rows' and the curves' labels.
+        shown = [sweep.shown(o) for o in variant["overrides"]]
+        group = ",".join(o for o in shown if not o.startswith(f"{sweep.SEED}="))
+        swept = dict(o.partition("=")[::2] for o in shown)
         runs.append(dataclasses.replace(read_run(run_dir), group=group, swept=swept))
     if not runs:
         raise UserError(f"{path}: none of the sweep's {len(record['variants'])} runs is evaluated")

@@ -8,6 +8,12 @@ directory under the recipe's run.dir (the sweep's directory), named by those ove
 `runs/debug/optim.lr=0.0003,train.seed=1`. The sweep's directory keeps `sweep.json` (the swept
 keys, their values, every variant and its run directory), from which `toolkit.report` groups
 the runs by the swept keys other than the seed and shows mean and std over seeds.
+
+The key `recipe` sweeps the recipe itself: its values are recipe files (paths as on the command
+line), each variant's base, for modes that differ in several keys at once (a CNN, a ViT from
+scratch, a linear probe, a full finetune). Its variants are named by the file's stem
+(`recipe=cnn,data.per_class=10,train.seed=0`); `toolkit.launch_sweep` checks that the files
+agree on what one sweep shares (task, run.dir, cluster).
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ from toolkit.atomic import write_atomic
 from toolkit.errors import UserError
 
 SWEEP = "sweep.json"
+RECIPE = "recipe"  # the swept key whose values are recipe files, not overrides
 SEED = "train.seed"  # runs that differ in this key alone are repeats: averaged by the report
 MAX_VARIANTS = 1000  # a product past this is a typo, not a sweep
 NAME_MAX = 255  # bytes in one file name (ext4, xfs, btrfs, tmpfs, Lustre, GPFS alike)
@@ -42,8 +49,27 @@ class Variant:
 
     @property
     def name(self) -> str:
-        """Its run directory's name: the overrides, "/" (which would nest folders) as "_"."""
-        return ",".join(self.overrides).replace("/", "_")
+        """Its run directory's name: the overrides as `shown`, "/" (which would nest folders)
+        as "_"."""
+        return ",".join(shown(o) for o in self.overrides).replace("/", "_")
+
+    @property
+    def recipe(self) -> str | None:
+        """Its recipe file where the sweep varies the recipe, else None (the launch's)."""
+        return next((o.partition("=")[2] for o in self.overrides
+                     if o.startswith(f"{RECIPE}=")), None)  # fmt: skip
+
+    @property
+    def settings(self) -> list[str]:
+        """Its overrides of recipe keys (all but a swept recipe file)."""
+        return [o for o in self.overrides if not o.startswith(f"{RECIPE}=")]
+
+
+def shown(override: str) -> str:
+    """An override as names and reports show it: a swept recipe file by its stem
+    (`recipe=cnn`), which a folder name can hold and a reader can read."""
+    key, _, value = override.partition("=")
+    return f"{key}={Path(value).stem}" if key == RECIPE else override
 
 
 def _split(values: str) -> list[str]:
@@ -132,6 +158,8 @@ def parse(specs: list[str], overrides: Sequence[str] = ()) -> dict[str, list[str
             vs = [v.strip() for v in vs]  # "x,x " is two x's: compare what the variants get
             if "" in vs or len(set(vs)) != len(vs):
                 raise UserError(f"{origin}: expected distinct, non-empty values, got {vs}")
+            if k == RECIPE and not all(v.endswith(_FILE_SUFFIXES) for v in vs):
+                raise UserError(f"{origin}: expected recipe files (.yaml/.yml), got {vs}")
             if any("\0" in v for v in vs):  # from a file's "\0": no file name can hold one
                 raise UserError(f"{origin}: expected values without a NUL character")
             axes[k], where[k] = vs, origin
@@ -181,7 +209,7 @@ def variants(axes: dict[str, list[str]]) -> list[Variant]:
     ]
 
 
-def write(base: Path, recipe_path: str, axes: dict[str, list[str]], vs: list[Variant],
+def write(base: Path, recipe_path: str | None, axes: dict[str, list[str]], vs: list[Variant],
           array: str | None = None) -> Path:  # fmt: skip
     """Record the sweep in its directory (what the report reads)."""
     base.mkdir(parents=True, exist_ok=True)

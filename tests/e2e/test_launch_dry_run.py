@@ -198,3 +198,49 @@ def test_the_classify_modes_train_what_they_say(capsys, name, trainable) -> None
     doc = json.loads(out)
     assert code == 0 and doc["recipe"]["task"] == "classify"
     assert doc["params"]["trainable"] == trainable
+
+
+@pytest.mark.parametrize(
+    ("study", "size", "sizes", "modes"),
+    [
+        ("classify", "data.per_class", [10, 30, 100, 300, 1000],
+         {"cnn": ("cnn", None), "scratch": ("vit_classifier", None),
+          "probe": ("vit_classifier", "runs/study/classify_pretrain/model.mask_ratio=0.75"),
+          "finetune": ("vit_classifier", "runs/study/classify_pretrain/model.mask_ratio=0.75")}),
+        ("sr", "data.limit", [100, 300, 1000, 3000, 10000],
+         {"srmae_scratch": ("srmae", None),
+          "srmae_pretrained": ("srmae", "runs/study/sr_pretrain/model.mask_ratio=0.75"),
+          "edsr": ("edsr", None)}),
+    ],
+)  # fmt: skip
+def test_the_study_dry_run_lists_every_variant_after_the_pretraining(
+    capsys, monkeypatch, study, size, sizes, modes
+) -> None:
+    """recipes/studies/<study>/sweep.yaml: sizes x modes x 3 seeds, each variant its mode's
+    architecture and encoder, equal optimiser steps, and one array that waits for the
+    pretraining job (afterok) given by --after."""
+    monkeypatch.chdir(ROOT)  # the sweep file names its recipes from the repository root
+    code, out, _ = run(capsys, "--sweep", f"recipes/studies/{study}/sweep.yaml", "--after",
+                       "4242", "--dry-run", "--json")  # fmt: skip
+    assert code == 0
+    doc = json.loads(out)
+    count = len(sizes) * len(modes) * 3
+    assert len(doc["variants"]) == count == {"classify": 60, "sr": 45}[study]
+    assert doc["sweep"]["array"] == f"0-{count - 1}%{count}"
+    assert "#SBATCH --dependency=afterok:4242" in doc["sweep"]["sbatch"]
+    got = [(v["overrides"][0].rpartition("/")[2].removesuffix(".yaml"),
+            sweep_value(v["recipe"], size), v["recipe"]["train"]["seed"],
+            v["recipe"]["model"]["arch"], v["recipe"]["init"]["from"],
+            v["recipe"]["train"]["max_steps"], v["recipe"]["run"]["dir"])
+           for v in doc["variants"]]  # fmt: skip
+    expected = [(m, n, s, *modes[m], got[0][5],
+                 f"runs/study/{study}/recipe={m},{size}={n},train.seed={s}")
+                for m in modes for n in sizes for s in range(3)]  # fmt: skip
+    assert got == expected and got[0][5] >= 1000  # one step budget for every variant
+    code, out, _ = run(capsys, "--sweep", f"recipes/studies/{study}/sweep.yaml", "--dry-run")
+    assert code == 0 and f"sweep: {count} variant(s) of recipe ({len(modes)})" in out
+
+
+def sweep_value(doc: dict, key: str) -> object:
+    section, _, name = key.partition(".")
+    return doc[section][name]

@@ -205,3 +205,82 @@ def test_a_variant_writes_its_swept_values_and_metrics_to_the_hparams_dashboard(
     assert got == {"data.limit": 32.0, "init.from": "runs/b", "train.seed": 0.0}
     assert metric_tags == ["eval/loss"]  # non-finite and non-numeric values are left out
     assert scalars["eval/loss"] == [0.25] and scalars["train/loss"] == [0.5]
+
+
+CLASSIFY = Path(DEBUG_RECIPE).parent / "classify"
+
+
+def test_a_swept_recipe_names_its_variants_by_the_file_stem() -> None:
+    axes = parse([f"recipe={CLASSIFY}/cnn.yaml,{CLASSIFY}/scratch.yaml", "data.per_class=10,30"])
+    vs = variants(axes)
+    assert [v.name for v in vs] == [
+        "recipe=cnn,data.per_class=10", "recipe=cnn,data.per_class=30",
+        "recipe=scratch,data.per_class=10", "recipe=scratch,data.per_class=30",
+    ]  # fmt: skip
+    assert vs[2].recipe == f"{CLASSIFY}/scratch.yaml"
+    assert vs[2].settings == ["data.per_class=10"]
+    assert variants(parse(["train.seed=0,1"]))[0].recipe is None
+
+
+def test_a_swept_recipe_is_each_variant_s_base(tmp_path, capsys, monkeypatch) -> None:
+    """Each variant resolves its own file (the CNN's arch, the probe's freeze and head_norm),
+    with the launch's overrides and its own run directory under the shared run.dir."""
+    monkeypatch.chdir(tmp_path)
+    files = ",".join(f"{CLASSIFY}/{m}.yaml" for m in ("cnn", "linear_probe"))
+    code = launch.main(["--sweep", f"recipe={files}", "--sweep", "train.seed=0,1",
+                        "run.dir=runs/s", "--local", "--dry-run", "--json"])  # fmt: skip
+    doc = json.loads(capsys.readouterr().out)
+    assert code == 0 and doc["sweep"]["dir"] == "runs/s"
+    got = [(v["recipe"]["model"]["arch"], v["recipe"]["freeze"], v["recipe"]["model"].get(
+        "head_norm"), v["recipe"]["train"]["seed"], v["recipe"]["run"]["dir"])
+        for v in doc["variants"]]  # fmt: skip
+    assert got == [
+        ("cnn", [], None, 0, "runs/s/recipe=cnn,train.seed=0"),
+        ("cnn", [], None, 1, "runs/s/recipe=cnn,train.seed=1"),
+        ("vit_classifier", ["encoder"], True, 0, "runs/s/recipe=linear_probe,train.seed=0"),
+        ("vit_classifier", ["encoder"], True, 1, "runs/s/recipe=linear_probe,train.seed=1"),
+    ]
+
+
+RECIPE_REFUSED = [
+    ("given-and-swept", [str(DEBUG_RECIPE), "--sweep", "recipe={cnn},{scratch}"],
+     "--sweep recipe: the recipe is swept, so no recipe file goes on the command line"),
+    ("neither", ["--sweep", "train.seed=0,1"],
+     "no recipe given: expected a recipe file (.yaml/.yml) or a sweep of `recipe`"),
+    ("not-a-recipe-file", ["--sweep", "recipe={cnn},notes.txt"],
+     "--sweep recipe: expected recipe files (.yaml/.yml), got"),
+    ("missing-file", ["--sweep", "recipe={cnn},{tmp}/missing.yaml", "run.dir=r"],
+     "{tmp}/missing.yaml"),
+    ("task", ["--sweep", "recipe={cnn},{pretrain}", "run.dir=r"],
+     "{pretrain}: task: 'mae', but {cnn} has 'classify': expected the swept recipes to share task"),
+    ("run-dir", ["--sweep", "recipe={cnn},{scratch}"],
+     "{scratch}: run.dir: 'runs/classify_scratch', but {cnn} has 'runs/classify_cnn': expected "
+     "the swept recipes to share run.dir (one sweep directory)"),
+    ("cluster", ["--sweep", "recipe={cnn},{tmp}/big.yaml", "run.dir=r"],
+     "{tmp}/big.yaml: cluster.nodes: 2, but {cnn} has 1: expected the swept recipes to share "
+     "cluster.nodes (one job array)"),
+    ("same-stem", ["--sweep", "recipe={cnn},{tmp}/cnn.yaml", "run.dir=r"],
+     "--sweep recipe: 'recipe={cnn}' and 'recipe={tmp}/cnn.yaml' give one run directory name"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("args", "expected"), [c[1:] for c in RECIPE_REFUSED],
+                         ids=[c[0] for c in RECIPE_REFUSED])  # fmt: skip
+def test_a_bad_swept_recipe_is_one_line(tmp_path, capsys, monkeypatch, args, expected) -> None:
+    """Every listed file loads, and they share task, run.dir and cluster (one table, one sweep
+    directory, one job array), else one line naming the file and key, exit 2, nothing written."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "big.yaml").write_text(f"extends: {CLASSIFY}/cnn.yaml\ncluster: {{nodes: 2}}\n")
+    (tmp_path / "cnn.yaml").write_text(f"extends: {CLASSIFY}/cnn.yaml\n")
+    paths = {
+        "cnn": f"{CLASSIFY}/cnn.yaml",
+        "scratch": f"{CLASSIFY}/scratch.yaml",
+        "pretrain": f"{Path(DEBUG_RECIPE).parent}/pretrain.yaml",
+        "tmp": str(tmp_path),
+    }
+    code = launch.main([a.format(**paths) for a in args] + ["--local"])
+    out, err = capsys.readouterr()
+    assert (code, out) == (2, "") and "Traceback" not in err
+    assert err.count("\n") == 1 and err.startswith("error: "), err
+    assert err.removeprefix("error: ").startswith(expected.format(**paths)), err
+    assert {p.name for p in tmp_path.iterdir()} == {"big.yaml", "cnn.yaml"}
