@@ -4,6 +4,7 @@ then its label-efficiency study (`--study`), with curves."""
 from __future__ import annotations
 
 import json
+import tarfile
 from pathlib import Path
 
 import pytest
@@ -75,6 +76,10 @@ def test_demo_runs_every_stage_and_writes_the_report(tmp_path, monkeypatch, caps
     mae += count(data / "mae-shards/manifest.json", "val")
     assert mae == sr_train + 20
     assert len(list((data / "mae-raw").glob("sr-*.npy"))) == sr_train
+    for tar in (data / "shards/val").glob("*.tar"):  # the SR evaluation's images
+        with tarfile.open(tar) as members:
+            for key in {m.name.split(".")[0] for m in members.getmembers()}:
+                assert not (data / "mae-raw" / f"sr-{key}.npy").exists(), key
     # The probe normalises its features; the ViT from scratch starts from nothing.
     from toolkit import recipe
 
