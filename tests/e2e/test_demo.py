@@ -116,6 +116,7 @@ def test_demo_runs_every_stage_and_writes_the_report(tmp_path, monkeypatch, caps
         assert {line["label"] for line in curve["lines"]} == labels
         for line in curve["lines"]:
             assert [p["x"] for p in line["points"]] == sizes
+        assert Path(f"runs/demo/study-report/curve_{key}.png").is_file()
     # Equal steps at every size (--max-steps caps them here), each subset the size asked for.
     for name in ("recipe=cnn,data.per_class=3", "recipe=finetune,data.per_class=6"):
         run = recipe.load(Path("runs/demo/study/classify") / name / "recipe.yaml")
