@@ -111,8 +111,9 @@ class SlowFinaliser:  # its __del__ runs when the hold is lost; an interrupt lan
         for _ in range(1200):
             time.sleep(0.05)
 
-if how == "ignored":
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+# A writer started in a terminal handles SIGINT; one started in the background (as this test
+# may be, by a CI runner) inherits it ignored. Each case sets its own, whatever pytest's is.
+signal.signal(signal.SIGINT, signal.SIG_IGN if how == "ignored" else signal.default_int_handler)
 gc.disable()  # no other finaliser runs meanwhile
 mine = hold.acquire(directory, "training a")
 try:
