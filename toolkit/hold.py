@@ -22,6 +22,7 @@ import contextlib
 import json
 import logging
 import os
+import signal
 import socket
 import threading
 import time
@@ -39,6 +40,7 @@ HOLD = ".hold"
 HEARTBEAT = 15.0  # seconds between the holder's refreshes of its hold file
 STALE = 90.0  # a hold from another host not refreshed for this long belongs to a dead holder
 RESEND = 5.0  # seconds between the interrupts of a writer that lost its hold, until it lets go
+LOST_EXIT = 3  # exit status of a writer that lost its hold and could not be interrupted
 
 
 class Held(UserError):
@@ -179,8 +181,16 @@ class Hold:
         """KeyboardInterrupt in the main thread, again every RESEND seconds until `release`: an
         interrupt that lands while the main thread runs a finaliser (`__del__`, a weakref
         callback, run by the garbage collector at any moment) is swallowed there ("Exception
-        ignored in ...") and the writer would go on."""
+        ignored in ...") and the writer would go on. Where SIGINT is ignored or left to the
+        system (a process started in the background inherits it ignored), interrupt_main does
+        nothing: the process ends at once instead, its writes unfinished rather than
+        interleaved with the new holder's."""
         while True:
+            if signal.getsignal(signal.SIGINT) in (signal.SIG_IGN, signal.SIG_DFL, None):
+                logger.error("%s: this process does not handle SIGINT; exiting (status %d)",
+                             self.path.parent, LOST_EXIT)  # fmt: skip
+                logging.shutdown()
+                os._exit(LOST_EXIT)
             _thread.interrupt_main()
             if self._done.wait(RESEND):
                 return

@@ -9,9 +9,10 @@ directory under the recipe's run.dir (the sweep's directory), named by those ove
 keys, their values, every variant and its run directory), from which `toolkit.report` groups
 the runs by the swept keys other than the seed and shows mean and std over seeds.
 
-The key `recipe` sweeps the recipe itself: its values are recipe files (paths as on the command
-line), each variant's base, for modes that differ in several keys at once (a CNN, a ViT from
-scratch, a linear probe, a full finetune). Its variants are named by the file's stem
+The key `recipe` sweeps the recipe itself: its values are recipe files (on the command line,
+paths from the current directory; in a sweep file, from that file's folder), each variant's
+base, for modes that differ in several keys at once (a CNN, a ViT from scratch, a linear probe,
+a full finetune). Its variants are named by the file's stem
 (`recipe=cnn,data.per_class=10,train.seed=0`); `toolkit.launch_sweep` checks that the files
 agree on what one sweep shares (task, run.dir, cluster).
 """
@@ -113,6 +114,9 @@ def _from_file(path: Path) -> dict[str, list[str]]:
         if not isinstance(values, list) or not values:
             raise UserError(f"{path}: sweep.{key}: expected a list of values, got {values!r}")
         axes[str(key)] = [_text(v) for v in values]
+        if key == RECIPE:  # like `extends`: relative to the file that names them, so a study's
+            # sweep file works from any directory and from the installed package's recipes
+            axes[RECIPE] = [str(path.parent / v) if v.strip() else v for v in axes[RECIPE]]
     return axes
 
 

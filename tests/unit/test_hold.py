@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import gc
 import json
 import multiprocessing
 import os
@@ -94,52 +93,69 @@ def test_release_leaves_a_newer_holder_alone(tmp_path: Path) -> None:
     assert json.loads((tmp_path / HOLD).read_text())["token"] == "newer"
 
 
-def test_a_writer_that_lost_its_hold_stops(tmp_path: Path, monkeypatch) -> None:
-    monkeypatch.setattr(hold, "HEARTBEAT", 0.05)
-    mine = acquire(tmp_path, "training a")
-    plant(tmp_path, token="newer")
-    gc.disable()  # no finaliser runs in the main thread meanwhile (one would swallow it: below)
-    try:
-        with pytest.raises(KeyboardInterrupt):
-            # The heartbeat thread notices within one beat (0.05 s) of running; a minute, as a
-            # loaded 2-core CI machine once did not run it within 10 s.
-            for _ in range(1200):
-                time.sleep(0.05)
-    finally:
-        mine.release()
-        gc.enable()
+# A writer in a process of its own, as a training is: the pytest process's signal state is
+# whatever earlier tests left (a library's handler, SIGINT ignored), which a real writer's is not.
+_WRITER = """
+import gc, signal, sys, time
+from pathlib import Path
+from toolkit import hold
+from tests.unit.test_hold import plant
+hold.HEARTBEAT, hold.RESEND = 0.05, 2.0
+directory, how = Path(sys.argv[1]), sys.argv[2]
+swallowed = []
+sys.unraisablehook = swallowed.append
 
-
-class _SlowFinaliser:
-    """An object whose `__del__` runs while the hold is lost: an interrupt landing in it is
-    swallowed, as one landing in any finaliser the garbage collector runs would be."""
-
-    def __init__(self, directory: Path) -> None:
-        self.directory = directory
-
-    def __del__(self) -> None:
-        plant(self.directory, token="newer")
-        for _ in range(1200):  # the loss is noticed, and the first interrupt lands, in here
+class SlowFinaliser:  # its __del__ runs when the hold is lost; an interrupt landing in it is
+    def __del__(self):  # swallowed, as one in any finaliser the garbage collector runs would be
+        plant(directory, token="newer")
+        for _ in range(1200):
             time.sleep(0.05)
 
+# A writer started in a terminal handles SIGINT; one started in the background (as this test
+# may be, by a CI runner) inherits it ignored. Each case sets its own, whatever pytest's is.
+signal.signal(signal.SIGINT, signal.SIG_IGN if how == "ignored" else signal.default_int_handler)
+gc.disable()  # no other finaliser runs meanwhile
+mine = hold.acquire(directory, "training a")
+try:
+    if how == "finaliser":
+        slow = SlowFinaliser()
+        del slow
+    else:
+        plant(directory, token="newer")
+    for _ in range(1200):  # a minute: the heartbeat notices within one beat of running
+        time.sleep(0.05)
+    print("not interrupted")
+except KeyboardInterrupt:
+    print("interrupted;", "swallowed:", [u.exc_type.__name__ for u in swallowed])
+finally:
+    mine.release()
+"""
 
-def test_an_interrupt_swallowed_by_a_finaliser_is_sent_again(tmp_path: Path, monkeypatch) -> None:
-    monkeypatch.setattr(hold, "HEARTBEAT", 0.05)
-    monkeypatch.setattr(hold, "RESEND", 3.0)
-    swallowed: list = []
-    monkeypatch.setattr(sys, "unraisablehook", swallowed.append)  # what Python does with it
-    mine = acquire(tmp_path, "training a")
-    gc.disable()
-    try:
-        slow = _SlowFinaliser(tmp_path)
-        del slow  # its __del__ runs here, in the main thread, and swallows the first interrupt
-        assert [u.exc_type for u in swallowed] == [KeyboardInterrupt]
-        with pytest.raises(KeyboardInterrupt):
-            for _ in range(1200):  # the next one comes RESEND (3 s) after the first
-                time.sleep(0.05)
-    finally:
-        mine.release()
-        gc.enable()
+
+def _writer(directory: Path, how: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    return subprocess.run([sys.executable, "-c", _WRITER, str(directory), how], env=env,
+                          capture_output=True, text=True, timeout=120)  # fmt: skip
+
+
+def test_a_writer_that_lost_its_hold_stops(tmp_path: Path) -> None:
+    done = _writer(tmp_path, "plain")
+    assert done.stdout.strip() == "interrupted; swallowed: []", done.stderr[-2000:]
+    assert "lost the hold on this directory to training other" in done.stderr
+
+
+def test_an_interrupt_swallowed_by_a_finaliser_is_sent_again(tmp_path: Path) -> None:
+    """The first interrupt lands in a finaliser, which swallows it: the next, RESEND later,
+    stops the writer."""
+    done = _writer(tmp_path, "finaliser")
+    assert done.stdout.strip() == "interrupted; swallowed: ['KeyboardInterrupt']", done.stderr
+    assert done.returncode == 0
+
+
+def test_a_writer_that_ignores_sigint_exits_when_it_lost_its_hold(tmp_path: Path) -> None:
+    done = _writer(tmp_path, "ignored")
+    assert done.returncode == hold.LOST_EXIT and done.stdout == "", done.stderr[-2000:]
+    assert "does not handle SIGINT; exiting (status 3)" in done.stderr
 
 
 def _contend(directory: str, go: multiprocessing.synchronize.Event, out: multiprocessing.Queue):

@@ -284,3 +284,21 @@ def test_a_bad_swept_recipe_is_one_line(tmp_path, capsys, monkeypatch, args, exp
     assert err.count("\n") == 1 and err.startswith("error: "), err
     assert err.removeprefix("error: ").startswith(expected.format(**paths)), err
     assert {p.name for p in tmp_path.iterdir()} == {"big.yaml", "cnn.yaml"}
+
+
+STUDIES = sorted((Path(DEBUG_RECIPE).parent / "studies").rglob("*sweep.yaml"))
+
+
+@pytest.mark.parametrize("path", STUDIES, ids=lambda p: p.name)
+def test_a_study_sweep_file_names_recipes_beside_it_from_any_directory(
+    path: Path, tmp_path: Path, monkeypatch
+) -> None:
+    """A sweep file's recipe paths are read from its folder, as `extends` is: the study works
+    from any directory (and from the installed package's recipes)."""
+    monkeypatch.chdir(tmp_path)
+    axes = parse([str(path)])
+    for file in axes.get("recipe", []):
+        assert Path(file).parent == path.parent
+        recipe.load(file)  # each mode's recipe loads
+    assert len(variants(axes)) == {"sweep.yaml": 60 if "classify" in str(path) else 45,
+                                   "pretrain_sweep.yaml": 2}[path.name]  # fmt: skip
