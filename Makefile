@@ -10,7 +10,7 @@ TORCH ?= torch==2.13.0
 TORCH_INDEX ?=
 PIP := $(PY) -m pip install --progress-bar off
 
-.PHONY: setup demo demo-study test test-numeric lint format clean
+.PHONY: setup demo demo-study demo-tune test test-numeric lint format clean
 
 $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -26,6 +26,9 @@ demo: setup
 
 demo-study: setup
 	$(PY) -m toolkit.demo --study
+
+demo-tune: setup
+	$(PY) -m toolkit.demo --tune
 
 lint: setup
 	$(PY) -m ruff check .

@@ -6,12 +6,17 @@ finetune) -> the report, one table per task.
     python -m toolkit.demo [--count 2000] [--classes 2100] [--unlabelled 4000] [--workers 2]
                            [--max-steps N]
     python -m toolkit.demo --study [--per-class 25,100,400] [--pairs 100,400]
+    python -m toolkit.demo --tune
 
 `--study` is the label-efficiency study, a command of its own so that each stays under 30
 minutes on a 2-core CPU: the CNN, the ViT from scratch and the full finetune at each
 `data.per_class`, the SR-MAE pretrained and from scratch at each `data.limit`, all at equal
 optimiser steps (recipes/demo/study/), and a report with their curves (runs/demo/study-report).
 It makes the data and the MAE first when the demo has not.
+
+`--tune` is where the classifiers' learning rates in recipes/demo/ come from: the CNN's and the
+linear probe's (the ViTs train at the workload's rates) swept on a holdout of the labelled train
+split (`data.holdout`), the val split the demo reports on not read (runs/demo/tune-report).
 
 Every step is skipped when its output is already there, so a second run only writes the report
 (runs/demo/report: results table, loss curves, sample maps) again, and an interrupted one resumes
@@ -41,6 +46,10 @@ CLASSIFY = ("classify_cnn.yaml", "classify_scratch.yaml", "classify_probe.yaml",
 # The study's sweeps: a `recipe` axis of these files (variants named by their stems) by a size.
 STUDY_CLASSIFY = ("cnn.yaml", "scratch.yaml", "finetune.yaml")
 STUDY_SR = ("srmae_pretrained.yaml", "srmae_scratch.yaml")
+# `--tune`: learning rates of the recipes whose rates the demo chose, each evaluated on a
+# quarter of the labelled train split; the rate with the highest micro-AUC there is the recipe's.
+TUNE = {"classify_cnn.yaml": "1e-3,2e-3,4e-3", "classify_probe.yaml": "1e-3,3e-3,1e-2"}
+TUNE_HOLDOUT = 0.25
 VAL_FRACTION = 0.1  # the SR pairs and the MAE's images
 # The labelled set's validation: 33% of 2,100 draws 665 images (199 to 242 a class; 0.3 drew
 # 601, 178 vortices), so the accuracies' bootstrap intervals are narrow enough to tell the
@@ -119,20 +128,32 @@ def train_stage(r: recipe.Recipe) -> float:
     return time.perf_counter() - start
 
 
-def sweep_stage(files: Sequence[str], key: str, values: str, overrides: Sequence[str]) -> Path:
-    """One of the study's sweeps trained in turn here (`launch --sweep ... --local`, which leaves
-    finished variants as they are); its directory."""
-    from toolkit import launch
-
+def study_stage(files: Sequence[str], key: str, values: str, overrides: Sequence[str]) -> Path:
+    """One of the study's sweeps: a `recipe` axis of `files` by `key`; its directory."""
     paths = [str(RECIPES / "study" / name) for name in files]
     base = recipe.load(paths[0], list(overrides)).run_dir
+    sweep_stage(["--sweep", f"recipe={','.join(paths)}", "--sweep", f"{key}={values}",
+                 *overrides], base)  # fmt: skip
+    return base
+
+
+def tune_stage(name: str, rates: str, overrides: Sequence[str], base: Path) -> Path:
+    """The learning rates `rates` of the recipe `name`, each evaluated on the holdout."""
+    sweep_stage([str(RECIPES / name), "--sweep", f"optim.lr={rates}",
+                 f"data.holdout={TUNE_HOLDOUT}", f"run.dir={base}", *overrides], base)  # fmt: skip
+    return base
+
+
+def sweep_stage(argv: Sequence[str], base: Path) -> None:
+    """A sweep (`launch ARGV`) trained in turn here (`--local`, which leaves finished variants
+    as they are) into `base`."""
+    from toolkit import launch
+
     start = time.perf_counter()
-    code = launch.main(["--sweep", f"recipe={','.join(paths)}", "--sweep", f"{key}={values}",
-                        *overrides, "--local"])  # fmt: skip
+    code = launch.main([*argv, "--local"])
     if code != 0:
         raise UserError(f"{base}: a variant of the sweep failed; see the log above")
     logger.info("%s: %.0f s", base, time.perf_counter() - start)
-    return base
 
 
 def _report(run_dirs: Sequence[Path], out: Path) -> None:
@@ -158,9 +179,16 @@ def _main(argv: Sequence[str] | None) -> int:
     p.add_argument("--per-class", default="25,100,400",
                    help="--study: labelled images a class (data.per_class values)")  # fmt: skip
     p.add_argument("--pairs", default="100,400", help="--study: SR pairs (data.limit values)")
+    p.add_argument(
+        "--tune",
+        action="store_true",
+        help="the classifiers' learning rates, chosen on a holdout of the train split",
+    )
     args = p.parse_args(argv)
-    if args.study and not args.classes:
-        p.error("--study classifies the labelled set: expected --classes above 0")
+    if args.study and args.tune:
+        p.error("--study and --tune are commands of their own: expected one of them")
+    if (args.study or args.tune) and not args.classes:
+        p.error("--study and --tune classify the labelled set: expected --classes above 0")
     overrides = [f"train.max_steps={args.max_steps}"] if args.max_steps else []
     stages = [recipe.load(RECIPES / name, overrides) for name in STAGES]
     pairs = Path(stages[1].data.shards)
@@ -171,11 +199,18 @@ def _main(argv: Sequence[str] | None) -> int:
         more = [recipe.load(RECIPES / name, overrides) for name in CLASSIFY]
         make_data(Path(more[0].data.shards), args.classes, args.workers, args.seed, classes=True)
         stages += more
+    runs = stages[0].run_dir.parent
     if args.study:
         train_stage(stages[0])  # the MAE the pretrained modes start from
-        dirs = [sweep_stage(STUDY_CLASSIFY, "data.per_class", args.per_class, overrides),
-                sweep_stage(STUDY_SR, "data.limit", args.pairs, overrides)]  # fmt: skip
-        _report(dirs, stages[0].run_dir.parent / "study-report")
+        dirs = [study_stage(STUDY_CLASSIFY, "data.per_class", args.per_class, overrides),
+                study_stage(STUDY_SR, "data.limit", args.pairs, overrides)]  # fmt: skip
+        _report(dirs, runs / "study-report")
+        return 0
+    if args.tune:
+        train_stage(stages[0])  # the MAE the probe reads
+        dirs = [tune_stage(name, rates, overrides, runs / "tune" / Path(name).stem)
+                for name, rates in TUNE.items()]  # fmt: skip
+        _report(dirs, runs / "tune-report")
         return 0
     seconds = {r.name: train_stage(r) for r in stages}
     logger.info(
@@ -183,7 +218,7 @@ def _main(argv: Sequence[str] | None) -> int:
         ", ".join(f"{name} {s:.0f} s" for name, s in seconds.items()),
         sum(seconds.values()),
     )
-    _report([r.run_dir for r in stages], stages[0].run_dir.parent / "report")
+    _report([r.run_dir for r in stages], runs / "report")
     return 0
 
 

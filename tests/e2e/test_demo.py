@@ -1,5 +1,6 @@
 """The demo, the README's main command, end to end at a tiny size: data, eleven runs, tables;
-then its label-efficiency study (`--study`), with curves."""
+then its label-efficiency study (`--study`), with curves, and the tuning of its classifiers'
+learning rates on a holdout (`--tune`)."""
 
 from __future__ import annotations
 
@@ -124,3 +125,18 @@ def test_demo_runs_every_stage_and_writes_the_report(tmp_path, monkeypatch, caps
     keys = json.loads(Path("runs/demo/study/classify/recipe=cnn,data.per_class=3/subset.json")
                       .read_text())  # fmt: skip
     assert len(keys["keys"] if isinstance(keys, dict) else keys) == 9
+
+    # The tuning: each learning rate of demo.TUNE evaluated on a holdout of the labelled train
+    # split (never on the val split the demo reports), one report row each.
+    assert demo.main([*ARGS, "--tune"]) == 0
+    capsys.readouterr()
+    doc = json.loads(Path("runs/demo/tune-report/results.json").read_text())
+    rows = [row for t in doc["tables"] for row in t["rows"] if row["run"]]
+    assert len(rows) == sum(len(rates.split(",")) for rates in demo.TUNE.values()) == 6
+    assert {row["split"] for row in rows} == {"holdout"}
+    train = count(data / "class-shards/manifest.json", "train")
+    for run_dir in Path("runs/demo/tune").glob("*/optim.lr=*"):
+        held = json.loads((run_dir / "data.json").read_text())["subset"]
+        assert held["held_out"] + held["count"] == train
+        ev = json.loads((run_dir / "eval.json").read_text())
+        assert ev["split"] == "holdout" and ev["count"] == held["held_out"]
