@@ -1,6 +1,6 @@
 # Entry points: `make demo` (the main job), `make demo-study` (its label-efficiency study, a
-# command of its own so that each stays under 30 minutes on a 2-core CPU) and `make test` (the
-# test suite). Each creates and uses .venv in this checkout and installs what it needs into it.
+# command of its own so that each stays under 30 minutes on a 2-core CPU), `make demo-tune`
+# (where its classifiers' learning rates come from) and `make test` (the test suite). Each creates and uses .venv in this checkout and installs what it needs into it.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
