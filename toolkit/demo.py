@@ -46,6 +46,11 @@ CLASSIFY = ("classify_cnn.yaml", "classify_scratch.yaml", "classify_probe.yaml",
 # The study's sweeps: a `recipe` axis of these files (variants named by their stems) by a size.
 STUDY_CLASSIFY = ("cnn.yaml", "scratch.yaml", "finetune.yaml")
 STUDY_SR = ("srmae_pretrained.yaml", "srmae_scratch.yaml")
+# Each pretrained run's paired difference against its control, the same model from scratch
+# (besides each run against the best one): what the pretraining is worth, with its interval.
+PAIRS = (("finetune", "finetune_scratch"), ("classify_finetune", "classify_scratch"))
+STUDY_PAIRS = {"data.per_class": ("finetune", "scratch"),
+               "data.limit": ("srmae_pretrained", "srmae_scratch")}  # fmt: skip
 # `--tune`: learning rates of the recipes whose rates the demo chose, each evaluated on a
 # quarter of the labelled train split; the rate with the highest micro-AUC there is the recipe's.
 TUNE = {"classify_cnn.yaml": "1e-3,2e-3,4e-3", "classify_probe.yaml": "1e-3,3e-3,1e-2"}
@@ -156,10 +161,10 @@ def sweep_stage(argv: Sequence[str], base: Path) -> None:
     logger.info("%s: %.0f s", base, time.perf_counter() - start)
 
 
-def _report(run_dirs: Sequence[Path], out: Path) -> None:
+def _report(run_dirs: Sequence[Path], out: Path, pairs: Sequence[tuple[str, str]] = ()) -> None:
     from toolkit.report import markdown_all, report
 
-    doc = report(list(run_dirs), out)
+    doc = report(list(run_dirs), out, pairs=pairs)
     sys.stdout.write(f"\n{markdown_all(doc)}\n(the report is in {out})\n")
 
 
@@ -204,7 +209,10 @@ def _main(argv: Sequence[str] | None) -> int:
         train_stage(stages[0])  # the MAE the pretrained modes start from
         dirs = [study_stage(STUDY_CLASSIFY, "data.per_class", args.per_class, overrides),
                 study_stage(STUDY_SR, "data.limit", args.pairs, overrides)]  # fmt: skip
-        _report(dirs, runs / "study-report")
+        sizes = {"data.per_class": args.per_class, "data.limit": args.pairs}
+        pairs = [(f"recipe={a},{key}={v}", f"recipe={b},{key}={v}")
+                 for key, (a, b) in STUDY_PAIRS.items() for v in sizes[key].split(",")]  # fmt: skip
+        _report(dirs, runs / "study-report", pairs)
         return 0
     if args.tune:
         train_stage(stages[0])  # the MAE the probe reads
@@ -218,7 +226,7 @@ def _main(argv: Sequence[str] | None) -> int:
         ", ".join(f"{name} {s:.0f} s" for name, s in seconds.items()),
         sum(seconds.values()),
     )
-    _report([r.run_dir for r in stages], runs / "report")
+    _report([r.run_dir for r in stages], runs / "report", PAIRS if args.classes else PAIRS[:1])
     return 0
 
 

@@ -96,6 +96,13 @@ def test_demo_runs_every_stage_and_writes_the_report(tmp_path, monkeypatch, caps
     assert (report / "compare.png").is_file() and (report / "compare_classify.png").is_file()
     doc = json.loads((report / "results.json").read_text())
     assert [t["task"] for t in doc["tables"]] == ["mae", "sr", "classify"]
+    # each pretrained run against its control from scratch, whichever is best
+    paired = {(p["a"], p["b"]) for t in doc["tables"] for p in t["pairs"]}
+    assert ("full finetune (`finetune`)", "full from scratch (`finetune_scratch`)") in paired
+    assert (
+        "full finetune (`classify_finetune`)",
+        "ViT from scratch (`classify_scratch`)",
+    ) in paired
     assert "### classification (`classify`)" in out
     # A second run finds everything done and only writes the report again.
     assert demo.main(ARGS) == 0
@@ -118,6 +125,13 @@ def test_demo_runs_every_stage_and_writes_the_report(tmp_path, monkeypatch, caps
         for line in curve["lines"]:
             assert [p["x"] for p in line["points"]] == sizes
         assert Path(f"runs/demo/study-report/curve_{key}.png").is_file()
+    # at each size, the pretrained mode against the same model from scratch
+    paired = {(p["a"], p["b"]) for t in doc["tables"] for p in t["pairs"]}
+    sizes = {"data.per_class": (3, 6), "data.limit": (5, 10)}
+    for key, (a, b) in demo.STUDY_PAIRS.items():
+        for v in sizes[key]:
+            assert any(f"(`recipe={a},{key}={v}`)" in x and f"(`recipe={b},{key}={v}`)" in y
+                       for x, y in paired), (key, v)  # fmt: skip
     # Equal steps at every size (--max-steps caps them here), each subset the size asked for.
     for name in ("recipe=cnn,data.per_class=3", "recipe=finetune,data.per_class=6"):
         run = recipe.load(Path("runs/demo/study/classify") / name / "recipe.yaml")
