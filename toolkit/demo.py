@@ -16,7 +16,7 @@ It makes the data and the MAE first when the demo has not.
 
 `--tune` is where the classifiers' learning rates in recipes/demo/ come from: the CNN's and the
 linear probe's (the ViTs train at the workload's rates) swept on a holdout of the labelled train
-split (`data.holdout`), the val split the demo reports on not read (runs/demo/tune-report).
+split (`data.holdout`), the val split the demo reports on not read (runs/demo/tune-report/).
 
 Every step is skipped when its output is already there, so a second run only writes the report
 (runs/demo/report: results table, loss curves, sample maps) again, and an interrupted one resumes
@@ -216,9 +216,9 @@ def _main(argv: Sequence[str] | None) -> int:
         return 0
     if args.tune:
         train_stage(stages[0])  # the MAE the probe reads
-        dirs = [tune_stage(name, rates, overrides, runs / "tune" / Path(name).stem)
-                for name, rates in TUNE.items()]  # fmt: skip
-        _report(dirs, runs / "tune-report")
+        for name, rates in TUNE.items():  # a report each: their runs share names (optim.lr=...)
+            base = tune_stage(name, rates, overrides, runs / "tune" / Path(name).stem)
+            _report([base], runs / "tune-report" / base.name)
         return 0
     seconds = {r.name: train_stage(r) for r in stages}
     logger.info(

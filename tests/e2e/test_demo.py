@@ -144,8 +144,10 @@ def test_demo_runs_every_stage_and_writes_the_report(tmp_path, monkeypatch, caps
     # split (never on the val split the demo reports), one report row each.
     assert demo.main([*ARGS, "--tune"]) == 0
     capsys.readouterr()
-    doc = json.loads(Path("runs/demo/tune-report/results.json").read_text())
-    rows = [row for t in doc["tables"] for row in t["rows"] if row["run"]]
+    rows = []
+    for name in demo.TUNE:
+        doc = json.loads(Path(f"runs/demo/tune-report/{Path(name).stem}/results.json").read_text())
+        rows += [row for t in doc["tables"] for row in t["rows"] if row["run"]]
     assert len(rows) == sum(len(rates.split(",")) for rates in demo.TUNE.values()) == 6
     assert {row["split"] for row in rows} == {"holdout"}
     train = count(data / "class-shards/manifest.json", "train")
