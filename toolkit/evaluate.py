@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 from toolkit import cli
 from toolkit.cluster import env
+from toolkit.data.subset import eval_split
 from toolkit.errors import UserError
 from toolkit.hold import acquire, refuse_if_held
 from toolkit.metrics import metric
@@ -53,7 +54,8 @@ def evaluate(target: Target, split: str = "val") -> tuple[dict[str, Any], Valida
         loader = eval_loader(r, split, engine.rank, engine.world_size)
         result = validate(task, model, iter(loader), Placement(engine.device)).gathered(task)
         loader.close()
-        summary = eval_summary(task, result, split) if result is not None else None
+        named = eval_split(r.data, split)  # "holdout" for the val split of a run holding some out
+        summary = eval_summary(task, result, named) if result is not None else None
     except BaseException:
         engine.abandon()  # no barrier: the other ranks may be waiting in a gather instead
         raise

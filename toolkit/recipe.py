@@ -66,6 +66,11 @@ class DataConfig:
     # the same samples. Samples are ranked once by a hash of (this seed, their key), within their
     # class for per_class, and the first N taken: the 10 of a class are among its 30.
     subset_seed: int = setting(0, ge=0)
+    # Hold out this fraction of the train split (chosen by a hash of data.subset_seed and each
+    # key, so nested and the same for every run of a study) and evaluate on it instead of the
+    # val split, which the run then never reads: the split to choose hyperparameters on, so
+    # that the numbers reported on val are not tuned to it. null: train on the whole split.
+    holdout: float | None = setting(None, gt=0, lt=1)
 
 
 @dataclass

@@ -138,9 +138,10 @@ def read_runs(path: Path) -> list[Run]:
 # --- the tables --------------------------------------------------------------------------------
 
 
-def tables(runs: list[Run]) -> list[dict[str, Any]]:
+def tables(runs: list[Run], asked: Sequence[tuple[str, str]] = ()) -> list[dict[str, Any]]:
     """One table per task, in the order the runs name them: a row per run with the task's
-    table metrics, then the task's reference row (bicubic for super-resolution)."""
+    table metrics, then the task's reference row (bicubic for super-resolution). `asked`:
+    pairs of rows (by run name) whose paired difference is wanted besides the usual ones."""
     from toolkit.runs import param_summary
 
     out: dict[str, dict[str, Any]] = {}
@@ -170,6 +171,11 @@ def tables(runs: list[Run]) -> list[dict[str, Any]]:
         handle = _run_handle(members)
         if handle is not None:
             handles[id(row)] = handle
+    named = {row["run"] for table in out.values() for row in table["rows"]}
+    for a, b in asked:
+        for name in (a, b):
+            if name not in named:
+                raise UserError(f"--pair {a}:{b}: no run {name!r} among {sorted(named)}")
     for table in out.values():
         task_runs = [run for run in runs if run.task.name == table["task"]]
         ref = reference_row(task_runs)
@@ -181,7 +187,7 @@ def tables(runs: list[Run]) -> list[dict[str, Any]]:
         for row in table["rows"]:
             _add_intervals(row, handles.get(id(row)), table["columns"])
         table["best"] = best(table["rows"], table["columns"])
-        table["pairs"] = _pairs(table, handles, task_runs[0].task.score)
+        table["pairs"] = _pairs(table, handles, task_runs[0].task.score, asked)
         table["bootstrap"] = {"level": stats.LEVEL, "resamples": stats.RESAMPLES,
                               "seed": stats.SEED}  # fmt: skip
     return list(out.values())
@@ -268,9 +274,11 @@ def _label(row: dict[str, Any]) -> str:
     return row["mode"] + (f" (`{row['run']}`)" if row["run"] else "")
 
 
-def _pairs(table: dict[str, Any], handles: dict[int, _Handle], score: str) -> list[dict[str, Any]]:
+def _pairs(table: dict[str, Any], handles: dict[int, _Handle], score: str,
+           asked: Sequence[tuple[str, str]] = ()) -> list[dict[str, Any]]:  # fmt: skip
     """Paired differences on the same validation samples: each run row against the best run
-    row (by the task's score), and each run row against the reference row. Rows evaluated on
+    row (by the task's score), the pairs `asked` for (run names; a pretrained run against its
+    control from scratch, say), and each run row against the reference row. Rows evaluated on
     other samples than the pair's second row are left out."""
     rows = [row for row in table["rows"] if id(row) in handles]
     runs = [row for row in rows if row["run"] is not None and row.get(score) is not None]
@@ -279,6 +287,10 @@ def _pairs(table: dict[str, Any], handles: dict[int, _Handle], score: str) -> li
         pick = max if metric(score).higher_is_better else min
         top = pick(runs, key=lambda row: row[score])
         pairs += [(row, top) for row in runs if row is not top]
+    by_name = {row["run"]: row for row in runs}
+    for a, b in asked:
+        if a in by_name and b in by_name and (by_name[a], by_name[b]) not in pairs:
+            pairs.append((by_name[a], by_name[b]))
     ref = next((row for row in rows if row["run"] is None), None)
     if ref is not None:
         pairs += [(row, ref) for row in runs]
@@ -722,13 +734,15 @@ def plot_curves(entries: list[dict[str, Any]], path: Path) -> None:
 # --- the command -------------------------------------------------------------------------------
 
 
-def report(run_dirs: Sequence[Path], out: Path, samples: int = 4) -> dict[str, Any]:
-    """Write the whole report for `run_dirs` into `out`; returns results.json's content."""
+def report(run_dirs: Sequence[Path], out: Path, samples: int = 4,
+           pairs: Sequence[tuple[str, str]] = ()) -> dict[str, Any]:  # fmt: skip
+    """Write the whole report for `run_dirs` into `out`; returns results.json's content.
+    `pairs`: (run, run) names whose paired differences are wanted besides the usual ones."""
     runs = [run for d in run_dirs for run in read_runs(Path(d))]
     names = [run.name for run in runs]
     if len(set(names)) != len(names):
         raise UserError(f"run directories must have distinct names (file names): {names}")
-    doc = {"tables": tables(runs), "runs": [str(run.dir) for run in runs]}
+    doc = {"tables": tables(runs, pairs), "runs": [str(run.dir) for run in runs]}
     doc["curves"] = curves(runs, doc["tables"])
     figures: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
     for entry in doc["curves"]:  # one figure per sweep and key, a panel per metric
@@ -774,10 +788,20 @@ def _main(argv: Sequence[str] | None) -> int:
     p.add_argument("runs", nargs="+", type=Path, metavar="RUN_DIR")
     p.add_argument("--out", type=Path, default=Path("reports"), help="output folder")
     p.add_argument("--samples", type=int, default=4, help="validation samples in the maps")
+    p.add_argument("--pair", action="append", default=[], metavar="A:B",
+                   help="a paired difference A - B to add (run names as the rows show "
+                        "them), besides each run against the best and the reference; "
+                        "repeatable")  # fmt: skip
     args = p.parse_args(argv)
     if not 1 <= args.samples <= 16:
         raise UserError("--samples must be between 1 and 16")
-    doc = report(args.runs, args.out, args.samples)
+    pairs = []
+    for text in args.pair:
+        a, colon, b = text.partition(":")
+        if not (a and colon and b):
+            raise UserError(f"--pair {text}: expected A:B, two run names")
+        pairs.append((a, b))
+    doc = report(args.runs, args.out, args.samples, pairs)
     sys.stdout.write(markdown_all(doc) + f"\n(written to {args.out})\n")
     return 0
 

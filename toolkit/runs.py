@@ -121,6 +121,8 @@ def _sample_counts(r: recipe.Recipe) -> dict[str, int]:
     (counted from the manifest: no shard is listed to tell whether a run is finished)."""
     try:
         manifest = read_manifest(r.data.shards)
+        if r.data.holdout is not None:  # its counts depend on the keys: listed
+            manifest = subset.restrict(manifest, r.data)
         counts = {split: manifest.count(split) for split in manifest.splits}
         if "train" in counts:
             counts["train"] = subset.size(manifest, r.data)
@@ -148,6 +150,7 @@ def another_run(then: recipe.Recipe, now: recipe.Recipe) -> str | None:
         # a run of a study goes on with the samples it started on (toolkit/data/subset.py)
         ("data.limit", then.data.limit, now.data.limit),
         ("data.per_class", then.data.per_class, now.data.per_class),
+        ("data.holdout", then.data.holdout, now.data.holdout),
         ("data.subset_seed", _subset_seed(then), _subset_seed(now)),
         ("optim.layer_decay", _layered(then), _layered(now)),
     ):  # fmt: skip
@@ -163,7 +166,7 @@ def another_run(then: recipe.Recipe, now: recipe.Recipe) -> str | None:
 
 def _subset_seed(r: recipe.Recipe) -> int | None:
     """The subset's seed, where there is a subset for it to choose."""
-    return r.data.subset_seed if r.data.limit or r.data.per_class else None
+    return r.data.subset_seed if subset.wanted(r.data) else None
 
 
 def _layered(r: recipe.Recipe) -> str:
@@ -327,6 +330,8 @@ def check_shards(target: Target, split: str) -> None:
     problems = shard_problems(r, manifest, training_record(target))
     if problems:
         raise UserError(problems[0])
+    if r.data.holdout is not None:  # its val split is the held-out part of train
+        manifest = subset.restrict(manifest, r.data)
     if not manifest.count(split):
         raise UserError(f"{Path(r.data.shards) / 'manifest.json'}: split {split!r} has no samples")
 

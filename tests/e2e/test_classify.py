@@ -151,3 +151,26 @@ def test_label_efficiency_runs_train_on_nested_per_class_subsets(tmp_path: Path)
     assert again == five and other["subset"]["keys_sha256"] == record["subset"]["keys_sha256"]
     two, _ = run("two", "data.per_class=2")
     assert len(two) == 6 and set(two) < set(five)
+
+
+def test_a_run_with_a_holdout_evaluates_on_it_and_needs_no_val_split(tmp_path: Path) -> None:
+    """data.holdout on shards without a val split: the run trains on the rest, evaluates on
+    the held-out samples (eval.json says "holdout", with their count), and `evaluate` on the
+    run reads the same samples and gives the same numbers."""
+    shards = tmp_path / "shards"
+    shard(labelled(tmp_path / "src", per_class=8), shards, val_fraction=0.0, seed=0, labels=True)
+    assert not read_manifest(shards).count("val")
+    d = tmp_path / "run"
+    overrides = [f"data.shards={shards}", "model.img_size=32", "model.channels=4",
+                 "model.depth=1", "data.batch_size=4", "data.num_workers=0",
+                 "train.precision=no", "deepspeed=null", "train.epochs=1",
+                 "data.holdout=0.25", f"run.dir={d}"]  # fmt: skip
+    assert launch.main([str(CNN), *overrides, "--local"]) == 0
+    record = json.loads((d / "data.json").read_text())["subset"]
+    held, trained = record["held_out"], record["count"]
+    assert 0 < held < 24 and held + trained == 24
+    ev = json.loads((d / "eval.json").read_text())
+    assert ev["split"] == "holdout" and ev["count"] == held
+    again = evaluate_json(str(d))
+    assert again["split"] == "holdout" and again["count"] == held
+    assert again["model"] == ev["model"]

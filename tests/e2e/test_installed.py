@@ -77,6 +77,7 @@ def test_shipped_recipes_dry_run_from_anywhere(venv: Path, tmp_path: Path) -> No
         "demo/pretrain.yaml",
         "baselines/edsr.yaml",
         "demo/classify_probe.yaml",
+        "demo/study/finetune.yaml",  # the study's recipes: a folder of their own in the wheel
     ):
         proc = run(venv, str(venv / "bin/srmae-launch"), str(shipped / recipe), "--local",
                    "--dry-run", "--json", cwd=tmp_path)  # fmt: skip

@@ -263,6 +263,8 @@ def test_relaunching_a_run_with_another_model_changes_nothing(
         ([*args, "model.embed_dim=48"], "(32, 1, 4, 4) in the run, (48, 1, 4, 4) here"),
         ([*args, "train.max_steps=4", "model.embed_dim=48"], "(48, 1, 4, 4) here"),
         ([*args, "train.max_steps=4", "data.limit=4"], "data.limit None in the run, 4 here"),
+        ([*args, "train.max_steps=4", "data.holdout=0.5"],
+         "data.holdout None in the run, 0.5 here"),
         ([*args, "train.max_steps=4", "optim.layer_decay=0.75"],
          "optim.layer_decay off in the run, per layer here"),
     ):  # fmt: skip

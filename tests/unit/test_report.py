@@ -14,6 +14,7 @@ import pytest
 
 from tests.helpers import DEBUG_RECIPE
 from toolkit import recipe, stats
+from toolkit.errors import UserError
 from toolkit.report import Run, best, markdown, markdown_all, read_runs, report, tables
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -355,3 +356,23 @@ def test_a_numeric_swept_key_draws_each_metric_with_a_line_per_other_value(tmp_p
     b8 = curve["lines"][1]["points"][0]
     want_cell = f"{b8['mean']:.6f} ± {b8['high'] - b8['mean']:.6f} (n=2)"
     assert f"| init.from=runs/pre_b (± std over seeds) | {want_cell} |" in md
+
+
+def test_a_pair_asked_for_is_added_and_an_unknown_name_refused(tmp_path: Path) -> None:
+    """`report --pair b:d`: neither is the best run, so only the pair asked for compares them
+    (a pretrained run against its own control from scratch); a name of no run is refused."""
+    keys = [f"k{i}" for i in range(30)]
+    base = 32 + np.random.default_rng(2).gamma(2.0, 1.0, 30)
+    a = sr_run(tmp_path, "a", "recipes/finetune.yaml", base + 1.0, keys)
+    b = sr_run(tmp_path, "b", "recipes/baselines/edsr.yaml", base + 0.25, keys)
+    d = sr_run(tmp_path, "d", "recipes/baselines/rcan.yaml", base, keys)
+    (plain,) = tables([a, b, d])
+    assert not any(p["a"] == "EDSR (`b`)" and p["b"] == "RCAN (`d`)" for p in plain["pairs"])
+    (table,) = tables([a, b, d], [("b", "d")])
+    (bd,) = [p for p in table["pairs"] if (p["a"], p["b"]) == ("EDSR (`b`)", "RCAN (`d`)")]
+    # 0.25 dB on every image: the difference, and every resample's
+    assert bd["psnr"]["diff"] == pytest.approx(0.25, abs=1e-9)
+    assert bd["psnr"]["ci"] == pytest.approx([0.25, 0.25], abs=1e-9)
+    assert len(table["pairs"]) == len(plain["pairs"]) + 1
+    with pytest.raises(UserError, match=r"^--pair b:x: no run 'x' among "):
+        tables([a, b, d], [("b", "x")])

@@ -396,15 +396,18 @@ def build_loader(
     in training order (shuffled, random crops, padded by repeats) unless `evaluation` asks for
     every sample exactly once, centre-cropped, as the validation split always is; training
     reads the recipe's subset of the split (`data.limit`, `data.per_class`) where it names one,
-    evaluation the whole split. `manifest`: the shards' manifest as already read (by the main
-    process of a job, with the subset cut), else read here.
+    evaluation the whole split; under `data.holdout` the val split is the held-out samples.
+    `manifest`: the shards' manifest as already read (by the main process of a job, with the
+    subset cut), else read here.
     """
     manifest = manifest if manifest is not None else read_manifest(data.shards)
+    train = split == "train" and not evaluation
+    # A recipe's subset cuts the training order only; its holdout is the val split wherever it is
+    # read (`data/subset.py`).
+    if train or data.holdout is not None:
+        manifest = restrict(manifest, data)
     if split not in manifest.splits or not manifest.count(split):
         raise UserError(f"{manifest.root / MANIFEST}: split {split!r} has no samples")
-    train = split == "train" and not evaluation
-    if train:  # a recipe's subset cuts the training order only (`data/subset.py`)
-        manifest = restrict(manifest, data)
     batch = data.batch_size if train else (data.val_batch_size or data.batch_size)
     stream = ShardStream(
         manifest,

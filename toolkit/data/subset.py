@@ -1,5 +1,7 @@
 """Training subsets for label-efficiency studies: `data.limit` (N samples of the train split) or
-`data.per_class` (N of each class, for labelled shards).
+`data.per_class` (N of each class, for labelled shards); and `data.holdout`, a fraction of the
+train split held out to be evaluated on in place of the val split (where hyperparameters are
+chosen, so that the val numbers are not tuned to val).
 
 Every train sample is ranked once by a hash of (`data.subset_seed`, its key), within its class
 for per_class, and the first N are taken. So:
@@ -11,6 +13,12 @@ The subset is a manifest whose train shards carry the indices they keep (`Shard.
 epoch plan (`plan.py`) lays those out as it lays out a whole split, so the rank x worker split,
 equal batches per rank (padding by repeats when the subset is smaller than batch x world) and
 exact resume hold as they do there. Validation is never cut.
+
+A holdout is drawn first, by a hash of (`data.subset_seed`, key) below the fraction (as `shard`
+draws its val split), so it is nested too and the same for every run of a study; the subset is
+cut from the rest. The manifest's val split becomes the held-out samples (train shards with
+picks): the training's evaluations and `evaluate` read them, and the shards' val split is never
+read.
 """
 
 from __future__ import annotations
@@ -20,7 +28,7 @@ import hashlib
 import logging
 from typing import Any
 
-from toolkit.data.format import MANIFEST, Manifest, sample_keys
+from toolkit.data.format import MANIFEST, Manifest, Shard, sample_keys
 from toolkit.errors import UserError
 from toolkit.recipe import DataConfig
 
@@ -31,7 +39,13 @@ SPLIT = "train"  # the one split a subset cuts
 
 
 def wanted(data: DataConfig) -> bool:
-    return data.limit is not None or data.per_class is not None
+    return data.limit is not None or data.per_class is not None or data.holdout is not None
+
+
+def eval_split(data: DataConfig, split: str) -> str:
+    """What an evaluation of `split` reads under the recipe: "holdout" for the val split of a
+    run that holds part of train out (eval.json and the report name it so)."""
+    return "holdout" if split == "val" and data.holdout is not None else split
 
 
 def problems(manifest: Manifest, data: DataConfig) -> list[str]:
@@ -64,7 +78,10 @@ def _short(where: Any, per_class: int, short: list[tuple[str, int]], most: int) 
 
 def size(manifest: Manifest, data: DataConfig) -> int:
     """Train samples under the recipe's subset, from the manifest alone (the step plan of a run
-    is counted from it): `problems` has refused what is not possible."""
+    is counted from it): `problems` has refused what is not possible. A holdout's size depends
+    on the keys: they are listed (headers only)."""
+    if data.holdout is not None:
+        return restrict(manifest, data).count(SPLIT)
     total = manifest.count(SPLIT)
     if data.limit is not None:
         return min(data.limit, total)
@@ -81,6 +98,14 @@ def rank(seed: int, key: str) -> bytes:
     return hashlib.blake2b(f"{seed}:{key}".encode(), digest_size=16).digest()
 
 
+def held_out(seed: int, key: str, fraction: float) -> bool:
+    """Whether `key` is in the holdout of `fraction` under `seed`: a hash of its own (not the
+    ranking's, which would hold out the samples a small subset takes first), so a larger
+    fraction holds out a superset."""
+    h = hashlib.blake2b(f"holdout:{seed}:{key}".encode(), digest_size=8).digest()
+    return int.from_bytes(h, "big") / 2**64 < fraction
+
+
 def restrict(manifest: Manifest, data: DataConfig) -> Manifest:
     """The manifest whose train split is the recipe's subset (unchanged without one, or where
     one is applied already). Lists the train shards' keys (and labels): headers and label
@@ -93,16 +118,26 @@ def restrict(manifest: Manifest, data: DataConfig) -> Manifest:
     per_class = data.per_class is not None
     # (rank, key, shard number, index in the shard, class) of every train sample
     rows: list[tuple[bytes, str, int, int, int | None]] = []
+    held: list[tuple[bytes, str, int, int, int | None]] = []
     for s, shard in enumerate(manifest.splits[SPLIT]):
         try:
             with open(shard.path, "rb") as stream:
                 for i, (key, label) in enumerate(sample_keys(stream, labels=per_class)):
-                    rows.append((rank(data.subset_seed, key), key, s, i, label))
+                    row = (rank(data.subset_seed, key), key, s, i, label)
+                    if data.holdout is not None and held_out(data.subset_seed, key, data.holdout):
+                        held.append(row)
+                    else:
+                        rows.append(row)
         except (OSError, EOFError, ValueError) as err:
             # The loader reads around a damaged shard too: the samples listed before the damage
             # can be chosen, those after cannot.
             logger.warning("shard %s is damaged (%s): its later samples are not in the subset",
                            shard.name, err)  # fmt: skip
+    where = manifest.root / MANIFEST
+    if data.holdout is not None and (not held or not rows):
+        raise UserError(f"data.holdout: {data.holdout} of the {len(held) + len(rows)} train "
+                        f"samples of {where} holds out {len(held)}, leaving {len(rows)} to train "
+                        "on: both must be some; choose another fraction")  # fmt: skip
     rows.sort()
     if per_class:
         assert manifest.classes is not None and data.per_class is not None
@@ -113,18 +148,14 @@ def restrict(manifest: Manifest, data: DataConfig) -> Manifest:
         have = [len(by_class.get(c, [])) for c in range(len(manifest.classes))]
         short = [(n, k) for n, k in zip(manifest.classes, have, strict=True) if k < data.per_class]
         if short:
-            raise UserError(_short(manifest.root / MANIFEST, data.per_class, short, min(have)))
+            raise UserError(_short(where, data.per_class, short, min(have)))
         chosen = [row for c in sorted(by_class) for row in by_class[c][: data.per_class]]
     else:
+        if data.limit is not None and data.limit > len(rows):  # what the holdout left
+            raise UserError(f"data.limit: {data.limit} is more than the {len(rows)} train samples "
+                            f"of {where} that data.holdout {data.holdout} leaves: use at most "
+                            f"{len(rows)}")  # fmt: skip
         chosen = rows[: data.limit]
-    picks: dict[int, list[int]] = {}
-    for _, _, s, i, _ in chosen:
-        picks.setdefault(s, []).append(i)
-    shards = tuple(
-        dataclasses.replace(shard, count=len(picks[s]), picks=tuple(sorted(picks[s])))
-        for s, shard in enumerate(manifest.splits[SPLIT])
-        if s in picks
-    )
     keys = sorted(row[1] for row in chosen)
     record: dict[str, Any] = {
         "limit": data.limit,
@@ -133,11 +164,38 @@ def restrict(manifest: Manifest, data: DataConfig) -> Manifest:
         "count": len(keys),
         "of": manifest.count(SPLIT),
         # two runs trained on the same samples if and only if these are equal
-        "keys_sha256": hashlib.sha256("\n".join(keys).encode()).hexdigest(),
+        "keys_sha256": _digest(keys),
         "keys": keys,  # subset.json lists them; data.json records the rest
     }
+    splits = {**manifest.splits, SPLIT: _picked(manifest.splits[SPLIT], chosen)}
+    if data.holdout is not None:
+        # evaluated on in place of the val split, which is dropped: nothing reads it
+        splits["val"] = _picked(manifest.splits[SPLIT], sorted(held, key=lambda row: row[2:4]))
+        held_keys = sorted(row[1] for row in held)
+        record |= {"holdout": data.holdout, "held_out": len(held_keys),
+                   "held_out_sha256": _digest(held_keys)}  # fmt: skip
     logger.info("train subset: %d of %d samples (%s, data.subset_seed %d)", len(keys),
-                record["of"], f"data.per_class {data.per_class}" if per_class
-                else f"data.limit {data.limit}", data.subset_seed)  # fmt: skip
-    splits = {**manifest.splits, SPLIT: shards}
+                record["of"], _described(data), data.subset_seed)  # fmt: skip
     return dataclasses.replace(manifest, splits=splits, subset=record)
+
+
+def _digest(keys: list[str]) -> str:
+    return hashlib.sha256("\n".join(keys).encode()).hexdigest()
+
+
+def _described(data: DataConfig) -> str:
+    parts = [f"data.per_class {data.per_class}" if data.per_class is not None else "",
+             f"data.limit {data.limit}" if data.limit is not None else "",
+             f"data.holdout {data.holdout} evaluated on in place of val"
+             if data.holdout is not None else ""]  # fmt: skip
+    return ", ".join(p for p in parts if p)
+
+
+def _picked(shards: tuple[Shard, ...], rows: list[tuple[bytes, str, int, int, int | None]]
+            ) -> tuple[Shard, ...]:  # fmt: skip
+    """The shards of `rows` (shard number, index), each with the indices it keeps."""
+    picks: dict[int, list[int]] = {}
+    for _, _, s, i, _ in rows:
+        picks.setdefault(s, []).append(i)
+    return tuple(dataclasses.replace(shard, count=len(picks[s]), picks=tuple(sorted(picks[s])))
+                 for s, shard in enumerate(shards) if s in picks)  # fmt: skip

@@ -258,7 +258,8 @@ def finish(run: Run, end: Outcome) -> TrainResult:
     if not end.stopped:
         run.ckpt.export(run.parts.model, state.step)
         if engine.is_main and last is not None:
-            doc = write_eval(r.run_dir / "eval.json", summary(run.task, last, "val"), last)
+            split = subset.eval_split(r.data, "val")
+            doc = write_eval(r.run_dir / "eval.json", summary(run.task, last, split), last)
             _hparams(run, doc, state.step)
     assert run.log is not None
     run.log.close()

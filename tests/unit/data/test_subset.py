@@ -176,3 +176,36 @@ def test_what_cannot_be_cut_is_refused_in_one_line(shards: Path, tmp_path: Path)
     shard(tmp_path / "flat", tmp_path / "flat-shards", val_fraction=0.0)
     [line] = subset.problems(read_manifest(tmp_path / "flat-shards"), cfg(shards, per_class=1))
     assert line.startswith("data.per_class: ") and "no class labels" in line
+
+
+def test_a_holdout_is_evaluated_in_place_of_val_and_never_trained_on(shards: Path) -> None:
+    """data.holdout: part of the train split, the same whatever train.seed and nested as the
+    fraction grows, is what the val split reads; training reads the rest (and a subset is cut
+    from the rest); the shards' own val split is read by nobody."""
+    whole = set(epoch(cfg(shards), evaluation=True))
+    val = set(epoch(cfg(shards), split="val"))
+    c = cfg(shards, holdout=0.3)
+    trained, held = epoch(c), epoch(c, split="val")
+    assert len(held) == len(set(held)) > 0 and len(trained) == len(set(trained))
+    assert set(held) | set(trained) == whole and not set(held) & set(trained)
+    assert not set(held) & val  # the val split is not among what it evaluates
+    assert epoch(c, seed=1, split="val") == held and set(epoch(c, seed=1)) == set(trained)
+    assert set(epoch(cfg(shards, holdout=0.6), split="val")) > set(held)  # nested
+    two = epoch(cfg(shards, holdout=0.3, per_class=2))
+    assert len(two) == 6 and set(two) < set(trained)
+    # eval.json names the split it read
+    assert (
+        subset.eval_split(c, "val") == "holdout" and subset.eval_split(cfg(shards), "val") == "val"
+    )
+    # the step plan and a run's counts are the holdout's
+    assert subset.size(read_manifest(shards), c) == len(trained)
+
+
+def test_a_holdout_that_leaves_too_little_is_refused_in_one_line(shards: Path) -> None:
+    m = read_manifest(shards)
+    left = len(epoch(cfg(shards, holdout=0.3)))
+    assert subset.restrict(m, cfg(shards, holdout=0.3, limit=left)).count("train") == left
+    with pytest.raises(UserError, match=rf"^data\.limit: {left + 1} .* data\.holdout 0\.3 "):
+        subset.restrict(m, cfg(shards, holdout=0.3, limit=left + 1))
+    with pytest.raises(UserError, match=r"^data\.holdout: 0\.001 of the \d+ train samples .* 0"):
+        subset.restrict(m, cfg(shards, holdout=0.001))
