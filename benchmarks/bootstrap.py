@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks.common import report, timed
-from toolkit import stats
+from toolkit.core import stats
 
 ROOT = Path(__file__).resolve().parents[1]
 

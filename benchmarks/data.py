@@ -18,9 +18,9 @@ import torch
 
 from benchmarks.common import report, timed
 from toolkit.data.loader import build_loader
+from toolkit.data.sharding import shard
 from toolkit.data.sources import decode
-from toolkit.recipe import DataConfig
-from toolkit.shard import shard
+from toolkit.runs.recipe import DataConfig
 
 logger = logging.getLogger("benchmarks.data")
 

@@ -20,12 +20,12 @@ import numpy as np
 import torch
 
 from benchmarks.common import report
-from toolkit import recipe
 from toolkit.data.loader import build_loader
-from toolkit.engine.loop import train
-from toolkit.optim import build_groups, build_optimizer
-from toolkit.runs import build_model
-from toolkit.shard import shard
+from toolkit.data.sharding import shard
+from toolkit.engine.model import build_model
+from toolkit.engine.optim import build_groups, build_optimizer
+from toolkit.runs import recipe
+from toolkit.runs.loop import train
 
 
 def make_data(root: Path, count: int, size: int, scale: int) -> Path:

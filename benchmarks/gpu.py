@@ -75,8 +75,8 @@ def forward_flops(recipe_path: str, overrides: list[str], batch: int) -> float |
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    from toolkit import recipe
-    from toolkit.runs import build_model
+    from toolkit.engine.model import build_model
+    from toolkit.runs import recipe
     from toolkit.tasks import Placement, task_of
 
     r = recipe.load(ROOT / recipe_path, overrides)

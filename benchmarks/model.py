@@ -24,8 +24,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from benchmarks.common import report
-from toolkit import recipe
 from toolkit.models import MODELS, apply_freeze, build_model, param_counts
+from toolkit.runs import recipe
 
 ROOT = Path(__file__).resolve().parents[1]
 SR_SCALE = 2

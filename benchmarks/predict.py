@@ -23,9 +23,9 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks.common import report, timed
-from toolkit.data.tiles import Canvas, Tiling, assemble
 from toolkit.models import MODELS
-from toolkit.runs import load_model, locate
+from toolkit.prediction.tiles import Canvas, Tiling, assemble
+from toolkit.runs.directory import load_model, locate
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -128,14 +128,14 @@ def count_bytes(model: Any, optimizer: Any) -> dict[str, Any]:
 def worker(args: argparse.Namespace) -> int:
     import torch
 
-    from toolkit import recipe
     from toolkit.engine.accel import Engine
     from toolkit.engine.checkpointer import Parts
-    from toolkit.engine.loop import Run, train_step
+    from toolkit.engine.model import build_model
+    from toolkit.engine.optim import build_groups, build_optimizer, build_scheduler
     from toolkit.engine.state import TrainState
     from toolkit.engine.steps import StepPlan
-    from toolkit.optim import build_groups, build_optimizer, build_scheduler
-    from toolkit.runs import build_model
+    from toolkit.runs import recipe
+    from toolkit.runs.loop import Run, train_step
     from toolkit.tasks import task_of
 
     r = recipe.load(args.recipe, overrides_for(args.setting, args.precision, args.batch))

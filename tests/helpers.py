@@ -102,8 +102,8 @@ def make_run(run_dir: Path, *overrides: str, base: Path = DEBUG_RECIPE, seed: in
     import torch
     from safetensors.torch import save_file
 
-    from toolkit import recipe
-    from toolkit.runs import build_model
+    from toolkit.engine.model import build_model
+    from toolkit.runs import recipe
 
     r = recipe.load(base, [f"run.dir={run_dir}", *overrides])
     torch.manual_seed(seed)

@@ -33,8 +33,9 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from toolkit import cli, recipe
-from toolkit.errors import UserError
+from toolkit.core import cli
+from toolkit.core.errors import UserError
+from toolkit.runs import recipe
 
 logger = logging.getLogger(__name__)
 
@@ -65,8 +66,8 @@ CLASS_VAL_FRACTION = 0.33
 
 def make_data(shards: Path, count: int, workers: int, seed: int, classes: bool = False) -> None:
     """Simulate and shard the demo's data (`classes`: the labelled set) unless it is there."""
-    from toolkit.data import lensing
-    from toolkit.shard import shard
+    from toolkit.data.sharding import shard
+    from toolkit.data.sim.write import generate
 
     if (shards / "manifest.json").is_file():
         logger.info("demo data: %s is there", shards)
@@ -75,7 +76,7 @@ def make_data(shards: Path, count: int, workers: int, seed: int, classes: bool =
     if not raw.is_dir() or not any(raw.iterdir()):
         what = "labelled lensing images" if classes else "lensing systems"
         logger.info("demo data: simulating %d %s into %s", count, what, raw)
-        lensing.generate(raw, count, seed=seed, workers=workers, classes=classes)
+        generate(raw, count, seed=seed, workers=workers, classes=classes)
     shard(raw, shards, val_fraction=CLASS_VAL_FRACTION if classes else VAL_FRACTION,
           shard_size=250, workers=workers, seed=seed, labels=classes)  # fmt: skip
 
@@ -93,9 +94,9 @@ def make_mae_data(shards: Path, pairs_raw: Path, unlabelled: int, workers: int, 
     in the SR train split (never one of its validation split: the SR evaluation would score
     images the encoder was pretrained on), and `unlabelled` more from the labelled classes'
     generator with seed + 1 (so none is one of the labelled images; their class is dropped)."""
-    from toolkit.data import lensing
+    from toolkit.data.sharding import shard, split_of
+    from toolkit.data.sim.write import generate
     from toolkit.data.sources import list_source
-    from toolkit.shard import shard, split_of
 
     if (shards / "manifest.json").is_file():
         logger.info("demo data: %s is there", shards)
@@ -105,7 +106,7 @@ def make_mae_data(shards: Path, pairs_raw: Path, unlabelled: int, workers: int, 
         extra = shards.parent / "unlabelled-raw"
         if unlabelled and (not extra.is_dir() or not any(extra.iterdir())):
             logger.info("demo data: simulating %d unlabelled images into %s", unlabelled, extra)
-            lensing.generate(extra, unlabelled, seed=seed + 1, workers=workers, classes=True)
+            generate(extra, unlabelled, seed=seed + 1, workers=workers, classes=True)
         # Built aside and renamed: a folder there is a whole one.
         part = raw.with_name(raw.name + ".part")
         shutil.rmtree(part, ignore_errors=True)
@@ -122,7 +123,7 @@ def make_mae_data(shards: Path, pairs_raw: Path, unlabelled: int, workers: int, 
 
 
 def train_stage(r: recipe.Recipe) -> float:
-    from toolkit.train import run
+    from toolkit.runs.entry import run
 
     if (r.run_dir / "eval.json").is_file():
         logger.info("%s: done before (%s)", r.name, r.run_dir / "eval.json")
@@ -152,17 +153,19 @@ def tune_stage(name: str, rates: str, overrides: Sequence[str], base: Path) -> P
 def sweep_stage(argv: Sequence[str], base: Path) -> None:
     """A sweep (`launch ARGV`) trained in turn here (`--local`, which leaves finished variants
     as they are) into `base`."""
-    from toolkit import launch
+    from toolkit.cluster.launching import parse_args
+    from toolkit.cluster.sweeps import run_sweep
 
     start = time.perf_counter()
-    code = launch.main([*argv, "--local"])
+    code = run_sweep(parse_args([*argv, "--local"]))
     if code != 0:
         raise UserError(f"{base}: a variant of the sweep failed; see the log above")
     logger.info("%s: %.0f s", base, time.perf_counter() - start)
 
 
 def _report(run_dirs: Sequence[Path], out: Path, pairs: Sequence[tuple[str, str]] = ()) -> None:
-    from toolkit.report import markdown_all, report
+    from toolkit.reporting.tables import markdown_all
+    from toolkit.reporting.write import report
 
     doc = report(list(run_dirs), out, pairs=pairs)
     sys.stdout.write(f"\n{markdown_all(doc)}\n(the report is in {out})\n")

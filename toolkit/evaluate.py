@@ -22,13 +22,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from toolkit import cli
 from toolkit.cluster import env
+from toolkit.core import cli
+from toolkit.core.errors import UserError
+from toolkit.core.metrics import metric
 from toolkit.data.subset import eval_split
-from toolkit.errors import UserError
-from toolkit.hold import acquire, refuse_if_held
-from toolkit.metrics import metric
-from toolkit.runs import Target, check_shards, eval_loader, eval_path, load_model, locate
+from toolkit.runs.directory import Target, check_shards, eval_loader, eval_path, load_model, locate
+from toolkit.runs.hold import acquire, refuse_if_held
 
 if TYPE_CHECKING:
     from toolkit.engine.validate import Validation

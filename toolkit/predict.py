@@ -35,19 +35,19 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from toolkit import cli
-from toolkit.atomic import write_atomic
 from toolkit.cluster import env
-from toolkit.data.files import Like, encode
+from toolkit.core import cli
+from toolkit.core.atomic import write_atomic
+from toolkit.core.errors import UserError
 from toolkit.data.fit import Expected, misfit
-from toolkit.data.inputs import Job, list_jobs, read_job
 from toolkit.data.normalise import Normalisation, parse, resolve
-from toolkit.data.tiles import Canvas, Tiling, assemble
-from toolkit.errors import UserError
-from toolkit.hold import acquire, refuse_if_held
 from toolkit.models import MODELS
-from toolkit.recipe import Recipe
-from toolkit.runs import Target, expected_by, load_model, locate
+from toolkit.prediction.files import Like, encode
+from toolkit.prediction.inputs import Job, list_jobs, read_job
+from toolkit.prediction.tiles import Canvas, Tiling, assemble
+from toolkit.runs.directory import Target, expected_by, load_model, locate
+from toolkit.runs.hold import acquire, refuse_if_held
+from toolkit.runs.recipe import Recipe
 
 logger = logging.getLogger(__name__)
 

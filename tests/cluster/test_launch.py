@@ -19,8 +19,8 @@ from safetensors.torch import load_file
 from tests.cluster.jobs import launch, launched, sacct, sbatch, wait_done
 from tests.helpers import DEBUG_RECIPE, ROOT, logged_steps, make_pairs, tiny
 from toolkit.data.format import read_manifest
-from toolkit.hold import held
-from toolkit.shard import shard
+from toolkit.data.sharding import shard
+from toolkit.runs.hold import held
 
 pytestmark = pytest.mark.cluster
 

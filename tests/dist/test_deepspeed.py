@@ -15,14 +15,15 @@ import torch
 from safetensors.torch import load_file
 
 from tests.helpers import DEBUG_RECIPE, evaluate_json, make_pairs, read_jsonl, run_cli, tiny
-from toolkit import recipe
+from toolkit.runs import recipe
 from toolkit.data.format import read_manifest
 from toolkit.engine.accel import to_universal
 from toolkit.engine.checkpointer import read_weights
 from toolkit.engine.validate import validate
-from toolkit.errors import UserError
-from toolkit.runs import build_model, eval_loader
-from toolkit.shard import shard
+from toolkit.core.errors import UserError
+from toolkit.engine.model import build_model
+from toolkit.runs.directory import eval_loader
+from toolkit.data.sharding import shard
 from toolkit.tasks import Placement, task_of
 
 pytestmark = pytest.mark.slow
@@ -211,7 +212,7 @@ def test_restart_resets_the_optimiser_when_the_conversion_fails(
     """Should DeepSpeed fail to convert a checkpoint (a layout it cannot reshape), the run goes
     on from the consolidated weights, and the log says exactly what was reset."""
     import toolkit.engine.accel as accel
-    from toolkit.engine.loop import train
+    from toolkit.runs.loop import train
 
     run = tmp_path / "run"
     z2 = ["deepspeed.zero_stage=2"]
@@ -238,7 +239,7 @@ def test_restart_stops_clearly_when_the_conversion_does_not_load(
     """A conversion DeepSpeed then fails to load (here: its per-parameter files gone) stops
     the run with one line saying how to resume, and leaves the checkpoints as they were."""
     import toolkit.engine.accel as accel
-    from toolkit.engine.loop import train
+    from toolkit.runs.loop import train
 
     run = tmp_path / "run"
     z2 = ["deepspeed.zero_stage=2"]
@@ -266,7 +267,7 @@ def test_a_run_in_this_process_leaves_the_environment_as_it_found_it(shards, tmp
     environment and accelerate adds its own; after the run, and after a run that fails once its
     group is formed, none of it is left to turn the next command this process starts into a
     rank of a group that no longer exists."""
-    from toolkit.engine.loop import train
+    from toolkit.runs.loop import train
 
     assert "WORLD_SIZE" not in os.environ  # a lone process: the run makes its own environment
     before = dict(os.environ)
@@ -289,7 +290,7 @@ def test_bf16_deepspeed_keeps_residual_loss_and_outputs_in_fp32(shards, task) ->
     """Under DeepSpeed bf16 the weights are bf16 and the matrix products run in bf16, but the
     SR output (bicubic skip plus residuals) and the per-sample losses come out in fp32."""
     from toolkit.engine.accel import Engine
-    from toolkit.optim import build_groups, build_optimizer, build_scheduler
+    from toolkit.engine.optim import build_groups, build_optimizer, build_scheduler
     from toolkit.tasks import task_of
 
     r = recipe.load(DEBUG_RECIPE, [*tiny(shards, Path("unused"), task=task),

@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 
 from tests.helpers import DEBUG_RECIPE, make_pairs, run_cli, tiny
-from toolkit import recipe
+from toolkit.runs import recipe
 from toolkit.data.format import read_manifest
 from toolkit.data.loader import build_loader
-from toolkit.shard import shard
+from toolkit.data.sharding import shard
 
 pytestmark = pytest.mark.slow
 

@@ -15,11 +15,12 @@ from safetensors.torch import load_file
 from sklearn.metrics import accuracy_score, confusion_matrix, roc_auc_score
 
 from tests.helpers import ROOT, evaluate_json
-from toolkit import launch, recipe, report
+from toolkit import launch, report
 from toolkit.data.format import read_manifest, read_samples
+from toolkit.data.sharding import shard
 from toolkit.data.sources import decode
-from toolkit.runs import load_model, locate
-from toolkit.shard import shard
+from toolkit.runs import recipe
+from toolkit.runs.directory import load_model, locate
 
 pytestmark = pytest.mark.slow
 CNN = ROOT / "recipes" / "classify" / "cnn.yaml"

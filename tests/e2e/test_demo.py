@@ -41,8 +41,8 @@ def count(manifest: Path, split: str) -> int:
 def test_the_default_labelled_set_has_600_validation_images() -> None:
     # The split the demo's shard call draws, on the keys its generator writes (class/index):
     # the README's classification table needs at least 600 validation images.
-    from toolkit.data.substructure import CLASSES
-    from toolkit.shard import split_of
+    from toolkit.data.sharding import split_of
+    from toolkit.data.sim.substructure import CLASSES
 
     keys = [f"{CLASSES[i % len(CLASSES)]}/{i:06d}" for i in range(2100)]
     val = [k for k in keys if split_of(k, 0, demo.CLASS_VAL_FRACTION) == "val"]
@@ -82,7 +82,7 @@ def test_demo_runs_every_stage_and_writes_the_report(tmp_path, monkeypatch, caps
             for key in {m.name.split(".")[0] for m in members.getmembers()}:
                 assert not (data / "mae-raw" / f"sr-{key}.npy").exists(), key
     # The probe normalises its features; the ViT from scratch starts from nothing.
-    from toolkit import recipe
+    from toolkit.runs import recipe
 
     assert recipe.load("runs/demo/classify_probe/recipe.yaml").model.head_norm is True
     assert recipe.load("runs/demo/classify_scratch/recipe.yaml").init.from_ is None

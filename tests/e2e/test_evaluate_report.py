@@ -20,9 +20,9 @@ from PIL import Image
 from tests.helpers import DEBUG_RECIPE, evaluate_json, make_pairs, run_cli, tiny
 from toolkit import report
 from toolkit.data.format import read_manifest
-from toolkit.hold import HOLD, held
-from toolkit.runs import load_model, locate
-from toolkit.shard import shard
+from toolkit.data.sharding import shard
+from toolkit.runs.directory import load_model, locate
+from toolkit.runs.hold import HOLD, held
 
 pytestmark = pytest.mark.slow
 

@@ -116,7 +116,7 @@ def test_subprocess_exit_status_and_no_traceback(tmp_path: Path) -> None:
 def test_shards_that_do_not_fit_the_model_are_reported(capsys, tmp_path, monkeypatch) -> None:
     import numpy as np
 
-    from toolkit.shard import shard
+    from toolkit.data.sharding import shard
 
     monkeypatch.chdir(tmp_path)
     (tmp_path / "src").mkdir()

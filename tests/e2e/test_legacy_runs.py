@@ -11,8 +11,9 @@ from pathlib import Path
 import pytest
 
 from tests.helpers import DEBUG_RECIPE, make_pairs, read_jsonl
-from toolkit import evaluate, launch, recipe, report
-from toolkit.shard import shard
+from toolkit import evaluate, launch, report
+from toolkit.data.sharding import shard
+from toolkit.runs import recipe
 
 pytestmark = pytest.mark.slow
 

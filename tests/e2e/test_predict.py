@@ -35,10 +35,10 @@ from tests.helpers import (
 )
 from toolkit import predict
 from toolkit.data.format import read_manifest
-from toolkit.hold import acquire
+from toolkit.data.sharding import shard
 from toolkit.models import MODELS, ModelSpec, register_model
-from toolkit.recipe import ModelBase
-from toolkit.shard import shard
+from toolkit.runs.hold import acquire
+from toolkit.runs.recipe import ModelBase
 from toolkit.train import main as train_main
 
 RNG = np.random.default_rng(11)

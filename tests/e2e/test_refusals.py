@@ -21,7 +21,7 @@ from tests.helpers import (
     tree_digest,
 )
 from toolkit import evaluate, launch, report, train
-from toolkit.shard import shard
+from toolkit.data.sharding import shard
 
 CNN = ROOT / "recipes" / "classify" / "cnn.yaml"
 # A 3-class CNN small enough to build in milliseconds on 32x32 images.

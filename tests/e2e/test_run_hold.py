@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 
 from tests.helpers import DEBUG_RECIPE, ROOT, logged_steps, make_pairs, run_cli, tiny
-from toolkit.hold import HOLD, holder_of
-from toolkit.shard import shard
+from toolkit.data.sharding import shard
+from toolkit.runs.hold import HOLD, holder_of
 
 pytestmark = pytest.mark.slow
 

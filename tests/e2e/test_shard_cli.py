@@ -19,6 +19,7 @@ import pytest
 import torch
 
 from toolkit import shard
+from toolkit.data import sharding
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -194,6 +195,7 @@ def replace(src, dst, *args, **kwargs):
 
 os.replace = replace
 from toolkit import shard
+from toolkit.data import sharding
 sys.exit(shard.main(sys.argv[3:]))
 """
 
@@ -226,7 +228,7 @@ def named_tars(out: Path) -> list[str]:
 def cleaned_up_by_a_rerun(src: Path, out: Path) -> None:
     """A later --overwrite leaves exactly the files its manifest names (no temporaries, no
     stale shards of the killed runs)."""
-    new = shard.shard(src, out, shard_size=1000, overwrite=True)
+    new = sharding.shard(src, out, shard_size=1000, overwrite=True)
     named = {out / s["name"] for sp in new["splits"].values() for s in sp["shards"]}
     assert {p for p in out.glob("*/*") if p.is_file()} | set(out.glob("*/.*")) == named
 
@@ -256,7 +258,7 @@ def test_killed_in_the_commit_before_the_manifest_leaves_none(
     no manifest at all, so no reader sees a mix of shards; over an old run, its manifest was
     removed before the first of its shards was replaced, so the old run is not shown either."""
     out, marker = tmp_path / "out", tmp_path / "paused"
-    old = shard.shard(many_files, out, shard_size=500, seed=1) if overwrite else None
+    old = sharding.shard(many_files, out, shard_size=500, seed=1) if overwrite else None
     cmd = paused_at("shard:1", marker, many_files, out, "--shard-size", "30", "--overwrite")
     assert kill_when(cmd, marker.exists) == -signal.SIGKILL
     assert marker.read_text() == str(out / "train/shard-000000.tar")  # where it landed
@@ -277,7 +279,7 @@ def test_killed_after_the_manifest_shows_the_new_run_whole(
     the manifest is the new run's, every shard it names is whole (size, sha256), and the stale
     shards left behind are named by none of it."""
     out, marker = tmp_path / "out", tmp_path / "paused"
-    old = shard.shard(many_files, out, shard_size=200, seed=1) if overwrite else None
+    old = sharding.shard(many_files, out, shard_size=200, seed=1) if overwrite else None
     cmd = paused_at("manifest", marker, many_files, out, "--shard-size", "500", "--overwrite")
     assert kill_when(cmd, marker.exists) == -signal.SIGKILL
     assert marker.read_text() == str(out / "manifest.json")  # where it landed
@@ -296,7 +298,7 @@ def test_killed_overwrite_while_writing_keeps_the_old_run(many_files: Path, tmp_
     """--overwrite killed while its shards are being written leaves the old run as it was:
     its manifest and every shard it names, byte for byte."""
     out = tmp_path / "out"
-    old = shard.shard(many_files, out, shard_size=500, seed=1)
+    old = sharding.shard(many_files, out, shard_size=500, seed=1)
     cmd = [sys.executable, "-m", "toolkit.shard", str(many_files), str(out), "--overwrite"]
     assert kill_when([*cmd, "--shard-size", "30", "--workers", "2"], lambda: temps(out)) == (
         -signal.SIGKILL
@@ -343,7 +345,7 @@ def make_bands(root: Path, n: int, bands: int = 5, size: int = 16) -> dict[str, 
 
 def test_multi_band_floats_shard_and_load_back_bit_identical(capsys, tmp_path: Path) -> None:
     from toolkit.data.loader import build_loader
-    from toolkit.recipe import DataConfig
+    from toolkit.runs.recipe import DataConfig
 
     hr = make_bands(tmp_path / "src", 12)
     code, _, _ = run(capsys, tmp_path / "src", tmp_path / "out", "--val-fraction", "0.5")

@@ -13,8 +13,9 @@ import pytest
 
 from tests.e2e.test_classify import labelled
 from tests.helpers import DEBUG_RECIPE, ROOT
-from toolkit import launch, recipe, report
-from toolkit.shard import shard
+from toolkit import launch, report
+from toolkit.data.sharding import shard
+from toolkit.runs import recipe
 
 pytestmark = pytest.mark.slow
 CLASSIFY = ROOT / "recipes" / "classify"

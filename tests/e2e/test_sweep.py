@@ -9,8 +9,9 @@ import statistics
 import pytest
 
 from tests.helpers import DEBUG_RECIPE, hparams_of, make_pairs, tiny
-from toolkit import launch, recipe, report
-from toolkit.shard import shard
+from toolkit import launch, report
+from toolkit.data.sharding import shard
+from toolkit.runs import recipe
 
 pytestmark = pytest.mark.slow
 

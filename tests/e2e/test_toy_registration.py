@@ -19,10 +19,10 @@ from torch import Tensor, nn
 
 from tests.helpers import make_pairs, read_jsonl
 from toolkit import evaluate, launch, report
-from toolkit.metrics import image_metrics
+from toolkit.core.metrics import image_metrics
+from toolkit.data.sharding import shard
 from toolkit.models import MODELS, ModelSpec, register_model
-from toolkit.recipe import ModelBase, setting
-from toolkit.shard import shard
+from toolkit.runs.recipe import ModelBase, setting
 from toolkit.tasks import TASKS, BatchResult, Placement, Task
 
 pytestmark = pytest.mark.slow

@@ -25,7 +25,7 @@ from tests.helpers import (
     tree_digest,
 )
 from toolkit import train as train_cli
-from toolkit.shard import shard
+from toolkit.data.sharding import shard
 
 pytestmark = pytest.mark.slow
 
@@ -211,8 +211,8 @@ def initial_weights(overrides: list[str]) -> dict[str, torch.Tensor]:
     """The model every run starts from: the recipe's seed, as the engine seeds it."""
     from accelerate.utils import set_seed
 
-    from toolkit import recipe
-    from toolkit.runs import build_model
+    from toolkit.engine.model import build_model
+    from toolkit.runs import recipe
 
     r = recipe.load(DEBUG_RECIPE, overrides)
     set_seed(r.train.seed)
@@ -291,8 +291,9 @@ def test_bf16_trains_and_exports_fp32(shards: Path, tmp_path: Path) -> None:
 def test_a_norm_pix_mae_run_logs_its_training_loss_as_validation_loss(shards, tmp_path) -> None:
     """The logged val/loss is the mean, over the validation samples, of the exported model's
     own loss (norm_pix_loss included) with each sample's evaluation mask."""
-    from toolkit import recipe
-    from toolkit.runs import build_model, eval_loader
+    from toolkit.engine.model import build_model
+    from toolkit.runs import recipe
+    from toolkit.runs.directory import eval_loader
     from toolkit.tasks.mae import mask_noise
 
     run = tmp_path / "run"
@@ -319,7 +320,7 @@ def test_no_read_of_a_tensor_inside_a_step(shards, tmp_path, monkeypatch) -> Non
     value (item, tolist, float, int, bool, numpy, cpu), which on a GPU would wait for
     everything queued. Counted by wrapping those methods and attributing each call to the frame
     that made it; the loss is read a step late or at log steps, outside the step."""
-    from toolkit.engine import loop
+    from toolkit.runs import loop
 
     toolkit = str(Path(loop.__file__).parents[1])
     inside, reads = [False], []

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from toolkit import hold
-from toolkit.hold import HOLD, Held, acquire, holder_of
+from toolkit.runs import hold
+from toolkit.runs.hold import HOLD, Held, acquire, holder_of
 
 
 def plant(directory: Path, **fields: object) -> Path:
@@ -98,7 +98,7 @@ def test_release_leaves_a_newer_holder_alone(tmp_path: Path) -> None:
 _WRITER = """
 import gc, signal, sys, time
 from pathlib import Path
-from toolkit import hold
+from toolkit.runs import hold
 from tests.unit.test_hold import plant
 hold.HEARTBEAT, hold.RESEND = 0.05, 2.0
 directory, how = Path(sys.argv[1]), sys.argv[2]

@@ -6,8 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from toolkit import launch, recipe
-from toolkit.errors import UserError
+from toolkit import launch
+from toolkit.core.errors import UserError
+from toolkit.runs import recipe
 
 ROOT = Path(__file__).resolve().parents[2]
 DEBUG = str(ROOT / "recipes/debug.yaml")

@@ -13,7 +13,7 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from toolkit.logging import RunLogger, image_grid
+from toolkit.core.logging import RunLogger, image_grid
 
 
 @pytest.fixture(autouse=True)
@@ -154,13 +154,13 @@ def test_resume_with_nothing_stale_leaves_the_file_alone(tmp_path: Path) -> None
 def test_plain_progress_lines_when_not_a_tty(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.INFO, logger="toolkit.logging")
+    caplog.set_level(logging.INFO, logger="toolkit.core.logging")
     log = RunLogger(tmp_path, enabled=True, total_steps=1000, start_step=100, log_every=10)
     for step in range(101, 125):
         log.log(train_scalars(step) | {"train/loss": 0.0123}, step)
     log.log({"val/psnr": 30.36, "val/ssim": 0.9524}, 124)
     log.close()
-    lines = [r.getMessage() for r in caplog.records if r.name == "toolkit.logging"]
+    lines = [r.getMessage() for r in caplog.records if r.name == "toolkit.core.logging"]
     assert lines == [
         "step 110/1000 loss 0.0123 lr 8.0e-05 123.4 img/s",
         "step 120/1000 loss 0.0123 lr 8.0e-05 123.4 img/s",

@@ -16,8 +16,8 @@ from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 from sklearn import metrics as skm
 from sklearn.preprocessing import label_binarize
 
-from toolkit import metrics
-from toolkit.metrics import MetricAccumulator
+from toolkit.core import metrics
+from toolkit.core.metrics import MetricAccumulator
 
 IMAGE = ("mse", "psnr", "ssim")
 

@@ -9,9 +9,9 @@ import pytest
 import torch
 from torch import nn
 
-from toolkit import optim
-from toolkit.errors import UserError
-from toolkit.recipe import GroupRule, OptimConfig, SchedulerConfig
+from toolkit.core.errors import UserError
+from toolkit.engine import optim
+from toolkit.runs.recipe import GroupRule, OptimConfig, SchedulerConfig
 
 
 class Tiny(nn.Module):

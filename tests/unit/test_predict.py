@@ -8,11 +8,11 @@ from pathlib import Path
 import pytest
 
 from tests.helpers import DEBUG_RECIPE, EDSR_RECIPE, SR, TINY_EDSR
-from toolkit import recipe
-from toolkit.data.inputs import Job
-from toolkit.data.tiles import Tiling
-from toolkit.errors import UserError
+from toolkit.core.errors import UserError
 from toolkit.predict import share, tiling_for
+from toolkit.prediction.inputs import Job
+from toolkit.prediction.tiles import Tiling
+from toolkit.runs import recipe
 
 
 def test_every_file_is_in_exactly_one_share_and_the_bytes_are_balanced() -> None:

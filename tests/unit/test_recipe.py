@@ -10,8 +10,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from toolkit import config, recipe
-from toolkit.recipe import RecipeError
+from toolkit.core import config
+from toolkit.runs import recipe
+from toolkit.runs.recipe import RecipeError
 
 ROOT = Path(__file__).resolve().parents[2]
 # Complete recipes; the _partial ones are checked through the recipes that extend them, the

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from toolkit.registry import Registry
+from toolkit.core.registry import Registry
 
 
 def test_builtins_are_imported_only_when_asked_for() -> None:

@@ -13,9 +13,10 @@ import numpy as np
 import pytest
 
 from tests.helpers import DEBUG_RECIPE
-from toolkit import recipe, stats
-from toolkit.errors import UserError
+from toolkit.core import stats
+from toolkit.core.errors import UserError
 from toolkit.report import Run, best, markdown, markdown_all, read_runs, report, tables
+from toolkit.runs import recipe
 
 ROOT = Path(__file__).resolve().parents[2]
 

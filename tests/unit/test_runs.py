@@ -9,10 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from toolkit import evaluate, recipe
-from toolkit.errors import UserError
-from toolkit.hold import Held, held
-from toolkit.runs import another_run, check_relaunch, eval_path, locate
+from toolkit import evaluate
+from toolkit.core.errors import UserError
+from toolkit.runs import recipe
+from toolkit.runs.directory import another_run, check_relaunch, eval_path, locate
+from toolkit.runs.hold import Held, held
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -10,9 +10,9 @@ import torch
 from scipy import stats as scipy_stats
 from sklearn.metrics import roc_auc_score
 
-from toolkit import stats
-from toolkit.errors import UserError
-from toolkit.metrics import one_vs_rest_auc
+from toolkit.core import stats
+from toolkit.core.errors import UserError
+from toolkit.core.metrics import one_vs_rest_auc
 
 # Monte Carlo error of a percentile endpoint: the 2.5% quantile of R bootstrap values has a
 # standard error of sqrt(p (1 - p) / R) / phi(1.96) sigma_b = 0.0845 sqrt(1000 / R) sigma_b for a

@@ -9,9 +9,10 @@ from pathlib import Path
 import pytest
 
 from tests.helpers import DEBUG_RECIPE
-from toolkit import launch, recipe, report
-from toolkit.errors import UserError
-from toolkit.sweep import parse, read, variants, write
+from toolkit import launch, report
+from toolkit.core.errors import UserError
+from toolkit.runs import recipe
+from toolkit.runs.sweep import parse, read, variants, write
 
 
 def test_the_product_last_key_fastest_each_named_by_its_overrides() -> None:
@@ -184,8 +185,8 @@ def test_a_variant_writes_its_swept_values_and_metrics_to_the_hparams_dashboard(
     """A run directory that sweep.json lists is a variant: its swept keys (seed included) and
     final metrics go into its own tb/ event file, read back here by TensorBoard's reader."""
     from tests.helpers import hparams_of
-    from toolkit.logging import RunLogger
-    from toolkit.sweep import swept_of, value_at
+    from toolkit.core.logging import RunLogger
+    from toolkit.runs.sweep import swept_of, value_at
 
     axes = {"data.limit": ["8", "32"], "init.from": ["runs/a", "runs/b"], "train.seed": ["0"]}
     base = tmp_path / "sweep"

@@ -11,7 +11,7 @@ import sys
 from collections.abc import Mapping, MutableMapping
 from dataclasses import dataclass
 
-from toolkit.cluster import devices
+from toolkit.engine import devices
 
 logger = logging.getLogger(__name__)
 

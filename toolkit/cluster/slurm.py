@@ -18,8 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from toolkit import recipe
-from toolkit.errors import UserError
+from toolkit.core.errors import UserError
+from toolkit.runs import recipe
 
 logger = logging.getLogger(__name__)
 
@@ -259,13 +259,13 @@ class TrainTask:
     def __call__(self) -> dict[str, Any]:
         from submitit import JobEnvironment
 
-        from toolkit import train
+        from toolkit.cluster import worker
 
         os.chdir(self.cwd)
         usr_sig = getattr(signal, "SIG" + JobEnvironment.USR_SIG)
         submitit_handler = signal.getsignal(usr_sig)  # taken now: the loop swaps it while it runs
-        status = train.main(self.argv)
-        if status == train.STOPPED:
+        status = worker.main(self.argv)
+        if status == worker.STOPPED:
             self._after_stop(submitit_handler, usr_sig)
         if status != 0:
             raise RuntimeError(f"toolkit.train exited with status {status}")

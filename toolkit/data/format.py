@@ -21,8 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from toolkit.atomic import write_atomic
-from toolkit.errors import UserError
+from toolkit.core.atomic import write_atomic
+from toolkit.core.errors import UserError
 
 FORMAT = "srmae-shards/1"
 SPLITS = ("train", "val")

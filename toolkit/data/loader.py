@@ -27,6 +27,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, default_collate, get_worker_info
 
+from toolkit.core.errors import UserError
+from toolkit.core.schema import DataConfig
 from toolkit.data.degrade import degrade
 from toolkit.data.format import (
     MANIFEST,
@@ -48,8 +50,6 @@ from toolkit.data.plan import (
 )
 from toolkit.data.sources import decode
 from toolkit.data.subset import restrict
-from toolkit.errors import UserError
-from toolkit.recipe import DataConfig
 
 logger = logging.getLogger(__name__)
 

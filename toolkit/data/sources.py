@@ -13,8 +13,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from toolkit.core.errors import UserError
 from toolkit.data.fits import FITS_EXTS, decode_fits, probe_fits
-from toolkit.errors import UserError
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
 ARRAY_EXTS = (".npy",)

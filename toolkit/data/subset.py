@@ -28,9 +28,9 @@ import hashlib
 import logging
 from typing import Any
 
+from toolkit.core.errors import UserError
+from toolkit.core.schema import DataConfig
 from toolkit.data.format import MANIFEST, Manifest, Shard, sample_keys
-from toolkit.errors import UserError
-from toolkit.recipe import DataConfig
 
 logger = logging.getLogger(__name__)
 

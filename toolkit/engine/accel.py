@@ -21,10 +21,10 @@ from accelerate.state import AcceleratorState, GradientState
 from accelerate.utils import DeepSpeedPlugin, InitProcessGroupKwargs, set_seed
 from torch import nn
 
-from toolkit.cluster import devices
+from toolkit.core.errors import UserError
+from toolkit.core.schema import DeepSpeedConfig, TrainConfig
+from toolkit.engine import devices
 from toolkit.engine.sums import LaggedSum
-from toolkit.errors import UserError
-from toolkit.recipe import DeepSpeedConfig, TrainConfig
 
 logger = logging.getLogger(__name__)
 

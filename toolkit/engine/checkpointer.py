@@ -26,9 +26,9 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from toolkit.atomic import write_atomic
+from toolkit.core.atomic import write_atomic
+from toolkit.core.errors import UserError
 from toolkit.engine.state import TrainState
-from toolkit.errors import UserError
 from toolkit.models import load_weights
 
 if TYPE_CHECKING:  # accelerate is imported only where a run trains or gathers ZeRO shards

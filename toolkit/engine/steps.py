@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from toolkit import recipe
+from toolkit.core import schema
 from toolkit.data.plan import rank_plan
 
 
@@ -15,10 +15,10 @@ class StepPlan:
     """Step counts of the run and which steps evaluate and checkpoint."""
 
     batches_per_epoch: int
-    cfg: recipe.TrainConfig
+    cfg: schema.TrainConfig
 
     @classmethod
-    def of(cls, r: recipe.Recipe, train_samples: int, world_size: int) -> StepPlan:
+    def of(cls, r: schema.Recipe, train_samples: int, world_size: int) -> StepPlan:
         """The plan of `r` on `world_size` processes over `train_samples` samples: the batches
         each rank gets per epoch, as the loader lays them out (`data/plan.py`)."""
         batches = rank_plan(train_samples, r.data.batch_size, 0, world_size, train=True).batches

@@ -12,9 +12,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from toolkit.atomic import write_atomic
-from toolkit.metrics import MetricAccumulator
-from toolkit.stats import Samples
+from toolkit.core.atomic import write_atomic
+from toolkit.core.metrics import MetricAccumulator
+from toolkit.core.stats import Samples
 from toolkit.tasks import Placement, Task
 
 GRID_SAMPLES = 4  # samples shown in the TensorBoard image grid

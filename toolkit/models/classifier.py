@@ -26,10 +26,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from toolkit.core.schema import MAX_LAYERS, MAX_WIDTH, ModelBase, setting
 from toolkit.models.mae import MAEConfig
 from toolkit.models.registry import ModelSpec
 from toolkit.models.vit import Encoder, EncoderLayers, init_vit_weights
-from toolkit.recipe import MAX_LAYERS, MAX_WIDTH, ModelBase, setting
 
 
 @dataclass

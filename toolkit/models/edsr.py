@@ -19,8 +19,8 @@ from dataclasses import dataclass
 
 from torch import Tensor, nn
 
+from toolkit.core.schema import MAX_LAYERS, MAX_WIDTH, ModelBase, setting
 from toolkit.models.registry import ModelSpec
-from toolkit.recipe import MAX_LAYERS, MAX_WIDTH, ModelBase, setting
 
 
 @dataclass

@@ -9,6 +9,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
+from toolkit.core.schema import MAX_LAYERS, MAX_WIDTH, ModelBase, setting
 from toolkit.models.registry import ModelSpec
 from toolkit.models.vit import (
     Decoder,
@@ -18,7 +19,6 @@ from toolkit.models.vit import (
     patchify,
     unpatchify,
 )
-from toolkit.recipe import MAX_LAYERS, MAX_WIDTH, ModelBase, setting
 
 _VIT_FIELDS = ("in_chans", "img_size", "patch_size", "embed_dim", "depth", "num_heads",
                "decoder_embed_dim", "decoder_depth", "decoder_num_heads", "mlp_ratio",

@@ -8,8 +8,8 @@ from typing import Any
 
 from torch import nn
 
-from toolkit.recipe import ModelBase
-from toolkit.registry import Registry
+from toolkit.core.registry import Registry
+from toolkit.core.schema import ModelBase
 
 
 @dataclass(frozen=True)

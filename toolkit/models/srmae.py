@@ -33,10 +33,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from toolkit.core.schema import MAX_WIDTH, setting
 from toolkit.models.mae import MAEConfig
 from toolkit.models.registry import ModelSpec
 from toolkit.models.vit import Decoder, Encoder, EncoderLayers, init_vit_weights, unpatchify
-from toolkit.recipe import MAX_WIDTH, setting
 
 
 def _deconv_padding(lr_size: int, hr_size: int, scale: int, kernel: int) -> tuple[int, int]:

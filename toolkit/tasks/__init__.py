@@ -5,8 +5,8 @@ is one module with a `Task` subclass plus one line in `TASKS` (or `TASKS.registe
 at run time).
 """
 
-from toolkit.recipe import Recipe
-from toolkit.registry import Registry
+from toolkit.core.registry import Registry
+from toolkit.core.schema import Recipe
 from toolkit.tasks.base import BatchResult, Placement, Task
 
 # One line per built-in task: name -> "module:Task subclass".

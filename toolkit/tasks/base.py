@@ -14,11 +14,11 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from toolkit.core.metrics import MetricAccumulator
+from toolkit.core.schema import Recipe
+from toolkit.core.stats import Statistic, mean_statistic
 from toolkit.data.format import MANIFEST, Manifest
-from toolkit.metrics import MetricAccumulator
 from toolkit.models import MODELS, build_model
-from toolkit.recipe import Recipe
-from toolkit.stats import Statistic, mean_statistic
 
 
 @dataclass(frozen=True)
@@ -154,7 +154,7 @@ class Task(ABC):
     @property
     def reference_metrics(self) -> list[str]:
         """The metrics reported for the reference: those computed from images (not the loss)."""
-        from toolkit.metrics import metric
+        from toolkit.core.metrics import metric
 
         return [n for n in self.metrics if metric(n).fn is not None]
 

@@ -12,10 +12,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from toolkit.core.metrics import MetricAccumulator, one_vs_rest_auc, roc_curve
+from toolkit.core.schema import Recipe
+from toolkit.core.stats import Statistic, auc_statistic, concat, mean_statistic
 from toolkit.data.format import MANIFEST, Manifest
-from toolkit.metrics import MetricAccumulator, one_vs_rest_auc, roc_curve
-from toolkit.recipe import Recipe
-from toolkit.stats import Statistic, auc_statistic, concat, mean_statistic
 from toolkit.tasks.base import BatchResult, Placement, Task
 
 _ROC_POINTS = 200  # ROC curves in eval.json are thinned to about this many points
@@ -122,8 +122,8 @@ class ClassifyTask(Task):
     def extras(self, values: MetricAccumulator) -> dict[str, Any]:
         """The class names (from the shards, where readable), the confusion matrix (rows: true
         class, columns: predicted) and each class's one-vs-rest ROC curve."""
+        from toolkit.core.errors import UserError
         from toolkit.data.format import read_manifest
-        from toolkit.errors import UserError
 
         scores, labels = self._gathered(values)
         k = self.num_classes

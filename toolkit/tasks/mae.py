@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from toolkit.recipe import Recipe
+from toolkit.core.schema import Recipe
 from toolkit.tasks.base import BatchResult, Placement, Task
 
 

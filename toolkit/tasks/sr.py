@@ -9,10 +9,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from toolkit.core.metrics import image_metrics
+from toolkit.core.schema import Recipe
 from toolkit.data.degrade import upscale_bicubic
 from toolkit.data.normalise import resolve
-from toolkit.metrics import image_metrics
-from toolkit.recipe import Recipe
 from toolkit.tasks.base import BatchResult, Placement, Task
 
 _PIXEL_LOSSES = {"l1": F.l1_loss, "mse": F.mse_loss}

@@ -11,8 +11,9 @@ import torch
 
 from tests.helpers import DEBUG_RECIPE, make_pairs, one_error_line, tiny
 from tests.unit.cluster.test_env import TASK1
-from toolkit.cluster import devices, env
-from toolkit.errors import UserError
+from toolkit.cluster import env
+from toolkit.core.errors import UserError
+from toolkit.engine import devices
 
 # Task 1 of a 2-node job with 2 tasks and 2 GPUs per node, as srun starts it.
 GPU_TASK = {**TASK1, "SLURM_NTASKS": "4", "SLURM_STEP_NUM_TASKS": "4", "SLURM_TASKS_PER_NODE":
@@ -148,7 +149,7 @@ def test_train_on_gpus_with_a_broken_driver_exits_2_and_writes_nothing(
     written into the run directory (no hold, no recipe, no checkpoint)."""
     from toolkit import train
     from toolkit.data.format import MANIFEST
-    from toolkit.shard import shard
+    from toolkit.data.sharding import shard
 
     make_pairs(tmp_path / "src", 8)
     shard(tmp_path / "src", tmp_path / "shards", val_fraction=0.25, shard_size=8)

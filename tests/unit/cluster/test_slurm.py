@@ -7,9 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from toolkit import launch, recipe
+from toolkit import launch
 from toolkit.cluster import slurm
-from toolkit.errors import UserError
+from toolkit.core.errors import UserError
+from toolkit.runs import recipe
 
 ROOT = Path(__file__).resolve().parents[3]
 NO_FLAGS = dict.fromkeys(launch.SLURM_FLAGS)

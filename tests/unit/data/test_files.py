@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from toolkit.data.files import encode, read
 from toolkit.data.sources import decode
+from toolkit.prediction.files import encode, read
 
 RNG = np.random.default_rng(5)
 

@@ -12,12 +12,12 @@ import pytest
 import torch
 from astropy.io import fits
 
+from toolkit.core.errors import UserError
 from toolkit.data.fits import encode_fits, read_fits
 from toolkit.data.loader import build_loader
+from toolkit.data.sharding import shard
 from toolkit.data.sources import decode, probe
-from toolkit.errors import UserError
-from toolkit.recipe import DataConfig
-from toolkit.shard import shard
+from toolkit.runs.recipe import DataConfig
 
 RNG = np.random.default_rng(3)
 

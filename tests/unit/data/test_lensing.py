@@ -11,7 +11,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from toolkit.data import lensing
+from toolkit import simulate
+from toolkit.data.sim import lensing, write
 
 ROOT = Path(__file__).resolve().parents[3]
 
@@ -36,7 +37,7 @@ def _psnr(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def test_generate_writes_pairs_of_the_right_shape(lenstronomy, tmp_path):
-    assert lensing.generate(tmp_path / "out", 3, seed=5) == 3
+    assert write.generate(tmp_path / "out", 3, seed=5) == 3
     for side, size in (("hr", 150), ("lr", 75)):
         files = sorted((tmp_path / "out" / side).iterdir())
         assert [f.name for f in files] == ["000000.npy", "000001.npy", "000002.npy"]
@@ -52,8 +53,8 @@ def test_generate_writes_pairs_of_the_right_shape(lenstronomy, tmp_path):
 
 
 def test_same_output_whatever_the_workers(lenstronomy, tmp_path):
-    lensing.generate(tmp_path / "one", 4, seed=3, workers=1)
-    lensing.generate(tmp_path / "two", 4, seed=3, workers=2)
+    write.generate(tmp_path / "one", 4, seed=3, workers=1)
+    write.generate(tmp_path / "two", 4, seed=3, workers=2)
     names = sorted(p.relative_to(tmp_path / "one") for p in (tmp_path / "one").rglob("*.npy"))
     assert len(names) == 8
     other = sorted(p.relative_to(tmp_path / "two") for p in (tmp_path / "two").rglob("*"))
@@ -100,7 +101,7 @@ def test_bicubic_psnr_is_in_the_calibrated_band(lenstronomy):
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "toolkit.data.lensing", *args]
+    cmd = [sys.executable, "-m", "toolkit.simulate", *args]
     return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
 
 
@@ -131,7 +132,7 @@ def test_cli_refuses_a_non_empty_out(tmp_path):
 
 def test_cli_without_lenstronomy_says_how_to_install(tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "lenstronomy", None)  # makes `import lenstronomy` fail
-    assert lensing.main([str(tmp_path / "out"), "--count", "1"]) == 2
+    assert simulate.main([str(tmp_path / "out"), "--count", "1"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1
     assert "lenstronomy is not installed: pip install 'srmae-toolkit[lensing]'" in err

@@ -11,12 +11,12 @@ import numpy as np
 import pytest
 import torch
 
+from toolkit.core.errors import UserError
 from toolkit.data import loader as L
 from toolkit.data import plan as P
 from toolkit.data.degrade import degrade
-from toolkit.errors import UserError
-from toolkit.recipe import DataConfig
-from toolkit.shard import shard
+from toolkit.data.sharding import shard
+from toolkit.runs.recipe import DataConfig
 
 
 def make_pairs(root: Path, n: int, size: int = 8, scale: int = 2) -> None:

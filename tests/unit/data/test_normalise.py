@@ -10,12 +10,12 @@ import numpy as np
 import pytest
 import torch
 
+from toolkit.core.errors import UserError
 from toolkit.data.format import read_manifest
 from toolkit.data.loader import build_loader
 from toolkit.data.normalise import Normalisation, parse, resolve
-from toolkit.errors import UserError
-from toolkit.recipe import DataConfig
-from toolkit.shard import shard
+from toolkit.data.sharding import shard
+from toolkit.runs.recipe import DataConfig
 
 
 def sky(seed: int = 0, bands: int = 3) -> torch.Tensor:

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from toolkit.core.errors import UserError
 from toolkit.data.sources import decode, list_source, npy_range, probe
-from toolkit.errors import UserError
 
 RNG = np.random.default_rng(0)
 

@@ -11,13 +11,13 @@ import numpy as np
 import pytest
 import torch
 
+from toolkit.core.errors import UserError
 from toolkit.data import loader as L
 from toolkit.data import subset
 from toolkit.data.format import read_manifest
+from toolkit.data.sharding import shard
 from toolkit.engine.steps import StepPlan
-from toolkit.errors import UserError
-from toolkit.recipe import DataConfig
-from toolkit.shard import shard
+from toolkit.runs.recipe import DataConfig
 
 CLASSES = ("a", "b", "c")
 
@@ -91,7 +91,7 @@ def test_limit_is_exact_nested_and_independent_of_the_seed_and_of_the_shard_size
 
 
 def test_the_step_plan_counts_the_subset(shards: Path) -> None:
-    from toolkit import recipe
+    from toolkit.runs import recipe
 
     r = recipe.load(
         Path(__file__).resolve().parents[3] / "recipes" / "debug.yaml",
@@ -107,7 +107,7 @@ def test_the_step_plan_counts_the_subset(shards: Path) -> None:
     n = subset.size(manifest, r.data)
     assert n == 15 == subset.restrict(manifest, r.data).count("train")
     assert StepPlan.of(r, n, 1).total == 2 * 4  # ceil(15 / 4) batches per epoch
-    from toolkit.runs import _sample_counts
+    from toolkit.runs.directory import _sample_counts
 
     assert _sample_counts(r)["train"] == 15 and _sample_counts(r)["val"] == manifest.count("val")
 

@@ -8,8 +8,8 @@ import math
 import numpy as np
 import pytest
 
-from toolkit.data import lensing, substructure
-from toolkit.data.substructure import CLASSES, SUB_COUNT, SUB_RING, SUB_THETA, VORTEX_BEADS
+from toolkit.data.sim import substructure, write
+from toolkit.data.sim.substructure import CLASSES, SUB_COUNT, SUB_RING, SUB_THETA, VORTEX_BEADS
 
 LENS = {"theta_E": 1.2, "center_x": 0.05, "center_y": -0.03}
 
@@ -28,7 +28,7 @@ def test_cdm_subhalos_lie_on_the_ring_with_their_masses() -> None:
 
 
 def test_a_vortex_is_a_straight_string_of_beads_centred_on_the_ring() -> None:
-    from toolkit.data.substructure import VORTEX_LENGTH, VORTEX_THETA
+    from toolkit.data.sim.substructure import VORTEX_LENGTH, VORTEX_THETA
 
     for seed in range(20):
         beads = substructure.substructure(np.random.default_rng(seed), "vortex", LENS)
@@ -51,8 +51,8 @@ def test_a_vortex_is_a_straight_string_of_beads_centred_on_the_ring() -> None:
 
 def test_classes_in_turn_and_the_same_files_whatever_the_workers(tmp_path) -> None:
     pytest.importorskip("lenstronomy")
-    lensing.generate(tmp_path / "one", 6, seed=2, workers=1, classes=True)
-    lensing.generate(tmp_path / "two", 6, seed=2, workers=2, classes=True)
+    write.generate(tmp_path / "one", 6, seed=2, workers=1, classes=True)
+    write.generate(tmp_path / "two", 6, seed=2, workers=2, classes=True)
     names = sorted(str(p.relative_to(tmp_path / "one")) for p in (tmp_path / "one").rglob("*.npy"))
     assert names == [
         f"{CLASSES[i % 3]}/{i:06d}.npy" for i in sorted(range(6), key=lambda i: (i % 3, i))

@@ -11,8 +11,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from toolkit.data.tiles import Canvas, Tiling, assemble, ramp, starts
 from toolkit.models.edsr import EDSRConfig, build
+from toolkit.prediction.tiles import Canvas, Tiling, assemble, ramp, starts
 
 
 def run(x: torch.Tensor, tiling: Tiling, forward, scale: int = 2, batch: int = 4) -> torch.Tensor:
@@ -116,7 +116,7 @@ def test_an_image_s_tiles_are_batched_by_themselves() -> None:
 def test_the_frame_is_padded_by_reflection_as_numpy_does_it(
     n: int, before: int, after: int
 ) -> None:
-    from toolkit.data.tiles import _mirror
+    from toolkit.prediction.tiles import _mirror
 
     expect = np.pad(np.arange(n), (before, after), mode="reflect" if n > 1 else "edge")
     np.testing.assert_array_equal(_mirror(n, before, after).numpy(), expect)

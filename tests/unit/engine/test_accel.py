@@ -6,8 +6,8 @@ import pytest
 from torch import nn
 
 from toolkit.engine.accel import Engine, deepspeed_config
-from toolkit.optim import build_groups, build_optimizer
-from toolkit.recipe import DeepSpeedConfig, GroupRule, OptimConfig, TrainConfig
+from toolkit.engine.optim import build_groups, build_optimizer
+from toolkit.runs.recipe import DeepSpeedConfig, GroupRule, OptimConfig, TrainConfig
 
 
 def test_deepspeed_config_sets_what_matters_explicitly() -> None:

@@ -12,6 +12,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from toolkit.core.errors import UserError
 from toolkit.engine.accel import Engine
 from toolkit.engine.checkpointer import (
     Checkpointer,
@@ -21,10 +22,9 @@ from toolkit.engine.checkpointer import (
     read_weights,
     rescale,
 )
+from toolkit.engine.optim import build_scheduler
 from toolkit.engine.state import TrainState
-from toolkit.errors import UserError
-from toolkit.optim import build_scheduler
-from toolkit.recipe import SchedulerConfig, TrainConfig
+from toolkit.runs.recipe import SchedulerConfig, TrainConfig
 
 
 class Cursor:

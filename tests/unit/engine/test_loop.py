@@ -10,9 +10,9 @@ import signal
 import pytest
 import torch
 
-from toolkit.engine.loop import STOP_SIGNALS, _mix, _StopFlag, step_scalars
 from toolkit.engine.steps import StepPlan
-from toolkit.recipe import TrainConfig
+from toolkit.runs.loop import STOP_SIGNALS, _mix, _StopFlag, step_scalars
+from toolkit.runs.recipe import TrainConfig
 
 
 def plan(batches: int, **train: object) -> StepPlan:

@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 
 from tests.unit.tasks.test_tasks import batch, tiny_recipe
+from toolkit.engine.model import build_model
 from toolkit.engine.validate import summary, validate
-from toolkit.runs import build_model
 from toolkit.tasks import Placement, task_of
 
 

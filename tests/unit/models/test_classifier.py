@@ -10,7 +10,6 @@ import pytest
 import torch
 from torch import nn
 
-from toolkit import recipe
 from toolkit.models import load_weights
 from toolkit.models.classifier import (
     FloatBatchNorm2d,
@@ -18,6 +17,7 @@ from toolkit.models.classifier import (
     ViTClassifier,
     ViTClassifierConfig,
 )
+from toolkit.runs import recipe
 
 
 def test_batch_norm_with_bf16_weights_normalises_in_fp32() -> None:

@@ -7,11 +7,11 @@ import torch
 import torch.nn.functional as F
 
 from tests.helpers import TINY_VIT
-from toolkit import recipe
 from toolkit.models import MODELS, apply_freeze, build_model, param_counts
 from toolkit.models import load_weights as load_mae_weights
 from toolkit.models.mae import MAE, MAEConfig
 from toolkit.models.srmae import SRMAE, SRMAEConfig
+from toolkit.runs import recipe
 
 ROOT = Path(__file__).resolve().parents[3]
 MODES = MODELS.get("srmae").freeze_modes

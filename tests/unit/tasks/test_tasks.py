@@ -14,10 +14,11 @@ from sklearn.metrics import confusion_matrix
 from sklearn.metrics import roc_curve as sk_roc_curve
 
 from tests.helpers import TINY_VIT
-from toolkit import recipe, stats
+from toolkit.core import stats
+from toolkit.core.metrics import MetricAccumulator, psnr
+from toolkit.engine.model import build_model
 from toolkit.engine.validate import validate
-from toolkit.metrics import MetricAccumulator, psnr
-from toolkit.runs import build_model
+from toolkit.runs import recipe
 from toolkit.tasks import TASKS, Placement, task_of
 from toolkit.tasks.classify import ClassifyTask
 from toolkit.tasks.mae import mask_noise

@@ -13,8 +13,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 
-from toolkit.errors import UserError
-from toolkit.recipe import OptimConfig, SchedulerConfig
+from toolkit.core.errors import UserError
+from toolkit.core.schema import OptimConfig, SchedulerConfig
 
 # Parameters that take no weight decay unless a rule sets one: decaying norms, biases and
 # position/mask tokens towards zero only hurts (the MAE and ViT recipes exclude them too).

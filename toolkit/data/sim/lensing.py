@@ -2,7 +2,7 @@
 
 Usage::
 
-    python -m toolkit.data.lensing OUT --count N [--seed S] [--workers W] [--overwrite]
+    python -m toolkit.simulate OUT --count N [--seed S] [--workers W] [--overwrite]
 
 writes ``OUT/hr/<key>.npy`` (150x150) and ``OUT/lr/<key>.npy`` (75x75), float32 in [0, 1],
 keys ``000000`` ... Each system is an SIE lens with external shear, an elliptical Sersic
@@ -40,21 +40,12 @@ The knobs, from the strongest: PSF width, source size and Sersic index, the perc
 
 from __future__ import annotations
 
-import argparse
-import io
 import logging
-import sys
-import time
-from collections.abc import Sequence
-from concurrent.futures import ProcessPoolExecutor
-from functools import partial
 from pathlib import Path
 
 import numpy as np
 
-from toolkit import cli
-from toolkit.atomic import write_atomic
-from toolkit.errors import UserError
+from toolkit.core.atomic import save_npy
 
 logger = logging.getLogger(__name__)
 
@@ -87,7 +78,7 @@ SCALE_PERCENTILE = 99.5
 SKY = 0.03
 
 
-def _require_lenstronomy() -> None:
+def require_lenstronomy() -> None:
     # Imports what _render needs too, so that forked workers inherit it instead of each
     # importing it again (seconds).
     try:
@@ -165,7 +156,7 @@ def simulate_pair(rng: np.random.Generator, noise: bool = True) -> tuple[np.ndar
     ``noise=False`` gives the noiseless pair of the same system for a Generator in the same
     state (the noise is drawn last).
     """
-    _require_lenstronomy()
+    require_lenstronomy()
     kwargs, fwhm, light_to_source, rms = _draw_system(rng)
     hr_args = (HR_SIZE, HR_PIXEL, fwhm, HR_SUPERSAMPLING, kwargs)
     hr_source = _render(*hr_args, lens_light=False)
@@ -184,126 +175,10 @@ def simulate_pair(rng: np.random.Generator, noise: bool = True) -> tuple[np.ndar
     return np.clip(lr, 0, 1).astype(np.float32), np.clip(hr, 0, 1).astype(np.float32)
 
 
-def _save(path: Path, array: np.ndarray) -> None:
-    # Atomic, so an interrupted run leaves no half-written .npy for a rerun to take as done.
-    buf = io.BytesIO()
-    np.save(buf, array)
-    write_atomic(path, buf.getvalue())
-
-
-def _write_range(out: Path, seed: int, start: int, stop: int) -> int:
+def write_range(out: Path, seed: int, start: int, stop: int) -> int:
     for index in range(start, stop):
         lr, hr = simulate_pair(np.random.default_rng([seed, index]))
         key = f"{index:06d}"
-        _save(out / "hr" / f"{key}.npy", hr)
-        _save(out / "lr" / f"{key}.npy", lr)
+        save_npy(out / "hr" / f"{key}.npy", hr)
+        save_npy(out / "lr" / f"{key}.npy", lr)
     return stop - start
-
-
-def check_args(
-    out: str | Path, count: int, seed: int = 0, workers: int = 1, overwrite: bool = False
-) -> None:
-    """Raise UserError, naming what was expected, for arguments ``generate`` refuses."""
-    out = Path(out)
-    if count < 1:
-        raise UserError(f"--count: expected a positive integer, got {count}")
-    if workers < 1:
-        raise UserError(f"--workers: expected a positive integer, got {workers}")
-    if seed < 0:
-        raise UserError(f"--seed: expected a non-negative integer, got {seed}")
-    if out.exists() and not out.is_dir():
-        raise UserError(f"{out}: expected a folder for the output, found a file")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise UserError(f"{out}: expected an empty or new folder (or pass --overwrite)")
-    try:
-        _require_lenstronomy()
-    except ImportError as exc:
-        raise UserError(MISSING) from exc
-
-
-def generate(
-    out: str | Path,
-    count: int,
-    seed: int = 0,
-    workers: int = 1,
-    overwrite: bool = False,
-    classes: bool = False,
-) -> int:
-    """Write ``count`` pairs under ``out/hr`` and ``out/lr`` (``classes``: ``count`` labelled
-    images under ``out/<class>/``, see ``toolkit.data.substructure``); return the number
-    written.
-
-    Sample ``i`` depends only on ``(seed, i)``; ``overwrite`` replaces samples of the same keys
-    and leaves other files alone. Raises UserError for what ``check_args`` refuses.
-    """
-    from toolkit.data import substructure
-
-    out = Path(out)
-    check_args(out, count, seed, workers, overwrite)
-    for side in substructure.CLASSES if classes else ("hr", "lr"):
-        (out / side).mkdir(parents=True, exist_ok=True)
-
-    # Chunks of contiguous indices: big enough to amortise the hand-off to a process, small
-    # enough (4 a worker at least) to balance the load and report progress.
-    size = max(1, min(64, -(-count // (4 * workers))))
-    starts = list(range(0, count, size))
-    stops = [min(a + size, count) for a in starts]
-    write = partial(substructure.write_range if classes else _write_range, out, seed)
-    started, done = time.perf_counter(), 0
-    executor = None
-    if workers == 1:  # in-process: simpler to debug and profile
-        results = map(write, starts, stops)
-    else:
-        executor = ProcessPoolExecutor(max_workers=min(workers, len(starts)))
-        results = executor.map(write, starts, stops)
-    try:
-        for n in results:
-            done += n
-            logger.info("%d/%d pairs", done, count)
-    finally:
-        if executor is not None:
-            executor.shutdown(cancel_futures=True)
-    elapsed = time.perf_counter() - started
-    logger.info(
-        "wrote %d %s to %s (seed %d, %d worker(s)) in %.1f s: %.1f ms each",
-        done,
-        "labelled images" if classes else "LR/HR pairs",
-        out,
-        seed,
-        workers,
-        elapsed,
-        1000 * elapsed / done,
-    )
-    return done
-
-
-def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    p = cli.ArgumentParser(
-        prog="python -m toolkit.data.lensing",
-        description="Simulate strong-lensing LR (75x75) / HR (150x150) pairs with lenstronomy: "
-        "OUT/hr/<key>.npy and OUT/lr/<key>.npy, float32 in [0, 1].",
-    )
-    p.add_argument("out", metavar="OUT", help="output folder (gets hr/ and lr/)")
-    p.add_argument("--count", type=int, required=True, help="number of pairs")
-    p.add_argument("--seed", type=int, default=0, help="base seed (default 0)")
-    p.add_argument("--workers", type=int, default=1, help="processes (default 1)")
-    p.add_argument("--overwrite", action="store_true", help="write into a non-empty OUT")
-    p.add_argument("--classes", action="store_true", help="labelled HR images by dark-matter "
-                   "substructure instead: OUT/<class>/<key>.npy, classes cdm, no_sub, vortex "
-                   "in turn (toolkit.data.substructure); shard them with --labels")  # fmt: skip
-    return p.parse_args(argv)
-
-
-def _main(argv: Sequence[str] | None) -> int:
-    a = parse_args(argv)
-    generate(a.out, a.count, seed=a.seed, workers=a.workers, overwrite=a.overwrite,
-             classes=a.classes)  # fmt: skip
-    return 0
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    return cli.run(_main, argv)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

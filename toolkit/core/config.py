@@ -14,7 +14,7 @@ import operator
 import re
 import types
 import typing
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import field
 from pathlib import Path
 from typing import Any
@@ -29,12 +29,6 @@ class RecipeError(Exception):
 def setting(default: Any = dataclasses.MISSING, **rules: Any) -> Any:
     """A scalar schema field; `rules` hold its checks (gt, ge, lt, choices) and its YAML key."""
     return field(default=default, metadata=rules)
-
-
-def chosen(selector: str, resolve: Callable[[str], type]) -> dict[str, Any]:
-    """Field metadata for a section whose schema depends on one of its own keys (`model.arch`):
-    `resolve(name)` gives the dataclass for that name (KeyError with a message if unknown)."""
-    return {"select": selector, "resolve": resolve}
 
 
 class Origins:
@@ -262,28 +256,12 @@ def build(cls: type, data: Any, origins: Origins, schema: type, prefix: str = ""
     values = {}
     for key, f in fields.items():
         dotted = f"{prefix}{key}"
-        if "select" in f.metadata and key in data:
-            values[f.name] = _build_chosen(f, data[key], dotted, origins, schema)
-        elif key in data:
+        if key in data:
             values[f.name] = _convert(hints[f.name], data[key], dotted, origins, schema)
             _check_rules(f, values[f.name], dotted, origins)
         elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
             origins.fail(dotted, "missing required key")
     return cls(**values)
-
-
-def _build_chosen(
-    f: dataclasses.Field, value: Any, dotted: str, origins: Origins, schema: type
-) -> Any:
-    if not isinstance(value, Mapping):
-        origins.fail(dotted, f"expected a mapping, got {kind(value)}")
-    selector = f.metadata["select"]
-    name = value.get(selector)
-    try:
-        cls = f.metadata["resolve"](name)
-    except KeyError as err:
-        origins.fail(f"{dotted}.{selector}", str(err.args[0]))
-    return build(cls, value, origins, schema, dotted + ".")
 
 
 def suggest(

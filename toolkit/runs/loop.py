@@ -16,25 +16,26 @@ from typing import Any
 
 import torch
 
-from toolkit import preflight, recipe, sweep
-from toolkit.atomic import write_atomic
+from toolkit.core.atomic import write_atomic
+from toolkit.core.logging import RunLogger, image_grid
+from toolkit.core.metrics import metric
 from toolkit.data import subset
 from toolkit.data.format import TRAINED_ON, Manifest, read_manifest, trained_on, write_json
 from toolkit.data.loader import Loader, build_loader
 from toolkit.data.normalise import resolve
 from toolkit.engine.accel import Engine
 from toolkit.engine.checkpointer import Checkpointer, Parts, Resume
+from toolkit.engine.model import build_model
+from toolkit.engine.optim import build_groups, build_optimizer, build_scheduler
 from toolkit.engine.state import TrainState
 from toolkit.engine.steps import StepPlan
 from toolkit.engine.sums import NonFiniteLoss, StepSums, Window
 from toolkit.engine.validate import Validation, summary, validate, write_eval
-from toolkit.hold import acquire
-from toolkit.logging import RunLogger, image_grid
-from toolkit.metrics import metric
 from toolkit.models import param_counts
 from toolkit.models.vit import drop_path_stream
-from toolkit.optim import build_groups, build_optimizer, build_scheduler
-from toolkit.runs import build_model, check_relaunch
+from toolkit.runs import preflight, recipe, sweep
+from toolkit.runs.directory import check_relaunch
+from toolkit.runs.hold import acquire
 from toolkit.tasks import Placement, Task, task_of
 
 logger = logging.getLogger(__name__)

@@ -12,10 +12,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from toolkit import preflight, recipe, sweep
-from toolkit.errors import UserError
-from toolkit.launch import (
+from toolkit.cluster.launching import (
     SLURM_FLAGS,
+    Stage,
     after_of,
     dry_run_doc,
     dry_run_text,
@@ -23,7 +22,9 @@ from toolkit.launch import (
     wait_for,
     world_of,
 )
-from toolkit.runs import check_relaunch
+from toolkit.core.errors import UserError
+from toolkit.runs import preflight, recipe, sweep
+from toolkit.runs.directory import check_relaunch
 
 logger = logging.getLogger(__name__)
 
@@ -244,7 +245,5 @@ def _run_slurm(args: Any, base: Path, axes: dict, planned: list[Planned], limit:
     sys.stdout.flush()
     if not args.wait:
         return 0
-    from toolkit.launch import Stage
-
     return wait_for([(Stage(p.path, p.recipe, world, spec, False), job)
                      for p, job in zip(todo, jobs, strict=True)])  # fmt: skip

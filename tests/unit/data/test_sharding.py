@@ -1,4 +1,4 @@
-"""Tests for toolkit.shard.shard: tar contents, manifest, splits, workers, bad input, overwrite."""
+"""toolkit.data.sharding.shard: tar contents, manifest, splits, workers, bad input, overwrite."""
 
 from __future__ import annotations
 
@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from toolkit.core.errors import UserError
 from toolkit.data.format import FORMAT, tar_header
-from toolkit.errors import UserError
-from toolkit.shard import shard, split_of
+from toolkit.data.sharding import shard, split_of
 
 RNG = np.random.default_rng(0)
 

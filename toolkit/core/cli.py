@@ -9,8 +9,8 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import NoReturn
 
-from toolkit.errors import UserError
-from toolkit.recipe import RecipeError
+from toolkit.core.config import RecipeError
+from toolkit.core.errors import UserError
 
 logger = logging.getLogger(__name__)
 

@@ -26,8 +26,8 @@ from pathlib import Path
 
 import numpy as np
 
-from toolkit.atomic import write_atomic
-from toolkit.errors import UserError
+from toolkit.core.atomic import write_atomic
+from toolkit.core.errors import UserError
 
 logger = logging.getLogger(__name__)
 

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from toolkit import recipe
+from toolkit.core.errors import UserError
 from toolkit.data import subset
 from toolkit.data.format import MANIFEST, read_manifest
-from toolkit.errors import UserError
-from toolkit.hold import holder_of, refusal
-from toolkit.runs import check_relaunch, shard_problems
+from toolkit.runs import recipe
+from toolkit.runs.directory import check_relaunch, shard_problems
+from toolkit.runs.hold import holder_of, refusal
 
 
 def problems(r: recipe.Recipe, *, chained: bool = False) -> list[str]:

@@ -31,8 +31,8 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from toolkit.atomic import make_folder
-from toolkit.errors import UserError
+from toolkit.core.atomic import make_folder
+from toolkit.core.errors import UserError
 
 logger = logging.getLogger(__name__)
 

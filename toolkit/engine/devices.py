@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping, MutableMapping
 
-from toolkit.errors import UserError
+from toolkit.core.errors import UserError
 
 # What CUDA_VISIBLE_DEVICES holds when a job was given no GPU (Slurm writes NoDevFiles).
 _NONE = ("", "NoDevFiles", "-1")

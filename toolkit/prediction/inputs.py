@@ -10,11 +10,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from toolkit.core.errors import UserError
 from toolkit.data.degrade import degrade
-from toolkit.data.files import Like, output_ext, read
 from toolkit.data.format import MANIFEST, in_unit_range, read_manifest, split_member, tar_members
 from toolkit.data.sources import EXTS, walk_files
-from toolkit.errors import UserError
+from toolkit.prediction.files import Like, output_ext, read
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,7 @@ from typing import Any
 
 from torch import nn
 
-from toolkit import recipe
+from toolkit.core.errors import UserError
 from toolkit.data import subset
 from toolkit.data.fit import Expected, shards_misfit, unit_misfit
 from toolkit.data.format import (
@@ -32,11 +32,12 @@ from toolkit.engine.checkpointer import (
     exported_step,
     read_weights,
 )
+from toolkit.engine.model import build_model
 from toolkit.engine.state import TrainState
 from toolkit.engine.steps import StepPlan
-from toolkit.errors import UserError
-from toolkit.hold import Held, holder_of, refusal
-from toolkit.recipe import RecipeError
+from toolkit.runs import recipe
+from toolkit.runs.hold import Held, holder_of, refusal
+from toolkit.runs.recipe import RecipeError
 from toolkit.tasks import Task, task_of
 
 
@@ -263,19 +264,6 @@ def expected_by(target: Target, min_side: int = 1) -> Expected:
     )
 
 
-def build_model(r: recipe.Recipe, task: Task | None = None) -> nn.Module:
-    """The recipe's architecture for its task, with its parameters frozen as the recipe says."""
-    from toolkit.models import MODELS, apply_freeze
-
-    model = (task or task_of(r)).build_model(r)
-    if r.freeze:
-        try:
-            apply_freeze(model, r.freeze, MODELS.get(r.model.arch).freeze_modes)  # type: ignore[arg-type]
-        except ValueError as err:
-            raise UserError(f"freeze: {err}") from None
-    return model
-
-
 def load_model(target: Target) -> nn.Module:
     """The recipe's model with the target's weights, every tensor accounted for, in eval mode."""
     from toolkit.models import load_weights
@@ -357,8 +345,8 @@ def param_summary(r: recipe.Recipe) -> dict[str, Any]:
     (shapes only: instant and allocation-free even for large models)."""
     import torch
 
+    from toolkit.engine.optim import build_groups
     from toolkit.models import param_counts
-    from toolkit.optim import build_groups
 
     with torch.device("meta"):
         model = build_model(r)

@@ -4,10 +4,12 @@ the folders they go into."""
 
 from __future__ import annotations
 
+import io
 import os
 from pathlib import Path
+from typing import Any
 
-from toolkit.errors import UserError
+from toolkit.core.errors import UserError
 
 
 def write_atomic(path: Path, data: bytes | str, durable: bool = False) -> None:
@@ -24,6 +26,16 @@ def write_atomic(path: Path, data: bytes | str, durable: bool = False) -> None:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def save_npy(path: Path, array: Any) -> None:
+    """A NumPy array saved as `path` (.npy) in one rename: an interrupted writer leaves no
+    half-written file for a rerun to take as done."""
+    import numpy as np
+
+    buf = io.BytesIO()
+    np.save(buf, array)
+    write_atomic(path, buf.getvalue())
 
 
 def make_folder(path: Path) -> Path:

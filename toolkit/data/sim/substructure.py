@@ -37,6 +37,8 @@ from pathlib import Path
 
 import numpy as np
 
+from toolkit.core.atomic import save_npy
+
 CLASSES = ("cdm", "no_sub", "vortex")  # sorted: the labels `shard --labels` gives them
 
 SUB_COUNT = (3, 8)  # CDM subhalos per system (uniform integer)
@@ -75,7 +77,7 @@ def substructure(rng: np.random.Generator, cls: str, lens: dict) -> list[dict]:
 
 def simulate_labelled(rng: np.random.Generator, cls: str, noise: bool = True) -> np.ndarray:
     """One HR image of class `cls`: float32 150x150 in [0, 1], normalised as the SR data's HR."""
-    from toolkit.data import lensing as L
+    from toolkit.data.sim import lensing as L
 
     L._require_lenstronomy()
     kwargs, fwhm, light_to_source, rms = L._draw_system(rng)
@@ -95,10 +97,9 @@ def simulate_labelled(rng: np.random.Generator, cls: str, noise: bool = True) ->
 
 def write_range(out: Path, seed: int, start: int, stop: int) -> int:
     """Samples start..stop-1 into out/<class>/<key>.npy (the `lensing.generate` worker)."""
-    from toolkit.data.lensing import _save
 
     for index in range(start, stop):
         cls = CLASSES[index % len(CLASSES)]
         image = simulate_labelled(np.random.default_rng([seed, index, 1]), cls)
-        _save(out / cls / f"{index:06d}.npy", image)
+        save_npy(out / cls / f"{index:06d}.npy", image)
     return stop - start

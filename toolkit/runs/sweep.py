@@ -29,9 +29,9 @@ from typing import Any
 
 import yaml
 
-from toolkit import config
-from toolkit.atomic import write_atomic
-from toolkit.errors import UserError
+from toolkit.core import config
+from toolkit.core.atomic import write_atomic
+from toolkit.core.errors import UserError
 
 SWEEP = "sweep.json"
 RECIPE = "recipe"  # the swept key whose values are recipe files, not overrides

@@ -1,0 +1,498 @@
+"""Writing shards: a source folder -> WebDataset tars per split (train/val) + manifest.json: the
+split and order of each key, the plan of shards, the worker pool, the commit. `python -m
+toolkit.shard` and the demo call `shard`."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+import math
+import multiprocessing as mp
+import os
+import queue
+import sys
+import time
+from collections.abc import Callable
+from concurrent.futures import (
+    FIRST_COMPLETED,
+    Future,
+    ProcessPoolExecutor,
+    wait,
+)
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm import tqdm
+
+from toolkit.core.errors import UserError
+from toolkit.data.fit import unit_misfit
+from toolkit.data.fits import FITS_EXTS
+from toolkit.data.format import (
+    MANIFEST,
+    SHARD_GLOB,
+    SPLITS,
+    TEMP_GLOB,
+    ShardResult,
+    TarWriter,
+    commit,
+    manifest_doc,
+)
+from toolkit.data.normalise import parse as parse_normalisation
+from toolkit.data.sources import Item, Source, decode, list_source, npy_range, probe
+
+logger = logging.getLogger(__name__)
+
+
+# ---------------------------------------------------------------- split and plan
+
+
+def _hash_hex(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def split_of(key: str, seed: int, val_fraction: float) -> str:
+    """A sample's split, from its key alone: adding files never moves existing samples."""
+    h = _hash_hex(f"{seed}:{key}")
+    return "val" if int(h[:16], 16) / 2**64 < val_fraction else "train"
+
+
+def class_of(key: str) -> str:
+    """A labelled sample's class: the first folder of its path (SRC/<class>/...)."""
+    return key.split("/", 1)[0]
+
+
+def classes_of(source: Source, seed: int, val_fraction: float) -> tuple[str, ...]:
+    """The class names of a labelled source (its top folders, sorted: the label is the index);
+    a user error unless every file lies in a class folder, there are two classes or more, and
+    every class has samples in val."""
+    if source.kind != "hr":
+        raise UserError(f"{source.root}: --labels needs class folders of images, not hr/ + lr/")
+    loose = [it.key for it in source.items if "/" not in it.key]
+    if loose:
+        raise UserError(f"{source.root}: {loose[0]} lies in no class folder (--labels: the class "
+                        "of SRC/<class>/<file> is <class>)")  # fmt: skip
+    classes = tuple(sorted({class_of(it.key) for it in source.items}))
+    if len(classes) < 2:
+        raise UserError(f"{source.root}: --labels found one class folder ({classes[0]}): "
+                        "expected two or more")  # fmt: skip
+    if val_fraction > 0:
+        in_val = {class_of(it.key) for it in source.items
+                  if split_of(it.key, seed, val_fraction) == "val"}  # fmt: skip
+        missing = [c for c in classes if c not in in_val]
+        if missing:
+            raise UserError(
+                f"{source.root}: class {missing[0]} has no sample in val at --val-fraction "
+                f"{val_fraction}: add samples of it or raise the fraction"
+            )
+    return classes
+
+
+def refuse_unfit(
+    root: Path,
+    results: list[ShardResult],
+    normalise: str | None,
+    classes: tuple[str, ...] | None,
+    val_fraction: float,
+) -> None:
+    """What the files turned out to hold, checked before the shards are made visible: one SR
+    factor for every pair, a class left with samples in every split it needs (files of it may
+    have been skipped), values in [0, 1] where `--normalise unit` says so."""
+    scales: dict[int, int] = {}
+    for r in results:
+        for k, n in r.scales.items():
+            scales[k] = scales.get(k, 0) + n
+    if len(scales) > 1:
+        found = ", ".join(f"{n} at scale {k}" for k, n in sorted(scales.items()))
+        raise UserError(f"{root}: hr/lr pairs of several scales ({found}): one shard set holds "
+                        "one scale; shard each in its own")  # fmt: skip
+    if classes is not None:
+        for split in ("train", "val") if val_fraction > 0 else ("train",):
+            counts = [0] * len(classes)
+            for r in results:
+                if r.split == split:
+                    for label, n in r.class_counts.items():
+                        counts[label] += n
+            empty = [c for c, n in zip(classes, counts, strict=True) if not n]
+            if empty:
+                bad = sum(class_of(p) == empty[0] for r in results for p, _ in r.skipped)
+                why = f"{bad} of its files were skipped: see the log" if bad else "none fell there"
+                raise UserError(
+                    f"{root}: class {empty[0]} has no readable sample in {split} ({why}); add "
+                    "samples of it or mend them"
+                )
+    low = min((r.low for r in results if r.count), default=0.0)
+    high = max((r.high for r in results if r.count), default=1.0)
+    problem = unit_misfit(
+        str(root), (low, high), "--normalise", parse_normalisation(normalise or "none")
+    )
+    if problem is not None:
+        raise UserError(problem)
+
+
+def order_of(key: str, seed: int) -> str:
+    """A sample's sort key within its split: a second hash, so that every shard is well mixed."""
+    return _hash_hex(f"{seed}:order:{key}")
+
+
+@dataclass(frozen=True)
+class ShardJob:
+    """One shard to write: its planned place and samples; a worker writes it whole."""
+
+    split: str
+    index: int  # planned number; the final one may be lower if an earlier shard ends up empty
+    out: Path
+    root: Path
+    items: list[Item]
+    strict: bool
+    nonfinite: str = "refuse"  # NaN/inf pixels: "refuse" the file, or "zero": fill and count
+    hdu: str | None = None  # the FITS HDU to read (None: the first holding an image)
+    classes: tuple[str, ...] | None = None  # labelled: the class names, a sample's its folder's
+
+
+def plan(
+    source: Source,
+    out: Path,
+    seed: int,
+    val_fraction: float,
+    shard_size: int,
+    strict: bool,
+    nonfinite: str = "refuse",
+    hdu: str | None = None,
+    classes: tuple[str, ...] | None = None,
+) -> list[ShardJob]:
+    """The shards to write: per split, samples ordered by hash and cut into shard_size pieces."""
+    by_split: dict[str, list[Item]] = {s: [] for s in SPLITS}
+    for item in source.items:
+        by_split[split_of(item.key, seed, val_fraction)].append(item)
+    jobs = []
+    for split, items in by_split.items():
+        items.sort(key=lambda it: (order_of(it.key, seed), it.key))
+        for i in range(0, len(items), shard_size):
+            piece = items[i : i + shard_size]
+            jobs.append(
+                ShardJob(
+                    split, i // shard_size, out, source.root, piece, strict, nonfinite, hdu, classes
+                )
+            )
+    return jobs
+
+
+# ---------------------------------------------------------------- writing one shard
+
+
+def _read(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as err:
+        raise ValueError(f"unreadable: {err.strerror or err}") from err
+
+
+# Formats whose values their type does not bound: decoded at shard time for their range and
+# their NaN/inf pixels. 8- and 16-bit PNG/JPEG lie in [0, 1] by their scaling.
+_VALUED = (".npy", ".tif", ".tiff", *FITS_EXTS)
+
+
+def _values(
+    data: bytes, ext: str, policy: str, hdu: str | None
+) -> tuple[bytes, str, tuple[int, int, int], int, float, float]:
+    """(bytes to store, their extension, (channels, height, width), NaN/inf pixels filled,
+    lowest, highest value) of one file; ValueError when it is corrupt, or holds NaN/inf and the
+    policy refuses them. Headers are probed first (the clearest word on a truncated file), but
+    a FITS's, whose probe is a decode: formats of unbounded values are decoded once."""
+    if ext not in _VALUED:
+        return data, ext, probe(data, ext, hdu), 0, 0.0, 1.0
+    if ext not in FITS_EXTS:
+        shape = probe(data, ext, hdu)
+        if ext == ".npy":  # the range from a view of the bytes: no decode unless NaN/inf
+            low, high = npy_range(data)
+            if math.isfinite(low) and math.isfinite(high):
+                return data, ext, shape, 0, low, high
+    a = decode(data, ext, hdu)
+    c, h, w = a.shape
+    bad = ~np.isfinite(a)
+    count = int(bad.sum())
+    if count and policy == "refuse":
+        raise ValueError(
+            f"{count} NaN/inf pixels (of {a.size}): --nonfinite zero fills them with 0 and "
+            "counts them in the manifest"
+        )
+    if count:
+        a = np.where(bad, np.float32(0), a)
+        buf = io.BytesIO()
+        np.save(buf, a, allow_pickle=False)
+        data, ext = buf.getvalue(), ".npy"  # stored filled, as the float32 array it decodes to
+    return data, ext, (c, h, w), count, float(a.min()), float(a.max())
+
+
+def _members(job: ShardJob, item: Item, result: ShardResult) -> list[tuple[str, bytes]] | None:
+    """The tar members of one sample, or None (recorded in result.skipped) if a file is bad."""
+    members, shapes, values, ok = [], [], [], True
+    for side, path in (("hr", item.hr), ("lr", item.lr)):
+        if path is None:
+            continue
+        try:
+            data, ext, shape, filled, low, high = _values(
+                _read(path), path.suffix.lower(), job.nonfinite, job.hdu
+            )
+        except ValueError as err:
+            result.skipped.append((path.relative_to(job.root).as_posix(), str(err)))
+            ok = False
+            if job.strict:
+                break
+            continue
+        members.append((f"{item.key}.{side}.{ext.lstrip('.')}", data))
+        shapes.append(shape)
+        values.append((path.relative_to(job.root).as_posix(), filled, low, high))
+    if not ok:
+        return None
+    if len(shapes) == 2:  # a pair: its LR must be its HR reduced by one whole factor
+        (_, h, w), (_, lh, lw) = shapes
+        if lh < 1 or lw < 1 or h % lh or w % lw or h // lh != w // lw or h // lh < 2:
+            lr = item.lr.relative_to(job.root).as_posix()  # type: ignore[union-attr]
+            result.skipped.append((lr, f"{lh}x{lw}: not its hr {h}x{w} reduced by one factor"))
+            return None  # before anything of it is counted
+        result.scales[h // lh] = result.scales.get(h // lh, 0) + 1
+    if job.classes is not None:  # webdataset's `cls`: the class index as text
+        label = job.classes.index(class_of(item.key))
+        members.append((f"{item.key}.cls", str(label).encode()))
+        result.class_counts[label] = result.class_counts.get(label, 0) + 1
+    for rel, filled, low, high in values:
+        result.low, result.high = min(result.low, low), max(result.high, high)
+        if filled:
+            result.filled[rel] = filled
+    result.channels.update(c for c, _, _ in shapes)
+    _, h, w = shapes[0]
+    result.hr_min = (min(result.hr_min[0], h), min(result.hr_min[1], w))
+    result.hr_max = (max(result.hr_max[0], h), max(result.hr_max[1], w))
+    return members
+
+
+def write_shard(job: ShardJob, report: Callable[[int], None]) -> ShardResult:
+    """Write one shard to a temporary name in its split folder; the caller renames it."""
+    result = ShardResult(job.split, job.index)
+    tmp = job.out / job.split / f".shard-{job.index:06d}.tar.tmp-{os.getpid()}"
+    try:
+        with open(tmp, "wb") as f, TarWriter(f) as tar:
+            for item in job.items:
+                members = _members(job, item, result)
+                report(1 if item.lr is None else 2)
+                if members is None:
+                    if job.strict:
+                        break
+                    continue
+                tar.add(members)
+                result.count += 1
+            digest = tar.close()
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    if result.count == 0 or (job.strict and result.skipped):
+        tmp.unlink()
+        return result
+    result.tmp, result.bytes, result.sha256 = tmp, tar.size, digest
+    return result
+
+
+# Worker processes report progress through this queue (set by the pool initializer).
+_PROGRESS: Any = None
+
+
+def _init_worker(progress: Any) -> None:
+    global _PROGRESS
+    _PROGRESS = progress
+
+
+def _pool_write_shard(job: ShardJob) -> ShardResult:
+    pending = [0]
+
+    def report(n: int) -> None:
+        # Batched: one queue message per file would cost more than the file's copy.
+        pending[0] += n
+        if pending[0] >= 64:
+            _PROGRESS.put(pending[0])
+            pending[0] = 0
+
+    try:
+        return write_shard(job, report)
+    finally:
+        if pending[0]:
+            _PROGRESS.put(pending[0])
+
+
+# ---------------------------------------------------------------- running all shards
+
+
+def _strict_error(result: ShardResult, root: Path) -> UserError:
+    path, reason = result.skipped[0]
+    return UserError(f"{root / path}: {reason} (--strict: nothing was written)")
+
+
+def _drain(progress: Any, bar: tqdm) -> None:
+    while True:
+        try:
+            bar.update(progress.get_nowait())
+        except queue.Empty:
+            return
+
+
+def _run_pool(jobs: list[ShardJob], workers: int, bar: tqdm, done: list[ShardResult]) -> None:
+    ctx = mp.get_context()
+    progress = ctx.Queue()
+    pool = ProcessPoolExecutor(
+        workers, mp_context=ctx, initializer=_init_worker, initargs=(progress,)
+    )
+    futures = [pool.submit(_pool_write_shard, job) for job in jobs]
+    pending: set[Future] = set(futures)
+    try:
+        while pending:
+            finished, pending = wait(pending, timeout=0.2, return_when=FIRST_COMPLETED)
+            _drain(progress, bar)
+            for fut in finished:
+                result = fut.result()  # a worker's error ends the run
+                if jobs[0].strict and result.skipped:
+                    raise _strict_error(result, jobs[0].root)
+    finally:
+        # Shards still being written finish first; every written one is handed back, so that
+        # the caller can rename it or, on an error, remove its temporary file.
+        pool.shutdown(wait=True, cancel_futures=True)
+        for fut in futures:
+            if fut.done() and not fut.cancelled() and fut.exception() is None:
+                done.append(fut.result())
+        _drain(progress, bar)
+
+
+def run_jobs(jobs: list[ShardJob], workers: int, done: list[ShardResult]) -> None:
+    """Write every shard (in-process for one worker); results are appended to done as they come."""
+    total = sum(1 if it.lr is None else 2 for job in jobs for it in job.items)
+    bar = tqdm(
+        total=total, unit="file", desc="shard", file=sys.stderr, disable=not sys.stderr.isatty()
+    )
+    workers = min(workers, len(jobs))
+    try:
+        if workers == 1:
+            for job in jobs:
+                done.append(write_shard(job, bar.update))
+                if job.strict and done[-1].skipped:
+                    raise _strict_error(done[-1], job.root)
+        else:
+            _run_pool(jobs, workers, bar, done)
+    finally:
+        bar.close()
+
+
+# ---------------------------------------------------------------- output folder
+
+
+def _check_out(out: Path, overwrite: bool) -> set[Path]:
+    """Refuse a non-empty OUT without --overwrite; return the old shard files found there."""
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{out}: expected an output folder, got a file")
+    if not out.exists() or not any(out.iterdir()):
+        return set()
+    if not overwrite:
+        raise UserError(
+            f"{out} is not empty: choose another OUT, or pass --overwrite to replace it"
+        )
+    return {p for s in SPLITS for g in (SHARD_GLOB, TEMP_GLOB) for p in (out / s).glob(g)}
+
+
+def _make_dirs(out: Path) -> list[Path]:
+    created = []
+    for d in (out, out / "train", out / "val"):
+        if not d.exists():
+            d.mkdir(parents=True)
+            created.append(d)
+    return created
+
+
+# ---------------------------------------------------------------- the command
+
+
+def _check_args(val_fraction: float, shard_size: int, workers: int) -> None:
+    if not 0 <= val_fraction < 1:
+        raise UserError(f"--val-fraction: expected a number in [0, 1), got {val_fraction}")
+    if shard_size < 1:
+        raise UserError(f"--shard-size: expected an integer >= 1, got {shard_size}")
+    if workers < 1:
+        raise UserError(f"--workers: expected an integer >= 1, got {workers}")
+
+
+def _log_summary(out: Path, manifest: dict, seconds: float) -> None:
+    skipped = manifest["skipped"]
+    for entry in skipped[:10]:
+        logger.warning("skipped %s: %s", entry["path"], entry["reason"])
+    if len(skipped) > 10:
+        logger.warning("... and %d more skipped files, listed in %s", len(skipped) - 10, MANIFEST)
+    mb = sum(s["bytes"] for sp in manifest["splits"].values() for s in sp["shards"]) / 1e6
+    parts = [
+        f"{name} {sp['count']} samples in {len(sp['shards'])} shard(s)"
+        for name, sp in manifest["splits"].items()
+    ]
+    logger.info(
+        "%s: %s; %d file(s) skipped; %.1f MB in %.1f s (%.0f MB/s)",
+        out / MANIFEST,
+        ", ".join(parts),
+        len(skipped),
+        mb,
+        seconds,
+        mb / max(seconds, 1e-9),
+    )
+
+
+def shard(
+    src: str | Path,
+    out: str | Path,
+    *,
+    val_fraction: float = 0.1,
+    shard_size: int = 1000,
+    workers: int = 1,
+    seed: int = 0,
+    overwrite: bool = False,
+    strict: bool = False,
+    nonfinite: str = "refuse",
+    normalise: str | None = None,
+    hdu: str | None = None,
+    labels: bool = False,
+) -> dict:
+    """Shard SRC into OUT/{train,val}/shard-NNNNNN.tar and write OUT/manifest.json; return it.
+    `labels`: SRC holds a folder per class, each sample stored with its class index (`cls`)."""
+    start = time.perf_counter()
+    _check_args(val_fraction, shard_size, workers)
+    if normalise is not None:
+        try:
+            normalise = str(parse_normalisation(normalise))
+        except ValueError as err:
+            raise UserError(f"--normalise {err}") from None
+    source = list_source(Path(src).resolve(), Path(out).resolve())
+    out = Path(out)
+    classes = classes_of(source, seed, val_fraction) if labels else None
+    old = _check_out(out, overwrite)
+    jobs = plan(source, out, seed, val_fraction, shard_size, strict, nonfinite, hdu, classes)
+    created = _make_dirs(out)
+    results: list[ShardResult] = []
+    try:
+        run_jobs(jobs, workers, results)
+        if not any(r.count for r in results):
+            first = min(x for r in results for x in r.skipped)
+            raise UserError(
+                f"{source.root}: no sample could be read (first: {first[0]}: {first[1]})"
+            )
+        refuse_unfit(source.root, results, normalise, classes, val_fraction)
+    except BaseException:
+        for r in results:
+            if r.tmp:
+                r.tmp.unlink(missing_ok=True)
+        for d in reversed(created):
+            if not any(d.iterdir()):
+                d.rmdir()
+        raise
+    args = {"seed": seed, "val_fraction": val_fraction, "shard_size": shard_size,
+            "fits_hdu": hdu}  # fmt: skip
+    manifest = manifest_doc(source.kind, source.root, results, args, nonfinite, normalise,
+                            classes)  # fmt: skip
+    commit(out, results, manifest, old)
+    _log_summary(out, manifest, time.perf_counter() - start)
+    return manifest

@@ -1,0 +1,1 @@
+"""Simulators of training data (strong lensing, its labelled substructure classes)."""

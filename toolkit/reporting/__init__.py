@@ -1,0 +1,1 @@
+"""What `report` builds: tables with intervals, paired differences, curves and plots."""
