@@ -15,10 +15,11 @@ from safetensors.torch import load_file
 from sklearn.metrics import accuracy_score, confusion_matrix, roc_auc_score
 
 from tests.helpers import ROOT, evaluate_json
-from toolkit import launch, report
+from toolkit import launch
 from toolkit.data.format import read_manifest, read_samples
 from toolkit.data.sharding import shard
 from toolkit.data.sources import decode
+from toolkit.reporting import write
 from toolkit.runs import recipe
 from toolkit.runs.directory import load_model, locate
 
@@ -85,7 +86,7 @@ def test_a_cnn_classifies_and_its_scores_are_scikit_learn_s(tmp_path: Path) -> N
     assert ev["confusion"] == confusion_matrix(y, p.argmax(1)).tolist()
     assert ev["classes"] == list(CLASSES) and set(ev["roc"]) == set(CLASSES)
     assert 0.75 < ev["model"]["auc_micro"] < 1.0  # it learnt, not everything
-    doc = report.report([run], tmp_path / "report")
+    doc = write.report([run], tmp_path / "report")
     table = doc["tables"][0]
     assert table["task"] == "classify" and table["columns"] == [
         "accuracy",

@@ -18,9 +18,9 @@ import torch.nn.functional as F
 from PIL import Image
 
 from tests.helpers import DEBUG_RECIPE, evaluate_json, make_pairs, run_cli, tiny
-from toolkit import report
 from toolkit.data.format import read_manifest
 from toolkit.data.sharding import shard
+from toolkit.reporting import tables
 from toolkit.runs.directory import load_model, locate
 from toolkit.runs.hold import HOLD, held
 
@@ -280,7 +280,7 @@ def test_evaluate_does_not_write_into_a_run_another_process_writes(grey) -> None
 
 def test_report_of_a_run_reads_its_loss_curve(grey) -> None:
     shards, _, fine = grey
-    run = report.read_run(fine)
+    run = tables.read_run(fine)
     per_epoch = -(-read_manifest(shards).count("train") // 4)  # batches of 4
     assert run.mode == "SR-MAE, frozen encoder" and run.epochs == pytest.approx(6 / per_epoch)
     assert [m["step"] for m in run.metrics if "train/loss" in m][-1] == 6

@@ -9,8 +9,9 @@ import statistics
 import pytest
 
 from tests.helpers import DEBUG_RECIPE, hparams_of, make_pairs, tiny
-from toolkit import launch, report
+from toolkit import launch
 from toolkit.data.sharding import shard
+from toolkit.reporting import write
 from toolkit.runs import recipe
 
 pytestmark = pytest.mark.slow
@@ -36,7 +37,7 @@ def test_a_local_sweep_trains_every_variant_and_the_report_averages_seeds(tmp_pa
         loss = json.loads((run_dir / "eval.json").read_text())["model"]["loss"]
         losses.setdefault(f"optim.lr={lr}", []).append(loss)
     assert len({x for v in losses.values() for x in v}) == 6  # seeds and rates differ
-    doc = report.report([base], tmp_path / "report", samples=1)
+    doc = write.report([base], tmp_path / "report", samples=1)
     rows = {row["run"]: row for row in doc["tables"][0]["rows"]}
     assert set(rows) == set(losses)  # one row per learning rate, the seeds folded in
     for name, values in losses.items():

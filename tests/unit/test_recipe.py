@@ -352,7 +352,7 @@ def sections(cls: type = recipe.Recipe, prefix: str = "") -> list[tuple[str, typ
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         inner = config.dataclass_of(hints[f.name])
-        if inner is None or "select" in f.metadata:
+        if inner is None or inner is recipe.ModelBase:
             continue
         dotted = prefix + config.yaml_key(f)
         if typing.get_origin(hints[f.name]) is list:

@@ -7,13 +7,12 @@ from pathlib import Path
 
 import pytest
 
-from toolkit import launch
-from toolkit.cluster import slurm
+from toolkit.cluster import launching, slurm
 from toolkit.core.errors import UserError
 from toolkit.runs import recipe
 
 ROOT = Path(__file__).resolve().parents[3]
-NO_FLAGS = dict.fromkeys(launch.SLURM_FLAGS)
+NO_FLAGS = dict.fromkeys(launching.SLURM_FLAGS)
 
 
 @pytest.mark.parametrize(

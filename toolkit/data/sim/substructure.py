@@ -79,7 +79,7 @@ def simulate_labelled(rng: np.random.Generator, cls: str, noise: bool = True) ->
     """One HR image of class `cls`: float32 150x150 in [0, 1], normalised as the SR data's HR."""
     from toolkit.data.sim import lensing as L
 
-    L._require_lenstronomy()
+    L.require_lenstronomy()
     kwargs, fwhm, light_to_source, rms = L._draw_system(rng)
     subs = substructure(rng, cls, kwargs["kwargs_lens"][0])
     kwargs["kwargs_lens"] = kwargs["kwargs_lens"] + subs

@@ -15,7 +15,8 @@ import pytest
 from tests.helpers import DEBUG_RECIPE
 from toolkit.core import stats
 from toolkit.core.errors import UserError
-from toolkit.report import Run, best, markdown, markdown_all, read_runs, report, tables
+from toolkit.reporting.tables import Run, best, markdown, markdown_all, read_runs, tables
+from toolkit.reporting.write import report
 from toolkit.runs import recipe
 
 ROOT = Path(__file__).resolve().parents[2]
