@@ -10,10 +10,10 @@ shard directories (their LR images, or HR degraded as in training). Each output 
 DIR under the input's relative name (a shard sample: its key), in the input's format, with the
 run's normalisation inverted (per-image statistics fitted on the whole input), atomically: a
 rerun skips what is written, so a killed prediction resumes where it stopped. Images of any
-size go through the model in overlapping, cross-faded tiles (`toolkit/data/tiles.py`); models
+size go through the model in overlapping, cross-faded tiles (`toolkit/prediction/tiles.py`); models
 with a fixed input size (SR-MAE) take tiles of that size, others whole images unless --tile is
 given. Launched on several processes (torchrun, srun, or `--local --procs P`), each writes its
-share of the files, every file once. One writer per output folder (`toolkit/hold.py`).
+share of the files, every file once. One writer per output folder (`toolkit/runs/hold.py`).
 """
 
 from __future__ import annotations
@@ -286,7 +286,7 @@ def check_record(out: Path, made: dict[str, Any]) -> bool:
 
 
 def _hold(out: Path, made: dict[str, Any]) -> Any:
-    """The output folder, made and held (`toolkit/hold.py`), cleared of what a killed writer
+    """The output folder, made and held (`toolkit/runs/hold.py`), cleared of what a killed writer
     left half-written, with the record of what its outputs come from."""
     hold = acquire(out, "predict")  # makes the folder
     try:

@@ -29,7 +29,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--overwrite", action="store_true", help="write into a non-empty OUT")
     p.add_argument("--classes", action="store_true", help="labelled HR images by dark-matter "
                    "substructure instead: OUT/<class>/<key>.npy, classes cdm, no_sub, vortex "
-                   "in turn (toolkit.data.substructure); shard them with --labels")  # fmt: skip
+                   "in turn (toolkit.data.sim.substructure); shard them with --labels")  # fmt: skip
     return p.parse_args(argv)
 
 

@@ -203,7 +203,7 @@ class _AUC:
 
 def auc_statistic(scores: np.ndarray, labels: np.ndarray) -> Statistic:
     """(micro, macro) one-vs-rest ROC-AUC of class scores [N, K] for labels [N], as
-    `toolkit.metrics.one_vs_rest_auc` computes them: micro over every (sample, class) pair,
+    `toolkit.core.metrics.one_vs_rest_auc` computes them: micro over every (sample, class) pair,
     macro the mean over the classes that have samples (and samples of other classes)."""
     scores = np.asarray(scores, dtype=np.float64)
     n, k = scores.shape

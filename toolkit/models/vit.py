@@ -287,7 +287,7 @@ def encoder_layer(name: str, depth: int) -> int:
 
 class EncoderLayers:
     """For models with a ViT `encoder` (MAE, SR-MAE, the ViT classifier): the layer numbering
-    `toolkit.optim` reads for `optim.layer_decay` (`lr_layers`: the top layer's number)."""
+    `toolkit.engine.optim` reads for `optim.layer_decay` (`lr_layers`: the top layer's number)."""
 
     encoder: Encoder
 

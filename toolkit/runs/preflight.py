@@ -36,7 +36,7 @@ def problems(r: recipe.Recipe, *, chained: bool = False) -> list[str]:
     problem = foreign(r.run_dir)
     if problem:
         out.append(f"run.dir: {problem}")
-    holder = holder_of(r.run_dir)  # one writer per run directory (toolkit/hold.py)
+    holder = holder_of(r.run_dir)  # one writer per run directory (toolkit/runs/hold.py)
     if holder is not None:
         out.append(f"run.dir: {refusal(r.run_dir, holder)}")
     return out

@@ -13,7 +13,7 @@ The key `recipe` sweeps the recipe itself: its values are recipe files (on the c
 paths from the current directory; in a sweep file, from that file's folder), each variant's
 base, for modes that differ in several keys at once (a CNN, a ViT from scratch, a linear probe,
 a full finetune). Its variants are named by the file's stem
-(`recipe=cnn,data.per_class=10,train.seed=0`); `toolkit.launch_sweep` checks that the files
+(`recipe=cnn,data.per_class=10,train.seed=0`); `toolkit.cluster.sweeps` checks that the files
 agree on what one sweep shares (task, run.dir, cluster).
 """
 

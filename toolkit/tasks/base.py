@@ -50,7 +50,7 @@ class Task(ABC):
     title: ClassVar[str]  # report heading, e.g. "super-resolution"
     default_arch: ClassVar[str]  # model.arch when the recipe names none
     fields: ClassVar[tuple[str, ...]]  # batch tensors the loader must produce: "hr", "lr", ...
-    # Per-sample validation metrics (names in toolkit.metrics.METRICS), "loss" among them: the
+    # Per-sample validation metrics (names in toolkit.core.metrics.METRICS), "loss" among them: the
     # training loss of each sample, computed by `losses` as in training.
     metrics: ClassVar[tuple[str, ...]]
     table: ClassVar[tuple[str, ...]]  # the metrics the report's table shows
@@ -146,7 +146,7 @@ class Task(ABC):
         return {}
 
     def statistic(self, values: Mapping[str, np.ndarray]) -> tuple[Statistic, np.ndarray | None]:
-        """The `table` metrics of a bootstrap resample (`toolkit.stats`), from one evaluation's
+        """The `table` metrics of a bootstrap resample (`toolkit.core.stats`), from one evaluation's
         per-sample values (sorted by key), and the strata to resample within (None: all
         together). By default the mean of each metric's per-sample values."""
         return mean_statistic(np.stack([values[n] for n in self.table], axis=1)), None

@@ -1,9 +1,9 @@
 """Labelled lensing images by dark-matter substructure, for the classify task.
 
-    python -m toolkit.data.lensing OUT --count N --classes [--seed S] [--workers W]
+    python -m toolkit.simulate OUT --count N --classes [--seed S] [--workers W]
 
 writes ``OUT/<class>/<key>.npy``: 150x150 HR images (0.03 arcsec pixels) of the systems
-``toolkit.data.lensing`` draws (SIE + shear lens, Sersic source and lens light, Gaussian PSF,
+``toolkit.data.sim.lensing`` draws (SIE + shear lens, Sersic source and lens light, Gaussian PSF,
 the same normalisation and noise), sample ``i`` of class ``CLASSES[i % 3]``:
 
 - ``no_sub``: the smooth lens alone;

@@ -45,7 +45,7 @@ def generate(
     classes: bool = False,
 ) -> int:
     """Write ``count`` pairs under ``out/hr`` and ``out/lr`` (``classes``: ``count`` labelled
-    images under ``out/<class>/``, see ``toolkit.data.substructure``); return the number
+    images under ``out/<class>/``, see ``toolkit.data.sim.substructure``); return the number
     written.
 
     Sample ``i`` depends only on ``(seed, i)``; ``overwrite`` replaces samples of the same keys
