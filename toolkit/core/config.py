@@ -1,8 +1,9 @@
 """YAML -> dataclasses, strictly: `extends:` chains, dotted overrides, types, ranges, did-you-mean.
 
-The schema itself (which sections and keys a recipe has) is `toolkit.core.schema` (checked by `toolkit.runs.recipe`); this module is the
-machinery, and knows no key by name. Every error is a `RecipeError` whose one line names the file
-(or override) that set the key, the dotted key, and what was expected.
+The schema itself (which sections and keys a recipe has) is `toolkit.core.schema`, checked
+across sections by `toolkit.runs.recipe`; this module is the machinery, and knows no key by
+name. Every error is a `RecipeError` whose one line names the file (or override) that set the
+key, the dotted key, and what was expected.
 """
 
 from __future__ import annotations

@@ -33,6 +33,14 @@ class Registry(Generic[T]):
     def names(self) -> list[str]:
         return sorted({*self._builtins, *self._loaded})
 
+    def builtin_names(self) -> list[str]:
+        """The names that come with the toolkit (what its documentation lists)."""
+        return sorted(self._builtins)
+
+    def registered(self) -> dict[str, T]:
+        """The run-time registrations: name -> object."""
+        return {name: obj for name, obj in self._loaded.items() if name not in self._builtins}
+
     def register(self, name: str, obj: T) -> T:
         """Make `obj` known as `name`; registering a name twice is a mistake, so it fails."""
         if name in self._loaded or name in self._builtins:

@@ -29,7 +29,7 @@ from torch import Tensor, nn
 from toolkit.core.schema import MAX_LAYERS, MAX_WIDTH, ModelBase, setting
 from toolkit.models.mae import MAEConfig
 from toolkit.models.registry import ModelSpec
-from toolkit.models.vit import Encoder, EncoderLayers, init_vit_weights
+from toolkit.models.vit import SMALL_VIT, Encoder, EncoderLayers, init_vit_weights
 
 
 @dataclass
@@ -136,5 +136,7 @@ VIT_SPEC = ModelSpec(
     freeze_modes={"encoder": ("encoder.",)},  # a linear probe
     fixed_size=True,
     layer_decay=True,
+    small=SMALL_VIT,
 )
-CNN_SPEC = ModelSpec("cnn", CNNConfig, lambda cfg: CNN(cfg), tasks=("classify",), title="CNN")
+CNN_SPEC = ModelSpec("cnn", CNNConfig, lambda cfg: CNN(cfg), tasks=("classify",), title="CNN",
+                     small=dict(img_size=32, channels=8, depth=2))  # fmt: skip

@@ -95,4 +95,5 @@ def build(cfg: EDSRConfig, scale: int = 2) -> ResidualSR:
     return ResidualSR(cfg.in_chans, scale, cfg.n_feats, blocks)
 
 
-SPEC = ModelSpec("edsr", EDSRConfig, build, tasks=("sr",), title="EDSR")
+SPEC = ModelSpec("edsr", EDSRConfig, build, tasks=("sr",), title="EDSR",
+                 small=dict(img_size=32, n_feats=8, n_resblocks=1))  # fmt: skip

@@ -12,6 +12,7 @@ from torch import Tensor, nn
 from toolkit.core.schema import MAX_LAYERS, MAX_WIDTH, ModelBase, setting
 from toolkit.models.registry import ModelSpec
 from toolkit.models.vit import (
+    SMALL_VIT,
     Decoder,
     Encoder,
     EncoderLayers,
@@ -224,4 +225,5 @@ def build(cfg: MAEConfig) -> MAE:
     return MAE(**cfg.vit(), mask_ratio=cfg.mask_ratio, norm_pix_loss=cfg.norm_pix_loss)
 
 
-SPEC = ModelSpec("mae", MAEConfig, build, tasks=("mae",), title="MAE", layer_decay=True)
+SPEC = ModelSpec("mae", MAEConfig, build, tasks=("mae",), title="MAE", layer_decay=True,
+                 small=SMALL_VIT)  # fmt: skip

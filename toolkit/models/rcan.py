@@ -82,4 +82,5 @@ def build(cfg: RCANConfig, scale: int = 2) -> ResidualSR:
     return ResidualSR(cfg.in_chans, scale, cfg.n_feats, groups)
 
 
-SPEC = ModelSpec("rcan", RCANConfig, build, tasks=("sr",), title="RCAN")
+SMALL = dict(img_size=32, n_feats=8, n_resgroups=1, n_resblocks=1, reduction=4)
+SPEC = ModelSpec("rcan", RCANConfig, build, tasks=("sr",), title="RCAN", small=SMALL)

@@ -36,7 +36,14 @@ from torch import Tensor, nn
 from toolkit.core.schema import MAX_WIDTH, setting
 from toolkit.models.mae import MAEConfig
 from toolkit.models.registry import ModelSpec
-from toolkit.models.vit import Decoder, Encoder, EncoderLayers, init_vit_weights, unpatchify
+from toolkit.models.vit import (
+    SMALL_VIT,
+    Decoder,
+    Encoder,
+    EncoderLayers,
+    init_vit_weights,
+    unpatchify,
+)
 
 
 def _deconv_padding(lr_size: int, hr_size: int, scale: int, kernel: int) -> tuple[int, int]:
@@ -166,4 +173,5 @@ SPEC = ModelSpec(
     freeze_modes={"encoder": ("encoder.",), "mae": ("encoder.", "decoder.")},
     fixed_size=True,  # the ViT's position embeddings are for img_size x img_size
     layer_decay=True,
+    small={**SMALL_VIT, "sr_channels": 8},
 )

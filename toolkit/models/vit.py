@@ -297,3 +297,9 @@ class EncoderLayers:
 
     def lr_layer(self, name: str) -> int:
         return encoder_layer(name, len(self.encoder.blocks))
+
+
+# A ViT with every kind of part and little else: 64 patches of 4x4, two encoder layers, one
+# decoder layer (`ModelSpec.small` of the ViT architectures).
+SMALL_VIT = {"img_size": 32, "patch_size": 4, "embed_dim": 32, "depth": 2, "num_heads": 2,
+             "decoder_embed_dim": 16, "decoder_depth": 1, "decoder_num_heads": 2}  # fmt: skip
