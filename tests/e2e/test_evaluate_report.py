@@ -23,6 +23,7 @@ from toolkit.data.sharding import shard
 from toolkit.reporting import tables
 from toolkit.runs.directory import load_model, locate
 from toolkit.runs.hold import HOLD, held
+from toolkit.tasks import TASKS
 
 pytestmark = pytest.mark.slow
 
@@ -165,11 +166,13 @@ def test_report_table_equals_eval_json_and_figures_are_real(grey, tmp_path) -> N
     assert mae["rows"][0]["loss"] == json.loads((pre / "eval.json").read_text())["model"]["loss"]
     row = next(r for r in sr["rows"] if r["run"] == "fine")
     assert row["mode"] == "SR-MAE, frozen encoder" and row["init_from"] == str(pre)
-    assert all(row[k] == ev["model"][k] for k in ("mse", "psnr", "ssim"))
+    columns = TASKS.get("sr").table  # what the SR task's table shows
+    assert sr["columns"] == list(columns)
+    assert all(row[k] == ev["model"][k] for k in columns)
     bicubic = next(r for r in sr["rows"] if r["mode"] == "bicubic")
-    assert all(bicubic[k] == ev["bicubic"][k] for k in ("mse", "psnr", "ssim"))
+    assert all(bicubic[k] == ev["bicubic"][k] for k in columns)
     for r in (row, bicubic, mae["rows"][0]):  # an interval about each value, from the samples
-        for k in ("mse", "psnr", "ssim") if r is not mae["rows"][0] else ("loss",):
+        for k in columns if r is not mae["rows"][0] else TASKS.get("mae").table:
             low, high = r[f"{k}_ci"]
             assert low < r[k] < high, (r["mode"], k)
     (pair,) = sr["pairs"]  # the one run against bicubic, on the same 10 images
