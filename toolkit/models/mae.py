@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -13,10 +13,7 @@ from toolkit.core.schema import MAX_LAYERS, MAX_WIDTH, ModelBase, setting
 from toolkit.models.registry import ModelSpec
 from toolkit.models.vit import (
     SMALL_VIT,
-    Decoder,
-    Encoder,
-    EncoderLayers,
-    init_vit_weights,
+    EncoderDecoder,
     patchify,
     unpatchify,
 )
@@ -87,51 +84,21 @@ class MAEOutput(NamedTuple):
     sample_loss: Tensor  # [N] each sample's loss: what validation reports per sample
 
 
-class MAE(EncoderLayers, nn.Module):
+class MAE(EncoderDecoder):
     """Masked autoencoder (He et al. 2021) for square C-channel images, built from scratch.
 
     State dict names: `encoder.*` (patch embedding, blocks, norm), `decoder.*` (embed, blocks,
-    norm, pred) and `mask_token`. SR-MAE reuses the `encoder` and `decoder` modules unchanged,
-    so a pretrain state dict loads into it by name; `mask_token` is the one MAE tensor SR-MAE
+    norm, pred) and `mask_token`. SR-MAE is built on the same `EncoderDecoder`, so a pretrain
+    state dict loads into it by name; `mask_token` is the one MAE tensor SR-MAE
     has no use for. Position embeddings are non-persistent buffers (not in the state dict).
     """
 
-    def __init__(
-        self,
-        in_chans: int = 1,
-        img_size: int = 150,
-        patch_size: int = 10,
-        embed_dim: int = 256,
-        depth: int = 8,
-        num_heads: int = 8,
-        decoder_embed_dim: int = 128,
-        decoder_depth: int = 4,
-        decoder_num_heads: int = 4,
-        mlp_ratio: float = 4.0,
-        mask_ratio: float = 0.75,
-        norm_pix_loss: bool = False,
-        drop_path: float = 0.0,
-    ) -> None:
-        super().__init__()
-        self.in_chans = in_chans
-        self.patch_size = patch_size
+    def __init__(self, mask_ratio: float = 0.75, norm_pix_loss: bool = False, **vit: Any) -> None:
+        """`vit`: the encoder's and decoder's settings, EncoderDecoder's arguments."""
+        super().__init__(**vit)
         self.mask_ratio = mask_ratio
         self.norm_pix_loss = norm_pix_loss
-        self.encoder = Encoder(
-            in_chans, img_size, patch_size, embed_dim, depth, num_heads, mlp_ratio, drop_path
-        )
-        self.decoder = Decoder(
-            in_chans,
-            img_size,
-            patch_size,
-            embed_dim,
-            decoder_embed_dim,
-            decoder_depth,
-            decoder_num_heads,
-            mlp_ratio,
-        )
-        self.mask_token = nn.Parameter(torch.zeros(1, 1, decoder_embed_dim))
-        init_vit_weights(self)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, self.decoder.embed.out_features))
         nn.init.normal_(self.mask_token, std=0.02)
 
     def patchify(self, imgs: Tensor) -> Tensor:

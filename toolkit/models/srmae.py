@@ -28,6 +28,7 @@ sr_channels 64; the same at scale 2, 3 and 4):
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -36,14 +37,7 @@ from torch import Tensor, nn
 from toolkit.core.schema import MAX_WIDTH, setting
 from toolkit.models.mae import MAEConfig
 from toolkit.models.registry import ModelSpec
-from toolkit.models.vit import (
-    SMALL_VIT,
-    Decoder,
-    Encoder,
-    EncoderLayers,
-    init_vit_weights,
-    unpatchify,
-)
+from toolkit.models.vit import SMALL_VIT, EncoderDecoder, unpatchify
 
 
 def _deconv_padding(lr_size: int, hr_size: int, scale: int, kernel: int) -> tuple[int, int]:
@@ -81,49 +75,17 @@ class SRLayers(nn.Module):
             nn.init.zeros_(conv.bias)
 
 
-class SRMAE(EncoderLayers, nn.Module):
+class SRMAE(EncoderDecoder):
     """MAE encoder + decoder between convolution/deconvolution layers; LR in, HR out."""
 
-    def __init__(
-        self,
-        in_chans: int = 1,
-        img_size: int = 150,
-        patch_size: int = 10,
-        embed_dim: int = 256,
-        depth: int = 8,
-        num_heads: int = 8,
-        decoder_embed_dim: int = 128,
-        decoder_depth: int = 4,
-        decoder_num_heads: int = 4,
-        mlp_ratio: float = 4.0,
-        sr_channels: int = 64,
-        scale: int = 2,
-        drop_path: float = 0.0,
-    ) -> None:
-        super().__init__()
+    def __init__(self, sr_channels: int = 64, scale: int = 2, **vit: Any) -> None:
+        """`vit`: the encoder's and decoder's settings, EncoderDecoder's arguments."""
         if scale < 2:
             raise ValueError(f"scale must be 2 or more, got {scale}")
-        self.in_chans = in_chans
-        self.patch_size = patch_size
-        self.img_size = img_size
+        super().__init__(**vit)
         self.scale = scale
-        self.lr_size = img_size // scale
-        self.encoder = Encoder(
-            in_chans, img_size, patch_size, embed_dim, depth, num_heads, mlp_ratio, drop_path
-        )
-        self.decoder = Decoder(
-            in_chans,
-            img_size,
-            patch_size,
-            embed_dim,
-            decoder_embed_dim,
-            decoder_depth,
-            decoder_num_heads,
-            mlp_ratio,
-        )
-        init_vit_weights(self.encoder)
-        init_vit_weights(self.decoder)
-        self.sr = SRLayers(in_chans, sr_channels, self.lr_size, img_size, scale)
+        self.lr_size = self.img_size // scale
+        self.sr = SRLayers(self.in_chans, sr_channels, self.lr_size, self.img_size, scale)
 
     def forward(self, lr: Tensor) -> Tensor:
         """[N, C, h, h] -> [N, C, H, H], unclamped (clamping would zero gradients at 0 and 1)."""

@@ -1,5 +1,6 @@
 """ViT building blocks: 2D sin-cos position embeddings, patchify, patch embedding, blocks,
-stochastic depth and the layer numbering of layer-wise learning-rate decay."""
+stochastic depth, the layer numbering of layer-wise learning-rate decay, and the encoder +
+decoder that the MAE and SR-MAE are built on."""
 
 from __future__ import annotations
 
@@ -297,6 +298,48 @@ class EncoderLayers:
 
     def lr_layer(self, name: str) -> int:
         return encoder_layer(name, len(self.encoder.blocks))
+
+
+class EncoderDecoder(EncoderLayers, nn.Module):
+    """The MAE's ViT encoder and light decoder, built and initialised: the `encoder.*` and
+    `decoder.*` parameters the MAE and SR-MAE share, so that a pretrained MAE's state dict loads
+    into SR-MAE by name. Subclasses add their own parts after calling this constructor (the MAE
+    its mask token, SR-MAE its convolution layers): the random numbers drawn here, and so the
+    weights a seed gives, are the same for both."""
+
+    def __init__(
+        self,
+        in_chans: int = 1,
+        img_size: int = 150,
+        patch_size: int = 10,
+        embed_dim: int = 256,
+        depth: int = 8,
+        num_heads: int = 8,
+        decoder_embed_dim: int = 128,
+        decoder_depth: int = 4,
+        decoder_num_heads: int = 4,
+        mlp_ratio: float = 4.0,
+        drop_path: float = 0.0,
+    ) -> None:
+        super().__init__()
+        self.in_chans = in_chans
+        self.img_size = img_size
+        self.patch_size = patch_size
+        self.encoder = Encoder(
+            in_chans, img_size, patch_size, embed_dim, depth, num_heads, mlp_ratio, drop_path
+        )
+        self.decoder = Decoder(
+            in_chans,
+            img_size,
+            patch_size,
+            embed_dim,
+            decoder_embed_dim,
+            decoder_depth,
+            decoder_num_heads,
+            mlp_ratio,
+        )
+        init_vit_weights(self.encoder)
+        init_vit_weights(self.decoder)
 
 
 # A ViT with every kind of part and little else: 64 patches of 4x4, two encoder layers, one

@@ -72,6 +72,18 @@ def test_mae_part_has_the_same_names_and_shapes_as_the_mae() -> None:
     assert mae_part == {k: v.shape for k, v in sr.items() if not k.startswith("sr.")}
 
 
+def test_mae_part_built_from_one_seed_is_the_mae_exactly() -> None:
+    # Both build and initialise their encoder and decoder first, in one place (EncoderDecoder),
+    # drawing the same random numbers; the mask token and the sr.* layers come after.
+    torch.manual_seed(0)
+    mae = MAE(**TINY_VIT, drop_path=0.1).state_dict()
+    torch.manual_seed(0)
+    sr = SRMAE(**TINY_VIT, drop_path=0.1, sr_channels=8, scale=3).state_dict()
+    mae_part = {k: v for k, v in mae.items() if k != "mask_token"}
+    assert list(mae_part) == [k for k in sr if not k.startswith("sr.")]
+    assert all(torch.equal(v, sr[k]) for k, v in mae_part.items())
+
+
 @pytest.mark.parametrize(
     ("freeze", "trainable_prefixes"),
     [
