@@ -123,7 +123,7 @@ def test_sbatch_finetune_script(slurm_cluster, shards, tmp_path) -> None:
     lands in the submit directory; spaces in the recipe path and in an override: the script
     quotes everything."""
     clone = tmp_path / "clone"  # what a fresh clone holds of what sbatch needs: no runs/
-    shutil.copytree(ROOT / "slurm", clone / "slurm")
+    shutil.copytree(ROOT / "slurm", clone / "slurm", symlinks=True)  # as git checks them out
     recipes = clone / "my recipes"
     recipes.mkdir()
     shutil.copy(DEBUG_RECIPE, recipes / "debug run.yaml")
@@ -131,7 +131,7 @@ def test_sbatch_finetune_script(slurm_cluster, shards, tmp_path) -> None:
     run_dir = tmp_path / "run dir"
     job = sbatch(slurm_cluster, clone, *SCRIPT_SIZE, "slurm/finetune.sh",
                  "my recipes/debug run.yaml", *tiny(shards, run_dir), *SMALL)  # fmt: skip
-    log = clone / f"slurm-srmae-finetune-{job}.out"
+    log = clone / f"slurm-finetune.sh-{job}.out"
     assert wait_done(job) == ("COMPLETED", "0:0"), log.read_text()
     text = log.read_text()
     assert "rank 0 of 2 on n1" in text and "rank 1 of 2 on n2" in text
@@ -170,7 +170,7 @@ def test_usr2_checkpoints_requeues_and_resumes_exactly(
     if how == "launch":
         log = (run_dir / "slurm" / f"{job}_0_log.err").read_text()
     else:
-        log = (tmp_path / f"slurm-srmae-pretrain-{job}.out").read_text()
+        log = (tmp_path / f"slurm-pretrain.sh-{job}.out").read_text()
     resumed = [int(s) for s in re.findall(r"resumed from \S+/step-(\d{8})", log)]
     assert resumed and 20 <= resumed[0] < 400, log[-3000:]
     assert logged_steps(run_dir) == list(range(1, 401))
@@ -298,7 +298,7 @@ def test_a_held_run_directory_refuses_launch_and_sbatch(slurm_cluster, shards, t
     run_dir = tmp_path / "run"
     overrides = [*tiny(shards, run_dir, task="mae"), *SMALL]
     clone = tmp_path / "clone"
-    shutil.copytree(ROOT / "slurm", clone / "slurm")
+    shutil.copytree(ROOT / "slurm", clone / "slurm", symlinks=True)
     with held(run_dir, "training by hand"):
         proc = launch(slurm_cluster, tmp_path, str(DEBUG_RECIPE), *overrides)
         assert proc.returncode == 2 and proc.stdout == "", proc.stderr
@@ -307,7 +307,7 @@ def test_a_held_run_directory_refuses_launch_and_sbatch(slurm_cluster, shards, t
         job = sbatch(slurm_cluster, clone, *SCRIPT_SIZE, "slurm/finetune.sh", str(DEBUG_RECIPE),
                      *overrides)  # fmt: skip
         state, _ = wait_done(job)
-        log = (clone / f"slurm-srmae-finetune-{job}.out").read_text()
+        log = (clone / f"slurm-finetune.sh-{job}.out").read_text()
         assert state == "FAILED", log
         assert f"in use by training by hand (pid {os.getpid()} on " in log
     # The job wrote nothing there: the folder made for the hold went with it, empty.
