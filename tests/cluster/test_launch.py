@@ -31,6 +31,7 @@ SMALL = ["train.max_steps=6", "train.checkpoint_every=2", "cluster.gpus_per_node
 LONG = ["train.max_steps=400", "train.checkpoint_every=100", "cluster.gpus_per_node=0",
         "cluster.partition=debug", "cluster.time=00:10:00", "cluster.cpus_per_task=1"]  # fmt: skip
 SCRIPT_SIZE = ["--nodes=2", "--ntasks-per-node=1", "--gpus-per-node=0", "--cpus-per-task=1"]
+ONE_NODE = ["--nodes=1", "--ntasks-per-node=1", "--gpus-per-node=0", "--cpus-per-task=1"]
 
 
 @pytest.fixture(scope="module")
@@ -139,6 +140,49 @@ def test_sbatch_finetune_script(slurm_cluster, shards, tmp_path) -> None:
     complete_final_checkpoint(run_dir, 6)
     val = read_manifest(shards).count("val")
     assert json.loads((run_dir / "eval.json").read_text())["count"] == val
+
+
+def test_sbatch_scripts_are_one_script_whose_name_picks_the_recipe(
+    slurm_cluster, shards, tmp_path
+) -> None:
+    """slurm/pretrain.sh and slurm/finetune.sh are links to slurm/train.sh. Given no RECIPE, each
+    runs recipes/<its stage>.yaml of the submit directory, in a job named after it; --job-name
+    renames the job, not its recipe; train.sh itself has no default recipe and says so."""
+    script = ROOT / "slurm/train.sh"
+    assert (
+        (ROOT / "slurm/pretrain.sh").resolve() == (ROOT / "slurm/finetune.sh").resolve() == script
+    )
+    here = tmp_path / "here"  # the submit directory: its recipes/, not the checkout's
+    (here / "recipes").mkdir(parents=True)
+    for stage in ("pretrain", "finetune"):
+        (here / "recipes" / f"{stage}.yaml").write_text(
+            f"extends: {DEBUG_RECIPE}\nname: {stage}-here\n"
+        )
+    # (entry, job name, stage): the job names are the entries' unless --job-name says otherwise
+    cases = [("pretrain.sh", "pretrain.sh", "pretrain"), ("finetune.sh", "finetune.sh", "finetune"),
+             ("finetune.sh", "srmae-finetune", "finetune")]  # fmt: skip
+    jobs = [
+        sbatch(slurm_cluster, here, *ONE_NODE, *([f"--job-name={name}"] if name != entry else []),
+               str(ROOT / "slurm" / entry), *tiny(shards, tmp_path / name, task="mae"), *SMALL)
+        for entry, name, _ in cases
+    ]  # fmt: skip
+    bare = sbatch(slurm_cluster, here, *ONE_NODE, str(script), *tiny(shards, tmp_path / "bare"))
+    for (_, name, stage), job in zip(cases, jobs, strict=True):
+        log = here / f"slurm-{name}-{job}.out"
+        assert wait_done(job, timeout=180) == ("COMPLETED", "0:0"), log.read_text()
+        assert sacct(job, "JobName") == [[name]]
+        text = log.read_text()
+        assert f": recipes/{stage}.yaml data.shards=" in text  # the line the script writes
+        assert f"{stage}-here: task mae, model mae, " in text  # what toolkit.train read
+        complete_final_checkpoint(tmp_path / name, 6)
+    state = wait_done(bare)
+    log = (here / f"slurm-train.sh-{bare}.out").read_text()
+    assert state == ("FAILED", "2:0"), log
+    assert log == (
+        "error: train.sh has no default recipe; name one: "
+        "sbatch slurm/train.sh RECIPE [key=value ...]\n"
+    )
+    assert not (tmp_path / "bare").exists()
 
 
 @pytest.fixture(scope="module")
