@@ -52,13 +52,13 @@ case ${1-} in
 esac
 if [ -z "$recipe" ]; then
     # Command=/abs/path/slurm/pretrain.sh, then " $*" on Slurm 22.05 (no argument was shifted).
-    command=$(scontrol show job "$SLURM_JOB_ID" | sed -n 's/^ *Command=//p')
-    command=${command%" $*"}
-    case ${command##*/} in
+    submitted=$(scontrol show job "$SLURM_JOB_ID" | sed -n 's/^ *Command=//p')
+    submitted=${submitted%" $*"}
+    case ${submitted##*/} in
         pretrain.sh) recipe=recipes/pretrain.yaml ;;
         finetune.sh) recipe=recipes/finetune.yaml ;;
         *)
-            echo "error: ${command##*/} has no default recipe; name one:" \
+            echo "error: ${submitted##*/} has no default recipe; name one:" \
                 "sbatch slurm/train.sh RECIPE [key=value ...]" >&2
             exit 2
             ;;
