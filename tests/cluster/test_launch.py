@@ -31,6 +31,7 @@ SMALL = ["train.max_steps=6", "train.checkpoint_every=2", "cluster.gpus_per_node
 LONG = ["train.max_steps=400", "train.checkpoint_every=100", "cluster.gpus_per_node=0",
         "cluster.partition=debug", "cluster.time=00:10:00", "cluster.cpus_per_task=1"]  # fmt: skip
 SCRIPT_SIZE = ["--nodes=2", "--ntasks-per-node=1", "--gpus-per-node=0", "--cpus-per-task=1"]
+ONE_NODE = ["--nodes=1", "--ntasks-per-node=1", "--gpus-per-node=0", "--cpus-per-task=1"]
 
 
 @pytest.fixture(scope="module")
@@ -123,7 +124,7 @@ def test_sbatch_finetune_script(slurm_cluster, shards, tmp_path) -> None:
     lands in the submit directory; spaces in the recipe path and in an override: the script
     quotes everything."""
     clone = tmp_path / "clone"  # what a fresh clone holds of what sbatch needs: no runs/
-    shutil.copytree(ROOT / "slurm", clone / "slurm")
+    shutil.copytree(ROOT / "slurm", clone / "slurm", symlinks=True)  # as git checks them out
     recipes = clone / "my recipes"
     recipes.mkdir()
     shutil.copy(DEBUG_RECIPE, recipes / "debug run.yaml")
@@ -131,7 +132,7 @@ def test_sbatch_finetune_script(slurm_cluster, shards, tmp_path) -> None:
     run_dir = tmp_path / "run dir"
     job = sbatch(slurm_cluster, clone, *SCRIPT_SIZE, "slurm/finetune.sh",
                  "my recipes/debug run.yaml", *tiny(shards, run_dir), *SMALL)  # fmt: skip
-    log = clone / f"slurm-srmae-finetune-{job}.out"
+    log = clone / f"slurm-finetune.sh-{job}.out"
     assert wait_done(job) == ("COMPLETED", "0:0"), log.read_text()
     text = log.read_text()
     assert "rank 0 of 2 on n1" in text and "rank 1 of 2 on n2" in text
@@ -139,6 +140,49 @@ def test_sbatch_finetune_script(slurm_cluster, shards, tmp_path) -> None:
     complete_final_checkpoint(run_dir, 6)
     val = read_manifest(shards).count("val")
     assert json.loads((run_dir / "eval.json").read_text())["count"] == val
+
+
+def test_sbatch_scripts_are_one_script_whose_name_picks_the_recipe(
+    slurm_cluster, shards, tmp_path
+) -> None:
+    """slurm/pretrain.sh and slurm/finetune.sh are links to slurm/train.sh. Given no RECIPE, each
+    runs recipes/<its stage>.yaml of the submit directory, in a job named after it; --job-name
+    renames the job, not its recipe; train.sh itself has no default recipe and says so."""
+    script = ROOT / "slurm/train.sh"
+    assert (
+        (ROOT / "slurm/pretrain.sh").resolve() == (ROOT / "slurm/finetune.sh").resolve() == script
+    )
+    here = tmp_path / "here"  # the submit directory: its recipes/, not the checkout's
+    (here / "recipes").mkdir(parents=True)
+    for stage in ("pretrain", "finetune"):
+        (here / "recipes" / f"{stage}.yaml").write_text(
+            f"extends: {DEBUG_RECIPE}\nname: {stage}-here\n"
+        )
+    # (entry, job name, stage): the job names are the entries' unless --job-name says otherwise
+    cases = [("pretrain.sh", "pretrain.sh", "pretrain"), ("finetune.sh", "finetune.sh", "finetune"),
+             ("finetune.sh", "srmae-finetune", "finetune")]  # fmt: skip
+    jobs = [
+        sbatch(slurm_cluster, here, *ONE_NODE, *([f"--job-name={name}"] if name != entry else []),
+               str(ROOT / "slurm" / entry), *tiny(shards, tmp_path / name, task="mae"), *SMALL)
+        for entry, name, _ in cases
+    ]  # fmt: skip
+    bare = sbatch(slurm_cluster, here, *ONE_NODE, str(script), *tiny(shards, tmp_path / "bare"))
+    for (_, name, stage), job in zip(cases, jobs, strict=True):
+        log = here / f"slurm-{name}-{job}.out"
+        assert wait_done(job, timeout=180) == ("COMPLETED", "0:0"), log.read_text()
+        assert sacct(job, "JobName") == [[name]]
+        text = log.read_text()
+        assert f": recipes/{stage}.yaml data.shards=" in text  # the line the script writes
+        assert f"{stage}-here: task mae, model mae, " in text  # what toolkit.train read
+        complete_final_checkpoint(tmp_path / name, 6)
+    state = wait_done(bare)
+    log = (here / f"slurm-train.sh-{bare}.out").read_text()
+    assert state == ("FAILED", "2:0"), log
+    assert log == (
+        "error: train.sh has no default recipe; name one: "
+        "sbatch slurm/train.sh RECIPE [key=value ...]\n"
+    )
+    assert not (tmp_path / "bare").exists()
 
 
 @pytest.fixture(scope="module")
@@ -170,7 +214,7 @@ def test_usr2_checkpoints_requeues_and_resumes_exactly(
     if how == "launch":
         log = (run_dir / "slurm" / f"{job}_0_log.err").read_text()
     else:
-        log = (tmp_path / f"slurm-srmae-pretrain-{job}.out").read_text()
+        log = (tmp_path / f"slurm-pretrain.sh-{job}.out").read_text()
     resumed = [int(s) for s in re.findall(r"resumed from \S+/step-(\d{8})", log)]
     assert resumed and 20 <= resumed[0] < 400, log[-3000:]
     assert logged_steps(run_dir) == list(range(1, 401))
@@ -298,7 +342,7 @@ def test_a_held_run_directory_refuses_launch_and_sbatch(slurm_cluster, shards, t
     run_dir = tmp_path / "run"
     overrides = [*tiny(shards, run_dir, task="mae"), *SMALL]
     clone = tmp_path / "clone"
-    shutil.copytree(ROOT / "slurm", clone / "slurm")
+    shutil.copytree(ROOT / "slurm", clone / "slurm", symlinks=True)
     with held(run_dir, "training by hand"):
         proc = launch(slurm_cluster, tmp_path, str(DEBUG_RECIPE), *overrides)
         assert proc.returncode == 2 and proc.stdout == "", proc.stderr
@@ -307,7 +351,7 @@ def test_a_held_run_directory_refuses_launch_and_sbatch(slurm_cluster, shards, t
         job = sbatch(slurm_cluster, clone, *SCRIPT_SIZE, "slurm/finetune.sh", str(DEBUG_RECIPE),
                      *overrides)  # fmt: skip
         state, _ = wait_done(job)
-        log = (clone / f"slurm-srmae-finetune-{job}.out").read_text()
+        log = (clone / f"slurm-finetune.sh-{job}.out").read_text()
         assert state == "FAILED", log
         assert f"in use by training by hand (pid {os.getpid()} on " in log
     # The job wrote nothing there: the folder made for the hold went with it, empty.
