@@ -17,7 +17,7 @@ from tests.helpers import ROOT
 
 pytestmark = pytest.mark.slow
 
-COMMANDS = ["launch", "train", "shard", "evaluate", "report", "predict", "demo"]
+COMMANDS = ["launch", "train", "shard", "evaluate", "report", "predict", "simulate", "demo"]
 
 
 def site_packages(venv: Path) -> Path:

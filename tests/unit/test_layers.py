@@ -165,7 +165,7 @@ def test_the_test_finds_an_upward_import_and_a_circle(tmp_path):
 def test_commands_are_the_package_root_and_the_console_scripts_name_them():
     scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
     targets = {value.partition(":")[0] for value in scripts.values()}
-    assert targets <= commands(), targets - commands()
+    assert targets == commands(), targets ^ commands()  # a console script for every command
     assert all(value.endswith(":main") for value in scripts.values())
 
 
