@@ -55,6 +55,5 @@ def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config
 
         item = pytest.Function.from_parent(module, name=f"test_basics[{arch}-{task}]",
                                            callobj=test)  # fmt: skip
-        item.add_marker(pytest.mark.slow)
         made.append(item)
     items[last + 1 : last + 1] = made
