@@ -1,6 +1,7 @@
 # Entry points: `make demo` (the main job), `make demo-study` (its label-efficiency study, a
 # command of its own so that each stays under 30 minutes on a 2-core CPU), `make demo-tune`
-# (where its classifiers' learning rates come from) and `make test` (the test suite). Each creates and uses .venv in this checkout and installs what it needs into it.
+# (where its classifiers' learning rates come from), `make test` (the test suite, the gate) and
+# `make test-fast` (its quick part, for the inner loop). Each creates and uses .venv in this checkout and installs what it needs into it.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -10,7 +11,7 @@ TORCH ?= torch==2.13.0
 TORCH_INDEX ?=
 PIP := $(PY) -m pip install --progress-bar off
 
-.PHONY: setup demo demo-study demo-tune test test-numeric lint format clean
+.PHONY: setup demo demo-study demo-tune test test-fast test-numeric lint format clean
 
 $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -37,6 +38,12 @@ lint: setup
 test: lint
 	$(PY) -m pytest
 	$(MAKE) --no-print-directory test-numeric
+
+# The inner loop: lint, the unit tests and the end-to-end tests that take seconds (every
+# registered part's basics among them); not the slow, 2-process, Slurm or numeric ones, which
+# `make test` (the gate CI runs) adds.
+test-fast: lint
+	$(PY) -m pytest -m "not slow and not cluster and not numeric" tests/unit tests/e2e
 
 # The tests marked `numeric` compare floats from two kernel sets (compiled and eager, numbers
 # recorded on another CPU): rerun them with the kernels of a CPU with AVX2 only and of one with no
