@@ -136,17 +136,6 @@ def group_table(params: dict[str, Any]) -> list[str]:
     return ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) for row in rows]
 
 
-def dry_run(
-    path: str,
-    r: recipe.Recipe,
-    world: World,
-    warnings: list[str],
-    as_json: bool,
-    sbatch: str | None = None,
-) -> None:
-    sys.stdout.write(dry_run_text(path, r, world, warnings, as_json, sbatch))
-
-
 def dry_run_doc(
     r: recipe.Recipe, world: World, warnings: list[str], sbatch: str | None
 ) -> dict[str, Any]:
@@ -348,6 +337,6 @@ def launch(args: Any) -> int:
     world = world_of(r, args)
     if args.dry_run:
         notes = preflight.problems(r) + preflight.relaunch_notes(r, world.world_size)
-        dry_run(args.recipe, r, world, notes, args.json)
+        sys.stdout.write(dry_run_text(args.recipe, r, world, notes, args.json))
         return 0
     return run_local(args, r)
