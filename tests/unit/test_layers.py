@@ -214,3 +214,12 @@ def test_the_old_runs_module_names_and_lensing_command_still_work():
     done = subprocess.run([sys.executable, "-m", "toolkit.data.lensing", "--help"], cwd=ROOT,
                           capture_output=True, text=True, timeout=120)  # fmt: skip
     assert done.returncode == 0 and "python -m toolkit.simulate" in done.stdout, done.stderr
+
+
+def test_the_architecture_notes_name_every_module():
+    # The rooms block is the tree: a module added without its line there fails here.
+    text = (ROOT / "docs" / "architecture.md").read_text()
+    rooms = text.split("## Rooms", 1)[1].split("\n## ", 1)[0]
+    missing = [str(p.relative_to(PACKAGE)) for m, p in modules().items()
+               if p.name != "__init__.py" and p.name not in rooms]  # fmt: skip
+    assert missing == []
