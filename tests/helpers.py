@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -44,6 +45,24 @@ def make_pairs(root: Path, count: int, size: int = 32, scale: int = 2, seed: int
         np.save(root / "hr" / f"{i:04d}.npy", hr)
         np.save(root / "lr" / f"{i:04d}.npy", lr.astype(np.float32))
     return root
+
+
+def make_shards(
+    root: Path,
+    count: int | tuple[int, ...],
+    *,
+    images: Callable[[Path, int | tuple[int, ...]], object] = make_pairs,
+    out: str = "shards",
+    **shard_args: object,
+) -> Path:
+    """A small shard set: `images(root / "src", count)` (make_pairs: `count` LR/HR pairs)
+    sharded by toolkit.shard with `shard_args` (val_fraction, shard_size, ...) into
+    root / out, which it returns."""
+    from toolkit.shard import shard
+
+    images(root / "src", count)
+    shard(root / "src", root / out, **shard_args)
+    return root / out
 
 
 # Turn the debug recipe's tiny MAE into a tiny SR-MAE (the same ViT, 8 channels of SR layers).

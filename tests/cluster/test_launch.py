@@ -17,10 +17,9 @@ import torch
 from safetensors.torch import load_file
 
 from tests.cluster.jobs import launch, launched, sacct, sbatch, wait_done
-from tests.helpers import DEBUG_RECIPE, ROOT, logged_steps, make_pairs, tiny
+from tests.helpers import DEBUG_RECIPE, ROOT, logged_steps, make_shards, tiny
 from toolkit.data.format import read_manifest
 from toolkit.hold import held
-from toolkit.shard import shard
 
 pytestmark = pytest.mark.cluster
 
@@ -36,9 +35,7 @@ SCRIPT_SIZE = ["--nodes=2", "--ntasks-per-node=1", "--gpus-per-node=0", "--cpus-
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("slurm-data")  # under /tmp: the nodes share this file system
-    make_pairs(root / "src", 40)
-    shard(root / "src", root / "shards", val_fraction=0.2, shard_size=8)
-    return root / "shards"
+    return make_shards(root, 40, val_fraction=0.2, shard_size=8)
 
 
 def wait_step(run_dir: Path, step: int, timeout: float = 90) -> None:

@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.helpers import DEBUG_RECIPE, evaluate_json, make_pairs, read_jsonl, run_cli, tiny
+from tests.helpers import DEBUG_RECIPE, evaluate_json, make_shards, read_jsonl, run_cli, tiny
 from toolkit import recipe
 from toolkit.data.format import read_manifest
 from toolkit.engine.accel import to_universal
@@ -22,7 +22,6 @@ from toolkit.engine.checkpointer import read_weights
 from toolkit.engine.validate import validate
 from toolkit.errors import UserError
 from toolkit.runs import build_model, eval_loader
-from toolkit.shard import shard
 from toolkit.tasks import Placement, task_of
 
 pytestmark = pytest.mark.slow
@@ -30,10 +29,7 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("ds")
-    make_pairs(root / "src", 40)
-    shard(root / "src", root / "shards", val_fraction=0.2, shard_size=8)
-    return root / "shards"
+    return make_shards(tmp_path_factory.mktemp("ds"), 40, val_fraction=0.2, shard_size=8)
 
 
 def launch(*overrides: str, procs: int = 2) -> str:

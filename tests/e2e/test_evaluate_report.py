@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from tests.helpers import DEBUG_RECIPE, evaluate_json, make_pairs, run_cli, tiny
+from tests.helpers import DEBUG_RECIPE, evaluate_json, make_shards, run_cli, tiny
 from toolkit import report
 from toolkit.data.format import read_manifest
 from toolkit.hold import HOLD, held
@@ -72,8 +72,7 @@ def bicubic_x2(lr: torch.Tensor) -> torch.Tensor:
 def grey(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path]:
     """(shards, pretrain run, finetune run): 1-channel pairs, a few steps of each stage."""
     root = tmp_path_factory.mktemp("evalrep")
-    make_pairs(root / "src", 40)
-    shard(root / "src", root / "shards", val_fraction=0.25, shard_size=8)
+    make_shards(root, 40, val_fraction=0.25, shard_size=8)
     pre, fine = root / "pre", root / "fine"
     run_ok("toolkit.launch", str(DEBUG_RECIPE), "--local",
            *tiny(root / "shards", pre, "train.max_steps=4", task="mae"))  # fmt: skip

@@ -12,18 +12,15 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import DEBUG_RECIPE, ROOT, logged_steps, make_pairs, run_cli, tiny
+from tests.helpers import DEBUG_RECIPE, ROOT, logged_steps, make_shards, run_cli, tiny
 from toolkit.hold import HOLD, holder_of
-from toolkit.shard import shard
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    src = make_pairs(tmp_path_factory.mktemp("hold") / "src", 24)
-    shard(src, src.parent / "shards", val_fraction=0.25, shard_size=8)
-    return src.parent / "shards"
+    return make_shards(tmp_path_factory.mktemp("hold"), 24, val_fraction=0.25, shard_size=8)
 
 
 def wait_for(condition, timeout: float = 120) -> None:
