@@ -10,6 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 DEBUG_RECIPE = ROOT / "recipes" / "debug.yaml"
@@ -83,17 +84,78 @@ def tiny(shards: Path, run_dir: Path, *extra: str, task: str = "sr") -> list[str
     return out + list(extra)
 
 
-def run_cli(module: str, *args: str, cwd: Path | None = None, **env: str) -> subprocess.Popen:
-    """Start `python -m module args` in a subprocess with the checkout importable."""
-    full_env = {**os.environ, "PYTHONPATH": str(ROOT), **env}
+def cli_env(**env: str) -> dict[str, str]:
+    """This process's environment with the checkout importable, and `env` on top."""
+    return {**os.environ, "PYTHONPATH": str(ROOT), **env}
+
+
+def run_main(
+    capsys: pytest.CaptureFixture[str], main: Callable[[list[str]], int], *argv: object
+) -> tuple[int, str, str]:
+    """A command's `main` run in this process on `argv` (as strings): (exit status, what it
+    printed to stdout, to stderr)."""
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def run_cli(
+    module: str,
+    *args: str,
+    cwd: Path | None = None,
+    stdout: int = subprocess.PIPE,
+    start_new_session: bool = False,
+    **env: str,
+) -> subprocess.Popen:
+    """Start `python -m module args` in a subprocess with the checkout importable (cli_env),
+    stderr into `stdout` (a pipe to read, unless subprocess.DEVNULL)."""
     return subprocess.Popen(
         [sys.executable, "-m", module, *args],
         cwd=cwd,
-        env=full_env,
-        stdout=subprocess.PIPE,
+        env=cli_env(**env),
+        stdout=stdout,
         stderr=subprocess.STDOUT,
         text=True,
+        start_new_session=start_new_session,
     )
+
+
+def run_ok(module: str, *args: str, **env: str) -> str:
+    """`python -m module args` run to its end (run_cli), which must exit 0; its output."""
+    proc = run_cli(module, *args, **env)
+    out, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0, out[-4000:]
+    return out
+
+
+def run_command(
+    *argv: str, cwd: Path | None = None, env: dict[str, str] | None = None, timeout: float = 600
+) -> subprocess.CompletedProcess:
+    """`argv` run to its end with no stdin (never shared with what it starts): its exit
+    status, and its stdout and stderr apart, as text. Whatever the status: the test checks it."""
+    return subprocess.run(
+        argv,
+        cwd=cwd,
+        env=env,
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
+def cli(
+    module: str,
+    *args: str,
+    cwd: Path | None = None,
+    timeout: float = 600,
+    python: str = sys.executable,
+    **env: str,
+) -> subprocess.CompletedProcess:
+    """`python -m module args` run to its end (run_command) with the checkout importable
+    (cli_env); `python`, the interpreter."""
+    return run_command(python, "-m", module, *args, cwd=cwd, env=cli_env(**env), timeout=timeout)
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -108,9 +170,7 @@ def logged_steps(run_dir: Path) -> list[int]:
 
 def evaluate_json(*args: str) -> dict:
     """`python -m toolkit.evaluate ARGS --json` in a subprocess; its summary."""
-    proc = run_cli("toolkit.evaluate", *args, "--json")
-    out, _ = proc.communicate(timeout=600)
-    assert proc.returncode == 0, out[-4000:]
+    out = run_ok("toolkit.evaluate", *args, "--json")
     return json.loads(out[out.index("{\n") : out.rindex("}") + 1])
 
 

@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.helpers import DEBUG_RECIPE, evaluate_json, make_shards, read_jsonl, run_cli, tiny
+from tests.helpers import DEBUG_RECIPE, evaluate_json, make_shards, read_jsonl, run_ok, tiny
 from toolkit import recipe
 from toolkit.data.format import read_manifest
 from toolkit.engine.accel import to_universal
@@ -34,10 +34,7 @@ def shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def launch(*overrides: str, procs: int = 2) -> str:
     args = ["--local", "--procs", str(procs)] if procs > 1 else ["--local"]
-    proc = run_cli("toolkit.launch", str(DEBUG_RECIPE), *args, *overrides)
-    out, _ = proc.communicate(timeout=600)
-    assert proc.returncode == 0, out[-4000:]
-    return out
+    return run_ok("toolkit.launch", str(DEBUG_RECIPE), *args, *overrides)
 
 
 def weights(run_dir: Path) -> dict[str, torch.Tensor]:

@@ -17,7 +17,15 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from tests.helpers import DEBUG_RECIPE, evaluate_json, make_shards, run_cli, tiny
+from tests.helpers import (
+    DEBUG_RECIPE,
+    evaluate_json,
+    make_shards,
+    one_error_line,
+    run_cli,
+    run_ok,
+    tiny,
+)
 from toolkit import report
 from toolkit.data.format import read_manifest
 from toolkit.hold import HOLD, held
@@ -27,21 +35,12 @@ from toolkit.shard import shard
 pytestmark = pytest.mark.slow
 
 
-def run_ok(module: str, *args: str) -> str:
-    proc = run_cli(module, *args)
-    out, _ = proc.communicate(timeout=600)
-    assert proc.returncode == 0, out[-4000:]
-    return out
-
-
 def one_line_error(module: str, *args: str) -> str:
     """Run a command that must fail on bad input: exit 2, one `error:` line, no traceback."""
     proc = run_cli(module, *args)
     out, _ = proc.communicate(timeout=600)
-    errors = [line for line in out.splitlines() if line.startswith("error:")]
     assert proc.returncode == 2, out[-4000:]
-    assert len(errors) == 1 and "Traceback" not in out, out[-4000:]
-    return errors[0]
+    return one_error_line(out)
 
 
 def val_members(shards: Path) -> dict[str, dict[str, bytes]]:
