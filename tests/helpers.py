@@ -6,9 +6,11 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 DEBUG_RECIPE = ROOT / "recipes" / "debug.yaml"
@@ -46,6 +48,24 @@ def make_pairs(root: Path, count: int, size: int = 32, scale: int = 2, seed: int
     return root
 
 
+def make_shards(
+    root: Path,
+    count: int | tuple[int, ...],
+    *,
+    images: Callable[[Path, int | tuple[int, ...]], object] = make_pairs,
+    out: str = "shards",
+    **shard_args: object,
+) -> Path:
+    """A small shard set: `images(root / "src", count)` (make_pairs: `count` LR/HR pairs)
+    sharded by toolkit.shard with `shard_args` (val_fraction, shard_size, ...) into
+    root / out, which it returns."""
+    from toolkit.data.sharding import shard
+
+    images(root / "src", count)
+    shard(root / "src", root / out, **shard_args)
+    return root / out
+
+
 # Turn the debug recipe's tiny MAE into a tiny SR-MAE (the same ViT, 8 channels of SR layers).
 SR = ("task=sr", "model.arch=srmae", "model.sr_channels=8", "train.loss=l1")
 
@@ -64,17 +84,78 @@ def tiny(shards: Path, run_dir: Path, *extra: str, task: str = "sr") -> list[str
     return out + list(extra)
 
 
-def run_cli(module: str, *args: str, cwd: Path | None = None, **env: str) -> subprocess.Popen:
-    """Start `python -m module args` in a subprocess with the checkout importable."""
-    full_env = {**os.environ, "PYTHONPATH": str(ROOT), **env}
+def cli_env(**env: str) -> dict[str, str]:
+    """This process's environment with the checkout importable, and `env` on top."""
+    return {**os.environ, "PYTHONPATH": str(ROOT), **env}
+
+
+def run_main(
+    capsys: pytest.CaptureFixture[str], main: Callable[[list[str]], int], *argv: object
+) -> tuple[int, str, str]:
+    """A command's `main` run in this process on `argv` (as strings): (exit status, what it
+    printed to stdout, to stderr)."""
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def run_cli(
+    module: str,
+    *args: str,
+    cwd: Path | None = None,
+    stdout: int = subprocess.PIPE,
+    start_new_session: bool = False,
+    **env: str,
+) -> subprocess.Popen:
+    """Start `python -m module args` in a subprocess with the checkout importable (cli_env),
+    stderr into `stdout` (a pipe to read, unless subprocess.DEVNULL)."""
     return subprocess.Popen(
         [sys.executable, "-m", module, *args],
         cwd=cwd,
-        env=full_env,
-        stdout=subprocess.PIPE,
+        env=cli_env(**env),
+        stdout=stdout,
         stderr=subprocess.STDOUT,
         text=True,
+        start_new_session=start_new_session,
     )
+
+
+def run_ok(module: str, *args: str, **env: str) -> str:
+    """`python -m module args` run to its end (run_cli), which must exit 0; its output."""
+    proc = run_cli(module, *args, **env)
+    out, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0, out[-4000:]
+    return out
+
+
+def run_command(
+    *argv: str, cwd: Path | None = None, env: dict[str, str] | None = None, timeout: float = 600
+) -> subprocess.CompletedProcess:
+    """`argv` run to its end with no stdin (never shared with what it starts): its exit
+    status, and its stdout and stderr apart, as text. Whatever the status: the test checks it."""
+    return subprocess.run(
+        argv,
+        cwd=cwd,
+        env=env,
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
+def cli(
+    module: str,
+    *args: str,
+    cwd: Path | None = None,
+    timeout: float = 600,
+    python: str = sys.executable,
+    **env: str,
+) -> subprocess.CompletedProcess:
+    """`python -m module args` run to its end (run_command) with the checkout importable
+    (cli_env); `python`, the interpreter."""
+    return run_command(python, "-m", module, *args, cwd=cwd, env=cli_env(**env), timeout=timeout)
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -89,9 +170,7 @@ def logged_steps(run_dir: Path) -> list[int]:
 
 def evaluate_json(*args: str) -> dict:
     """`python -m toolkit.evaluate ARGS --json` in a subprocess; its summary."""
-    proc = run_cli("toolkit.evaluate", *args, "--json")
-    out, _ = proc.communicate(timeout=600)
-    assert proc.returncode == 0, out[-4000:]
+    out = run_ok("toolkit.evaluate", *args, "--json")
     return json.loads(out[out.index("{\n") : out.rindex("}") + 1])
 
 

@@ -20,6 +20,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers import run_command
+
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
 SCRIPT = HERE / "cluster.sh"
@@ -53,13 +55,7 @@ def _why_not() -> str | None:
 
 def _run(*args: str, timeout: float) -> subprocess.CompletedProcess:
     # stdin/stdout/stderr never shared with the daemons: cluster.sh detaches them to log files.
-    return subprocess.run(
-        ["bash", str(SCRIPT), *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        stdin=subprocess.DEVNULL,
-    )
+    return run_command("bash", str(SCRIPT), *args, timeout=timeout)
 
 
 def _check(proc: subprocess.CompletedProcess, what: str) -> None:

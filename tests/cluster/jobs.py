@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import re
 import subprocess
 import time
@@ -10,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import ROOT
+from tests.helpers import cli_env, run_command
 
 TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY",
             "BOOT_FAIL", "DEADLINE"}  # fmt: skip
@@ -18,22 +17,19 @@ TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_
 
 def job_env(cluster) -> dict[str, str]:
     """What sbatch hands on to the jobs (it exports the submitter's environment)."""
-    return {
-        **os.environ,
-        "PYTHONPATH": str(ROOT),
-        "SRMAE_PYTHON": cluster.python,  # the sbatch scripts' interpreter
+    return cli_env(
+        SRMAE_PYTHON=cluster.python,  # the sbatch scripts' interpreter
         # One thread per process: both nodes share 2 cores, and the reference runs match it.
-        "OMP_NUM_THREADS": "1",
+        OMP_NUM_THREADS="1",
         # The node namespaces reach no DNS server: without this, each reverse lookup of a peer's
         # address by torch.distributed waits out glibc's 5 s x 2 default before giving up.
-        "RES_OPTIONS": "timeout:1 attempts:1",
-    }
+        RES_OPTIONS="timeout:1 attempts:1",
+    )
 
 
 def launch(cluster, cwd: Path, *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
     cmd = [cluster.python, "-m", "toolkit.launch", *args]
-    return subprocess.run(cmd, cwd=cwd, env=job_env(cluster), capture_output=True, text=True,
-                          timeout=timeout, check=False)  # fmt: skip
+    return run_command(*cmd, cwd=cwd, env=job_env(cluster), timeout=timeout)
 
 
 def launched(proc: subprocess.CompletedProcess) -> list[str]:
@@ -44,17 +40,16 @@ def launched(proc: subprocess.CompletedProcess) -> list[str]:
 
 
 def sbatch(cluster, cwd: Path, *args: str) -> str:
-    proc = subprocess.run(["sbatch", "--parsable", *args], cwd=cwd, env=job_env(cluster),
-                          capture_output=True, text=True, timeout=30, check=False)  # fmt: skip
+    proc = run_command("sbatch", "--parsable", *args, cwd=cwd, env=job_env(cluster), timeout=30)
     assert proc.returncode == 0, proc.stderr
     return proc.stdout.strip().split(";")[0]
 
 
 def sacct(job: str, fields: str) -> list[list[str]]:
     """One row per run of the job allocation (-D: a requeued job's earlier runs too)."""
-    out = subprocess.run(["sacct", "-D", "-X", "-n", "-P", "-j", job, "-o", fields],
-                         capture_output=True, text=True, timeout=30, check=True).stdout  # fmt: skip
-    return [line.split("|") for line in out.strip().splitlines() if line]
+    proc = run_command("sacct", "-D", "-X", "-n", "-P", "-j", job, "-o", fields, timeout=30)
+    proc.check_returncode()
+    return [line.split("|") for line in proc.stdout.strip().splitlines() if line]
 
 
 def wait_done(job: str, timeout: float = 120) -> tuple[str, str]:

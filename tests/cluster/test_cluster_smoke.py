@@ -7,11 +7,12 @@ requeue/checkpoint path) and job dependencies (chained stages).
 
 from __future__ import annotations
 
-import subprocess
 import time
 from pathlib import Path
 
 import pytest
+
+from tests.helpers import run_command
 
 pytestmark = pytest.mark.cluster
 
@@ -29,7 +30,7 @@ TERMINAL = {
 
 
 def run(*cmd: str, cwd: Path | None = None, timeout: float = 30) -> str:
-    proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=timeout)
+    proc = run_command(*cmd, cwd=cwd, timeout=timeout)
     assert proc.returncode == 0, f"{' '.join(cmd)} -> exit {proc.returncode}\n{proc.stderr}"
     return proc.stdout
 

@@ -17,9 +17,8 @@ import torch
 from safetensors.torch import load_file
 
 from tests.cluster.jobs import launch, launched, sacct, sbatch, wait_done
-from tests.helpers import DEBUG_RECIPE, ROOT, logged_steps, make_pairs, tiny
+from tests.helpers import DEBUG_RECIPE, ROOT, cli, logged_steps, make_shards, tiny
 from toolkit.data.format import read_manifest
-from toolkit.data.sharding import shard
 from toolkit.runs.hold import held
 
 pytestmark = pytest.mark.cluster
@@ -37,9 +36,7 @@ ONE_NODE = ["--nodes=1", "--ntasks-per-node=1", "--gpus-per-node=0", "--cpus-per
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("slurm-data")  # under /tmp: the nodes share this file system
-    make_pairs(root / "src", 40)
-    shard(root / "src", root / "shards", val_fraction=0.2, shard_size=8)
-    return root / "shards"
+    return make_shards(root, 40, val_fraction=0.2, shard_size=8)
 
 
 def wait_step(run_dir: Path, step: int, timeout: float = 90) -> None:
@@ -190,10 +187,8 @@ def uninterrupted(slurm_cluster, shards: Path, tmp_path_factory: pytest.TempPath
     """The LONG run straight through on 2 local processes (torchrun, gloo): the reference."""
     run_dir = tmp_path_factory.mktemp("reference") / "run"
     overrides = [*tiny(shards, run_dir, task="mae"), *LONG]
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    cmd = [slurm_cluster.python, "-m", "toolkit.launch", str(DEBUG_RECIPE), *overrides,
-           "--local", "--procs", "2"]  # fmt: skip
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, check=False)
+    proc = cli("toolkit.launch", str(DEBUG_RECIPE), *overrides, "--local", "--procs", "2",
+               python=slurm_cluster.python, timeout=300, OMP_NUM_THREADS="1")  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return run_dir
 
@@ -366,10 +361,8 @@ def test_a_sweep_is_one_array_whose_preempted_task_requeues_alone(
     of the same variants trained straight through here."""
     base, ref = tmp_path / "sweep", tmp_path / "reference"
     sweep = ["--sweep", "train.seed=0,1,2"]
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    local = subprocess.run([slurm_cluster.python, "-m", "toolkit.launch", str(DEBUG_RECIPE),
-                            *tiny(shards, ref, task="mae"), *LONG, *sweep, "--local"],
-                           env=env, capture_output=True, text=True, timeout=600)  # fmt: skip
+    local = cli("toolkit.launch", str(DEBUG_RECIPE), *tiny(shards, ref, task="mae"), *LONG,
+                *sweep, "--local", python=slurm_cluster.python, OMP_NUM_THREADS="1")  # fmt: skip
     assert local.returncode == 0, local.stderr[-3000:]
     proc = launch(slurm_cluster, tmp_path, str(DEBUG_RECIPE), *tiny(shards, base, task="mae"),
                   *LONG, *sweep, "--nodes", "1", "--array-limit", "2")  # fmt: skip

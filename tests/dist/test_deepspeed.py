@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.helpers import DEBUG_RECIPE, evaluate_json, make_pairs, read_jsonl, run_cli, tiny
+from tests.helpers import DEBUG_RECIPE, evaluate_json, make_shards, read_jsonl, run_ok, tiny
 from toolkit.runs import recipe
 from toolkit.data.format import read_manifest
 from toolkit.engine.accel import to_universal
@@ -23,7 +23,6 @@ from toolkit.engine.validate import validate
 from toolkit.core.errors import UserError
 from toolkit.engine.model import build_model
 from toolkit.runs.directory import eval_loader
-from toolkit.data.sharding import shard
 from toolkit.tasks import Placement, task_of
 
 pytestmark = pytest.mark.slow
@@ -31,18 +30,12 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("ds")
-    make_pairs(root / "src", 40)
-    shard(root / "src", root / "shards", val_fraction=0.2, shard_size=8)
-    return root / "shards"
+    return make_shards(tmp_path_factory.mktemp("ds"), 40, val_fraction=0.2, shard_size=8)
 
 
 def launch(*overrides: str, procs: int = 2) -> str:
     args = ["--local", "--procs", str(procs)] if procs > 1 else ["--local"]
-    proc = run_cli("toolkit.launch", str(DEBUG_RECIPE), *args, *overrides)
-    out, _ = proc.communicate(timeout=600)
-    assert proc.returncode == 0, out[-4000:]
-    return out
+    return run_ok("toolkit.launch", str(DEBUG_RECIPE), *args, *overrides)
 
 
 def weights(run_dir: Path) -> dict[str, torch.Tensor]:

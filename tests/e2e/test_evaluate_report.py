@@ -17,7 +17,15 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from tests.helpers import DEBUG_RECIPE, evaluate_json, make_pairs, run_cli, tiny
+from tests.helpers import (
+    DEBUG_RECIPE,
+    evaluate_json,
+    make_shards,
+    one_error_line,
+    run_cli,
+    run_ok,
+    tiny,
+)
 from toolkit.data.format import read_manifest
 from toolkit.data.sharding import shard
 from toolkit.reporting import tables
@@ -28,21 +36,12 @@ from toolkit.tasks import TASKS
 pytestmark = pytest.mark.slow
 
 
-def run_ok(module: str, *args: str) -> str:
-    proc = run_cli(module, *args)
-    out, _ = proc.communicate(timeout=600)
-    assert proc.returncode == 0, out[-4000:]
-    return out
-
-
 def one_line_error(module: str, *args: str) -> str:
     """Run a command that must fail on bad input: exit 2, one `error:` line, no traceback."""
     proc = run_cli(module, *args)
     out, _ = proc.communicate(timeout=600)
-    errors = [line for line in out.splitlines() if line.startswith("error:")]
     assert proc.returncode == 2, out[-4000:]
-    assert len(errors) == 1 and "Traceback" not in out, out[-4000:]
-    return errors[0]
+    return one_error_line(out)
 
 
 def val_members(shards: Path) -> dict[str, dict[str, bytes]]:
@@ -73,8 +72,7 @@ def bicubic_x2(lr: torch.Tensor) -> torch.Tensor:
 def grey(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path]:
     """(shards, pretrain run, finetune run): 1-channel pairs, a few steps of each stage."""
     root = tmp_path_factory.mktemp("evalrep")
-    make_pairs(root / "src", 40)
-    shard(root / "src", root / "shards", val_fraction=0.25, shard_size=8)
+    make_shards(root, 40, val_fraction=0.25, shard_size=8)
     pre, fine = root / "pre", root / "fine"
     run_ok("toolkit.launch", str(DEBUG_RECIPE), "--local",
            *tiny(root / "shards", pre, "train.max_steps=4", task="mae"))  # fmt: skip

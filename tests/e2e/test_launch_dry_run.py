@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
+from tests.helpers import cli, run_main
 from toolkit import launch
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -17,9 +16,7 @@ FINETUNE = str(ROOT / "recipes/finetune.yaml")
 
 
 def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
-    code = launch.main(list(argv))
-    out, err = capsys.readouterr()
-    return code, out, err
+    return run_main(capsys, launch.main, *argv)
 
 
 def test_dry_run_json_shows_the_workload_optimiser(capsys, tmp_path, monkeypatch) -> None:
@@ -99,13 +96,7 @@ def test_user_errors_are_one_line_with_status_2(capsys, argv, needle) -> None:
 
 
 def test_subprocess_exit_status_and_no_traceback(tmp_path: Path) -> None:
-    proc = subprocess.run(
-        [sys.executable, "-m", "toolkit.launch", PRETRAIN, "optim.lrr=1", "--dry-run"],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        check=False,
-    )
+    proc = cli("toolkit.launch", PRETRAIN, "optim.lrr=1", "--dry-run", cwd=ROOT)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [
         f"error: {PRETRAIN} (override optim.lrr=1): optim.lrr: unknown key; "

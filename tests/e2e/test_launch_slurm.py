@@ -4,13 +4,12 @@ the one-line refusal when no Slurm is reachable (in-process, and once as a real 
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from tests.helpers import cli, run_main
 from toolkit import launch
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -19,9 +18,7 @@ PRETRAIN = str(ROOT / "recipes/pretrain.yaml")
 
 
 def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
-    code = launch.main(list(argv))
-    out, err = capsys.readouterr()
-    return code, out, err
+    return run_main(capsys, launch.main, *argv)
 
 
 def sbatch_lines(text: str) -> list[str]:
@@ -153,11 +150,7 @@ def test_no_slurm_reachable_is_one_line_with_status_2(capsys, tmp_path, monkeypa
 
 
 def test_no_slurm_as_a_subprocess(tmp_path) -> None:
-    env = {**os.environ, "PATH": str(tmp_path / "nothing"), "PYTHONPATH": str(ROOT)}
-    proc = subprocess.run(
-        [sys.executable, "-m", "toolkit.launch", DEBUG],
-        capture_output=True, text=True, cwd=tmp_path, env=env, check=False,
-    )  # fmt: skip
+    proc = cli("toolkit.launch", DEBUG, cwd=tmp_path, PATH=str(tmp_path / "nothing"))
     assert proc.returncode == 2 and proc.stdout == ""
     assert proc.stderr.splitlines() == [
         "error: no Slurm reachable: sbatch is not on PATH; use --local to run on this machine"

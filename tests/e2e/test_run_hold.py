@@ -12,8 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import DEBUG_RECIPE, ROOT, logged_steps, make_pairs, run_cli, tiny
-from toolkit.data.sharding import shard
+from tests.helpers import DEBUG_RECIPE, logged_steps, make_shards, run_cli, tiny
 from toolkit.runs.hold import HOLD, holder_of
 
 pytestmark = pytest.mark.slow
@@ -21,9 +20,7 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    src = make_pairs(tmp_path_factory.mktemp("hold") / "src", 24)
-    shard(src, src.parent / "shards", val_fraction=0.25, shard_size=8)
-    return src.parent / "shards"
+    return make_shards(tmp_path_factory.mktemp("hold"), 24, val_fraction=0.25, shard_size=8)
 
 
 def wait_for(condition, timeout: float = 120) -> None:
@@ -71,11 +68,9 @@ def test_a_second_launch_is_refused_and_the_first_trains_on(shards: Path, tmp_pa
 @pytest.mark.parametrize("kill", ["launcher", "process group"])
 def test_no_rank_outlives_a_sigkilled_local_launch(shards: Path, tmp_path: Path, kill: str) -> None:
     run = tmp_path / "run"
-    cmd = [sys.executable, "-m", "toolkit.launch", str(DEBUG_RECIPE), "--local", "--procs", "2",
-           *tiny(shards, run, "train.max_steps=100000")]  # fmt: skip
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    launcher = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL,
-                                stderr=subprocess.DEVNULL, start_new_session=True)  # fmt: skip
+    launcher = run_cli("toolkit.launch", str(DEBUG_RECIPE), "--local", "--procs", "2",
+                       *tiny(shards, run, "train.max_steps=100000"), stdout=subprocess.DEVNULL,
+                       start_new_session=True, OMP_NUM_THREADS="1")  # fmt: skip
     try:
         wait_for(lambda: len(logged_steps(run)) >= 2)
         assert len(ranks_of(run)) == 2

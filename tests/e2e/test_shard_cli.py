@@ -18,16 +18,13 @@ import numpy as np
 import pytest
 import torch
 
+from tests.helpers import ROOT, cli, cli_env, run_main
 from toolkit import shard
 from toolkit.data import sharding
 
-ROOT = Path(__file__).resolve().parents[2]
-
 
 def run(capsys: pytest.CaptureFixture[str], *argv: str | Path) -> tuple[int, str, str]:
-    code = shard.main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return code, out, err
+    return run_main(capsys, shard.main, *argv)
 
 
 def make_pairs(root: Path, n: int) -> Path:
@@ -115,19 +112,14 @@ def test_bad_flags_are_one_line(capsys, tmp_path: Path, flags: list[str], words:
     assert words in one_error_line(err)
 
 
-def _env() -> dict[str, str]:
-    return {**os.environ, "PYTHONPATH": str(ROOT)}
-
-
 def test_subprocess_exit_status(tmp_path: Path) -> None:
     (tmp_path / "empty").mkdir()
-    cmd = [sys.executable, "-m", "toolkit.shard", str(tmp_path / "empty"), str(tmp_path / "out")]
-    done = subprocess.run(cmd, capture_output=True, text=True, env=_env(), cwd=ROOT, timeout=60)
+    out = str(tmp_path / "out")
+    done = cli("toolkit.shard", str(tmp_path / "empty"), out, cwd=ROOT, timeout=60)
     assert done.returncode == 2
     assert done.stderr.startswith("error: ") and done.stderr.count("\n") == 1
     assert "Traceback" not in done.stderr
-    cmd[-2] = str(make_pairs(tmp_path / "src", 4))
-    done = subprocess.run(cmd, capture_output=True, text=True, env=_env(), cwd=ROOT, timeout=60)
+    done = cli("toolkit.shard", str(make_pairs(tmp_path / "src", 4)), out, cwd=ROOT, timeout=60)
     assert done.returncode == 0, done.stderr
 
 
@@ -152,7 +144,7 @@ def kill_when(cmd: list[str], ready: Callable[[], bool]) -> int | None:
     where the kill landed, another where it had exited first, None where ready() never came
     true before it ended (or in 60 s)."""
     proc = subprocess.Popen(
-        cmd, env=_env(), cwd=ROOT, start_new_session=True, stderr=subprocess.DEVNULL
+        cmd, env=cli_env(), cwd=ROOT, start_new_session=True, stderr=subprocess.DEVNULL
     )
     deadline = time.monotonic() + 60
     fired = False

@@ -18,6 +18,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from tests.helpers import (
     DEBUG_RECIPE,
     make_pairs,
+    make_shards,
     one_error_line,
     read_jsonl,
     run_cli,
@@ -33,10 +34,7 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("engine")
-    make_pairs(root / "src", 40)
-    shard(root / "src", root / "shards", val_fraction=0.2, shard_size=8)
-    return root / "shards"
+    return make_shards(tmp_path_factory.mktemp("engine"), 40, val_fraction=0.2, shard_size=8)
 
 
 def train(*overrides: str) -> int:
@@ -166,9 +164,7 @@ def test_two_local_processes_form_one_group(tmp_path: Path) -> None:
     Adam's first step is lr * g / (|g| + eps): with a large eps it is linear in the gradient,
     so float-order differences in the all-reduce stay small instead of flipping signs."""
     # 8 training samples: rank r of 2 takes positions 4r..4r+3, one process all 8 in one batch.
-    make_pairs(tmp_path / "src", 8)
-    shard(tmp_path / "src", tmp_path / "shards", val_fraction=0.0, shard_size=3)
-    shards = tmp_path / "shards"
+    shards = make_shards(tmp_path, 8, val_fraction=0.0, shard_size=3)
     common = [
         "train.max_steps=1",
         "data.shuffle_buffer=0",
@@ -262,9 +258,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(
 
 def test_gradient_accumulation_equals_the_larger_batch(tmp_path: Path) -> None:
     """Two micro-batches of 4 accumulated make the same step as one batch of 8."""
-    make_pairs(tmp_path / "src", 8)
-    shard(tmp_path / "src", tmp_path / "shards", val_fraction=0.0, shard_size=8)
-    shards = tmp_path / "shards"
+    shards = make_shards(tmp_path, 8, val_fraction=0.0, shard_size=8)
     common = ["train.max_steps=1", "data.shuffle_buffer=0", "train.grad_clip=null",
               "optim.eps=1.0", "optim.lr=0.1"]  # fmt: skip
     big, acc = tmp_path / "big", tmp_path / "acc"

@@ -2,19 +2,16 @@
 
 from __future__ import annotations
 
-import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
+from tests.helpers import cli
 from toolkit import simulate
 from toolkit.data.sim import lensing, write
-
-ROOT = Path(__file__).resolve().parents[3]
 
 
 @pytest.fixture
@@ -100,11 +97,6 @@ def test_bicubic_psnr_is_in_the_calibrated_band(lenstronomy):
     assert 25 < np.mean(scores) < 34, scores
 
 
-def _cli(*args: str) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "toolkit.simulate", *args]
-    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
-
-
 @pytest.mark.parametrize(
     ("args", "expected"),
     [
@@ -115,7 +107,7 @@ def _cli(*args: str) -> subprocess.CompletedProcess:
     ],
 )
 def test_cli_bad_arguments_exit_2_with_one_line(tmp_path, args, expected):
-    result = _cli(str(tmp_path / "out"), *args)
+    result = cli("toolkit.simulate", str(tmp_path / "out"), *args)
     assert result.returncode == 2
     assert result.stderr.count("\n") == 1 and expected in result.stderr, result.stderr
     assert "Traceback" not in result.stderr
@@ -124,7 +116,7 @@ def test_cli_bad_arguments_exit_2_with_one_line(tmp_path, args, expected):
 
 def test_cli_refuses_a_non_empty_out(tmp_path):
     (tmp_path / "keep.txt").write_text("mine")
-    result = _cli(str(tmp_path), "--count", "1")
+    result = cli("toolkit.simulate", str(tmp_path), "--count", "1")
     assert result.returncode == 2 and result.stderr.count("\n") == 1
     assert "--overwrite" in result.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["keep.txt"]
@@ -140,10 +132,10 @@ def test_cli_without_lenstronomy_says_how_to_install(tmp_path, monkeypatch, caps
 
 def test_cli_writes_pairs_and_overwrites_on_request(lenstronomy, tmp_path):
     out = tmp_path / "out"
-    assert _cli(str(out), "--count", "2", "--seed", "4").returncode == 0
+    assert cli("toolkit.simulate", str(out), "--count", "2", "--seed", "4").returncode == 0
     first = (out / "hr" / "000001.npy").read_bytes()
     (out / "hr" / "000001.npy").write_bytes(b"stale")
-    result = _cli(str(out), "--count", "2", "--seed", "4", "--overwrite")
+    result = cli("toolkit.simulate", str(out), "--count", "2", "--seed", "4", "--overwrite")
     assert result.returncode == 0, result.stderr
     assert "wrote 2 LR/HR pairs" in result.stderr  # the summary goes through logging
     assert (out / "hr" / "000001.npy").read_bytes() == first

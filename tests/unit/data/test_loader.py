@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from tests.helpers import make_shards
 from toolkit.core.errors import UserError
 from toolkit.data import loader as L
 from toolkit.data import plan as P
@@ -32,16 +33,11 @@ def make_pairs(root: Path, n: int, size: int = 8, scale: int = 2) -> None:
         np.save(root / "lr" / f"{i:04d}.npy", lr.astype(np.float32))
 
 
-def sharded(root: Path, count: int, **args: object) -> Path:
-    make_pairs(root / "src", count)
-    shard(root / "src", root / "shards", seed=0, **args)
-    return root / "shards"
-
-
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
     # Uneven, small shards: 7 samples each, the last one shorter.
-    return sharded(tmp_path_factory.mktemp("data"), 60, val_fraction=0.2, shard_size=7)
+    root = tmp_path_factory.mktemp("data")
+    return make_shards(root, 60, images=make_pairs, seed=0, val_fraction=0.2, shard_size=7)
 
 
 def cfg(shards: Path, **kw: object) -> DataConfig:
@@ -327,7 +323,8 @@ def one_epoch(c: DataConfig, epoch: int, crop: int = 8) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def one_shard(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return sharded(tmp_path_factory.mktemp("one"), 40, val_fraction=0.1, shard_size=1000)
+    root = tmp_path_factory.mktemp("one")
+    return make_shards(root, 40, images=make_pairs, seed=0, val_fraction=0.1, shard_size=1000)
 
 
 def test_the_shard_order_alone_changes_with_the_epoch(shards: Path) -> None:

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from tests.helpers import make_shards
 from toolkit.core.errors import UserError
 from toolkit.data import loader as L
 from toolkit.data import subset
@@ -22,17 +23,19 @@ from toolkit.runs.recipe import DataConfig
 CLASSES = ("a", "b", "c")
 
 
-def labelled(root: Path, per_class: tuple[int, ...] = (12, 10, 14), shard_size: int = 5) -> Path:
-    """Three class folders of tiny images (uneven class sizes), sharded with --labels into small
-    shards, so a subset spans several of them."""
+def class_images(src: Path, per_class: tuple[int, ...]) -> None:
+    """Three class folders of tiny images, `per_class` of each (uneven class sizes)."""
     rng = np.random.default_rng(0)
     for c, n in zip(CLASSES, per_class, strict=True):
-        (root / "src" / c).mkdir(parents=True, exist_ok=True)
+        (src / c).mkdir(parents=True, exist_ok=True)
         for i in range(n):
-            np.save(root / "src" / c / f"{i:03d}.npy", rng.random((8, 8), dtype=np.float32))
-    out = root / f"shards-{shard_size}"
-    shard(root / "src", out, val_fraction=0.25, shard_size=shard_size, seed=0, labels=True)
-    return out
+            np.save(src / c / f"{i:03d}.npy", rng.random((8, 8), dtype=np.float32))
+
+
+def labelled(root: Path, per_class: tuple[int, ...] = (12, 10, 14), shard_size: int = 5) -> Path:
+    """class_images sharded with --labels into small shards, so a subset spans several of them."""
+    return make_shards(root, per_class, images=class_images, out=f"shards-{shard_size}",
+                       val_fraction=0.25, shard_size=shard_size, seed=0, labels=True)  # fmt: skip
 
 
 @pytest.fixture(scope="module")
