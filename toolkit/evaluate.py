@@ -52,7 +52,7 @@ def evaluate(target: Target, split: str = "val") -> tuple[dict[str, Any], Valida
     try:
         model.to(engine.device)
         loader = eval_loader(r, split, engine.rank, engine.world_size)
-        result = validate(task, model, iter(loader), Placement(engine.device)).gathered(task)
+        result = validate(task, model, iter(loader), Placement(engine.device)).gathered()
         loader.close()
         named = eval_split(r.data, split)  # "holdout" for the val split of a run holding some out
         summary = eval_summary(task, result, named) if result is not None else None

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from tests.helpers import make_pairs, read_jsonl
 from toolkit import evaluate, launch, report
-from toolkit.core.metrics import image_metrics
+from toolkit.core.metrics import Seen, Truth, image_metrics
 from toolkit.data.sharding import shard
 from toolkit.models import MODELS, ModelSpec, register_model
 from toolkit.runs.recipe import ModelBase, setting
@@ -83,8 +83,10 @@ class Denoise(Task):
         noisy, hr = self.noisy(batch, None), batch["hr"]
         rows = [list(t) for t in zip(noisy[:tiles], out[:tiles].clamp(0, 1), hr[:tiles],
                                      strict=True)]  # fmt: skip
-        return BatchResult({"loss": loss, **image_metrics(self.metrics, out.clamp(0, 1), hr)},
-                           image_metrics(self.metrics, noisy.clamp(0, 1), hr), rows)  # fmt: skip
+        truth = Truth(hr)
+        ours = image_metrics(self.metrics, Seen(out.clamp(0, 1), truth))
+        theirs = image_metrics(self.metrics, Seen(noisy.clamp(0, 1), truth))
+        return BatchResult({"loss": loss, **ours}, theirs, rows)
 
 
 TOY = ModelSpec("toy", ToyConfig, Toy, tasks=("toy_denoise",), title="Toy")

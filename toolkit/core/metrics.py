@@ -12,15 +12,19 @@ reports; each entry says whether higher is better and how to print it. The image
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import cached_property
+from typing import Any
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
 
+from toolkit.core import physics
 from toolkit.core.images import mse, psnr, ssim
 
 # --- classification: of the gathered scores, not per sample -------------------------------------
@@ -70,29 +74,171 @@ def one_vs_rest_auc(scores: Tensor, labels: Tensor) -> tuple[float | None, float
     return micro, (sum(known) / len(known) if known else None)
 
 
+class Truth:
+    """What the metrics of one batch share whatever output they judge (the model's, or the
+    reference's): the target, the model's input, each sample's own degradation, the maps to
+    and from the data's units and the run's own degradation. What is derived from the target
+    (its values in data units, its signal mask) is computed once for all outputs."""
+
+    def __init__(
+        self,
+        target: Tensor,
+        input: Tensor | None = None,
+        psf: Tensor | None = None,
+        to_data: Callable[[Tensor], Tensor] | None = None,
+        from_data: Callable[[Tensor], Tensor] | None = None,
+        degrade: Callable[[Tensor], Tensor] | None = None,
+        scale: int = 1,
+    ) -> None:
+        self.target = target.detach().double()
+        self.input = None if input is None else input.detach().to(self.target.device).double()
+        # [N, 2]: the HR and LR PSF's Gaussian sigma in HR pixels; NaN where not recorded
+        self.psf = psf
+        self._to_data, self._from_data = to_data, from_data
+        self.degrade, self.scale = degrade, scale
+
+    def to_data(self, x: Tensor) -> Tensor:
+        """Normalised values -> the data's own units (each sample with its own statistics)."""
+        return x if self._to_data is None else self._to_data(x).double()
+
+    def from_data(self, x: Tensor) -> Tensor:
+        return x if self._from_data is None else self._from_data(x).double()
+
+    @cached_property
+    def data_target(self) -> Tensor:
+        return self.to_data(self.target)
+
+    @cached_property
+    def signal(self) -> Tensor:
+        """Where the target stands above its sigma-clipped background (the arcs, the lens)."""
+        return physics.signal_mask(self.data_target)
+
+    @cached_property
+    def physical(self) -> Tensor:
+        """[N] bool: the sample's own degradation is known (its PSFs, from the shards)."""
+        n = len(self.target)
+        if self.psf is None:
+            return torch.zeros(n, dtype=torch.bool)
+        return torch.isfinite(self.psf.reshape(n, -1)).all(dim=1).cpu()
+
+
+class Seen:
+    """What a metric is given: one output [N, C, H, W] (normalised values, as the model makes
+    them) and the batch it answers (`truth`), so a metric can compare with the input or work in
+    the data's units, not only with the target."""
+
+    def __init__(self, output: Tensor, truth: Truth) -> None:
+        self.output = output.detach().to(truth.target.device).double()
+        self.truth = truth
+
+    @property
+    def target(self) -> Tensor:
+        return self.truth.target
+
+    @cached_property
+    def data_output(self) -> Tensor:
+        return self.truth.to_data(self.output)
+
+    @cached_property
+    def bands(self) -> Tensor:
+        return physics.band_power_ratio(self.output, self.target)
+
+    @cached_property
+    def lr_psnr(self) -> Tensor:
+        """The output taken back to the input's grid, PSNR against the input: by the sample's
+        own PSFs and pixels (blur to the LR PSF, average to the LR pixel) where known, by the
+        run's degradation otherwise; in the data's units, as the light was degraded."""
+        t = self.truth
+        if t.input is None or t.degrade is None:
+            raise ValueError("the forward-model consistency needs the model's input and the "
+                             "run's degradation")  # fmt: skip
+        known = t.physical.to(self.output.device)
+        lr_hat = torch.empty_like(t.input)
+        borders = [FALLBACK_BORDER] * len(known)
+        if known.any():
+            hr_sigma, lr_sigma = t.psf[known].to(lr_hat).reshape(-1, 2).unbind(1)  # type: ignore[index]
+            lr_hat[known] = physics.redegrade(self.data_output[known], hr_sigma, lr_sigma, t.scale)
+            extra = (lr_sigma.square() - hr_sigma.square()).clamp_min(0).sqrt()
+            for i, sigma in zip(known.nonzero()[:, 0].tolist(), extra.tolist(), strict=True):
+                # LR pixels whose blur reached past the image's edge (it saw padding there)
+                borders[i] = math.ceil(int(physics.BLUR_TRUNCATE * sigma + 0.5) / t.scale)
+        if not known.all():
+            lr_hat[~known] = t.degrade(self.data_output[~known])
+        lr_hat = t.from_data(lr_hat)  # each sample by its own statistics
+        return torch.cat([physics.consistency_psnr(lr_hat[i : i + 1], t.input[i : i + 1], border)
+                          for i, border in enumerate(borders)]).cpu()  # fmt: skip
+
+
+# LR pixels at each edge left out of the consistency of the run's degradation: the reach of
+# the antialiased bicubic kernel (2 LR pixels), which saw padding there.
+FALLBACK_BORDER = 2
+
+
 @dataclass(frozen=True)
 class Metric:
-    """One per-sample metric. `fn(output, target) -> [N]` compares images; None: the task
-    computes the value itself (its loss)."""
+    """One per-sample metric. `fn(seen) -> [N]` computes it from an output and its batch; None:
+    the task computes the value itself (its loss). `ideal`: a value that is best (a power
+    ratio's 1), where neither direction is."""
 
     name: str
     title: str  # table column
     higher_is_better: bool
     fmt: str  # format of one value
-    fn: Callable[[Tensor, Tensor], Tensor] | None = None
+    fn: Callable[[Seen], Tensor] | None = None
+    ideal: float | None = None
 
     def format(self, value: float | None) -> str:
         return "-" if value is None else self.fmt.format(value)
 
+    def badness(self, values: Tensor) -> Tensor:
+        """Larger is worse: for picking the best value and naming the worst samples."""
+        if self.ideal is not None:
+            return (values - self.ideal).abs()
+        return -values if self.higher_is_better else values
 
-# The one list: a new metric is one line here (and its function above).
+
+def _flux(arc: bool) -> Callable[[Seen], Tensor]:
+    def fn(s: Seen) -> Tensor:
+        mask = s.truth.signal if arc else None
+        return physics.flux_error(s.data_output, s.truth.data_target, mask)
+
+    return fn
+
+
+def _band(i: int) -> Callable[[Seen], Tensor]:
+    return lambda s: s.bands[:, i]
+
+
+# The one list: a new metric is one line here (and its function in images.py or physics.py).
 METRICS: dict[str, Metric] = {
     m.name: m
     for m in (
         Metric("loss", "val loss", False, "{:.6f}"),
-        Metric("mse", "MSE", False, "{:.6f}", mse),
-        Metric("psnr", "PSNR (dB)", True, "{:.2f}", psnr),
-        Metric("ssim", "SSIM", True, "{:.4f}", ssim),
+        Metric("mse", "MSE", False, "{:.6f}", lambda s: mse(s.output, s.target)),
+        Metric("psnr", "PSNR (dB)", True, "{:.2f}", lambda s: psnr(s.output, s.target)),
+        Metric("ssim", "SSIM", True, "{:.4f}", lambda s: ssim(s.output, s.target)),
+        # physics-aware (super-resolution): the output against its own input, in data units,
+        # over the signal, and by spatial frequency (`toolkit.core.physics`)
+        Metric("lr_psnr", "LR consistency PSNR (dB)", True, "{:.2f}", lambda s: s.lr_psnr),
+        Metric("flux_err", "flux error", False, "{:.4f}", _flux(arc=False)),
+        Metric("arc_flux_err", "arc flux error", False, "{:.4f}", _flux(arc=True)),
+        Metric(
+            "arc_psnr",
+            "arc PSNR (dB)",
+            True,
+            "{:.2f}",
+            lambda s: physics.masked_psnr(s.output, s.target, s.truth.signal),
+        ),
+        Metric(
+            "arc_ssim",
+            "arc SSIM",
+            True,
+            "{:.4f}",
+            lambda s: physics.masked_ssim(s.output, s.target, s.truth.signal),
+        ),
+        Metric("power_low", "power low", False, "{:.3f}", _band(0), ideal=1.0),
+        Metric("power_mid", "power mid", False, "{:.3f}", _band(1), ideal=1.0),
+        Metric("power_high", "power high", False, "{:.3f}", _band(2), ideal=1.0),
         # classification: accuracy per sample (1 where the top class is the label), the AUCs
         # of the gathered scores (`toolkit.tasks.classify`)
         Metric("accuracy", "accuracy", True, "{:.4f}"),
@@ -108,14 +254,14 @@ def metric(name: str) -> Metric:
     return METRICS[name]
 
 
-def image_metrics(names: tuple[str, ...], out: Tensor, target: Tensor) -> dict[str, Tensor]:
-    """The named image metrics of each sample (those with a function), ``[N]`` float64 on the
-    CPU."""
-    return {n: metric(n).fn(out, target).cpu() for n in names if metric(n).fn is not None}
+def image_metrics(names: tuple[str, ...], seen: Seen) -> dict[str, Tensor]:
+    """The named metrics of each sample that have a function, ``[N]`` float64 on the CPU."""
+    return {n: metric(n).fn(seen).cpu() for n in names if metric(n).fn is not None}
 
 
 class MetricAccumulator:
-    """Per-sample metric values with the sample keys they belong to, added batch by batch.
+    """Per-sample values with the sample keys they belong to, added batch by batch: a metric's
+    one number per sample, or a vector per sample (a power spectrum, `[n, K]`).
 
     Values are kept per sample (not as running sums) so that ``gather`` can merge ranks exactly,
     and so that ``stats`` can name the worst samples.
@@ -124,6 +270,7 @@ class MetricAccumulator:
     def __init__(self) -> None:
         self.keys: list[str] = []
         self._values: dict[str, list[Tensor]] = {}
+        self._widths: dict[str, int] = {}  # 0: one number per sample; K: a vector of K
 
     @property
     def count(self) -> int:
@@ -133,37 +280,53 @@ class MetricAccumulator:
     def names(self) -> list[str]:
         return list(self._values)
 
+    @property
+    def scalars(self) -> list[str]:
+        """The names of one number per sample (what means, intervals and tables are made of)."""
+        return [n for n in self._values if not self._widths[n]]
+
     def add(self, keys: list[str], values: dict[str, Tensor]) -> None:
-        """One batch: its sample keys and, per metric, a ``[len(keys)]`` tensor (any dtype)."""
+        """One batch: its sample keys and, per name, a ``[len(keys)]`` tensor (any dtype) or a
+        ``[len(keys), K]`` one (K the same in every batch)."""
         if not values:
             raise ValueError("add() needs at least one metric")
         if self._values and set(values) != set(self._values):
             raise ValueError(f"metrics {sorted(values)} differ from earlier {sorted(self._values)}")
-        rows = {name: v.detach().reshape(-1).to("cpu", torch.float64) for name, v in values.items()}
-        for name, v in rows.items():
+        rows = {}
+        for name, v in values.items():
+            v = v.detach().to("cpu", torch.float64)
+            v = v.reshape(len(keys), -1) if v.ndim > 1 else v.reshape(-1)
+            width = v.shape[1] if v.ndim > 1 else 0
             if len(v) != len(keys):
                 raise ValueError(f"{len(keys)} keys but {len(v)} values for {name!r}")
+            if self._widths.setdefault(name, width) != width:
+                raise ValueError(f"{name!r}: {width} values per sample, earlier "
+                                 f"{self._widths[name]}")  # fmt: skip
+            rows[name] = v
         self.keys.extend(keys)
         for name, v in rows.items():
             self._values.setdefault(name, []).append(v)
 
     def values(self, name: str) -> Tensor:
-        """All values of one metric, ``[count]`` float64, in the order of ``keys``."""
+        """All values of one name, ``[count]`` (or ``[count, K]``) float64, in the order of
+        ``keys``."""
         if name not in self._values:
             raise KeyError(f"no metric {name!r}; have {self.names}")
         return torch.cat(self._values[name])
 
-    def gather(self, names: list[str]) -> MetricAccumulator | None:
-        """Every rank's samples of the metrics `names`, on the main process (rank 0, in rank
-        order, then add order), None on the others; without a process group, this accumulator.
+    def gather(self) -> MetricAccumulator | None:
+        """Every rank's samples of every name, on the main process (sorted by key, so the values
+        and their means are the same whatever the number of ranks), None on the others.
 
-        A collective: every rank must call it. The values travel as one float64 tensor on the
-        process group's device to rank 0 alone (8 bytes per value, none on the other ranks), the
-        keys as strings to rank 0 alone. Nothing is de-duplicated: the loader gives each sample
-        to exactly one rank, and a key seen twice is an error rather than counted twice.
+        A collective: every rank must call it. The names travel to every rank first (a rank
+        with no sample has none, and a name one rank computed is never dropped for the others),
+        the values as one float64 tensor on the process group's device to rank 0 alone (8 bytes
+        per value, none on the other ranks), the keys as strings to rank 0 alone. Nothing is
+        de-duplicated: the loader gives each sample to exactly one rank, and a key seen twice is
+        an error rather than counted twice.
         """
         if dist.is_available() and dist.is_initialized():
-            merged = _gather_to_main(self, names)
+            merged = _gather_to_main(self)
             if merged is None:
                 return None
         else:
@@ -174,27 +337,40 @@ class MetricAccumulator:
                 f"{len(dupes)} sample key(s) evaluated more than once, e.g. {dupes[:3]}: the "
                 "validation loader must give each sample to exactly one rank"
             )
-        return merged
+        return merged.by_key()
+
+    def by_key(self) -> MetricAccumulator:
+        """The same samples sorted by key (itself where they already are)."""
+        if self.keys == sorted(self.keys):
+            return self
+        order = sorted(range(self.count), key=self.keys.__getitem__)
+        index = torch.tensor(order, dtype=torch.long)
+        out = MetricAccumulator()
+        if self.count:
+            out.add([self.keys[i] for i in order], {n: self.values(n)[index] for n in self.names})
+        return out
 
     def table(self, names: list[str]) -> Tensor:
-        """``[count, len(names)]`` float64: one row per sample, one column per metric."""
+        """``[count, columns]`` float64: one row per sample, a column per metric (K for a
+        vector of K)."""
+        width = sum(max(self._widths.get(n, 0), 1) for n in names)
         if not self.count:
-            return torch.zeros(0, len(names), dtype=torch.float64)
-        return torch.stack([self.values(n) for n in names], dim=1)
+            return torch.zeros(0, width, dtype=torch.float64)
+        return torch.cat([self.values(n).reshape(self.count, -1) for n in names], dim=1)
 
     def summary(self) -> dict[str, float]:
-        """The mean of each metric over all samples."""
+        """The mean of each metric (each name of one number per sample) over all samples."""
         if not self.count:
             raise ValueError("no samples to summarise")
-        return {name: self.values(name).mean().item() for name in self.names}
+        return {name: self.values(name).mean().item() for name in self.scalars}
 
     def stats(self, name: str, worst: int = 5) -> dict:
         """``{"mean", "median", "worst": [(key, value), ...]}`` for one metric; the worst samples
-        have the highest MSE, or the lowest PSNR / SSIM."""
+        have the highest MSE, the lowest PSNR / SSIM, the power ratio farthest from 1."""
         v = self.values(name)
         if not len(v):
             raise ValueError("no samples to summarise")
-        order = torch.argsort(v, descending=not metric(name).higher_is_better, stable=True)
+        order = torch.argsort(metric(name).badness(v), descending=True, stable=True)
         return {
             "mean": v.mean().item(),
             "median": _median(v),
@@ -209,16 +385,24 @@ def _median(v: Tensor) -> float:
     return ((s[(len(s) - 1) // 2] + s[len(s) // 2]) / 2).item()
 
 
-def _gather_to_main(acc: MetricAccumulator, names: list[str]) -> MetricAccumulator | None:
+def _gather_to_main(acc: MetricAccumulator) -> MetricAccumulator | None:
     """`MetricAccumulator.gather` across a process group: values padded to the longest rank."""
     device = torch.device("cuda", torch.cuda.current_device()) \
         if dist.get_backend() == "nccl" else torch.device("cpu")  # fmt: skip
     world, main = dist.get_world_size(), dist.get_rank() == 0
+    layouts: list[Any] = [None] * world
+    dist.all_gather_object(layouts, [(n, acc._widths[n]) for n in acc.names] if acc.count else [])
+    found = [layout for layout in layouts if layout]
+    if any(sorted(layout) != sorted(found[0]) for layout in found):
+        raise ValueError(f"the ranks computed different values: {found}")
+    layout = sorted(found[0]) if found else []
+    names = [n for n, _ in layout]
     counts = torch.zeros(world, dtype=torch.int64, device=device)
     counts[dist.get_rank()] = acc.count
     dist.all_reduce(counts)
     longest = int(counts.max())
-    padded = torch.zeros(longest, len(names), dtype=torch.float64, device=device)
+    padded = torch.zeros(longest, sum(max(w, 1) for _, w in layout), dtype=torch.float64,
+                         device=device)  # fmt: skip
     padded[: acc.count] = acc.table(names).to(device)
     parts = [torch.empty_like(padded) for _ in range(world)] if main else None
     dist.gather(padded, parts, dst=0)
@@ -229,6 +413,12 @@ def _gather_to_main(acc: MetricAccumulator, names: list[str]) -> MetricAccumulat
     assert parts is not None and keys is not None
     merged = MetricAccumulator()
     for part, part_keys, n in zip(parts, keys, counts.tolist(), strict=True):
-        if n:
-            merged.add(part_keys, {name: part[:n, i].cpu() for i, name in enumerate(names)})
+        if not n:
+            continue
+        values, at = {}, 0
+        for name, width in layout:
+            values[name] = part[:n, at : at + max(width, 1)].cpu()
+            values[name] = values[name] if width else values[name][:, 0]
+            at += max(width, 1)
+        merged.add(part_keys, values)
     return merged

@@ -26,13 +26,11 @@ class Validation:
     reference: MetricAccumulator | None  # the task's reference on the same samples (bicubic)
     tiles: list[list[Tensor]]  # sample-map rows, from this rank's first batch
 
-    def gathered(self, task: Task) -> Validation | None:
-        """Every rank's per-sample metrics on the main process; None on the others
+    def gathered(self) -> Validation | None:
+        """Every rank's per-sample values, all of them, on the main process; None on the others
         (collective: every rank calls it)."""
-        model = self.model.gather([*task.metrics, *task.collected])
-        reference = None
-        if self.reference is not None:
-            reference = self.reference.gather(task.reference_metrics)
+        model = self.model.gather()
+        reference = None if self.reference is None else self.reference.gather()
         return None if model is None else Validation(model, reference, self.tiles)
 
 
@@ -81,7 +79,7 @@ def summary(task: Task, result: Validation, split: str) -> dict[str, Any]:
     }
     if task.reference is not None and result.reference is not None:
         out[task.reference] = result.reference.summary()
-        per_image[task.reference] = {n: result.reference.stats(n) for n in result.reference.names}
+        per_image[task.reference] = {n: result.reference.stats(n) for n in result.reference.scalars}
     out["per_image"] = per_image
     return out
 
@@ -99,12 +97,13 @@ def write_eval(path: Path, doc: dict[str, Any], result: Validation | None = None
     so an eval.json never names a file that is not there yet."""
     if result is not None:
         model = result.model
-        parts = {"model": {n: model.values(n).numpy() for n in model.names}}
+        # one number per sample: a vector (a spectrum) is summarised in eval.json instead
+        parts = {"model": {n: model.values(n).numpy() for n in model.scalars}}
         if result.reference is not None and doc.get("reference"):
             if result.reference.keys != model.keys:  # both are added batch by batch, together
                 raise ValueError("the reference's samples differ from the model's")
             ref = result.reference
-            parts[doc["reference"]] = {n: ref.values(n).numpy() for n in ref.names}
+            parts[doc["reference"]] = {n: ref.values(n).numpy() for n in ref.scalars}
         where = samples_path(path)
         Samples.of(model.keys, parts).write(where)
         doc = {**doc, "samples": where.name}

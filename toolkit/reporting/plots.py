@@ -1,5 +1,5 @@
 """The report's figures (PNG, fixed sizes): loss curves, sample maps run through the exported
-model, ROC curves, the comparison of runs, a sweep's curves."""
+model, ROC curves, the comparison of runs, a sweep's curves, power spectra."""
 
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ LOSS_SIZE = (10.0, 5.0)
 COMPARE_PANEL = (5.0, 4.5)  # one metric's panel of the comparison
 CURVE_PANEL = (5.5, 4.5)  # one metric's panel of a sweep's curves
 TILE_INCHES = 2.4  # one tile of a sample map; one row per sample
+SPECTRA_SIZE = (11.0, 4.5)  # the spectra and their ratio to HR's, side by side
 
 
 def _pyplot() -> Any:
@@ -221,6 +222,39 @@ def plot_curves(entries: list[dict[str, Any]], path: Path) -> None:
         ax.legend(fontsize=8)
     fig.suptitle(f"{Path(entries[0]['sweep']).name}: mean over seeds, bars: interval of the "
                  "mean (or ± std)", fontsize=10)  # fmt: skip
+    fig.tight_layout()
+    fig.savefig(path, dpi=DPI)
+    plt.close(fig)
+
+
+def plot_spectra(runs: list[Run], path: Path) -> None:
+    """The radially averaged power spectra over the validation set (eval.json's `spectra`): HR
+    and bicubic (from the first run) and each run's output on log axes, and each one's ratio
+    to HR's, where missing or invented fine structure shows at high frequency."""
+    plt = _pyplot()
+    fig, (ax, rx) = plt.subplots(1, 2, figsize=SPECTRA_SIZE, dpi=DPI)
+    first = runs[0].eval["spectra"]
+    f = first["frequency"]
+    lines = [("HR", first["hr"], {"color": "black", "linewidth": 2})]
+    lines.append((runs[0].task.reference or "reference", first["bicubic"],
+                  {"color": "gray", "linestyle": "--"}))  # fmt: skip
+    lines += [(f"{run.mode} ({run.name})", run.eval["spectra"]["model"], {}) for run in runs]
+    for label, power, style in lines:
+        ax.loglog(f, power, label=label, **style)
+        rx.semilogx(f, [p / h if h > 0 else float("nan") for p, h in zip(power, first["hr"],
+                                                                      strict=True)],
+                    label=label, **style)  # fmt: skip
+    ax.set_xlabel("spatial frequency (cycles per HR pixel)")
+    ax.set_ylabel("mean power")
+    rx.set_xlabel("spatial frequency (cycles per HR pixel)")
+    rx.set_ylabel("power / HR power")
+    rx.axhline(1.0, color="black", linewidth=0.8)
+    for third in (1 / 6, 1 / 3):  # the edges of the low / mid / high bands of the table
+        for a in (ax, rx):
+            a.axvline(third, color="gray", linewidth=0.6, linestyle=":")
+    ax.legend(fontsize=7)
+    for a in (ax, rx):
+        a.grid(True, which="both", alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=DPI)
     plt.close(fig)

@@ -140,7 +140,8 @@ def tables(runs: list[Run], asked: Sequence[tuple[str, str]] = ()) -> list[dict[
         run, task = members[0], members[0].task
         table = out.setdefault(task.name, {"task": task.name, "title": task.title,
                                            "columns": list(task.table),
-                                           "compare": list(task.compare), "rows": []})  # fmt: skip
+                                           "compare": list(task.compare), "rows": [],
+                                           "more": []})  # fmt: skip
         row = {
             "run": run.name if run.group is None else run.group or "(all)",
             "mode": run.mode,
@@ -154,9 +155,18 @@ def tables(runs: list[Run], asked: Sequence[tuple[str, str]] = ()) -> list[dict[
             "sweep": None if run.group is None else str(run.dir.parent),
         }  # fmt: skip
         table["rows"].append(row)
-        handle = _run_handle(members)
+        handle = _run_handle(members, task.table)
         if handle is not None:
             handles[id(row)] = handle
+        for more in _more(table, task):
+            if not all(k in m.eval["model"] for m in members for k in more["columns"]):
+                continue  # evaluated before these metrics were: the row is left out
+            extra = {k: row[k] for k in ("run", "mode", "split", "count", "sweep")}
+            extra |= _means(members, more["columns"])
+            more["rows"].append(extra)
+            handle = _run_handle(members, more["columns"])
+            if handle is not None:
+                handles[id(extra)] = handle
     named = {row["run"] for table in out.values() for row in table["rows"]}
     for a, b in asked:
         for name in (a, b):
@@ -164,15 +174,17 @@ def tables(runs: list[Run], asked: Sequence[tuple[str, str]] = ()) -> list[dict[
                 raise UserError(f"--pair {a}:{b}: no run {name!r} among {sorted(named)}")
     for table in out.values():
         task_runs = [run for run in runs if run.task.name == table["task"]]
-        ref = reference_row(task_runs)
-        if ref is not None:
-            table["rows"].append(ref)
-            handle = _reference_handle(task_runs)
-            if handle is not None:
-                handles[id(ref)] = handle
-        for row in table["rows"]:
-            _add_intervals(row, handles.get(id(row)), table["columns"])
-        table["best"] = best(table["rows"], table["columns"])
+        table["more"] = [more for more in table["more"] if more["rows"]]
+        for part in (table, *table["more"]):
+            ref = reference_row(task_runs, part["columns"])
+            if ref is not None:
+                part["rows"].append(ref)
+                handle = _reference_handle(task_runs, part["columns"])
+                if handle is not None:
+                    handles[id(ref)] = handle
+            for row in part["rows"]:
+                _add_intervals(row, handles.get(id(row)), part["columns"])
+            part["best"] = best(part["rows"], part["columns"])
         table["pairs"] = _pairs(table, handles, task_runs[0].task.score, asked)
         table["bootstrap"] = {"level": stats.LEVEL, "resamples": stats.RESAMPLES,
                               "seed": stats.SEED}  # fmt: skip
@@ -201,15 +213,27 @@ def _values(run: Run, part: str) -> dict[str, Any]:
     return samples.parts[part]
 
 
-def _statistic(task: Task, run: Run, part: str) -> tuple[stats.Statistic, Any]:
+def _more(table: dict[str, Any], task: Task) -> list[dict[str, Any]]:
+    """The task table's more tables (`Task.more_tables`), made on its first row."""
+    if not table["more"]:
+        table["more"] = [{"name": name, "title": f"{task.title}: {name}", "columns": list(columns),
+                          "note": note, "rows": []}
+                         for name, columns, note in task.more_tables]  # fmt: skip
+    return table["more"]
+
+
+def _statistic(
+    task: Task, run: Run, part: str, columns: Sequence[str]
+) -> tuple[stats.Statistic, Any]:
     values = _values(run, part)
     try:
-        if part == "model":
+        if part == "model" and tuple(columns) == task.table:
             return task.statistic(values)
-        return stats.mean_statistic(_columns(values, task.table)), None
+        return stats.mean_statistic(_columns(values, tuple(columns))), None
     except KeyError as err:
-        raise UserError(f"{run.dir / run.eval['samples']}: no {part}.{err.args[0]} values, "
-                        f"which the {task.name} table needs") from None  # fmt: skip
+        where = run.dir / run.eval["samples"]
+        raise UserError(f"{where}: no {part}.{err.args[0]} values, which the {task.name} "
+                        "table needs; evaluate it again") from None  # fmt: skip
 
 
 def _columns(values: dict[str, Any], names: tuple[str, ...]) -> Any:
@@ -218,7 +242,7 @@ def _columns(values: dict[str, Any], names: tuple[str, ...]) -> Any:
     return np.stack([values[n] for n in names], axis=1)
 
 
-def _run_handle(members: list[Run]) -> _Handle | None:
+def _run_handle(members: list[Run], columns: Sequence[str]) -> _Handle | None:
     """A row of one run, or of a seed group: the mean over its runs of each run's statistic, on
     the same resamples of the images (the runs' keys must be the same)."""
     if any(run.samples is None for run in members):
@@ -230,22 +254,23 @@ def _run_handle(members: list[Run]) -> _Handle | None:
         logger.warning("%s and %s: seeds of one row evaluated on other samples; no interval",
                        first.dir, others[0].dir)  # fmt: skip
         return None
-    parts = [_statistic(first.task, run, "model") for run in members]
+    parts = [_statistic(first.task, run, "model", columns) for run in members]
     statistic = parts[0][0] if len(parts) == 1 else stats.average([p[0] for p in parts])
     return _Handle(first.samples, statistic, parts[0][1], str(first.dir))
 
 
-def _reference_handle(runs: list[Run]) -> _Handle | None:
+def _reference_handle(runs: list[Run], columns: Sequence[str]) -> _Handle | None:
     """The reference row's values from the first run that kept them."""
     name = runs[0].task.reference
     for run in runs:
-        if name and run.samples is not None and name in run.samples.parts:
-            statistic, strata = _statistic(run.task, run, name)
+        kept = run.samples.parts.get(name or "", {}) if run.samples is not None else {}
+        if name and kept and all(k in kept for k in columns):
+            statistic, strata = _statistic(run.task, run, name, columns)
             return _Handle(run.samples, statistic, strata, f"{run.dir} ({name})")
     return None
 
 
-def _add_intervals(row: dict[str, Any], handle: _Handle | None, columns: list[str]) -> None:
+def _add_intervals(row: dict[str, Any], handle: _Handle | None, columns: Sequence[str]) -> None:
     """`<column>_ci`: [low, high] of each column, None without per-sample values."""
     if handle is None:
         for k in columns:
@@ -297,7 +322,7 @@ def _pairs(table: dict[str, Any], handles: dict[int, _Handle], score: str,
     return out
 
 
-def _means(runs: list[Run], columns: tuple[str, ...]) -> dict[str, Any]:
+def _means(runs: list[Run], columns: Sequence[str]) -> dict[str, Any]:
     """Each column's value; over several runs (seeds) its mean, `<column>_std` the sample
     standard deviation and `n` how many runs."""
     if len(runs) == 1:
@@ -314,28 +339,33 @@ def _means(runs: list[Run], columns: tuple[str, ...]) -> dict[str, Any]:
     return out
 
 
-def reference_row(runs: list[Run]) -> dict[str, Any] | None:
-    """The task's reference on the same data (from the first run that has one)."""
+def reference_row(runs: list[Run], columns: Sequence[str] | None = None) -> dict[str, Any] | None:
+    """The task's reference on the same data (from the first run that has one): its values of
+    `columns` (the task's table by default)."""
     name = runs[0].task.reference
-    refs = [(run, run.eval[name]) for run in runs if name and run.eval.get(name)]
+    refs = [(run, run.eval[name]) for run in runs if name and run.eval.get(name)
+            and (columns is None or all(k in run.eval[name] for k in columns))]  # fmt: skip
     if not refs:
         return None
     if any(values != refs[0][1] for _, values in refs):
         logger.warning("the runs' %s rows differ (other data?); the first is shown", name)
     first, values = refs[0]
-    columns = first.task.table
+    columns = first.task.table if columns is None else columns
     return {"run": None, "mode": name, **{k: values.get(k) for k in columns}, "trainable": None,
             "epochs": None, "init_from": None, "split": first.eval.get("split"),
             "count": first.eval.get("count")}  # fmt: skip
 
 
-def best(rows: list[dict[str, Any]], columns: list[str]) -> dict[str, float]:
-    """The best value of each metric column, by the metric's direction."""
+def best(rows: list[dict[str, Any]], columns: Sequence[str]) -> dict[str, float]:
+    """The best value of each metric column, by the metric's direction (or nearest its ideal)."""
+    import torch
+
     out = {}
     for k in columns:
         values = [row[k] for row in rows if row.get(k) is not None]
         if values:
-            out[k] = max(values) if metric(k).higher_is_better else min(values)
+            badness = metric(k).badness(torch.tensor(values, dtype=torch.float64))
+            out[k] = values[int(torch.argmin(badness))]
     return out
 
 
@@ -346,17 +376,7 @@ def markdown(table: dict[str, Any]) -> str:
               "init from"]  # fmt: skip
     lines = ["| " + " | ".join(titles) + " |", "|" + "---|" * len(titles)]
     for row in table["rows"]:
-        seeds = f", {row['n']} seeds" if row.get("n") else ""
-        cells = [row["mode"] + (f" (`{row['run']}`{seeds})" if row["run"] else "")]
-        for k in columns:
-            v = row.get(k)
-            text = metric(k).format(v)
-            text = f"**{text}**" if v is not None and v == top.get(k) else text
-            if row.get(f"{k}_std") is not None:
-                text += f" ± {metric(k).format(row[f'{k}_std'])}"
-            if row.get(f"{k}_ci") is not None:
-                text += " [{}, {}]".format(*map(metric(k).format, row[f"{k}_ci"]))
-            cells.append(text)
+        cells = _cells(row, columns, top)
         cells.append("-" if row["trainable"] is None else f"{row['trainable']:,}")
         cells.append("-" if row["epochs"] is None else f"{row['epochs']:g}")
         cells.append(f"`{Path(row['init_from']).name}`" if row["init_from"] else "-")
@@ -392,7 +412,30 @@ def markdown(table: dict[str, Any]) -> str:
                 text = "{} [{}, {}]".format(*map(signed.format, (d["diff"], *d["ci"])))
                 cells.append(text + ("" if d["significant"] else " n.s."))
             lines.append("| " + " | ".join(cells) + " |")
+    for more in table.get("more", []):
+        lines += ["", f"**{more['title']}** ({more['note']})", "",
+                  "| Mode | " + " | ".join(metric(k).title for k in more["columns"]) + " |",
+                  "|" + "---|" * (len(more["columns"]) + 1)]  # fmt: skip
+        lines += ["| " + " | ".join(_cells(row, more["columns"], more["best"])) + " |"
+                  for row in more["rows"]]  # fmt: skip
     return "\n".join(lines) + "\n"
+
+
+def _cells(row: dict[str, Any], columns: Sequence[str], top: dict[str, float]) -> list[str]:
+    """A row's name and its value of each column: the best in bold, then ± the standard
+    deviation over seeds and the [low, high] interval where there are."""
+    seeds = f", {row['n']} seeds" if row.get("n") else ""
+    cells = [row["mode"] + (f" (`{row['run']}`{seeds})" if row["run"] else "")]
+    for k in columns:
+        v = row.get(k)
+        text = metric(k).format(v)
+        text = f"**{text}**" if v is not None and v == top.get(k) else text
+        if row.get(f"{k}_std") is not None:
+            text += f" ± {metric(k).format(row[f'{k}_std'])}"
+        if row.get(f"{k}_ci") is not None:
+            text += " [{}, {}]".format(*map(metric(k).format, row[f"{k}_ci"]))
+        cells.append(text)
+    return cells
 
 
 def markdown_all(doc: dict[str, Any]) -> str:

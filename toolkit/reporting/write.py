@@ -10,7 +10,14 @@ from typing import Any
 
 from toolkit.core.atomic import make_folder
 from toolkit.core.errors import UserError
-from toolkit.reporting.plots import plot_compare, plot_curves, plot_loss, plot_roc, plot_samples
+from toolkit.reporting.plots import (
+    plot_compare,
+    plot_curves,
+    plot_loss,
+    plot_roc,
+    plot_samples,
+    plot_spectra,
+)
 from toolkit.reporting.tables import curves, markdown_all, read_runs, tables
 
 logger = logging.getLogger(__name__)
@@ -54,6 +61,9 @@ def report(run_dirs: Sequence[Path], out: Path, samples: int = 4,
     compared = [t for t in doc["tables"] if _comparable(t)]
     for i, table in enumerate(compared):
         plot_compare(table, out / ("compare.png" if i == 0 else f"compare_{table['task']}.png"))
+    spectra = [run for run in runs if "spectra" in run.eval]  # super-resolution runs
+    if spectra:
+        plot_spectra(spectra, out / "spectra.png")
     logger.info("report of %d run(s) in %s", len(runs), out)
     return doc
 

@@ -323,7 +323,7 @@ def run_validation(run: Run, state: TrainState) -> Validation | None:
     module = engine.unwrap(run.parts.model)
     module.eval()
     at = Placement(engine.device, engine.autocast)
-    result = validate(task, module, iter(run.val), at).gathered(task)
+    result = validate(task, module, iter(run.val), at).gathered()
     module.train()
     if result is None:
         return None

@@ -54,6 +54,9 @@ class Task(ABC):
     # training loss of each sample, computed by `losses` as in training.
     metrics: ClassVar[tuple[str, ...]]
     table: ClassVar[tuple[str, ...]]  # the metrics the report's table shows
+    # More tables of the report, (name, metrics, what they mean) each: a row per run and the
+    # reference's, with intervals (super-resolution: the physics-aware metrics)
+    more_tables: ClassVar[tuple[tuple[str, tuple[str, ...], str], ...]] = ()
     compare: ClassVar[tuple[str, ...]] = ()  # ... and its comparison figure (compare.png)
     score: ClassVar[str]  # the metric that says which evaluation is best
     reference: ClassVar[str | None] = None  # the row every model is judged against ("bicubic")
@@ -127,13 +130,9 @@ class Task(ABC):
         self, model: nn.Module, batch: dict[str, Any], at: Placement, tiles: int
     ) -> BatchResult:
         """Every metric of `metrics` per sample (its "loss" from `losses`), the reference's, and
-        the sample-map rows of the first `tiles` samples."""
-
-    @property
-    def collected(self) -> tuple[str, ...]:
-        """Per-sample values gathered with the metrics but not reported one by one (a
-        classifier's class scores and labels): what `scores` and `extras` compute from."""
-        return ()
+        the sample-map rows of the first `tiles` samples. Any other per-sample values the task
+        adds (a classifier's scores, a spectrum) are gathered with them for `scores` and
+        `extras`: on N processes as on one."""
 
     def scores(self, values: MetricAccumulator) -> dict[str, float]:
         """The model's figures from every rank's gathered per-sample values: by default the mean

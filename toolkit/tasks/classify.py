@@ -81,10 +81,6 @@ class ClassifyTask(Task):
                 f"on {_names(trained['classes'])} (labels are indices in that order)"
             )
 
-    @property
-    def collected(self) -> tuple[str, ...]:
-        return ("label", *(f"score.{k}" for k in range(self.num_classes)))
-
     def losses(
         self, model: nn.Module, batch: dict[str, Any], at: Placement, rng: torch.Generator | None
     ) -> tuple[Tensor, Any]:

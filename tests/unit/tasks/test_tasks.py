@@ -16,6 +16,7 @@ from sklearn.metrics import roc_curve as sk_roc_curve
 from tests.helpers import TINY_VIT
 from toolkit.core import stats
 from toolkit.core.metrics import MetricAccumulator, psnr
+from toolkit.data.normalise import parse
 from toolkit.engine.model import build_model
 from toolkit.engine.validate import validate
 from toolkit.runs import recipe
@@ -88,7 +89,9 @@ def test_sr_losses_metrics_and_bicubic_reference(loss: str) -> None:
     torch.testing.assert_close(res.metrics["psnr"], psnr(out.clamp(0, 1), b["hr"]))
     bicubic = F.interpolate(b["lr"], scale_factor=2, mode="bicubic", align_corners=False)
     torch.testing.assert_close(res.reference["psnr"], psnr(bicubic.clamp(0, 1), b["hr"]))
-    assert set(res.metrics) == set(task.metrics)
+    # beside the metrics: the forward model each sample had, the spectra eval.json averages
+    spectra = {"spectrum.hr", "spectrum.model", "spectrum.bicubic"}
+    assert set(res.metrics) == {*task.metrics, "physical", *spectra}
     assert set(res.reference) == set(task.metrics) - {"loss"}  # no loss for a reference
     assert [len(row) for row in res.tiles] == [4, 4]  # 2 samples: LR | bicubic | SR | HR
     assert res.tiles[0][0].shape == (1, 20, 20)  # LR shown at HR size
@@ -108,6 +111,8 @@ def test_sr_clamps_only_where_the_normalisation_says_values_lie_in_0_1(
     task, model = task_of(r), build_model(r).eval()
     b = batch(4)
     b["hr"], b["lr"] = b["hr"] * 3 - 1, b["lr"] * 3 - 1  # values in [-1, 2]
+    if normalise == "percentile":  # each sample's statistics, as the loader gives them
+        b["norm"] = torch.stack([parse(normalise).fit(lr) for lr in b["lr"]])
     res = task.evaluate(model, b, Placement(), tiles=0)
     with torch.no_grad():
         out = model(b["lr"])
@@ -127,7 +132,7 @@ def test_the_registry_names_the_builtin_tasks_and_says_did_you_mean() -> None:
 
 
 def classify_values(labels: list[int], scores: torch.Tensor) -> MetricAccumulator:
-    """What validation gathers for the classify task (its `collected` values: the label and one
+    """What validation gathers for the classify task (the label and one
     score per class), added in two batches as validation adds them."""
     acc = MetricAccumulator()
     half = len(labels) // 2
