@@ -44,7 +44,6 @@ def sk_ssim(sr: np.ndarray, hr: np.ndarray) -> float:
     )
 
 
-
 def image_metrics(sr: torch.Tensor, hr: torch.Tensor) -> dict[str, torch.Tensor]:
     return metrics.image_metrics(IMAGE, metrics.Seen(sr, metrics.Truth(hr)))
 
@@ -305,3 +304,47 @@ def test_each_score_column_is_scored_against_its_own_class() -> None:
         )
     # the columns alone permuted (now mismatched with the labels) do change the macro AUC
     assert metrics.one_vs_rest_auc(scores[:, perm], labels)[1] != pytest.approx(macro, abs=1e-3)
+
+
+def _uneven_worker(rank: int, world: int, init: str, out: str) -> None:
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    try:
+        acc = MetricAccumulator()
+        if rank == 1:  # keys out of order, a scalar and a vector (a spectrum) per sample
+            acc.add(["c", "a"], {"psnr": torch.tensor([3.0, 1.0]),
+                                 "spectrum": torch.tensor([[3.0, 30.0], [1.0, 10.0]])})  # fmt: skip
+            acc.add(["b"], {"psnr": torch.tensor([2.0]), "spectrum": torch.tensor([[2.0, 20.0]])})
+        merged = acc.gather()  # rank 0 evaluated nothing: it has no names of its own
+        found = None
+        if merged is not None:
+            found = {"keys": merged.keys, "names": merged.names, "scalars": merged.scalars,
+                     **{n: merged.values(n) for n in merged.names}}  # fmt: skip
+        torch.save(found, Path(out) / f"rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow  # two spawned processes: a few seconds
+def test_gather_keeps_every_value_a_rank_computed_sorted_by_key(tmp_path: Path) -> None:
+    """Every name any rank added reaches rank 0 (its own accumulator may be empty), a vector per
+    sample included, and the samples come sorted by key: the same order, hence the same means,
+    whatever the number of ranks."""
+    init = f"file://{tmp_path / 'store'}"
+    mp.spawn(_uneven_worker, args=(2, init, str(tmp_path)), nprocs=2, join=True)
+    r0 = torch.load(tmp_path / "rank0.pt")
+    assert r0["keys"] == ["a", "b", "c"] and sorted(r0["names"]) == ["psnr", "spectrum"]
+    assert r0["scalars"] == ["psnr"]
+    assert r0["psnr"].tolist() == [1.0, 2.0, 3.0]
+    assert r0["spectrum"].tolist() == [[1.0, 10.0], [2.0, 20.0], [3.0, 30.0]]
+    assert torch.load(tmp_path / "rank1.pt") is None
+
+
+def test_vector_values_keep_their_width_and_stay_out_of_the_means() -> None:
+    acc = MetricAccumulator()
+    acc.add(["b", "a"], {"mse": torch.tensor([0.2, 0.1], dtype=torch.float64),
+                         "spectrum": torch.ones(2, 3)})  # fmt: skip
+    with pytest.raises(ValueError, match="4 values per sample, earlier 3"):
+        acc.add(["c"], {"mse": torch.tensor([0.3]), "spectrum": torch.ones(1, 4)})
+    assert acc.summary() == {"mse": pytest.approx(0.15)}  # the spectrum is no metric
+    assert acc.table(["mse", "spectrum"]).shape == (2, 4)
+    assert acc.by_key().keys == ["a", "b"] and acc.by_key().values("mse").tolist() == [0.1, 0.2]

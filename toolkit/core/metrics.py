@@ -299,12 +299,13 @@ class MetricAccumulator:
             width = v.shape[1] if v.ndim > 1 else 0
             if len(v) != len(keys):
                 raise ValueError(f"{len(keys)} keys but {len(v)} values for {name!r}")
-            if self._widths.setdefault(name, width) != width:
+            if self._widths.get(name, width) != width:
                 raise ValueError(f"{name!r}: {width} values per sample, earlier "
                                  f"{self._widths[name]}")  # fmt: skip
             rows[name] = v
         self.keys.extend(keys)
-        for name, v in rows.items():
+        for name, v in rows.items():  # checked all: now add
+            self._widths[name] = v.shape[1] if v.ndim > 1 else 0
             self._values.setdefault(name, []).append(v)
 
     def values(self, name: str) -> Tensor:
@@ -403,7 +404,8 @@ def _gather_to_main(acc: MetricAccumulator) -> MetricAccumulator | None:
     longest = int(counts.max())
     padded = torch.zeros(longest, sum(max(w, 1) for _, w in layout), dtype=torch.float64,
                          device=device)  # fmt: skip
-    padded[: acc.count] = acc.table(names).to(device)
+    if acc.count:  # a rank without samples knows no widths of its own
+        padded[: acc.count] = acc.table(names).to(device)
     parts = [torch.empty_like(padded) for _ in range(world)] if main else None
     dist.gather(padded, parts, dst=0)
     keys: list[list[str]] | None = [[] for _ in range(world)] if main else None
