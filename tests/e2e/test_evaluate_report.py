@@ -32,6 +32,7 @@ from toolkit.reporting import tables
 from toolkit.runs.directory import load_model, locate
 from toolkit.runs.hold import HOLD, held
 from toolkit.tasks import TASKS
+from toolkit.tasks.sr import PHYSICS
 
 pytestmark = pytest.mark.slow
 
@@ -54,6 +55,15 @@ def val_members(shards: Path) -> dict[str, dict[str, bytes]]:
                 key, ext = m.name.split(".", 1)
                 samples.setdefault(key, {})[ext] = tar.extractfile(m).read()
     return samples
+
+
+def shape_of(doc: object) -> object:
+    """A JSON document's keys at every depth (lists as their length), without the values."""
+    if isinstance(doc, dict):
+        return {k: shape_of(v) for k, v in doc.items() if k != "source"}
+    if isinstance(doc, list):
+        return len(doc)
+    return type(doc).__name__
 
 
 def mean_psnr(out: torch.Tensor, ref: torch.Tensor) -> float:
@@ -120,9 +130,16 @@ def test_evaluate_counts_every_sample_once_and_matches_on_two_processes(grey) ->
         assert kept["bicubic.psnr"].mean() == pytest.approx(one["bicubic"]["psnr"], abs=1e-9)
         one_proc = kept["model.psnr"].copy()
     two = evaluate_json(str(fine), "--local", "--procs", "2")
+    # the same keys at every depth: every value computed on 1 process is there on 2
+    assert shape_of(two) == shape_of(one)
+    assert set(one["model"]) == set(TASKS.get("sr").metrics)  # the physics-aware ones too
     for part in ("model", "bicubic"):
         # the same samples; batches of another composition round differently (~1e-8)
         assert two[part] == pytest.approx(one[part], rel=1e-6, abs=1e-12)
+    for name in ("hr", "model", "bicubic"):  # the spectra: means over the same samples
+        assert two["spectra"][name] == pytest.approx(one["spectra"][name], rel=1e-6, abs=1e-12)
+    assert two["spectra"]["frequency"] == one["spectra"]["frequency"]
+    assert two["forward_model"] == one["forward_model"] == {"psf": 0, "run": one["count"]}
     assert two["count"] == one["count"]
     with np.load(fine / "eval.samples.npz", allow_pickle=False) as kept:  # 2 processes: by key
         assert kept["model.psnr"] == pytest.approx(one_proc, rel=1e-6)
@@ -177,9 +194,20 @@ def test_report_table_equals_eval_json_and_figures_are_real(grey, tmp_path) -> N
     assert (pair["a"], pair["b"], pair["count"]) == ("SR-MAE, frozen encoder (`fine`)",
                                                      "bicubic", ev["count"])  # fmt: skip
     assert pair["psnr"]["diff"] == pytest.approx(ev["model"]["psnr"] - ev["bicubic"]["psnr"])
+    (physics,) = sr["more"]  # the physics-aware table: the run and bicubic, with intervals
+    assert physics["columns"] == list(PHYSICS)
+    assert [r["mode"] for r in physics["rows"]] == ["SR-MAE, frozen encoder", "bicubic"]
+    for r, part in zip(physics["rows"], ("model", "bicubic"), strict=True):
+        for k in PHYSICS:
+            assert r[k] == ev[part][k]
+            low, high = r[f"{k}_ci"]
+            assert low <= r[k] <= high, (r["mode"], k)
     md = (out / "results.md").read_text()
     best = sr["best"]["psnr"]
-    assert f"**{best:.2f}** [" in md and md.count("**") == 2 * (len(sr["best"]) + len(mae["best"]))
+    bold = len(sr["best"]) + len(mae["best"]) + 1  # + the physics table's title
+    bold += sum(1 for k in PHYSICS for r in physics["rows"] if r[k] == physics["best"][k])
+    assert f"**{best:.2f}** [" in md and md.count("**") == 2 * bold
+    assert "**super-resolution: physics** (" in md and "| LR consistency PSNR (dB) |" in md
     assert "| SR-MAE, frozen encoder (`fine`) - bicubic | " in md
     sizes = {
         "loss_fine.png": (1000, 500),
@@ -187,6 +215,7 @@ def test_report_table_equals_eval_json_and_figures_are_real(grey, tmp_path) -> N
         "samples_fine.png": (5 * 240, 4 * 240),  # LR | bicubic | SR | HR | error, 4 samples
         "samples_pre.png": (4 * 240, 4 * 240),  # masked | reconstruction | HR | error
         "compare.png": (1000, 450),
+        "spectra.png": (1100, 450),
     }
     for name, size in sizes.items():
         with Image.open(out / name) as im:

@@ -253,8 +253,11 @@ def plot_spectra(runs: list[Run], path: Path) -> None:
         for a in (ax, rx):
             a.axvline(third, color="gray", linewidth=0.6, linestyle=":")
     ax.legend(fontsize=7)
+    from matplotlib.ticker import NullFormatter
+
     for a in (ax, rx):
         a.grid(True, which="both", alpha=0.3)
+        a.xaxis.set_minor_formatter(NullFormatter())  # minor labels overlap on a short decade
     fig.tight_layout()
     fig.savefig(path, dpi=DPI)
     plt.close(fig)
