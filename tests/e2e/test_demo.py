@@ -58,12 +58,15 @@ def test_demo_runs_every_stage_and_writes_the_report(tmp_path, monkeypatch, caps
     monkeypatch.chdir(tmp_path)
     assert demo.main(ARGS) == 0
     out = capsys.readouterr().out
+    sr_rows = ["frozen MAE", "frozen encoder", "full finetune", "full from scratch", "EDSR",
+               "RCAN", "bicubic"]  # fmt: skip
     assert modes(out) == [
         "MAE pretrain",  # the pretraining's own table, then the SR table
-        "frozen MAE", "frozen encoder", "full finetune", "full from scratch", "EDSR", "RCAN",
-        "bicubic",
+        *sr_rows,
+        *sr_rows,  # its physics-aware table: a row per SR run and bicubic
         "CNN from scratch", "ViT from scratch", "linear probe", "full finetune",  # classify
     ]  # fmt: skip
+    assert "**super-resolution: physics**" in out
     assert "### super-resolution (`sr`)" in out
     # below the SR and the classification tables (the MAE table has one run: nothing to pair)
     assert out.count("Paired differences on the same images") == 2
@@ -94,8 +97,13 @@ def test_demo_runs_every_stage_and_writes_the_report(tmp_path, monkeypatch, caps
     for run in CLASSIFIERS:
         assert (report / f"loss_{run}.png").is_file() and (report / f"roc_{run}.png").is_file()
     assert (report / "compare.png").is_file() and (report / "compare_classify.png").is_file()
+    assert (report / "spectra.png").is_file()
     doc = json.loads((report / "results.json").read_text())
     assert [t["task"] for t in doc["tables"]] == ["mae", "sr", "classify"]
+    (physics,) = doc["tables"][1]["more"]
+    assert [row["run"] for row in physics["rows"]] == [*RUNS[1:], None]  # None: bicubic
+    # the simulator records each system's PSFs: every SR sample is re-degraded by its own
+    assert full["forward_model"] == {"psf": full["count"], "run": 0}
     # each pretrained run against its control from scratch, whichever is best
     paired = {(p["a"], p["b"]) for t in doc["tables"] for p in t["pairs"]}
     assert ("full finetune (`finetune`)", "full from scratch (`finetune_scratch`)") in paired
