@@ -20,9 +20,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = cli.ArgumentParser(
         prog="python -m toolkit.simulate",
         description="Simulate strong-lensing LR (75x75) / HR (150x150) pairs with lenstronomy: "
-        "OUT/hr/<key>.npy and OUT/lr/<key>.npy, float32 in [0, 1].",
+        "OUT/hr/<key>.npy and OUT/lr/<key>.npy, float32 in [0, 1], and OUT/meta/<key>.json, "
+        "each pair's pixel scales, PSF widths and noise.",
     )
-    p.add_argument("out", metavar="OUT", help="output folder (gets hr/ and lr/)")
+    p.add_argument("out", metavar="OUT", help="output folder (gets hr/, lr/ and meta/)")
     p.add_argument("--count", type=int, required=True, help="number of pairs")
     p.add_argument("--seed", type=int, default=0, help="base seed (default 0)")
     p.add_argument("--workers", type=int, default=1, help="processes (default 1)")

@@ -69,6 +69,27 @@ def test_lr_without_hr_is_one_line(capsys, tmp_path: Path) -> None:
     assert "lr/extra.npy has no hr partner" in one_error_line(err)
 
 
+def test_meta_without_a_pair_is_one_line(capsys, tmp_path: Path) -> None:
+    src = make_pairs(tmp_path / "src", 3)
+    (src / "meta").mkdir()
+    (src / "meta" / "s001.json").write_text("{}")
+    (src / "meta" / "extra.json").write_text("{}")
+    code, _, err = run(capsys, src, tmp_path / "out")
+    assert code == 2 and "Traceback" not in err
+    assert f"{src / 'meta' / 'extra.json'} describes no pair" in one_error_line(err)
+    assert not (tmp_path / "out").exists()
+
+
+def test_strict_bad_meta_is_one_line_and_writes_nothing(capsys, tmp_path: Path) -> None:
+    src = make_pairs(tmp_path / "src", 4)
+    (src / "meta").mkdir()
+    (src / "meta" / "s002.json").write_text("[]")
+    code, _, err = run(capsys, src, tmp_path / "out", "--strict")
+    assert code == 2 and "Traceback" not in err
+    assert "meta/s002.json: a JSON list, not an object" in one_error_line(err)
+    assert not (tmp_path / "out").exists()
+
+
 def test_non_empty_out_needs_overwrite(capsys, tmp_path: Path) -> None:
     src = make_pairs(tmp_path / "src", 3)
     (tmp_path / "out").mkdir()

@@ -2,8 +2,11 @@
 and manifest.json (sample counts, checksums, channels, image sizes).
 
 A sample is a run of tar members sharing a key: `<key>.hr.<ext>` and, for paired data,
-`<key>.lr.<ext>`, holding the source file's bytes as they were (lossless). Members are plain
-ustar with mode 0444, owner 0 and mtime 0, so the same input gives the same bytes.
+`<key>.lr.<ext>`, holding the source file's bytes as they were (lossless), then `<key>.json`
+where the source has the pair's metadata (meta/<key>.json: a JSON object, as it was; the
+simulator's holds the pair's pixel scales and PSF widths) and `<key>.cls` for labelled data.
+Members are plain ustar with mode 0444, owner 0 and mtime 0, so the same input gives the same
+bytes.
 """
 
 from __future__ import annotations
@@ -137,6 +140,7 @@ class ShardResult:
     filled: dict[str, int] = field(default_factory=dict)
     class_counts: dict[int, int] = field(default_factory=dict)  # labelled: samples per class
     scales: dict[int, int] = field(default_factory=dict)  # paired: pairs per HR/LR factor
+    meta: int = 0  # samples stored with their metadata (`<key>.json`)
 
 
 def commit(out: Path, results: list[ShardResult], manifest: dict, old: set[Path]) -> None:
@@ -214,6 +218,9 @@ def manifest_doc(
             "filled": dict(sorted(x for r in results for x in r.filled.items())),
         },
         "splits": {s: {"count": counts[s], "shards": []} for s in SPLITS},
+        # samples per split stored with their metadata (`<key>.json`); absent in older
+        # manifests: none
+        "meta": {s: sum(r.meta for r in results if r.split == s) for s in SPLITS},
         **_labels(classes, results),
         "skipped": [
             {"path": p, "reason": why} for p, why in sorted(x for r in results for x in r.skipped)
@@ -253,6 +260,9 @@ class Manifest:
     # The training subset in force (`toolkit/data/subset.py`), as data.json records it; None:
     # the whole train split.
     subset: dict[str, Any] | None = None
+    # Samples per split stored with their metadata (`<key>.json`); a manifest from before it
+    # was recorded says none.
+    meta: dict[str, int] = field(default_factory=dict)
 
     def count(self, split: str) -> int:
         return sum(s.count for s in self.splits[split])
@@ -288,6 +298,7 @@ def read_manifest(root: str | Path) -> Manifest:
             class_counts={k: tuple(int(n) for n in v) for k, v in doc["class_counts"].items()}
             if "class_counts" in doc
             else None,
+            meta={k: int(n) for k, n in doc.get("meta", {}).items()},
         )
     except FileNotFoundError:
         raise UserError(f"{path}: not found: make shards with `python -m toolkit.shard`") from None

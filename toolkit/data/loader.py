@@ -15,11 +15,20 @@ functions are in `toolkit/data/plan.py`):
    "k batches of epoch e consumed" tells each worker how many of its batches to skip on resume.
 Crops and augmentation draw from a generator seeded by (seed, epoch, sample position), so they do
 not depend on the worker count or on resuming.
+
+A batch is a dict: `key` (the sample keys), `valid` (bool [N]: False for a repeat that evaluation
+must not count), and the tensors the task asks for: `hr` and `lr` ([N, C, H, W] float32, in the
+model's values), `label` (int64 [N]); with `lr`, `psf` (float32 [N, 2]: the HR and LR PSF's
+Gaussian sigma in HR pixels, from the sample's metadata, NaN where unknown: see `psf_sigmas`);
+under a per-image normalisation, `norm` (float32 [N, 2, C, 1, 1]: each sample's statistics,
+`norm[i]` what `Normalisation.invert(y[i], norm[i])` takes back to the data's units).
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import math
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -52,6 +61,39 @@ from toolkit.data.sources import decode
 from toolkit.data.subset import restrict
 
 logger = logging.getLogger(__name__)
+
+# A Gaussian's FWHM over its sigma: 2 sqrt(2 ln 2).
+FWHM_PER_SIGMA = 2 * math.sqrt(2 * math.log(2))
+_SCALE_TOLERANCE = 1e-6  # relative, between lr_pixel / hr_pixel and the run's scale
+
+
+def psf_sigmas(meta: bytes | None, scale: int) -> torch.Tensor:
+    """A sample's PSFs from its metadata (the `.json` member: `toolkit.simulate`'s
+    meta/<key>.json), as float32 [2]: the Gaussian sigma of the HR and of the LR PSF, both in HR
+    pixels (fwhm / FWHM_PER_SIGMA / hr_pixel). NaN, NaN (unknown) unless the metadata says
+    `"psf": "gaussian"` and gives `hr_psf_fwhm`, `lr_psf_fwhm`, `hr_pixel` and `lr_pixel` as
+    positive numbers with lr_pixel / hr_pixel the run's `scale` (within 1e-6, relative)."""
+    unknown = torch.full((2,), math.nan, dtype=torch.float32)
+    if meta is None:
+        return unknown
+    try:
+        doc = json.loads(meta)
+    except ValueError:  # checked when sharded: only a damaged shard gets here
+        return unknown
+    names = ("hr_psf_fwhm", "lr_psf_fwhm", "hr_pixel", "lr_pixel")
+    if not isinstance(doc, dict) or doc.get("psf") != "gaussian":
+        return unknown
+    values = [doc.get(n) for n in names]
+    if not all(
+        isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) and v > 0
+        for v in values
+    ):
+        return unknown
+    hr_fwhm, lr_fwhm, hr_pixel, lr_pixel = (float(v) for v in values)
+    if abs(lr_pixel / hr_pixel - scale) > _SCALE_TOLERANCE * scale:
+        return unknown
+    per = FWHM_PER_SIGMA * hr_pixel
+    return torch.tensor([hr_fwhm / per, lr_fwhm / per], dtype=torch.float32)
 
 
 # --- the dataset each worker iterates ------------------------------------------------------------
@@ -213,7 +255,8 @@ class ShardStream(IterableDataset):
 
     def make_item(self, sample: dict[str, Any], pos: int) -> dict[str, Any]:
         """Decode, crop (LR at the HR crop's coordinates / scale), degrade and normalise one raw
-        sample."""
+        sample; with `lr`, its PSFs (`psf`), and its normalisation's statistics (`norm`) where
+        they are per image."""
         full = torch.from_numpy(decode(*member(sample, "hr"), self.manifest.fits_hdu))
         rng = _LazyRng((self.seed, self.epoch, pos, 0xC0))
         s, c = self.scale, self.crop
@@ -263,6 +306,10 @@ class ShardStream(IterableDataset):
         for name in ("hr", "lr"):
             if name in item:
                 item[name] = item[name].contiguous()
+        if "lr" in item:  # circular Gaussians: crops, rotations and flips leave them as they are
+            item["psf"] = psf_sigmas(sample.get("json"), s)
+        if stats is not None:  # [2, C, 1, 1]: what `self.norm.invert` takes back to data units
+            item["norm"] = stats
         return item
 
     def _fallback(self, pos: int) -> dict[str, Any]:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import logging
 import math
 import multiprocessing as mp
@@ -41,7 +42,15 @@ from toolkit.data.format import (
     manifest_doc,
 )
 from toolkit.data.normalise import parse as parse_normalisation
-from toolkit.data.sources import Item, Source, decode, list_source, npy_range, probe
+from toolkit.data.sources import (
+    Item,
+    Source,
+    _one_line,
+    decode,
+    list_source,
+    npy_range,
+    probe,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -227,8 +236,25 @@ def _values(
     return data, ext, (c, h, w), count, float(a.min()), float(a.max())
 
 
+def _reject_constant(name: str) -> None:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _meta(data: bytes) -> bytes:
+    """A sample's metadata file as stored (its own bytes); ValueError unless it is a JSON
+    object (NaN and Infinity, which JSON lacks, included)."""
+    try:
+        doc = json.loads(data, parse_constant=_reject_constant)
+    except (ValueError, RecursionError) as err:  # JSONDecodeError and UnicodeDecodeError too
+        raise ValueError(f"not readable JSON: {_one_line(err)}") from err
+    if not isinstance(doc, dict):
+        raise ValueError(f"a JSON {type(doc).__name__}, not an object ({{...}})")
+    return data
+
+
 def _members(job: ShardJob, item: Item, result: ShardResult) -> list[tuple[str, bytes]] | None:
-    """The tar members of one sample, or None (recorded in result.skipped) if a file is bad."""
+    """The tar members of one sample, or None (recorded in result.skipped) if a file is bad:
+    an image, or its metadata (meta/<key>.json, stored as `<key>.json`, webdataset's member)."""
     members, shapes, values, ok = [], [], [], True
     for side, path in (("hr", item.hr), ("lr", item.lr)):
         if path is None:
@@ -246,6 +272,12 @@ def _members(job: ShardJob, item: Item, result: ShardResult) -> list[tuple[str, 
         members.append((f"{item.key}.{side}.{ext.lstrip('.')}", data))
         shapes.append(shape)
         values.append((path.relative_to(job.root).as_posix(), filled, low, high))
+    if item.meta is not None and (ok or not job.strict):  # every bad file listed, but --strict
+        try:
+            members.append((f"{item.key}.json", _meta(_read(item.meta))))
+        except ValueError as err:
+            result.skipped.append((item.meta.relative_to(job.root).as_posix(), str(err)))
+            ok = False
     if not ok:
         return None
     if len(shapes) == 2:  # a pair: its LR must be its HR reduced by one whole factor
@@ -259,6 +291,7 @@ def _members(job: ShardJob, item: Item, result: ShardResult) -> list[tuple[str, 
         label = job.classes.index(class_of(item.key))
         members.append((f"{item.key}.cls", str(label).encode()))
         result.class_counts[label] = result.class_counts.get(label, 0) + 1
+    result.meta += item.meta is not None
     for rel, filled, low, high in values:
         result.low, result.high = min(result.low, low), max(result.high, high)
         if filled:
@@ -278,7 +311,7 @@ def write_shard(job: ShardJob, report: Callable[[int], None]) -> ShardResult:
         with open(tmp, "wb") as f, TarWriter(f) as tar:
             for item in job.items:
                 members = _members(job, item, result)
-                report(1 if item.lr is None else 2)
+                report(item.files)
                 if members is None:
                     if job.strict:
                         break
@@ -366,7 +399,7 @@ def _run_pool(jobs: list[ShardJob], workers: int, bar: tqdm, done: list[ShardRes
 
 def run_jobs(jobs: list[ShardJob], workers: int, done: list[ShardResult]) -> None:
     """Write every shard (in-process for one worker); results are appended to done as they come."""
-    total = sum(1 if it.lr is None else 2 for job in jobs for it in job.items)
+    total = sum(it.files for job in jobs for it in job.items)
     bar = tqdm(
         total=total, unit="file", desc="shard", file=sys.stderr, disable=not sys.stderr.isatty()
     )

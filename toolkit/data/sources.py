@@ -1,4 +1,5 @@
-"""Source data on disk: list folders of images/.npy (HR only, or paired hr/ lr/); probe, decode."""
+"""Source data on disk: list folders of images/.npy (HR only, or paired hr/ lr/, with optional
+meta/ JSON per pair); probe, decode."""
 
 from __future__ import annotations
 
@@ -19,6 +20,8 @@ from toolkit.data.fits import FITS_EXTS, decode_fits, probe_fits
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
 ARRAY_EXTS = (".npy",)
 EXTS = IMAGE_EXTS + ARRAY_EXTS + FITS_EXTS
+META = "meta"  # a paired source's folder of per-sample metadata: meta/<key>.json
+META_EXTS = (".json",)
 
 # PIL modes that decode to one channel; every other mode is converted to RGB.
 _GREY_MODES = {"1", "L", "LA", "La", "I", "F", "I;16", "I;16L", "I;16B", "I;16N"}
@@ -34,11 +37,17 @@ class Item:
     key: str
     hr: Path
     lr: Path | None
+    meta: Path | None = None  # paired: meta/<key>.json, where the source has one
+
+    @property
+    def files(self) -> int:
+        return 1 + (self.lr is not None) + (self.meta is not None)
 
 
 @dataclass(frozen=True)
 class Source:
-    """A listed source folder: "paired" (hr/ + lr/) or "hr" (HR only), items sorted by key."""
+    """A listed source folder: "paired" (hr/ + lr/, meta/ optional) or "hr" (HR only), items
+    sorted by key."""
 
     kind: str
     root: Path
@@ -289,8 +298,9 @@ def _unlistable(err: OSError) -> None:
     raise UserError(f"{err.filename}: cannot list this folder: {err.strerror or err}")
 
 
-def walk_files(root: Path) -> Iterator[tuple[str, Path]]:
-    """(posix path relative to root, file) for the usable files under root, recursively.
+def walk_files(root: Path, exts: tuple[str, ...] = EXTS) -> Iterator[tuple[str, Path]]:
+    """(posix path relative to root, file) for the usable files under root (those of `exts`:
+    images and arrays by default), recursively.
 
     Hidden files and folders are left out. Linked folders are followed (data sets are often
     put together from links), each real folder once, so that a link loop ends. Strings, not
@@ -307,7 +317,7 @@ def walk_files(root: Path) -> Iterator[tuple[str, Path]]:
         rel = os.path.relpath(dirpath, root)
         prefix = "" if rel == "." else rel.replace(os.sep, "/") + "/"
         for name in sorted(filenames):
-            if not name.startswith(".") and os.path.splitext(name)[1].lower() in EXTS:
+            if not name.startswith(".") and os.path.splitext(name)[1].lower() in exts:
                 yield prefix + name, Path(dirpath, name)
 
 
@@ -319,11 +329,12 @@ def key_of(rel: str) -> str:
     return os.path.splitext(rel)[0].replace(".", "_")
 
 
-def _keyed(root: Path, label: str) -> dict[str, Path]:
-    """key -> file for the usable files under root; two files with one key are an error."""
+def _keyed(root: Path, label: str, exts: tuple[str, ...] = EXTS) -> dict[str, Path]:
+    """key -> file for the usable files (of `exts`) under root; two files with one key are an
+    error."""
     out: dict[str, Path] = {}
     rels: dict[str, str] = {}
-    for rel, path in walk_files(root):
+    for rel, path in walk_files(root, exts):
         key = key_of(rel)
         if key in out:
             raise UserError(
@@ -341,7 +352,8 @@ def _missing(keys: list[str], files: dict[str, Path], other: str) -> UserError:
 
 def list_source(src: Path, out: Path | None = None) -> Source:
     """List SRC: a folder of images/arrays ("hr") or one with hr/ and lr/ paired by name (and
-    nothing else but `out`, the shards' folder, if it lies there)."""
+    nothing else but meta/, each pair's metadata as meta/<key>.json where it has any, and `out`,
+    the shards' folder, if it lies there)."""
     src = Path(src)
     if not src.exists():
         raise UserError(f"{src}: source folder not found")
@@ -357,13 +369,14 @@ def list_source(src: Path, out: Path | None = None) -> Source:
     # Images or folders beside hr/ and lr/ would be left out without a word (notes are not).
     others = sorted(
         p.name for p in src.iterdir()
-        if p.name not in ("hr", "lr") and not p.name.startswith(".")
+        if p.name not in ("hr", "lr", META) and not p.name.startswith(".")
         and (out is None or (p.resolve() != out and p.resolve() not in out.parents))
         and (p.is_dir() or p.suffix.lower() in EXTS)
     )  # fmt: skip
     if others:  # they would be left out without a word
         raise UserError(f"{src}: holds hr/ and lr/ (pairs) and also {', '.join(others[:3])}: "
-                        "give the pairs a folder of their own")  # fmt: skip
+                        "give the pairs a folder of their own (beside them only meta/, of "
+                        "<key>.json per pair)")  # fmt: skip
     hr = _keyed(src / "hr", "hr/") if (src / "hr").is_dir() else {}
     lr = _keyed(src / "lr", "lr/")
     if not hr and not lr:
@@ -374,4 +387,10 @@ def list_source(src: Path, out: Path | None = None) -> Source:
     lonely = sorted(hr.keys() - lr.keys())
     if lonely:
         raise _missing(lonely, hr, "lr")
-    return Source("paired", src, [Item(k, hr[k], lr[k]) for k in sorted(hr)])
+    meta = _keyed(src / META, f"{META}/", META_EXTS) if (src / META).is_dir() else {}
+    strays = sorted(meta.keys() - hr.keys())
+    if strays:
+        more = f" (and {len(strays) - 1} more without one)" if len(strays) > 1 else ""
+        k = strays[0]
+        raise UserError(f"{meta[k]} describes no pair: no hr/{k}.* and lr/{k}.*{more}")
+    return Source("paired", src, [Item(k, hr[k], lr[k], meta.get(k)) for k in sorted(hr)])

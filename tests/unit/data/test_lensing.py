@@ -1,7 +1,9 @@
-"""Tests of the lensing generator: files, determinism, independent LR/HR, calibration, CLI."""
+"""Tests of the lensing generator: files, metadata, determinism, independent LR/HR, calibration,
+CLI."""
 
 from __future__ import annotations
 
+import json
 import sys
 
 import numpy as np
@@ -49,13 +51,49 @@ def test_generate_writes_pairs_of_the_right_shape(lenstronomy, tmp_path):
     np.testing.assert_array_equal(np.load(tmp_path / "out" / "lr" / "000002.npy"), lr)
 
 
+def test_meta_records_the_degradation_the_system_was_drawn_with(lenstronomy, tmp_path):
+    out = tmp_path / "out"
+    write.generate(out, 3, seed=5)
+    assert sorted(p.name for p in (out / "meta").iterdir()) == [f"{i:06d}.json" for i in range(3)]
+    fwhms = []
+    for index in range(3):
+        # What the Generator of (seed, index) draws first: the system, its PSF and noise.
+        _, fwhm, _, rms = lensing._draw_system(np.random.default_rng([5, index]))
+        meta = json.loads((out / "meta" / f"{index:06d}.json").read_text())
+        assert meta == {
+            "hr_pixel": 0.03,
+            "lr_pixel": 0.06,
+            "psf": "gaussian",
+            "hr_psf_fwhm": fwhm,
+            "lr_psf_fwhm": 2 * fwhm,
+            "noise_rms": rms,
+            "sky": 0.03,
+        }
+        assert tuple(meta) == lensing.META_KEYS
+        assert lensing.PSF_FWHM[0] <= fwhm <= lensing.PSF_FWHM[1]
+        fwhms.append(fwhm)
+        # simulate_system gives the same record with the pair the files hold.
+        lr, hr, again = lensing.simulate_system(np.random.default_rng([5, index]))
+        assert again == meta
+        np.testing.assert_array_equal(np.load(out / "hr" / f"{index:06d}.npy"), hr)
+        np.testing.assert_array_equal(np.load(out / "lr" / f"{index:06d}.npy"), lr)
+    assert len(set(fwhms)) == 3  # drawn per system
+    # The noiseless pair of a system says so; its PSFs are the same.
+    _, _, clean = lensing.simulate_system(np.random.default_rng([5, 0]), noise=False)
+    assert clean["noise_rms"] == 0.0 and clean["hr_psf_fwhm"] == fwhms[0]
+
+
 def test_same_output_whatever_the_workers(lenstronomy, tmp_path):
     write.generate(tmp_path / "one", 4, seed=3, workers=1)
     write.generate(tmp_path / "two", 4, seed=3, workers=2)
-    names = sorted(p.relative_to(tmp_path / "one") for p in (tmp_path / "one").rglob("*.npy"))
-    assert len(names) == 8
+    names = sorted(
+        p.relative_to(tmp_path / "one")
+        for p in (tmp_path / "one").rglob("*")
+        if p.suffix in (".npy", ".json")
+    )
+    assert len(names) == 12
     other = sorted(p.relative_to(tmp_path / "two") for p in (tmp_path / "two").rglob("*"))
-    assert [n for n in other if n.suffix == ".npy"] == names
+    assert [n for n in other if n.suffix in (".npy", ".json")] == names
     for name in names:
         assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "two" / name).read_bytes()
     assert not list((tmp_path / "two").rglob(".*.tmp-*"))  # no temporaries left behind

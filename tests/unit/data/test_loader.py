@@ -1,21 +1,25 @@
-"""The streaming loader: rank x worker splits, equal batches, exact resume, crops, bad shards."""
+"""The streaming loader: rank x worker splits, equal batches, exact resume, crops, bad shards,
+each sample's PSFs and normalisation statistics."""
 
 from __future__ import annotations
 
 import collections
 import json
 import logging
+import math
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from tests import helpers
 from tests.helpers import make_shards
 from toolkit.core.errors import UserError
 from toolkit.data import loader as L
 from toolkit.data import plan as P
 from toolkit.data.degrade import degrade
+from toolkit.data.normalise import Normalisation
 from toolkit.data.sharding import shard
 from toolkit.runs.recipe import DataConfig
 
@@ -362,3 +366,114 @@ def test_the_random_crops_alone_change_with_the_epoch(one_shard: Path) -> None:
     moved = [not torch.equal(x, y) for x, y in zip(hr_a, hr_b, strict=True)]
     assert sum(moved) > len(moved) // 2  # 9 corners to choose from: most crops move
     assert one_epoch(c, 1, crop=8)[0]["hr"].equal(one_epoch(c, 0, crop=8)[0]["hr"])  # whole: same
+
+
+# --- each sample's PSFs (meta/<key>.json) and normalisation statistics ---------------------------
+
+
+def pairs_with_psfs(root: Path, count: int) -> Path:
+    """helpers.make_pairs (32x32 HR, x2) with meta/<key>.json as the simulator writes it for
+    samples 0, 4, 8, ...; none for 1, 5, ...; a x3 pair's pixel scales for 2, 6, ...; for 3, 7,
+    ...: a Moffat PSF, or no LR FWHM."""
+    helpers.make_pairs(root, count, size=32, scale=2)
+    (root / "meta").mkdir()
+    rng = np.random.default_rng(3)
+    for i in range(count):
+        fwhm = float(rng.uniform(0.1, 0.16))
+        doc = {"hr_pixel": 0.03, "lr_pixel": 0.06, "psf": "gaussian", "hr_psf_fwhm": fwhm,
+               "lr_psf_fwhm": 2 * fwhm, "noise_rms": 0.005, "sky": 0.03}  # fmt: skip
+        if i % 4 == 1:
+            continue
+        if i % 4 == 2:
+            doc["lr_pixel"] = 0.09
+        if i % 4 == 3:
+            doc.pop("lr_psf_fwhm") if i % 8 == 3 else doc.update(psf="moffat")
+        (root / "meta" / f"{i:04d}.json").write_text(json.dumps(doc))
+    return root
+
+
+def expected_psf(meta: Path) -> list[float]:
+    """The Gaussian sigmas of a sample's HR and LR PSFs in HR pixels, from its JSON, where it
+    describes a Gaussian PSF at this run's scale (2); NaN otherwise."""
+    if not meta.exists():
+        return [math.nan, math.nan]
+    doc = json.loads(meta.read_text())
+    if doc["psf"] != "gaussian" or "lr_psf_fwhm" not in doc or doc["lr_pixel"] != 0.06:
+        return [math.nan, math.nan]
+    sigma = 2 * math.sqrt(2 * math.log(2))  # FWHM / sigma of a Gaussian
+    return [
+        doc["hr_psf_fwhm"] / sigma / doc["hr_pixel"],
+        doc["lr_psf_fwhm"] / sigma / doc["hr_pixel"],
+    ]
+
+
+@pytest.fixture(scope="module")
+def psf_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("psf")
+    return make_shards(root, 24, images=pairs_with_psfs, val_fraction=0.4, shard_size=5)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_each_samples_psf_comes_from_its_json(psf_shards: Path, workers: int) -> None:
+    meta = psf_shards.parent / "src" / "meta"
+    seen = []
+    # Training (random crops, rotations and flips) and validation alike.
+    train = L.build_loader(cfg(psf_shards, augment=True, num_workers=workers), "train", crop=16,
+                           seed=1)  # fmt: skip
+    val = L.build_loader(cfg(psf_shards, num_workers=workers), "val", crop=16, seed=1)
+    for batch in [*train, *val]:
+        psf = batch["psf"]
+        assert psf.dtype == torch.float32 and psf.shape == (len(batch["key"]), 2)
+        expected = torch.tensor([expected_psf(meta / f"{k}.json") for k in batch["key"]])
+        torch.testing.assert_close(psf, expected.float(), equal_nan=True)
+        seen += batch["key"]
+    assert sorted(seen) == [f"{i:04d}" for i in range(24)]
+    # The data hold both: known PSFs (sigmas of 1.4 to 2.3 HR pixels in HR) and unknown ones.
+    known = [k for k in seen if not math.isnan(expected_psf(meta / f"{k}.json")[0])]
+    assert 0 < len(known) < len(seen)
+    assert all(1.4 < expected_psf(meta / f"{k}.json")[0] < 2.3 for k in known)
+
+
+def test_psf_sigmas_by_hand_and_what_leaves_them_unknown() -> None:
+    doc = {"psf": "gaussian", "hr_pixel": 0.5, "lr_pixel": 1.5, "hr_psf_fwhm": 2.3548200450309493,
+           "lr_psf_fwhm": 4.709640090061899}  # fmt: skip
+    torch.testing.assert_close(L.psf_sigmas(json.dumps(doc).encode(), 3), torch.tensor([2.0, 4.0]))
+    for bad in (None, b"{oops", b"[]", json.dumps({**doc, "hr_pixel": 0}).encode(),
+                json.dumps({**doc, "hr_psf_fwhm": "wide"}).encode()):  # fmt: skip
+        assert L.psf_sigmas(bad, 3).isnan().all()
+    assert L.psf_sigmas(json.dumps(doc).encode(), 2).isnan().all()  # lr_pixel / hr_pixel is 3
+
+
+def test_no_psf_without_lr(psf_shards: Path) -> None:
+    batch = next(iter(L.build_loader(cfg(psf_shards), "train", crop=16, seed=0, fields=("hr",))))
+    assert "psf" not in batch and "lr" not in batch
+
+
+def test_per_image_statistics_come_with_the_batch_and_invert_it(psf_shards: Path) -> None:
+    src = psf_shards.parent / "src"
+    norm = Normalisation("percentile", (0.5, 99.5))
+    count = 0
+    for batch in L.build_loader(cfg(psf_shards, normalise="percentile"), "val", crop=16, seed=0):
+        stats = batch["norm"]
+        n = len(batch["key"])
+        assert stats.dtype == torch.float32 and stats.shape == (n, 2, 1, 1, 1)
+        for i, key in enumerate(batch["key"]):
+            hr, lr = np.load(src / "hr" / f"{key}.npy"), np.load(src / "lr" / f"{key}.npy")
+            # Fitted on the whole LR image (the model's input); the val crop is the centre one:
+            # HR 16x16 from (8, 8), LR 8x8 from (4, 4).
+            low, high = np.percentile(lr.astype(np.float64), [0.5, 99.5])
+            torch.testing.assert_close(stats[i].flatten(), torch.tensor([low, high]).float())
+            for name, crop in (("hr", hr[8:24, 8:24]), ("lr", lr[4:12, 4:12])):
+                back = norm.invert(batch[name][i], stats[i])  # clipped at the percentiles
+                torch.testing.assert_close(
+                    back[0], torch.from_numpy(crop.clip(low, high).astype(np.float32))
+                )
+            count += 1
+        # A whole batch at once: the statistics' axis first, as `fit` makes them for a batch.
+        torch.testing.assert_close(
+            norm.invert(batch["hr"], stats.movedim(1, 0)),
+            torch.stack([norm.invert(batch["hr"][i], stats[i]) for i in range(n)]),
+        )
+    assert count == json.loads((psf_shards / "manifest.json").read_text())["splits"]["val"]["count"]
+    unit = next(iter(L.build_loader(cfg(psf_shards, normalise="unit"), "val", crop=16, seed=0)))
+    assert "norm" not in unit and set(unit) == {"key", "hr", "lr", "psf", "valid"}

@@ -1,4 +1,5 @@
-"""toolkit.data.sharding.shard: tar contents, manifest, splits, workers, bad input, overwrite."""
+"""toolkit.data.sharding.shard: tar contents, manifest, splits, workers, bad input, overwrite,
+per-sample metadata."""
 
 from __future__ import annotations
 
@@ -12,8 +13,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from tests import helpers
 from toolkit.core.errors import UserError
-from toolkit.data.format import FORMAT, tar_header
+from toolkit.data.format import FORMAT, SPLITS, read_manifest, tar_header
 from toolkit.data.sharding import shard, split_of
 
 RNG = np.random.default_rng(0)
@@ -306,6 +308,106 @@ def test_webdataset_reads_the_shards_as_samples(tmp_path: Path) -> None:
     for sample in samples:
         assert sample["hr.npy"] == (src / "hr" / f"{sample['__key__']}.npy").read_bytes()
         assert sample["lr.npy"] == (src / "lr" / f"{sample['__key__']}.npy").read_bytes()
+
+
+# ---------------------------------------------------------------- per-sample metadata
+
+
+def pairs_with_meta(root: Path, count: int) -> Path:
+    """helpers.make_pairs (keys 0000, 0001, ...) and meta/<key>.json for the samples whose index
+    is not a multiple of 3."""
+    helpers.make_pairs(root, count, size=8)
+    (root / "meta").mkdir()
+    for i in range(count):
+        if i % 3:
+            doc = {"psf": "gaussian", "hr_psf_fwhm": 0.1 + i / 100, "note": f"sample {i}"}
+            (root / "meta" / f"{i:04d}.json").write_text(json.dumps(doc, indent=1))
+    return root
+
+
+def test_meta_is_stored_as_each_samples_json_member_and_counted(tmp_path: Path) -> None:
+    out = helpers.make_shards(tmp_path, 12, images=pairs_with_meta, val_fraction=0.3, shard_size=5)
+    src = tmp_path / "src"
+    manifest = json.loads((out / "manifest.json").read_text())
+    members: dict[str, list[str]] = {}
+    for split in SPLITS:
+        stored = 0
+        for s in manifest["splits"][split]["shards"]:
+            for name, data in read_tar(out / s["name"]):
+                key, _, ext = name.partition(".")
+                members.setdefault(key, []).append(ext)
+                if ext == "json":  # the file's own bytes, under webdataset's name
+                    assert data == (src / "meta" / f"{key}.json").read_bytes()
+                    stored += 1
+        assert manifest["meta"][split] == stored
+        assert manifest["splits"][split]["count"] > 0
+    assert sum(manifest["meta"].values()) == 8 and manifest["skipped"] == []
+    # Every sample, its members together: the images, then its metadata where it has any.
+    assert sorted(members) == [f"{i:04d}" for i in range(12)]
+    for key, exts in members.items():
+        assert exts == ["hr.npy", "lr.npy"] + (["json"] if int(key) % 3 else [])
+    assert read_manifest(out).meta == manifest["meta"]
+
+
+def test_a_manifest_from_before_meta_reads_as_none(tmp_path: Path) -> None:
+    out = helpers.make_shards(tmp_path, 4, val_fraction=0.0)
+    doc = json.loads((out / "manifest.json").read_text())
+    assert doc["meta"] == {"train": 0, "val": 0}  # pairs without meta/
+    del doc["meta"]
+    (out / "manifest.json").write_text(json.dumps(doc))
+    assert read_manifest(out).meta == {} and read_manifest(out).count("train") == 4
+
+
+def test_webdataset_reads_the_meta_member_as_the_samples_json(tmp_path: Path) -> None:
+    wds = pytest.importorskip("webdataset")
+    out = helpers.make_shards(tmp_path, 6, images=pairs_with_meta, val_fraction=0.0)
+    urls = [str(s.path) for s in read_manifest(out).splits["train"]]
+    samples = list(wds.WebDataset(urls, shardshuffle=False, empty_check=False).decode())
+    assert len(samples) == 6
+    for sample in samples:
+        i = int(sample["__key__"])
+        assert ("json" in sample) == bool(i % 3)
+        if i % 3:
+            assert sample["json"]["note"] == f"sample {i}"
+
+
+@pytest.mark.parametrize(
+    ("data", "reason"),
+    [
+        (b'{"psf": "gaussian",', "not readable JSON: Expecting"),
+        (b"[0.1, 0.2]", "a JSON list, not an object"),
+        (b'{"hr_psf_fwhm": NaN}', "not readable JSON: NaN is not JSON"),
+        (b'"gaussian"', "a JSON str, not an object"),
+        (b'{"a": "\x80"}', "not readable JSON: 'utf-8' codec can't decode"),
+    ],
+)
+def test_a_bad_meta_file_skips_its_sample_with_the_reason(
+    tmp_path: Path, data: bytes, reason: str
+) -> None:
+    src = pairs_with_meta(tmp_path / "src", 9)
+    (src / "meta" / "0004.json").write_bytes(data)
+    manifest = shard(src, tmp_path / "out", val_fraction=0.0, shard_size=4)
+    [skipped] = manifest["skipped"]
+    assert skipped["path"] == "meta/0004.json" and skipped["reason"].startswith(reason), skipped
+    keys = [name.split(".")[0] for s in manifest["splits"]["train"]["shards"]
+            for name, _ in read_tar(tmp_path / "out" / s["name"])]  # fmt: skip
+    assert "0004" not in keys and len(set(keys)) == manifest["splits"]["train"]["count"] == 8
+    assert manifest["meta"] == {"train": 5, "val": 0}  # 1, 2, 5, 7, 8: 4 went with its sample
+    # --strict: one error naming the file, nothing written; as for a corrupt image.
+    for workers in (1, 2):
+        with pytest.raises(UserError, match=r"meta/0004\.json: .*\(--strict: nothing was written"):
+            shard(src, tmp_path / "strict", strict=True, val_fraction=0.0, shard_size=4,
+                  workers=workers)  # fmt: skip
+        assert not (tmp_path / "strict").exists()
+
+
+def test_a_bad_meta_is_listed_beside_a_bad_image_of_its_sample(tmp_path: Path) -> None:
+    src = pairs_with_meta(tmp_path / "src", 6)
+    (src / "meta" / "0002.json").write_text("nope")
+    (src / "lr" / "0002.npy").write_bytes(b"nope")
+    manifest = shard(src, tmp_path / "out", val_fraction=0.0)
+    assert [e["path"] for e in manifest["skipped"]] == ["lr/0002.npy", "meta/0002.json"]
+    assert manifest["splits"]["train"]["count"] == 5 and manifest["meta"]["train"] == 3
 
 
 # ---------------------------------------------------------------- labelled sources

@@ -299,6 +299,45 @@ def test_list_hr_without_lr_names_the_file(tmp_path: Path) -> None:
         list_source(tmp_path)
 
 
+def test_list_paired_with_meta_beside_takes_each_pairs_json(tmp_path: Path) -> None:
+    for name in ("s1", "s2", "sub/s3"):
+        touch(tmp_path / "hr" / f"{name}.npy")
+        touch(tmp_path / "lr" / f"{name}.npy")
+    touch(tmp_path / "meta" / "s1.json", b"{}")
+    touch(tmp_path / "meta" / "sub" / "s3.json", b"{}")
+    touch(tmp_path / "meta" / "notes.txt")  # not metadata: left out, as in hr/ and lr/
+    src = list_source(tmp_path)  # meta/ is no stray folder beside the pairs
+    assert src.kind == "paired" and [i.key for i in src.items] == ["s1", "s2", "sub/s3"]
+    # Optional per sample: s2 has none.
+    assert [i.meta for i in src.items] == [
+        tmp_path / "meta" / "s1.json",
+        None,
+        tmp_path / "meta" / "sub" / "s3.json",
+    ]
+    assert [i.files for i in src.items] == [3, 2, 3]
+
+
+def test_list_meta_without_a_pair_names_the_file(tmp_path: Path) -> None:
+    touch(tmp_path / "hr" / "a.npy")
+    touch(tmp_path / "lr" / "a.npy")
+    touch(tmp_path / "meta" / "a.json", b"{}")
+    touch(tmp_path / "meta" / "b.json", b"{}")
+    touch(tmp_path / "meta" / "c.json", b"{}")
+    with pytest.raises(UserError, match=r"meta/b\.json describes no pair: no hr/b\.\* and "
+                       r"lr/b\.\* \(and 1 more") as err:  # fmt: skip
+        list_source(tmp_path)
+    assert "\n" not in str(err.value)
+
+
+def test_list_other_folders_beside_pairs_are_still_refused(tmp_path: Path) -> None:
+    touch(tmp_path / "hr" / "a.npy")
+    touch(tmp_path / "lr" / "a.npy")
+    touch(tmp_path / "meta" / "a.json", b"{}")
+    touch(tmp_path / "extra" / "a.npy")
+    with pytest.raises(UserError, match=r"holds hr/ and lr/ \(pairs\) and also extra:"):
+        list_source(tmp_path)
+
+
 def test_list_errors_for_missing_file_and_empty_sources(tmp_path: Path) -> None:
     with pytest.raises(UserError, match="not found"):
         list_source(tmp_path / "nope")

@@ -5,9 +5,17 @@ Usage::
     python -m toolkit.simulate OUT --count N [--seed S] [--workers W] [--overwrite]
 
 writes ``OUT/hr/<key>.npy`` (150x150) and ``OUT/lr/<key>.npy`` (75x75), float32 in [0, 1],
-keys ``000000`` ... Each system is an SIE lens with external shear, an elliptical Sersic
-source and elliptical Sersic lens light, all drawn at random per system from a Generator
-seeded with ``(seed, index)``, so the output is the same whatever the number of workers.
+keys ``000000`` ..., and ``OUT/meta/<key>.json``, the pair's degradation as drawn (angles in
+arcsec)::
+
+    {"hr_pixel": 0.03, "lr_pixel": 0.06, "psf": "gaussian", "hr_psf_fwhm": f,
+     "lr_psf_fwhm": 2f, "noise_rms": rms, "sky": 0.03}
+
+(``toolkit.shard`` stores it as the sample's ``.json`` member; the loader turns the PSF widths
+into the batch's ``psf``, so evaluation can degrade a super-resolved image as this pair was.)
+Each system is an SIE lens with external shear, an elliptical Sersic source and elliptical
+Sersic lens light, all drawn at random per system from a Generator seeded with
+``(seed, index)``, so the output is the same whatever the number of workers.
 
 HR: 150x150 pixels of 0.03 arcsec, Gaussian PSF of FWHM f. LR: the same system rendered
 again on 75x75 pixels of 0.06 arcsec with a PSF of FWHM 2f (the same instrument at half the
@@ -40,19 +48,22 @@ The knobs, from the strongest: PSF width, source size and Sersic index, the perc
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-from toolkit.core.atomic import save_npy
+from toolkit.core.atomic import save_npy, write_atomic
 
 logger = logging.getLogger(__name__)
 
 MISSING = "lenstronomy is not installed: pip install 'srmae-toolkit[lensing]'"
 
 HR_SIZE, LR_SIZE = 150, 75
-HR_PIXEL = 0.03  # arcsec; LR pixels are twice as wide
+HR_PIXEL = 0.03  # arcsec
+LR_PIXEL = 2 * HR_PIXEL  # LR pixels are twice as wide
 # The LR grid is evaluated on the same 0.03" sub-pixels as the HR one, so the two images
 # integrate the same light; twice these factors moved the bicubic PSNR by about 0.01 dB.
 HR_SUPERSAMPLING, LR_SUPERSAMPLING = 1, 2
@@ -76,6 +87,8 @@ PSF_FWHM = (0.1, 0.16)  # HR; the LR PSF is twice as wide
 NOISE_RMS = (0.004, 0.008)  # per pixel, after normalisation, same for HR and LR
 SCALE_PERCENTILE = 99.5
 SKY = 0.03
+# OUT/meta/<key>.json: what the pair was drawn with (`simulate_system`)
+META_KEYS = ("hr_pixel", "lr_pixel", "psf", "hr_psf_fwhm", "lr_psf_fwhm", "noise_rms", "sky")
 
 
 def require_lenstronomy() -> None:
@@ -150,8 +163,12 @@ def _draw_system(rng: np.random.Generator) -> tuple[dict, float, float, float]:
     return kwargs, u(*PSF_FWHM), u(*LIGHT_TO_SOURCE), u(*NOISE_RMS)
 
 
-def simulate_pair(rng: np.random.Generator, noise: bool = True) -> tuple[np.ndarray, np.ndarray]:
-    """One system as ``(lr, hr)``: float32 arrays of 75x75 and 150x150 in [0, 1].
+def simulate_system(
+    rng: np.random.Generator, noise: bool = True
+) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+    """One system as ``(lr, hr, meta)``: float32 arrays of 75x75 and 150x150 in [0, 1], and the
+    pair's forward model as ``OUT/meta/<key>.json`` holds it (`META_KEYS`; angles in arcsec,
+    ``noise_rms`` 0 for ``noise=False``).
 
     ``noise=False`` gives the noiseless pair of the same system for a Generator in the same
     state (the noise is drawn last).
@@ -165,20 +182,37 @@ def simulate_pair(rng: np.random.Generator, noise: bool = True) -> tuple[np.ndar
     kwargs["kwargs_source"][0]["amp"] = 1.0 / hr_source.max()
     kwargs["kwargs_lens_light"][0]["amp"] = light_to_source / hr_light.max()
     hr = hr_source / hr_source.max() + light_to_source * hr_light / hr_light.max()
-    lr = _render(LR_SIZE, 2 * HR_PIXEL, 2 * fwhm, LR_SUPERSAMPLING, kwargs)
+    lr = _render(LR_SIZE, LR_PIXEL, 2 * fwhm, LR_SUPERSAMPLING, kwargs)
 
     gain = (1 - 2 * SKY) / np.percentile(hr, SCALE_PERCENTILE)
     hr, lr = SKY + gain * hr, SKY + gain * lr
     if noise:  # independent draws: the two images are two observations
         hr = hr + rng.normal(0.0, rms, hr.shape)
         lr = lr + rng.normal(0.0, rms, lr.shape)
-    return np.clip(lr, 0, 1).astype(np.float32), np.clip(hr, 0, 1).astype(np.float32)
+    meta = {
+        "hr_pixel": HR_PIXEL,
+        "lr_pixel": LR_PIXEL,
+        "psf": "gaussian",
+        "hr_psf_fwhm": float(fwhm),
+        "lr_psf_fwhm": float(2 * fwhm),
+        "noise_rms": float(rms) if noise else 0.0,
+        "sky": SKY,
+    }
+    return np.clip(lr, 0, 1).astype(np.float32), np.clip(hr, 0, 1).astype(np.float32), meta
+
+
+def simulate_pair(rng: np.random.Generator, noise: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """One system as ``(lr, hr)``: `simulate_system` without its metadata."""
+    lr, hr, _ = simulate_system(rng, noise)
+    return lr, hr
 
 
 def write_range(out: Path, seed: int, start: int, stop: int) -> int:
+    """Pairs start..stop-1 into out/hr, out/lr and out/meta (the `write.generate` worker)."""
     for index in range(start, stop):
-        lr, hr = simulate_pair(np.random.default_rng([seed, index]))
+        lr, hr, meta = simulate_system(np.random.default_rng([seed, index]))
         key = f"{index:06d}"
         save_npy(out / "hr" / f"{key}.npy", hr)
         save_npy(out / "lr" / f"{key}.npy", lr)
+        write_atomic(out / "meta" / f"{key}.json", json.dumps(meta) + "\n")
     return stop - start

@@ -1,5 +1,6 @@
-"""Simulated samples written in parallel: LR/HR pairs (`lensing`) or labelled images
-(`substructure`), chunks of keys to a pool of processes; sample i depends only on (seed, i)."""
+"""Simulated samples written in parallel: LR/HR pairs with their metadata (`lensing`) or labelled
+images (`substructure`), chunks of keys to a pool of processes; sample i depends only on
+(seed, i)."""
 
 from __future__ import annotations
 
@@ -44,7 +45,8 @@ def generate(
     overwrite: bool = False,
     classes: bool = False,
 ) -> int:
-    """Write ``count`` pairs under ``out/hr`` and ``out/lr`` (``classes``: ``count`` labelled
+    """Write ``count`` pairs under ``out/hr`` and ``out/lr``, each with its degradation in
+    ``out/meta/<key>.json`` (see ``toolkit.data.sim.lensing``; ``classes``: ``count`` labelled
     images under ``out/<class>/``, see ``toolkit.data.sim.substructure``); return the number
     written.
 
@@ -53,7 +55,7 @@ def generate(
     """
     out = Path(out)
     check_args(out, count, seed, workers, overwrite)
-    for side in substructure.CLASSES if classes else ("hr", "lr"):
+    for side in substructure.CLASSES if classes else ("hr", "lr", "meta"):
         (out / side).mkdir(parents=True, exist_ok=True)
 
     # Chunks of contiguous indices: big enough to amortise the hand-off to a process, small
