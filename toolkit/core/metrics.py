@@ -12,7 +12,6 @@ reports; each entry says whether higher is better and how to print it. The image
 
 from __future__ import annotations
 
-import math
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -74,6 +73,14 @@ def one_vs_rest_auc(scores: Tensor, labels: Tensor) -> tuple[float | None, float
     return micro, (sum(known) / len(known) if known else None)
 
 
+# LR pixels at each edge left out of the consistency of the run's degradation: the reach of
+# the antialiased bicubic kernel (2 LR pixels), which saw padding there.
+FALLBACK_BORDER = 2
+# A saturated pixel's share of an LR pixel above which that pixel is not compared (a Gaussian
+# tail below it moves the LR value by less than float32 resolves).
+SATURATION_REACH = 1e-6
+
+
 class Truth:
     """What the metrics of one batch share whatever output they judge (the model's, or the
     reference's): the target, the model's input, each sample's own degradation, the maps to
@@ -89,6 +96,7 @@ class Truth:
         from_data: Callable[[Tensor], Tensor] | None = None,
         degrade: Callable[[Tensor], Tensor] | None = None,
         scale: int = 1,
+        saturated: Tensor | None = None,
     ) -> None:
         self.target = target.detach().double()
         self.input = None if input is None else input.detach().to(self.target.device).double()
@@ -96,6 +104,9 @@ class Truth:
         self.psf = psf
         self._to_data, self._from_data = to_data, from_data
         self.degrade, self.scale = degrade, scale
+        # [N, C, H, W] bool: target pixels clipped at the top of a bounded range (a saturated
+        # core), whose true light is unknown; None where nothing is clipped
+        self.saturated = saturated
 
     def to_data(self, x: Tensor) -> Tensor:
         """Normalised values -> the data's own units (each sample with its own statistics)."""
@@ -112,6 +123,53 @@ class Truth:
     def signal(self) -> Tensor:
         """Where the target stands above its sigma-clipped background (the arcs, the lens)."""
         return physics.signal_mask(self.data_target)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """HR-grid images [N, C, H, W] in data units -> the LR grid, each sample by its own
+        PSFs and pixels where known (`physical`), by the run's degradation otherwise."""
+        assert self.input is not None and self.degrade is not None
+        known = self.physical.to(x.device)
+        out = x.new_empty((len(x), *self.input.shape[1:]))
+        if known.any():
+            hr_sigma, lr_sigma = self.sigmas
+            out[known] = physics.redegrade(x[known], hr_sigma, lr_sigma, self.scale)
+        if not known.all():
+            out[~known] = self.degrade(x[~known])
+        return out
+
+    @cached_property
+    def sigmas(self) -> tuple[Tensor, Tensor]:
+        """The HR and LR PSF sigmas (HR pixels) of the samples whose degradation is known."""
+        assert self.psf is not None
+        known = self.physical
+        psf = self.psf.reshape(len(known), -1)[known].to(self.target.device, torch.float64)
+        return psf[:, 0], psf[:, 1]
+
+    @cached_property
+    def comparable(self) -> Tensor:
+        """[N, C, h, w] bool, the LR pixels the forward-model consistency compares: not within
+        the blur's reach of the image's edge (it saw padding there), nor of a saturated target
+        pixel; the interior alone where that would leave nothing."""
+        assert self.input is not None
+        n, _, h, w = self.input.shape
+        borders = torch.full((n,), FALLBACK_BORDER, dtype=torch.long)
+        known = self.physical
+        if known.any():
+            hr_sigma, lr_sigma = self.sigmas
+            extra = (lr_sigma.square() - hr_sigma.square()).clamp_min(0).sqrt().cpu()
+            radius = (physics.BLUR_TRUNCATE * extra + 0.5).floor()
+            borders[known] = torch.ceil(radius / self.scale).long()
+        y = torch.arange(h).view(1, h, 1)
+        x = torch.arange(w).view(1, 1, w)
+        b = borders.view(n, 1, 1)
+        inner = ((y >= b) & (y < h - b) & (x >= b) & (x < w - b)).unsqueeze(1)
+        inner = inner.expand(self.input.shape).to(self.input.device)
+        if self.saturated is None:
+            return inner
+        reach = self.forward(self.saturated.double()).abs() > SATURATION_REACH
+        keep = inner & ~reach
+        empty = keep.flatten(1).sum(1) == 0
+        return torch.where(empty.view(n, 1, 1, 1), inner, keep)
 
     @cached_property
     def physical(self) -> Tensor:
@@ -147,31 +205,15 @@ class Seen:
     def lr_psnr(self) -> Tensor:
         """The output taken back to the input's grid, PSNR against the input: by the sample's
         own PSFs and pixels (blur to the LR PSF, average to the LR pixel) where known, by the
-        run's degradation otherwise; in the data's units, as the light was degraded."""
+        run's degradation otherwise; in the data's units, as the light was degraded. Left out:
+        the LR pixels whose blur reached past the image's edge, and those a saturated target
+        pixel reaches (clipped light, which no forward model can take back)."""
         t = self.truth
         if t.input is None or t.degrade is None:
             raise ValueError("the forward-model consistency needs the model's input and the "
                              "run's degradation")  # fmt: skip
-        known = t.physical.to(self.output.device)
-        lr_hat = torch.empty_like(t.input)
-        borders = [FALLBACK_BORDER] * len(known)
-        if known.any():
-            hr_sigma, lr_sigma = t.psf[known].to(lr_hat).reshape(-1, 2).unbind(1)  # type: ignore[index]
-            lr_hat[known] = physics.redegrade(self.data_output[known], hr_sigma, lr_sigma, t.scale)
-            extra = (lr_sigma.square() - hr_sigma.square()).clamp_min(0).sqrt()
-            for i, sigma in zip(known.nonzero()[:, 0].tolist(), extra.tolist(), strict=True):
-                # LR pixels whose blur reached past the image's edge (it saw padding there)
-                borders[i] = math.ceil(int(physics.BLUR_TRUNCATE * sigma + 0.5) / t.scale)
-        if not known.all():
-            lr_hat[~known] = t.degrade(self.data_output[~known])
-        lr_hat = t.from_data(lr_hat)  # each sample by its own statistics
-        return torch.cat([physics.consistency_psnr(lr_hat[i : i + 1], t.input[i : i + 1], border)
-                          for i, border in enumerate(borders)]).cpu()  # fmt: skip
-
-
-# LR pixels at each edge left out of the consistency of the run's degradation: the reach of
-# the antialiased bicubic kernel (2 LR pixels), which saw padding there.
-FALLBACK_BORDER = 2
+        lr_hat = t.from_data(t.forward(self.data_output))  # each sample by its own statistics
+        return physics.masked_psnr(lr_hat, t.input, t.comparable).cpu()
 
 
 @dataclass(frozen=True)

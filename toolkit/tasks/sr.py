@@ -96,6 +96,8 @@ class SRTask(Task):
             # in the data's units, where no [0, 1] bound holds: nothing clamped
             degrade=lambda x: degrade(x, self.scale, clamp=False),
             scale=self.scale,
+            # values at the top of a bounded range were clipped there: saturated light
+            saturated=(hr >= 1) if self.clamp else None,
         )  # fmt: skip
 
     @torch.no_grad()
