@@ -20,6 +20,7 @@ from PIL import Image
 from tests.helpers import (
     DEBUG_RECIPE,
     evaluate_json,
+    make_pairs,
     make_shards,
     one_error_line,
     run_cli,
@@ -57,6 +58,17 @@ def val_members(shards: Path) -> dict[str, dict[str, bytes]]:
     return samples
 
 
+def pairs_with_psfs(root: Path, count: int) -> None:
+    """make_pairs, and the PSFs of every other pair in meta/<key>.json (as the simulator
+    writes them): a validation split with both forward models."""
+    make_pairs(root, count)
+    (root / "meta").mkdir()
+    for i in range(0, count, 2):
+        meta = {"hr_pixel": 0.03, "lr_pixel": 0.06, "psf": "gaussian", "hr_psf_fwhm": 0.1,
+                "lr_psf_fwhm": 0.2}  # fmt: skip
+        (root / "meta" / f"{i:04d}.json").write_text(json.dumps(meta))
+
+
 def shape_of(doc: object) -> object:
     """A JSON document's keys at every depth (lists as their length), without the values."""
     if isinstance(doc, dict):
@@ -82,7 +94,7 @@ def bicubic_x2(lr: torch.Tensor) -> torch.Tensor:
 def grey(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path]:
     """(shards, pretrain run, finetune run): 1-channel pairs, a few steps of each stage."""
     root = tmp_path_factory.mktemp("evalrep")
-    make_shards(root, 40, val_fraction=0.25, shard_size=8)
+    make_shards(root, 40, images=pairs_with_psfs, val_fraction=0.25, shard_size=8)
     pre, fine = root / "pre", root / "fine"
     run_ok("toolkit.launch", str(DEBUG_RECIPE), "--local",
            *tiny(root / "shards", pre, "train.max_steps=4", task="mae"))  # fmt: skip
@@ -139,7 +151,10 @@ def test_evaluate_counts_every_sample_once_and_matches_on_two_processes(grey) ->
     for name in ("hr", "model", "bicubic"):  # the spectra: means over the same samples
         assert two["spectra"][name] == pytest.approx(one["spectra"][name], rel=1e-6, abs=1e-12)
     assert two["spectra"]["frequency"] == one["spectra"]["frequency"]
-    assert two["forward_model"] == one["forward_model"] == {"psf": 0, "run": one["count"]}
+    physical = sum(int(k) % 2 == 0 for k in samples)  # the pairs with their PSFs
+    assert 0 < physical < one["count"]
+    assert two["forward_model"] == one["forward_model"]
+    assert one["forward_model"] == {"psf": physical, "run": one["count"] - physical}
     assert two["count"] == one["count"]
     with np.load(fine / "eval.samples.npz", allow_pickle=False) as kept:  # 2 processes: by key
         assert kept["model.psnr"] == pytest.approx(one_proc, rel=1e-6)
