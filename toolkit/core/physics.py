@@ -7,9 +7,9 @@ metric table or of tasks:
   ``signal_mask``: the pixels above it (the lensed arcs and the lens), never empty.
 - ``masked_psnr``, ``masked_ssim``, ``flux_error``: the comparisons restricted to that signal,
   where a good score cannot be bought with an empty, easy sky.
-- ``gaussian_blur``, ``bin_mean``, ``redegrade``, ``consistency_psnr``: the forward model from
-  the HR grid back to the LR grid (a Gaussian PSF, then pixel binning) and whether a prediction,
-  degraded again, reproduces its input; the blur matches ``scipy.ndimage.gaussian_filter``.
+- ``gaussian_blur``, ``bin_mean``, ``redegrade``: the forward model from the HR grid back to the
+  LR grid (a Gaussian PSF, then pixel binning), to see whether a prediction, degraded again,
+  reproduces its input; the blur matches ``scipy.ndimage.gaussian_filter``.
 - ``radial_power``, ``band_power_ratio``: power spectra, i.e. which spatial frequencies a
   prediction restores, invents or loses.
 
@@ -245,20 +245,6 @@ def redegrade(sr: Tensor, hr_sigma: Tensor, lr_sigma: Tensor, factor: int) -> Te
     ls = torch.as_tensor(lr_sigma, dtype=torch.float64, device=sr.device)
     extra = (ls.square() - hs.square()).clamp_min(0.0).sqrt()
     return bin_mean(gaussian_blur(sr, extra), factor)
-
-
-def consistency_psnr(lr_hat: Tensor, lr: Tensor, border: int) -> Tensor:
-    """PSNR in dB (data range 1) of ``lr_hat`` (a prediction degraded again) against ``lr``,
-    ``[N]``, over the interior: ``border`` pixels are dropped at each edge, where the blur saw
-    reflected padding rather than sky. ``border`` 0 compares everything."""
-    lr_hat, lr = _pair(lr_hat, lr)
-    h, w = lr.shape[-2:]
-    if border < 0 or 2 * border >= min(h, w):
-        raise ValueError(f"a border of {border} leaves nothing of {h}x{w} images")
-    if border:
-        lr_hat = lr_hat[..., border:-border, border:-border]
-        lr = lr[..., border:-border, border:-border]
-    return _psnr((lr_hat - lr).square().mean(dim=(1, 2, 3)))
 
 
 # --- power spectra -------------------------------------------------------------------------------
