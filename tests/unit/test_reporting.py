@@ -378,3 +378,31 @@ def test_a_pair_asked_for_is_added_and_an_unknown_name_refused(tmp_path: Path) -
     assert len(table["pairs"]) == len(plain["pairs"]) + 1
     with pytest.raises(UserError, match=r"^--pair b:x: no run 'x' among "):
         tables([a, b, d], [("b", "x")])
+
+
+def test_a_power_ratio_is_best_nearest_one() -> None:
+    rows = [{"power_high": 0.7}, {"power_high": 1.2}, {"power_high": 0.9}, {"power_high": None}]
+    assert best(rows, ["power_high"]) == {"power_high": 0.9}  # neither highest nor lowest
+
+
+def test_the_physics_table_has_a_row_per_run_that_computed_it_and_the_references() -> None:
+    """A run evaluated before the physics-aware metrics keeps its row in the main table and has
+    none in the physics table; with no such run there is no physics table at all."""
+    from toolkit.tasks.sr import PHYSICS
+
+    physics = {k: 0.5 + i / 10 for i, k in enumerate(PHYSICS)}
+    ref = {"mse": 0.003, "psnr": 30.0, "ssim": 0.9, **{k: v / 2 for k, v in physics.items()}}
+    model = {"mse": 0.001, "psnr": 33.0, "ssim": 0.95, "loss": 0.1}
+    new = run_of("new", "recipes/baselines/edsr.yaml", {"model": {**model, **physics},
+                                                        "bicubic": ref})  # fmt: skip
+    old = run_of("old", "recipes/finetune.yaml", {"model": model, "bicubic": ref})
+    (sr,) = tables([new, old])
+    assert [r["run"] for r in sr["rows"]] == ["new", "old", None]
+    (more,) = sr["more"]
+    assert more["name"] == "physics" and more["columns"] == list(PHYSICS)
+    assert [r["run"] for r in more["rows"]] == ["new", None]
+    assert [more["rows"][0][k] for k in PHYSICS] == [physics[k] for k in PHYSICS]
+    assert [more["rows"][1][k] for k in PHYSICS] == [ref[k] for k in PHYSICS]
+    assert "**super-resolution: physics** (" in markdown(sr)
+    (sr,) = tables([old])
+    assert sr["more"] == [] and "physics" not in markdown(sr)
