@@ -19,7 +19,8 @@ from torch import Tensor, nn
 
 from tests.helpers import make_pairs, read_jsonl
 from toolkit import evaluate, launch, report
-from toolkit.core.metrics import Seen, Truth, image_metrics
+from toolkit.core.metrics import image_metrics
+from toolkit.core.seen import Seen, Truth
 from toolkit.data.sharding import shard
 from toolkit.models import MODELS, ModelSpec, register_model
 from toolkit.runs.recipe import ModelBase, setting

@@ -18,6 +18,7 @@ from sklearn.preprocessing import label_binarize
 
 from toolkit.core import metrics
 from toolkit.core.metrics import MetricAccumulator
+from toolkit.core.seen import Seen, Truth
 
 IMAGE = ("mse", "psnr", "ssim")
 
@@ -45,7 +46,7 @@ def sk_ssim(sr: np.ndarray, hr: np.ndarray) -> float:
 
 
 def image_metrics(sr: torch.Tensor, hr: torch.Tensor) -> dict[str, torch.Tensor]:
-    return metrics.image_metrics(IMAGE, metrics.Seen(sr, metrics.Truth(hr)))
+    return metrics.image_metrics(IMAGE, Seen(sr, Truth(hr)))
 
 
 CASES = [(c, size, noise) for c in (1, 3) for size in (150, 75, 32) for noise in (0.003, 0.05, 0.4)]

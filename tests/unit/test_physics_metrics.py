@@ -13,7 +13,8 @@ import torch
 from astropy.stats import sigma_clipped_stats
 from scipy.ndimage import gaussian_filter
 
-from toolkit.core.metrics import Seen, Truth, image_metrics
+from toolkit.core.metrics import image_metrics
+from toolkit.core.seen import Seen, Truth
 from toolkit.data.degrade import degrade
 from toolkit.tasks.sr import PHYSICS
 

@@ -11,9 +11,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from toolkit.core.metrics import MetricAccumulator, Seen, Truth, image_metrics
+from toolkit.core.metrics import MetricAccumulator, image_metrics
 from toolkit.core.physics import radial_power
 from toolkit.core.schema import Recipe
+from toolkit.core.seen import Seen, Truth
 from toolkit.data.degrade import degrade, upscale_bicubic
 from toolkit.data.normalise import resolve
 from toolkit.tasks.base import BatchResult, Placement, Task
