@@ -150,13 +150,6 @@ class Task(ABC):
         together). By default the mean of each metric's per-sample values."""
         return mean_statistic(np.stack([values[n] for n in self.table], axis=1)), None
 
-    @property
-    def reference_metrics(self) -> list[str]:
-        """The metrics reported for the reference: those computed from images (not the loss)."""
-        from toolkit.core.metrics import metric
-
-        return [n for n in self.metrics if metric(n).fn is not None]
-
     def label(self, r: Recipe) -> str:
         """The row name of a run in tables: the recipe's label, else architecture and freeze."""
         if r.label:
