@@ -16,7 +16,7 @@ from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 from sklearn import metrics as skm
 from sklearn.preprocessing import label_binarize
 
-from toolkit.core import metrics
+from toolkit.core import images, metrics
 from toolkit.core.metrics import MetricAccumulator
 from toolkit.core.seen import Seen, Truth
 
@@ -66,7 +66,7 @@ def test_ssim_and_psnr_match_scikit_image(c: int, size: int, noise: float) -> No
 def test_ssim_is_exact_to_float64_precision() -> None:
     # Agreement is not just within tolerance: the valid convolution *is* skimage's cropped map.
     sr, hr = pair(2, 3, 40, 0.1)
-    got = metrics.ssim(torch.from_numpy(sr), torch.from_numpy(hr))
+    got = images.ssim(torch.from_numpy(sr), torch.from_numpy(hr))
     ref = [sk_ssim(sr[i], hr[i]) for i in range(2)]
     assert got.tolist() == pytest.approx(ref, abs=1e-10)
 
@@ -79,7 +79,7 @@ def test_outputs_are_per_image_float64_whatever_the_input_dtype() -> None:
         for v in out.values():
             assert v.shape == (4,) and v.dtype == torch.float64 and v.device.type == "cpu"
     # float32 inputs lose only float32 rounding, far inside the tolerance
-    f32 = metrics.ssim(torch.from_numpy(sr).float(), torch.from_numpy(hr).float())
+    f32 = images.ssim(torch.from_numpy(sr).float(), torch.from_numpy(hr).float())
     assert f32.tolist() == pytest.approx([sk_ssim(sr[i], hr[i]) for i in range(4)], abs=1e-6)
 
 
@@ -94,18 +94,18 @@ def test_identical_images_cap_psnr_at_100_db_and_give_ssim_one() -> None:
 def test_psnr_is_averaged_per_image_not_from_the_mean_mse() -> None:
     hr = torch.zeros(2, 1, 16, 16)
     sr = torch.stack([torch.full((1, 16, 16), 0.1), torch.full((1, 16, 16), 0.01)])
-    psnr = metrics.psnr(sr, hr)
+    psnr = images.psnr(sr, hr)
     assert psnr.tolist() == pytest.approx([20.0, 40.0])
     assert psnr.mean().item() == pytest.approx(30.0)
 
 
 def test_bad_shapes_are_rejected() -> None:
     with pytest.raises(ValueError, match="one shape"):
-        metrics.mse(torch.rand(1, 1, 8, 8), torch.rand(1, 1, 8, 9))
+        images.mse(torch.rand(1, 1, 8, 8), torch.rand(1, 1, 8, 9))
     with pytest.raises(ValueError, match="one shape"):
-        metrics.mse(torch.rand(8, 8), torch.rand(8, 8))
+        images.mse(torch.rand(8, 8), torch.rand(8, 8))
     with pytest.raises(ValueError, match="at least 11x11"):
-        metrics.ssim(torch.rand(1, 1, 10, 32), torch.rand(1, 1, 10, 32))
+        images.ssim(torch.rand(1, 1, 10, 32), torch.rand(1, 1, 10, 32))
 
 
 def filled(values: dict[str, list[float]], prefix: str = "s") -> MetricAccumulator:

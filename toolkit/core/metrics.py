@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from toolkit.core import physics
-from toolkit.core.images import mse, psnr, ssim
+from toolkit.core.images import mse, psnr
 from toolkit.core.seen import Seen
 
 # --- classification: of the gathered scores, not per sample -------------------------------------
@@ -99,7 +99,8 @@ class Metric:
 def _flux(arc: bool) -> Callable[[Seen], Tensor]:
     def fn(s: Seen) -> Tensor:
         mask = s.truth.signal if arc else None
-        return physics.flux_error(s.data_output, s.truth.data_target, mask)
+        median = s.truth.background[0]
+        return physics.flux_error(s.data_output, s.truth.data_target, mask, median)
 
     return fn
 
@@ -115,7 +116,7 @@ METRICS: dict[str, Metric] = {
         Metric("loss", "val loss", False, "{:.6f}"),
         Metric("mse", "MSE", False, "{:.6f}", lambda s: mse(s.output, s.target)),
         Metric("psnr", "PSNR (dB)", True, "{:.2f}", lambda s: psnr(s.output, s.target)),
-        Metric("ssim", "SSIM", True, "{:.4f}", lambda s: ssim(s.output, s.target)),
+        Metric("ssim", "SSIM", True, "{:.4f}", lambda s: s.ssim_map.mean(dim=(1, 2, 3))),
         # physics-aware (super-resolution): the output against its own input, in data units,
         # over the signal, and by spatial frequency (`toolkit.core.physics`)
         Metric("lr_psnr", "LR consistency PSNR (dB)", True, "{:.2f}", lambda s: s.lr_psnr),
@@ -133,7 +134,7 @@ METRICS: dict[str, Metric] = {
             "arc SSIM",
             True,
             "{:.4f}",
-            lambda s: physics.masked_ssim(s.output, s.target, s.truth.signal),
+            lambda s: physics.masked_ssim(s.output, s.target, s.truth.signal, s.ssim_map),
         ),
         Metric("power_low", "power low", False, "{:.3f}", _band(0), ideal=1.0),
         Metric("power_mid", "power mid", False, "{:.3f}", _band(1), ideal=1.0),

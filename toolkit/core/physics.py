@@ -124,13 +124,18 @@ def sigma_clipped_stats(
     return stats(keep)
 
 
-def signal_mask(hr: Tensor, nsigma: float = SIGNAL_NSIGMA) -> Tensor:
+def signal_mask(
+    hr: Tensor,
+    nsigma: float = SIGNAL_NSIGMA,
+    background: tuple[Tensor, Tensor] | None = None,
+) -> Tensor:
     """Bool ``[N, C, H, W]``: True where ``hr`` exceeds its image-channel's sigma-clipped
     background median by ``nsigma`` clipped standard deviations. The brightest pixels of each
     image-channel are always in (all of them where several tie), so no mask is empty: a blank or
     flat image is all brightest pixels, and its masked measures become the whole image's."""
     hr = _image(hr)
-    _, median, std = sigma_clipped_stats(hr)
+    # (median, std) [N, C] where the caller has them already
+    median, std = sigma_clipped_stats(hr)[1:] if background is None else background
     threshold = (median + nsigma * std)[..., None, None]
     brightest = hr == hr.amax(dim=(2, 3), keepdim=True)
     return (hr > threshold) | brightest
@@ -151,12 +156,13 @@ def masked_psnr(sr: Tensor, hr: Tensor, mask: Tensor) -> Tensor:
     return _psnr(err)
 
 
-def masked_ssim(sr: Tensor, hr: Tensor, mask: Tensor) -> Tensor:
+def masked_ssim(sr: Tensor, hr: Tensor, mask: Tensor, smap: Tensor | None = None) -> Tensor:
     """SSIM (`toolkit.core.images.ssim_map`) averaged over the pixels of ``mask`` within the map's
     valid region (all channels): ``[N]``. An image whose mask lies wholly in the 5-pixel border
-    the map does not cover gets the mean of the whole map, as `toolkit.core.images.ssim`."""
+    the map does not cover gets the mean of the whole map, as `toolkit.core.images.ssim`.
+    ``smap``: the map of ``sr`` and ``hr`` where the caller has it already."""
     sr, hr = _pair(sr, hr)
-    smap = ssim_map(sr, hr)
+    smap = ssim_map(sr, hr) if smap is None else smap
     b = SSIM_BORDER
     m = _mask(mask, sr)[..., b:-b, b:-b]
     count = m.sum(dim=(1, 2, 3))
@@ -164,15 +170,18 @@ def masked_ssim(sr: Tensor, hr: Tensor, mask: Tensor) -> Tensor:
     return torch.where(count > 0, inside, smap.mean(dim=(1, 2, 3)))
 
 
-def flux_error(sr: Tensor, hr: Tensor, mask: Tensor | None = None) -> Tensor:
+def flux_error(
+    sr: Tensor, hr: Tensor, mask: Tensor | None = None, background: Tensor | None = None
+) -> Tensor:
     """Relative error of the total flux above the background, ``[N]``:
     ``|sum(sr - b) - sum(hr - b)| / |sum(hr - b)|``, with ``b`` the sigma-clipped median of ``hr``
     per image-channel and the sums over channels and pixels (those of ``mask`` when given).
 
     Flux is only meaningful in the data's own units (counts, not a normalised or stretched
-    copy), so pass those. An ``hr`` with no flux above its background gives inf (or NaN)."""
+    copy), so pass those. An ``hr`` with no flux above its background gives inf (or NaN).
+    ``background``: that median ``[N, C]`` where the caller has it already."""
     sr, hr = _pair(sr, hr)
-    _, b, _ = sigma_clipped_stats(hr)
+    b = sigma_clipped_stats(hr)[1] if background is None else background
     b = b[..., None, None]
     ds, dh = sr - b, hr - b
     if mask is not None:

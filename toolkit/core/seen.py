@@ -10,7 +10,7 @@ from functools import cached_property
 import torch
 from torch import Tensor
 
-from toolkit.core import physics
+from toolkit.core import images, physics
 
 # LR pixels at each edge left out of the consistency of the run's degradation: the reach of
 # the antialiased bicubic kernel (2 LR pixels), which saw padding there.
@@ -59,9 +59,15 @@ class Truth:
         return self.to_data(self.target)
 
     @cached_property
+    def background(self) -> tuple[Tensor, Tensor]:
+        """The median and std [N, C] of the target's sigma-clipped background (data units)."""
+        _, median, std = physics.sigma_clipped_stats(self.data_target)
+        return median, std
+
+    @cached_property
     def signal(self) -> Tensor:
         """Where the target stands above its sigma-clipped background (the arcs, the lens)."""
-        return physics.signal_mask(self.data_target)
+        return physics.signal_mask(self.data_target, background=self.background)
 
     def forward(self, x: Tensor) -> Tensor:
         """HR-grid images [N, C, H, W] in data units -> the LR grid, each sample by its own
@@ -135,6 +141,10 @@ class Seen:
     @cached_property
     def data_output(self) -> Tensor:
         return self.truth.to_data(self.output)
+
+    @cached_property
+    def ssim_map(self) -> Tensor:
+        return images.ssim_map(self.output, self.target)
 
     @cached_property
     def bands(self) -> Tensor:

@@ -82,8 +82,8 @@ def sample_tiles(run: Run, count: int) -> tuple[list[str], list[list[Any]], list
 
 def plot_samples(run: Run, path: Path, count: int) -> None:
     """Sample map: one row per sample, its tiles then |output - HR|, PSNR in the titles."""
+    from toolkit.core.images import psnr
     from toolkit.core.logging import display_range
-    from toolkit.core.metrics import psnr
 
     plt = _pyplot()
     titles, rows, keys = sample_tiles(run, count)

@@ -15,7 +15,8 @@ from sklearn.metrics import roc_curve as sk_roc_curve
 
 from tests.helpers import TINY_VIT
 from toolkit.core import stats
-from toolkit.core.metrics import MetricAccumulator, psnr
+from toolkit.core.images import psnr
+from toolkit.core.metrics import MetricAccumulator
 from toolkit.data.normalise import parse
 from toolkit.engine.model import build_model
 from toolkit.engine.validate import validate
