@@ -32,6 +32,12 @@ TINY_VIT = dict(
 )
 
 
+# scikit-image's structural_similarity as toolkit.core.images defines SSIM: the reference the
+# tests check SSIM against.
+SKIMAGE_SSIM = {"gaussian_weights": True, "sigma": 1.5, "use_sample_covariance": False,
+                "data_range": 1.0}  # fmt: skip
+
+
 def make_pairs(root: Path, count: int, size: int = 32, scale: int = 2, seed: int = 0) -> Path:
     """Smooth random HR images with LR = block means, written as paired .npy files."""
     rng = np.random.default_rng(seed)

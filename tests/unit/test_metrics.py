@@ -16,6 +16,7 @@ from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 from sklearn import metrics as skm
 from sklearn.preprocessing import label_binarize
 
+from tests.helpers import SKIMAGE_SSIM
 from toolkit.core import images, metrics
 from toolkit.core.metrics import MetricAccumulator
 from toolkit.core.seen import Seen, Truth
@@ -34,15 +35,7 @@ def pair(n: int, c: int, size: int, noise: float, seed: int = 0) -> tuple[np.nda
 
 
 def sk_ssim(sr: np.ndarray, hr: np.ndarray) -> float:
-    return structural_similarity(
-        sr,
-        hr,
-        gaussian_weights=True,
-        sigma=1.5,
-        use_sample_covariance=False,
-        data_range=1.0,
-        channel_axis=0,
-    )
+    return structural_similarity(sr, hr, channel_axis=0, **SKIMAGE_SSIM)
 
 
 def image_metrics(sr: torch.Tensor, hr: torch.Tensor) -> dict[str, torch.Tensor]:

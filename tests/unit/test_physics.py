@@ -19,6 +19,7 @@ from astropy.utils.exceptions import AstropyUserWarning
 from scipy.ndimage import gaussian_filter
 from skimage.metrics import structural_similarity
 
+from tests.helpers import SKIMAGE_SSIM
 from toolkit.core import physics
 
 REL = 1e-12  # float64 on both sides, sums in another order
@@ -203,15 +204,7 @@ def test_masked_psnr_matches_numpy() -> None:
 
 def skimage_map(sr: np.ndarray, hr: np.ndarray) -> np.ndarray:
     """scikit-image's SSIM map of one channel, cropped to the valid region."""
-    _, full = structural_similarity(
-        sr,
-        hr,
-        gaussian_weights=True,
-        sigma=1.5,
-        use_sample_covariance=False,
-        data_range=1.0,
-        full=True,
-    )
+    _, full = structural_similarity(sr, hr, full=True, **SKIMAGE_SSIM)
     return full[5:-5, 5:-5]
 
 

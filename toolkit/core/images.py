@@ -28,7 +28,8 @@ SSIM_K1 = 0.01
 SSIM_K2 = 0.03
 
 
-def _pair(sr: Tensor, hr: Tensor) -> tuple[Tensor, Tensor]:
+def pair(sr: Tensor, hr: Tensor) -> tuple[Tensor, Tensor]:
+    """Two image batches of one shape [N, C, H, W] as float64 on `sr`'s device."""
     if sr.shape != hr.shape or sr.ndim != 4:
         raise ValueError(
             f"expected sr and hr of one shape [N, C, H, W], got {tuple(sr.shape)} and "
@@ -39,16 +40,17 @@ def _pair(sr: Tensor, hr: Tensor) -> tuple[Tensor, Tensor]:
 
 def mse(sr: Tensor, hr: Tensor) -> Tensor:
     """Mean squared error per image: ``[N]``, float64."""
-    sr, hr = _pair(sr, hr)
+    sr, hr = pair(sr, hr)
     return (sr - hr).square().mean(dim=(1, 2, 3))
 
 
 def psnr(sr: Tensor, hr: Tensor) -> Tensor:
     """PSNR in dB per image: ``[N]``, float64; identical images give 100 dB."""
-    return _psnr_from_mse(mse(sr, hr))
+    return psnr_from_mse(mse(sr, hr))
 
 
-def _psnr_from_mse(err: Tensor) -> Tensor:
+def psnr_from_mse(err: Tensor) -> Tensor:
+    """PSNR in dB (data range 1) of mean squared errors, floored: at most 100 dB."""
     return 10.0 * torch.log10(DATA_RANGE**2 / err.clamp_min(PSNR_MSE_FLOOR))
 
 
@@ -67,7 +69,7 @@ def ssim(sr: Tensor, hr: Tensor) -> Tensor:
 
 def ssim_map(sr: Tensor, hr: Tensor) -> Tensor:
     """SSIM at each pixel of the valid region: ``[N, C, H - 10, W - 10]``, float64."""
-    sr, hr = _pair(sr, hr)
+    sr, hr = pair(sr, hr)
     _, c, h, w = sr.shape
     if h < SSIM_WINDOW or w < SSIM_WINDOW:
         raise ValueError(f"SSIM needs images of at least {SSIM_WINDOW}x{SSIM_WINDOW}, got {h}x{w}")

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from toolkit.core.images import DATA_RANGE, PSNR_MSE_FLOOR, SSIM_WINDOW, ssim_map
+from toolkit.core.images import SSIM_WINDOW, pair, psnr_from_mse, ssim_map
 
 # astropy's defaults, so that a background here is the one an astronomer gets from
 # sigma_clipped_stats: 3 sigma keeps a Gaussian sky's pixels (0.27% lost) and rejects sources;
@@ -52,16 +52,6 @@ def _image(x: Tensor) -> Tensor:
     return x.detach().to(torch.float64)
 
 
-def _pair(sr: Tensor, hr: Tensor) -> tuple[Tensor, Tensor]:
-    if sr.shape != hr.shape or sr.ndim != 4:
-        raise ValueError(
-            f"expected sr and hr of one shape [N, C, H, W], got {tuple(sr.shape)} and "
-            f"{tuple(hr.shape)}"
-        )
-    sr = _image(sr)
-    return sr, hr.detach().to(sr.device, torch.float64)
-
-
 def _mask(mask: Tensor, like: Tensor) -> Tensor:
     try:
         return mask.detach().to(like.device, torch.bool).expand_as(like)
@@ -69,10 +59,6 @@ def _mask(mask: Tensor, like: Tensor) -> Tensor:
         raise ValueError(
             f"a mask of shape {tuple(mask.shape)} does not fit images {tuple(like.shape)}"
         ) from e
-
-
-def _psnr(err: Tensor) -> Tensor:
-    return 10.0 * torch.log10(DATA_RANGE**2 / err.clamp_min(PSNR_MSE_FLOOR))
 
 
 # --- the background and the signal ---------------------------------------------------------------
@@ -147,13 +133,13 @@ def signal_mask(
 def masked_psnr(sr: Tensor, hr: Tensor, mask: Tensor) -> Tensor:
     """PSNR in dB (data range 1) of the mean squared error over the pixels of ``mask`` (all
     channels together): ``[N]``; identical images give 100 dB, as `toolkit.core.images.psnr`."""
-    sr, hr = _pair(sr, hr)
+    sr, hr = pair(sr, hr)
     m = _mask(mask, sr)
     count = m.sum(dim=(1, 2, 3))
     if bool((count == 0).any()):
         raise ValueError("masked_psnr needs at least one masked pixel per image")
     err = torch.where(m, (sr - hr).square(), 0.0).sum(dim=(1, 2, 3)) / count
-    return _psnr(err)
+    return psnr_from_mse(err)
 
 
 def masked_ssim(sr: Tensor, hr: Tensor, mask: Tensor, smap: Tensor | None = None) -> Tensor:
@@ -161,7 +147,7 @@ def masked_ssim(sr: Tensor, hr: Tensor, mask: Tensor, smap: Tensor | None = None
     valid region (all channels): ``[N]``. An image whose mask lies wholly in the 5-pixel border
     the map does not cover gets the mean of the whole map, as `toolkit.core.images.ssim`.
     ``smap``: the map of ``sr`` and ``hr`` where the caller has it already."""
-    sr, hr = _pair(sr, hr)
+    sr, hr = pair(sr, hr)
     smap = ssim_map(sr, hr) if smap is None else smap
     b = SSIM_BORDER
     m = _mask(mask, sr)[..., b:-b, b:-b]
@@ -180,7 +166,7 @@ def flux_error(
     Flux is only meaningful in the data's own units (counts, not a normalised or stretched
     copy), so pass those. An ``hr`` with no flux above its background gives inf (or NaN).
     ``background``: that median ``[N, C]`` where the caller has it already."""
-    sr, hr = _pair(sr, hr)
+    sr, hr = pair(sr, hr)
     b = sigma_clipped_stats(hr)[1] if background is None else background
     b = b[..., None, None]
     ds, dh = sr - b, hr - b
@@ -299,7 +285,7 @@ def band_power_ratio(sr: Tensor, hr: Tensor) -> Tensor:
     ``hr``. Below 1 the prediction lost power there (blur), above 1 it added some (noise,
     artefacts); a perfect prediction gives exactly 1. A band where ``hr`` has no power gives inf
     or NaN."""
-    sr, hr = _pair(sr, hr)
+    sr, hr = pair(sr, hr)
     ps, f = _power(sr)
     ph, _ = _power(hr)
     out = []
