@@ -16,6 +16,12 @@ from typing import Any, TypeVar
 
 T = TypeVar("T")
 
+# Recipe overrides that shrink the workload's ViT to a few thousand parameters on 32x32 images:
+# what a benchmark's `--tiny` run trains, to show in seconds that it works (not how fast).
+TINY_VIT = ["model.img_size=32", "model.patch_size=4", "model.embed_dim=32", "model.depth=1",
+            "model.num_heads=2", "model.decoder_embed_dim=16", "model.decoder_depth=1",
+            "model.decoder_num_heads=2"]  # fmt: skip
+
 
 def timed(fn: Callable[[], T], repeats: int, warmup: int = 0) -> tuple[float, T]:
     """Median wall time of `fn` over `repeats` runs (after `warmup` untimed ones), and its result.
@@ -112,7 +118,7 @@ def stamp() -> dict[str, Any]:
     }
 
 
-def _cell(value: Any) -> str:
+def cell(value: Any) -> str:
     if isinstance(value, float):
         return f"{value:.4g}" if abs(value) < 1e4 else f"{value:,.0f}"
     return str(value)
@@ -122,7 +128,7 @@ def report(title: str, rows: Sequence[dict[str, Any]], out: str | Path, **meta: 
     """Print `rows` as an aligned table on stdout and write {"title", meta, "stamp", "rows"} as
     JSON to `out` (`stamp`: the commit and machine it was measured on)."""
     columns = list(dict.fromkeys(k for row in rows for k in row))
-    cells = [[_cell(row.get(c, "")) for c in columns] for row in rows]
+    cells = [[cell(row.get(c, "")) for c in columns] for row in rows]
     widths = [max(len(c), *(len(r[i]) for r in cells)) for i, c in enumerate(columns)]
     lines = [title, "  ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True))]
     lines += ["  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)) for r in cells]

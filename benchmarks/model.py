@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import platform
 import statistics
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -123,7 +124,7 @@ def run(args: argparse.Namespace) -> dict:
     }
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=5)
@@ -133,7 +134,10 @@ def main(argv: list[str] | None = None) -> None:
     # by other processes than one thread is; --threads 1 gives steadier numbers there.
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/model.json"))
+    parser.add_argument("--tiny", action="store_true", help="batch 2, 2 rounds: it works")
     args = parser.parse_args(argv)
+    if args.tiny:
+        args.batch, args.repeats, args.warmup = 2, 2, 1
     if args.threads:
         torch.set_num_threads(args.threads)
     result = run(args)
@@ -147,7 +151,8 @@ def main(argv: list[str] | None = None) -> None:
         args.out,
         **result,
     )
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

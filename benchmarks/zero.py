@@ -38,7 +38,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import report
+from benchmarks.common import TINY_VIT, report
 
 SETTINGS = ("ddp", "zero0", "zero1", "zero2", "zero3")
 MB = 1e6
@@ -46,10 +46,11 @@ MB = 1e6
 logger = logging.getLogger("benchmarks.zero")
 
 
-def overrides_for(setting: str, precision: str, batch: int) -> list[str]:
-    """Recipe overrides for one setting: a fresh, fully trainable model and the asked ZeRO stage."""
+def overrides_for(setting: str, precision: str, batch: int, tiny: bool = False) -> list[str]:
+    """Recipe overrides for one setting: a fresh, fully trainable model and the asked ZeRO stage
+    (`tiny`: the model shrunk to `TINY_VIT`)."""
     common = ["init.from=null", "freeze=[]", f"train.precision={precision}",
-              f"data.batch_size={batch}"]  # fmt: skip
+              f"data.batch_size={batch}", *(TINY_VIT if tiny else [])]  # fmt: skip
     if setting == "ddp":
         return [*common, "deepspeed=null"]
     return [*common, f"deepspeed.zero_stage={int(setting.removeprefix('zero'))}",
@@ -138,7 +139,7 @@ def worker(args: argparse.Namespace) -> int:
     from toolkit.runs.loop import Run, train_step
     from toolkit.tasks import task_of
 
-    r = recipe.load(args.recipe, overrides_for(args.setting, args.precision, args.batch))
+    r = recipe.load(args.recipe, overrides_for(args.setting, args.precision, args.batch, args.tiny))
     total = args.warmup + args.steps
     engine = Engine(r.train, r.deepspeed, micro_batch=r.data.batch_size)
     engine.seed(r.train.seed, per_rank=False)
@@ -156,7 +157,7 @@ def worker(args: argparse.Namespace) -> int:
     engine.check_groups(optimizer, expected)
     # The loop's own step on batches held in memory: no loader, checkpointer or validation.
     run = Run(r, task, engine, Parts(model, optimizer, scheduler, None), None,
-              StepPlan(total, r.train), None, None, {})  # type: ignore[arg-type]  # fmt: skip
+              StepPlan(total, r.train), None, None, {}, None)  # type: ignore[arg-type]  # fmt: skip
 
     g = torch.Generator().manual_seed(1000 + engine.rank)
     hr_side, c = r.model.img_size, r.model.in_chans
@@ -212,6 +213,7 @@ def run_setting(args: argparse.Namespace, setting: str, out_dir: Path) -> list[d
         f"--nproc-per-node={args.procs}", "-m", "benchmarks.zero", "--worker",
         f"--setting={setting}", f"--out-dir={out_dir}", f"--recipe={args.recipe}",
         f"--batch={args.batch}", f"--steps={args.steps}", f"--warmup={args.warmup}",
+        *(["--tiny"] if args.tiny else []),
         f"--precision={args.precision}",
     ]  # fmt: skip
     logger.info("%s: %s", setting, " ".join(cmd))
@@ -320,6 +322,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--settings", default=",".join(SETTINGS))
     p.add_argument("--timeout", type=float, default=600, help="seconds per setting")
     p.add_argument("--out", default="benchmarks/results/zero.json")
+    p.add_argument("--tiny", action="store_true",
+                   help="a tiny ViT, DDP and ZeRO-2, 1 step after 1: it works")  # fmt: skip
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--setting", choices=SETTINGS, help=argparse.SUPPRESS)
     p.add_argument("--out-dir", help=argparse.SUPPRESS)
@@ -327,6 +331,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     if args.worker:
         return worker(args)
+    if args.tiny:
+        args.settings, args.steps, args.warmup, args.batch = "ddp,zero2", 1, 1, 2
     return driver(args)
 
 

@@ -17,6 +17,8 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from tests.helpers import (
     DEBUG_RECIPE,
+    EDSR_RECIPE,
+    TINY_EDSR,
     make_pairs,
     make_shards,
     one_error_line,
@@ -201,14 +203,14 @@ def test_two_local_processes_form_one_group(tmp_path: Path) -> None:
     assert dist(h, a) > 1e-2 * step
 
 
-def initial_weights(overrides: list[str]) -> dict[str, torch.Tensor]:
+def initial_weights(overrides: list[str], base: Path = DEBUG_RECIPE) -> dict[str, torch.Tensor]:
     """The model every run starts from: the recipe's seed, as the engine seeds it."""
     from accelerate.utils import set_seed
 
     from toolkit.engine.model import build_model
     from toolkit.runs import recipe
 
-    r = recipe.load(DEBUG_RECIPE, overrides)
+    r = recipe.load(base, overrides)
     set_seed(r.train.seed)
     return build_model(r).state_dict()
 
@@ -411,6 +413,57 @@ def test_compiled_runs_match_eager_and_checkpoints_cross_between_them(shards, tm
     compiled_drift, mixed_drift = drift(a, e, init), drift(weights(mixed), e, init)
     assert compiled_drift < DRIFT and mixed_drift < DRIFT, (compiled_drift, mixed_drift)
     assert losses(mixed) == pytest.approx(losses(eager), rel=LOSS_REL, abs=0)
+
+
+# Channels-last convolutions round differently from the default layout (oneDNN picks other
+# kernels and sums in another order). Measured after 4 steps of the tiny EDSR, kernels of AVX2 /
+# no SIMD (ATEN_CPU_CAPABILITY, ONEDNN_MAX_CPU_ISA): drift 5.6e-7 / 4.5e-7, losses 7.2e-8 / 7.2e-8
+# relative. Hence CL_DRIFT = 1e-5 (18x the largest seen) and the losses to LOSS_REL (28x); a
+# layout that moved a value (a wrong permutation) would be off by order 1.
+CL_DRIFT = 1e-5
+
+
+@pytest.mark.numeric
+def test_channels_last_trains_like_the_default_layout_and_checkpoints_cross(
+    shards: Path, tmp_path: Path
+) -> None:
+    """train.channels_last: the same losses and weights as the default layout (to float
+    rounding); the exported weights and the checkpoints load in the default layout; a
+    channels-last run resumed is exactly the one straight through."""
+    edsr = [str(EDSR_RECIPE), f"data.shards={shards}", "data.batch_size=4", "data.num_workers=0",
+            "train.log_every=1", "train.eval_every=0", *TINY_EDSR, "train.checkpoint_every=2",
+            "data.shuffle_buffer=0", "train.precision=no", "deepspeed=null"]  # fmt: skip
+    cl = ["train.channels_last=true"]
+    plain, straight, resumed, mixed = (tmp_path / n for n in ("plain", "cl", "clr", "mixed"))
+    layouts: list[bool] = []  # per training forward of a convolution: its weight channels-last?
+
+    def seen(module: torch.nn.Module, _: object) -> None:
+        if isinstance(module, torch.nn.Conv2d) and module.training:
+            layouts.append(module.weight.is_contiguous(memory_format=torch.channels_last))
+
+    for run, steps, layout in ((plain, 4, []), (straight, 4, cl), (resumed, 2, cl),
+                               (resumed, 4, cl), (mixed, 2, cl), (mixed, 4, [])):  # fmt: skip
+        hook = torch.nn.modules.module.register_module_forward_pre_hook(seen)
+        try:
+            assert (
+                train_cli.main([*edsr, f"run.dir={run}", f"train.max_steps={steps}", *layout]) == 0
+            )
+        finally:
+            hook.remove()
+        assert layouts and all(layouts) == bool(layout), (run, layout)  # the option takes effect
+        layouts.clear()
+
+    def losses(run: Path) -> list[float]:
+        return [x["train/loss"] for x in read_jsonl(run / "metrics.jsonl") if "train/loss" in x]
+
+    assert losses(straight) == pytest.approx(losses(plain), rel=LOSS_REL, abs=0)
+    a, b = weights(straight), weights(resumed)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # exact resume
+    init = initial_weights([*edsr[1:], f"run.dir={plain}"], base=EDSR_RECIPE)
+    e = weights(plain)
+    cl_drift, mixed_drift = drift(a, e, init), drift(weights(mixed), e, init)
+    assert cl_drift < CL_DRIFT and mixed_drift < CL_DRIFT, (cl_drift, mixed_drift)
+    assert losses(mixed) == pytest.approx(losses(plain), rel=LOSS_REL, abs=0)
 
 
 def test_the_run_records_the_normalisation_it_trained_with(shards: Path, tmp_path: Path) -> None:

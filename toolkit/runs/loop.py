@@ -124,6 +124,8 @@ def build(engine: Engine, r: recipe.Recipe) -> Run:
     ckpt = Checkpointer(engine, r.run_dir, r.train.keep_last, recipe_yaml)
     resume = ckpt.find()
     ckpt.prepare_model(model, resume, r.init.from_)
+    if r.train.channels_last:
+        model.to(memory_format=torch.channels_last)
     if r.train.compile:
         model.compile()  # in place: the parameter names, and so the checkpoints, stay the same
     groups = build_groups(model, r.optim)

@@ -1,0 +1,157 @@
+"""Training throughput of the demo's models on this machine: img/s of each model's real training
+loop, as the demo runs it and with each setting that could make it faster.
+
+    python -m benchmarks.throughput [--data data/demo] [--models pretrain,finetune,...]
+                                    [--steps 40] [--rounds 2] [--tiny]
+
+Each (model, setting) is one `python -m toolkit.train` process on the demo's shards (`--data`:
+the folder holding `shards`, `mae-shards` and `class-shards`, as `make demo` leaves it), from
+scratch, for `--steps` steps logged every 5; its img/s is the median of the loop's own
+`train/images_per_s` over the windows after the first (start-up, first batches and compiling
+left out). Settings, against the demo's recipe as it is (`demo`):
+
+- `compile`: `train.compile=true` (torch.compile, inductor's C++ kernels on a CPU);
+- `channels-last`: `train.channels_last=true`, for the models with convolutions;
+- `1 thread`: the training process on one thread (OMP_NUM_THREADS=1), leaving the other core to
+  the data worker;
+- `0 workers`: `data.num_workers=0`, the data read in the training process between steps.
+
+Rounds run every (model, setting) once each, in order, so a slow spell hits all of a round;
+the reported ratio to `demo` is the median over rounds of the per-round ratio.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from benchmarks.common import report
+
+logger = logging.getLogger("benchmarks.throughput")
+ROOT = Path(__file__).resolve().parents[1]
+# model: (demo recipe, the shards folder it trains on, whether it has convolutions)
+MODELS = {
+    "pretrain": ("pretrain.yaml", "mae-shards", False),
+    "finetune": ("finetune.yaml", "shards", True),
+    "edsr": ("edsr.yaml", "shards", True),
+    "rcan": ("rcan.yaml", "shards", True),
+    "classify_cnn": ("classify_cnn.yaml", "class-shards", True),
+    "classify_scratch": ("classify_scratch.yaml", "class-shards", False),
+    "classify_probe": ("classify_probe.yaml", "class-shards", False),
+}
+# setting: (recipe overrides, environment, only for models with convolutions)
+SETTINGS: dict[str, tuple[list[str], dict[str, str], bool]] = {
+    "demo": ([], {}, False),
+    "compile": (["train.compile=true"], {}, False),
+    "channels-last": (["train.channels_last=true"], {}, True),
+    "1 thread": ([], {"OMP_NUM_THREADS": "1"}, False),
+    "0 workers": (["data.num_workers=0"], {}, False),
+}
+LOG_EVERY = 5
+
+
+def images_per_s(run_dir: Path) -> float:
+    """The median img/s the loop logged, its first window (start-up, compiling) left out."""
+    lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    rates = [x["train/images_per_s"] for x in lines if "train/images_per_s" in x]
+    if len(rates) < 2:
+        raise RuntimeError(f"{run_dir}: fewer than two logged windows")
+    return statistics.median(rates[1:])
+
+
+def run_one(model: str, setting: str, data: Path, steps: int, batch: int | None,
+            work: Path) -> float:  # fmt: skip
+    """img/s of one (model, setting) training process."""
+    recipe_file, shards, _ = MODELS[model]
+    overrides, env, _ = SETTINGS[setting]
+    run_dir = Path(tempfile.mkdtemp(dir=work, prefix=f"{model}-"))
+    cmd = [sys.executable, "-m", "toolkit.train", str(ROOT / "recipes" / "demo" / recipe_file),
+           f"data.shards={data / shards}", f"run.dir={run_dir}", "init.from=null",
+           f"train.max_steps={steps}", f"train.log_every={LOG_EVERY}",
+           f"train.eval_every={10 * steps}", "train.checkpoint_every=0",
+           *([f"data.batch_size={batch}"] if batch else []), *overrides]  # fmt: skip
+    done = subprocess.run(cmd, cwd=ROOT, env={**os.environ, **env}, capture_output=True,
+                          text=True)  # fmt: skip
+    if done.returncode:
+        raise RuntimeError(f"{model} / {setting} failed:\n{done.stderr[-3000:]}")
+    return images_per_s(run_dir)
+
+
+def tiny_data(root: Path) -> Path:
+    """A few simulated lensing systems and labelled images, sharded as the demo's folders."""
+    from toolkit.data.sharding import shard
+    from toolkit.data.sim.write import generate
+
+    generate(root / "raw", 24, seed=0)
+    shard(root / "raw", root / "shards", val_fraction=0.2, seed=0)
+    generate(root / "class-raw", 24, seed=0, classes=True)
+    shard(root / "class-raw", root / "class-shards", val_fraction=0.2, seed=0, labels=True)
+    (root / "mae-shards").symlink_to(root / "shards")
+    return root
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--data", type=Path, default=ROOT / "data" / "demo")
+    p.add_argument("--models", default=",".join(MODELS))
+    p.add_argument("--settings", default=",".join(SETTINGS))
+    p.add_argument("--steps", type=int, default=40)
+    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--batch", type=int, help="data.batch_size (default: the recipe's)")
+    p.add_argument("--tiny", action="store_true",
+                   help="2 models, 2 settings, 10 steps, batch 4, data simulated here")  # fmt: skip
+    p.add_argument("--out", default="benchmarks/results/throughput.json")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if args.tiny:
+        args.models, args.settings, args.steps, args.rounds = "edsr,classify_scratch", \
+            "demo,channels-last", 10, 1  # fmt: skip
+        args.batch = args.batch or 4
+    models = [m for m in args.models.split(",") if m]
+    settings = [s for s in args.settings.split(",") if s]
+    unknown = [x for x in models if x not in MODELS] + [x for x in settings if x not in SETTINGS]
+    if unknown or "demo" not in settings:
+        p.error(f"unknown model or setting {unknown}, or no 'demo' setting to compare with")
+    pairs = [(m, s) for m in models for s in settings if not SETTINGS[s][2] or MODELS[m][2]]
+    rates: dict[tuple[str, str], list[float]] = {pair: [] for pair in pairs}
+    with tempfile.TemporaryDirectory(prefix="throughput-") as tmp:
+        data = tiny_data(Path(tmp) / "data") if args.tiny else args.data
+        for r in range(args.rounds):
+            for model, setting in pairs:
+                rates[model, setting].append(
+                    run_one(model, setting, data, args.steps, args.batch, Path(tmp))
+                )
+                logger.info("round %d %s / %s: %.1f img/s", r + 1, model, setting,
+                            rates[model, setting][-1])  # fmt: skip
+    rows: list[dict[str, Any]] = []
+    for model, setting in pairs:
+        got, base = rates[model, setting], rates[model, "demo"]
+        ratios = sorted(g / b for g, b in zip(got, base, strict=True))
+        rows.append({"model": model, "setting": setting, "images_per_s": statistics.median(got),
+                     "ratio": statistics.median(ratios), "ratio_min": ratios[0],
+                     "ratio_max": ratios[-1], "rounds": len(got)})  # fmt: skip
+    report(
+        f"training throughput: the demo's models, {args.steps} steps each, median img/s of the "
+        f"loop's windows after the first; ratio = setting / demo, median [min, max] of "
+        f"{args.rounds} rounds",
+        rows,
+        args.out,
+        steps=args.steps,
+        rounds=args.rounds,
+        batch=args.batch,
+        cpus=os.cpu_count(),
+        per_round={f"{m} / {s}": v for (m, s), v in rates.items()},
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
