@@ -46,12 +46,14 @@ def evaluate(target: Target, split: str = "val") -> tuple[dict[str, Any], Valida
     from toolkit.tasks import Placement
 
     r, task = target.recipe, target.task
-    check_shards(target, split)
-    model = load_model(target)
     engine = Engine(dataclasses.replace(r.train, precision="no", grad_accum=1), None, 1)
     try:
-        model.to(engine.device)
-        loader = eval_loader(r, split, engine.rank, engine.world_size)
+        # One read of the manifest (and one check of its shards) for the job, by its main
+        # process: every rank's loader, and the task's summary, take that one.
+        manifest = engine.on_main(lambda: check_shards(target, split))
+        task.use_shards(manifest)
+        model = load_model(target).to(engine.device)
+        loader = eval_loader(r, split, engine.rank, engine.world_size, manifest)
         result = validate(task, model, iter(loader), Placement(engine.device)).gathered()
         loader.close()
         named = eval_split(r.data, split)  # "holdout" for the val split of a run holding some out

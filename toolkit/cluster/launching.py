@@ -18,7 +18,7 @@ from typing import Any
 from toolkit.core import cli
 from toolkit.core.errors import UserError
 from toolkit.runs import preflight, recipe
-from toolkit.runs.directory import check_relaunch, param_summary
+from toolkit.runs.directory import param_summary
 
 logger = logging.getLogger(__name__)
 
@@ -184,11 +184,10 @@ def run_local(args: Any, r: recipe.Recipe) -> int:
     """P=1: train in this process (the debug run). P>1: torchrun starts P processes here."""
     from toolkit.engine import devices
 
-    done = check_relaunch(r, args.procs or 1)  # before any process starts
+    done, _ = preflight.admit(r, args.procs or 1)  # before any process starts
     if done is not None:
         logger.warning("%s", done.line())
         return 0
-    preflight.require(r)
     devices.check_local(args.procs or 1)
     if (args.procs or 1) == 1:
         from toolkit.runs.entry import run
@@ -270,11 +269,10 @@ def run_slurm(args: Any) -> int:
     slurm.require_slurm()
     to_submit = []
     for stage in stages:
-        done = check_relaunch(stage.recipe, stage.world.world_size)
+        done, _ = preflight.admit(stage.recipe, stage.world.world_size, chained=stage.chained)
         if done is not None:  # a finished stage of a chain is not trained again
             logger.warning("%s", done.line())
             continue
-        preflight.require(stage.recipe, chained=stage.chained)
         to_submit.append(stage)
     submitted = []
     for stage in to_submit:

@@ -24,7 +24,6 @@ from toolkit.cluster.launching import (
 )
 from toolkit.core.errors import UserError
 from toolkit.runs import preflight, recipe, sweep
-from toolkit.runs.directory import check_relaunch
 
 logger = logging.getLogger(__name__)
 
@@ -214,11 +213,10 @@ def _run_slurm(args: Any, base: Path, axes: dict, planned: list[Planned], limit:
     world = world_of(planned[0].recipe, args)
     todo = []
     for p in planned:  # a finished variant is left out of the array, as it is
-        done = check_relaunch(p.recipe, world.world_size)
+        done, _ = preflight.admit(p.recipe, world.world_size)
         if done is not None:
             logger.warning("%s", done.line())
             continue
-        preflight.require(p.recipe)
         todo.append(p)
     if not todo:
         sys.stdout.write(f"sweep: all {len(planned)} variants are complete; compare them with: "

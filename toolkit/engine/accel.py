@@ -299,6 +299,22 @@ class Engine:
     def load_state(self, path: Path) -> None:
         self.accelerator.load_state(str(path))
 
+    def rank_files(self, path: Path) -> list[Path]:
+        """The files of the state `save_state` wrote at `path` that this rank wrote alone, named
+        as accelerate and DeepSpeed name them when they write them: its RNG state and, under
+        DeepSpeed, its shards (optimiser state; ZeRO-3: parameters too). The rest of the state
+        is the main process's. Nothing is listed or read: a rank need not see the others'."""
+        from accelerate.utils.constants import RNG_STATE_NAME
+
+        files = [path / f"{RNG_STATE_NAME}_{self.rank}.pkl"]
+        if self.deepspeed is not None:
+            ds = self.accelerator.deepspeed_engine_wrapped.engine
+            if ds.save_zero_checkpoint:
+                files.append(Path(ds._get_zero_ckpt_name(str(path), DS_TAG)))
+            if ds.save_non_zero_checkpoint and ds.zero_optimization_partition_weights():
+                files.append(Path(ds._get_ckpt_name(str(path), DS_TAG)))  # one per rank
+        return files
+
     def full_state_dict(self, model: nn.Module, checkpoint: Path) -> dict[str, torch.Tensor]:
         """The whole model's weights in fp32 on the CPU, on the main process (collective: every
         rank calls it; the others may get an empty dict).

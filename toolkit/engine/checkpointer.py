@@ -18,6 +18,7 @@ import logging
 import os
 import re
 import shutil
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -195,12 +196,15 @@ class Checkpointer:
             shutil.rmtree(tmp, ignore_errors=True)
         engine.barrier()
         engine.save_state(tmp)
-        # Every rank lists the files it wrote itself (its own view of them is current even on a
-        # file system whose other clients may still see them stale); the main process merges.
-        written = engine.gather(own_files(tmp, engine.rank))
+        # Every rank gives the sizes of the files it wrote alone, by name, as its own view of
+        # them is current even on a file system whose other clients may still see them stale;
+        # no rank lists or stats another's (N ranks doing so make N x N metadata calls on the
+        # shared file system at every checkpoint). The main process adds the rest, its own.
+        written = engine.gather(sizes(tmp, engine.rank_files(tmp)))
         if engine.is_main:
             assert written is not None
             files = {name: size for part in written for name, size in part.items()}
+            files |= sizes_of_others(tmp, known=files)
             if self.frozen:
                 save_file(self.frozen, str(tmp / FROZEN))
             (tmp / STATE).write_text(state.to_json())
@@ -285,18 +289,26 @@ def universal_dir(ckpt: Path) -> Path:
     return ckpt.parent / f".universal-{ckpt.name}"
 
 
-# Files accelerate and DeepSpeed write once per rank carry the rank in their names; everything
-# else in a checkpoint is written by the main process.
-_RANK_FILE = re.compile(r"(?:zero_pp_rank_|random_states_)(\d+)")
-
-
-def own_files(tmp: Path, rank: int) -> dict[str, int]:
-    """{relative path: size} of the files of a checkpoint being written that `rank` wrote."""
+def sizes(root: Path, paths: list[Path]) -> dict[str, int]:
+    """{path relative to `root`: size} of those of `paths` that exist (one stat each)."""
     out = {}
-    for path in sorted(tmp.rglob("*")):
-        m = _RANK_FILE.search(path.name)
-        if path.is_file() and (int(m.group(1)) if m else 0) == rank:
-            out[str(path.relative_to(tmp))] = path.stat().st_size
+    for path in paths:
+        try:
+            out[str(path.relative_to(root))] = path.stat().st_size
+        except FileNotFoundError:  # not written by this layout: the main process finds the rest
+            continue
+    return out
+
+
+def sizes_of_others(root: Path, known: dict[str, int]) -> dict[str, int]:
+    """{relative path: size} of the files under `root` not `known`: the folder is listed (names
+    only) and only the files not known are stat-ed."""
+    out = {}
+    for folder, _, names in os.walk(root):
+        for name in names:
+            rel = os.path.relpath(os.path.join(folder, name), root)
+            if rel not in known:
+                out[rel] = os.stat(os.path.join(folder, name)).st_size
     return out
 
 
@@ -335,11 +347,14 @@ def damage(ckpt: Path) -> str | None:
     except (ValueError, KeyError) as err:
         return f"unreadable {COMPLETE} ({err})"
     for name, size in files.items():
-        path = ckpt / name
-        if not path.is_file():
+        try:  # one stat a file: the main process checks every file of every checkpoint
+            found = (ckpt / name).stat()
+        except OSError:
             return f"{name} is missing"
-        if path.stat().st_size != size:
-            return f"{name} has {path.stat().st_size} bytes, expected {size}"
+        if not stat.S_ISREG(found.st_mode):
+            return f"{name} is missing"
+        if found.st_size != size:
+            return f"{name} has {found.st_size} bytes, expected {size}"
     return None
 
 

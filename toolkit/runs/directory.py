@@ -99,17 +99,20 @@ class Finished:
         )
 
 
-def finished(r: recipe.Recipe, ckpts: list[Path]) -> Finished | None:
+def finished(
+    r: recipe.Recipe, ckpts: list[Path], manifest: Manifest | None = None
+) -> Finished | None:
     """Whether the run in `r.run_dir` (whose complete checkpoints, newest first, are `ckpts`)
     has reached its end: its newest checkpoint is at the last step that `r` plans for the
     number of processes that wrote it. Any other number of processes relaunching it would map
     that position to another step and train again, so a finished run is judged by its own world
-    size, never the relaunch's. The sample counts come from the shards, or from the run's own
-    record of them where the shards are gone (a scratch file system purged)."""
+    size, never the relaunch's. The sample counts come from the shards (`manifest`, where the
+    caller has read it), or from the run's own record of them where the shards are gone (a
+    scratch file system purged)."""
     if not ckpts:
         return None
     state = TrainState.read(ckpts[0] / STATE)
-    counts = _sample_counts(r)
+    counts = _sample_counts(r, manifest)
     if state.step < StepPlan.of(r, counts["train"], state.world_size).total:
         return None
     evaluated = not counts.get("val") or (r.run_dir / "eval.json").is_file()
@@ -117,11 +120,11 @@ def finished(r: recipe.Recipe, ckpts: list[Path]) -> Finished | None:
     return Finished(r.run_dir, state.step, state.world_size, written)
 
 
-def _sample_counts(r: recipe.Recipe) -> dict[str, int]:
+def _sample_counts(r: recipe.Recipe, manifest: Manifest | None = None) -> dict[str, int]:
     """Samples per split that `r` reads: the train count is its subset's, where it cuts one
     (counted from the manifest: no shard is listed to tell whether a run is finished)."""
     try:
-        manifest = read_manifest(r.data.shards)
+        manifest = manifest if manifest is not None else read_manifest(r.data.shards)
         if r.data.holdout is not None:  # its counts depend on the keys: listed
             manifest = subset.restrict(manifest, r.data)
         counts = {split: manifest.count(split) for split in manifest.splits}
@@ -189,13 +192,16 @@ def state_shapes(r: recipe.Recipe) -> dict[str, tuple[int, ...]]:
     return {name: tuple(t.shape) for name, t in model.state_dict().items()}
 
 
-def check_relaunch(r: recipe.Recipe, world_size: int) -> Finished | None:
+def check_relaunch(
+    r: recipe.Recipe, world_size: int, manifest: Manifest | None = None
+) -> Finished | None:
     """Whether `r` may train in `r.run_dir` on `world_size` processes: None for a new run or one
     to resume; the Finished run that is left as it is (the caller says so and trains nothing);
     a user error for a run of another model or layout (it would not load, or would mean
     something else), and for one whose last writes were cut short and that a relaunch on
     another number of processes cannot finish. A run another process holds is refused first:
-    its writer prunes and writes checkpoints while they would be read."""
+    its writer prunes and writes checkpoints while they would be read. `manifest`: the one of
+    `r`'s shards, where the caller has read it."""
     holder = holder_of(r.run_dir)
     if holder is not None:
         raise Held(f"run.dir: {refusal(r.run_dir, holder)}")
@@ -212,7 +218,7 @@ def check_relaunch(r: recipe.Recipe, world_size: int) -> Finished | None:
             f"{r.run_dir}: holds a run this recipe cannot continue ({difference}); give this run "
             f"its own run.dir, or relaunch with the run's own recipe ({r.run_dir / RECIPE})"
         )
-    done = finished(r, ckpts)
+    done = finished(r, ckpts, manifest)
     if done is None or done.written:
         return done
     if done.world_size != world_size:
@@ -310,9 +316,10 @@ def shard_problems(
     return out
 
 
-def check_shards(target: Target, split: str) -> None:
+def check_shards(target: Target, split: str) -> Manifest:
     """Shards the target's model and task can read, with samples in `split`, and values that
-    fit what it was trained on: a user error otherwise."""
+    fit what it was trained on: their manifest (with the held-out part cut, where the recipe
+    holds one out) for the loader; a user error otherwise."""
     r = target.recipe
     manifest = read_manifest(r.data.shards)
     problems = shard_problems(r, manifest, training_record(target))
@@ -322,13 +329,21 @@ def check_shards(target: Target, split: str) -> None:
         manifest = subset.restrict(manifest, r.data)
     if not manifest.count(split):
         raise UserError(f"{Path(r.data.shards) / 'manifest.json'}: split {split!r} has no samples")
+    return manifest
 
 
-def eval_loader(r: recipe.Recipe, split: str, rank: int = 0, world_size: int = 1) -> Loader:
-    """This rank's share of `split`, each sample once, centre-cropped, in a fixed order."""
+def eval_loader(
+    r: recipe.Recipe,
+    split: str,
+    rank: int = 0,
+    world_size: int = 1,
+    manifest: Manifest | None = None,
+) -> Loader:
+    """This rank's share of `split`, each sample once, centre-cropped, in a fixed order;
+    `manifest`: the shards' as already read (`check_shards`), else read here."""
     return build_loader(r.data, split, crop=r.model.img_size, seed=r.train.seed, rank=rank,
-                        world_size=world_size, fields=task_of(r).fields,
-                        evaluation=True)  # fmt: skip
+                        world_size=world_size, fields=task_of(r).fields, evaluation=True,
+                        manifest=manifest)  # fmt: skip
 
 
 def eval_path(target: Target, split: str, custom: bool) -> Path:

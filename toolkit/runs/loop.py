@@ -20,7 +20,7 @@ from toolkit.core.atomic import write_atomic
 from toolkit.core.logging import RunLogger, image_grid
 from toolkit.core.metrics import metric
 from toolkit.data import subset
-from toolkit.data.format import TRAINED_ON, Manifest, read_manifest, trained_on, write_json
+from toolkit.data.format import TRAINED_ON, Manifest, trained_on, write_json
 from toolkit.data.loader import Loader, build_loader
 from toolkit.data.normalise import resolve
 from toolkit.engine.accel import Engine
@@ -34,7 +34,7 @@ from toolkit.engine.validate import Validation, summary, validate, write_eval
 from toolkit.models import param_counts
 from toolkit.models.vit import drop_path_stream
 from toolkit.runs import preflight, recipe, sweep
-from toolkit.runs.directory import check_relaunch
+from toolkit.runs.directory import Finished
 from toolkit.runs.hold import acquire
 from toolkit.tasks import Placement, Task, task_of
 
@@ -82,15 +82,14 @@ def train(r: recipe.Recipe) -> TrainResult:
         # A run that reached its end is left as it is, whatever the number of processes (and
         # whether its shards are still there); then the inputs are checked, by one process for
         # the job, and every rank stops with the same line if one does not fit.
-        done = engine.on_main(lambda: check_relaunch(r, engine.world_size))
+        done, manifest = engine.on_main(lambda: admitted(r, engine.world_size))
         if done is not None:
             if engine.is_main:
                 logger.warning("%s", done.line())
             engine.close()
             return TrainResult(r.run_dir, done.step, False, None)
-        engine.on_main(lambda: preflight.require(r))
         hold = engine.on_main(lambda: acquire(r.run_dir, f"training {r.name}"), share=False)
-        run = build(engine, r)
+        run = build(engine, r, manifest)
         state = restore(run)
         return finish(run, loop(run, state))
     except BaseException:
@@ -106,19 +105,26 @@ def train(r: recipe.Recipe) -> TrainResult:
             hold.release()
 
 
-def build(engine: Engine, r: recipe.Recipe) -> Run:
-    """Model, optimiser, schedule and loaders, prepared for this process; the checkpoint to
-    resume from, if any, and what of it must be loaded before set-up."""
+def admitted(r: recipe.Recipe, world_size: int) -> tuple[Finished | None, Manifest | None]:
+    """On the main process, for the job: the finished run to leave as it is, or else the
+    manifest, read once (with one check of its shards) for the relaunch check, the preflight
+    and the loaders, with the training subset the recipe cuts, if any, chosen here too (every
+    rank reads that one; a refusal while choosing it stops every rank with the same line)."""
+    done, manifest = preflight.admit(r, world_size)
+    return done, (subset.restrict(manifest, r.data) if manifest is not None else None)
+
+
+def build(engine: Engine, r: recipe.Recipe, manifest: Manifest) -> Run:
+    """Model, optimiser, schedule and loaders, prepared for this process from `manifest` (the
+    job's, as `admitted` gives it); the checkpoint to resume from, if any, and what of it must
+    be loaded before set-up."""
     engine.seed(r.train.seed, per_rank=False)  # the same initial model on every rank
-    # One read of the manifest (and one check of its shards) per job, by the main process.
-    # The training subset, if the recipe cuts one, is chosen there too (every rank reads that
-    # one), and a refusal while choosing it stops every rank with the same line.
-    manifest = engine.on_main(lambda: subset.restrict(read_manifest(r.data.shards), r.data))
     # The normalisation in force, written into the run's recipe.yaml (evaluate and predict
     # map values as the training did, whatever shards they are given).
     norm = resolve(r.data.normalise, manifest)
     r = dataclasses.replace(r, data=dataclasses.replace(r.data, normalise=str(norm)))
     task = task_of(r)
+    task.use_shards(manifest)
     model = build_model(r, task)
     recipe_yaml = recipe.dump(r)
     ckpt = Checkpointer(engine, r.run_dir, r.train.keep_last, recipe_yaml)

@@ -6,17 +6,23 @@ from pathlib import Path
 
 from toolkit.core.errors import UserError
 from toolkit.data import subset
-from toolkit.data.format import MANIFEST, read_manifest
+from toolkit.data.format import MANIFEST, Manifest, read_manifest
 from toolkit.runs import recipe
-from toolkit.runs.directory import check_relaunch, shard_problems
+from toolkit.runs.directory import Finished, check_relaunch, shard_problems
 from toolkit.runs.hold import holder_of, refusal
 
 
-def problems(r: recipe.Recipe, *, chained: bool = False) -> list[str]:
+def problems(
+    r: recipe.Recipe, *, chained: bool = False, manifest: Manifest | None = None
+) -> list[str]:
     """What is missing or does not fit. `chained`: an earlier stage submitted in the same chain
-    will write init.from, so its absence is expected."""
+    will write init.from, so its absence is expected. `manifest`: the one of `r`'s shards, where
+    the caller has read it."""
     out = []
-    if not (Path(r.data.shards) / MANIFEST).is_file():
+    if manifest is not None:
+        out += shard_problems(r, manifest)
+        out += subset.problems(manifest, r.data)
+    elif not (Path(r.data.shards) / MANIFEST).is_file():
         out.append(
             f"data.shards: {Path(r.data.shards) / MANIFEST} not found: make the shards first with "
             f"`python -m toolkit.shard SRC {r.data.shards}`"
@@ -79,8 +85,25 @@ def relaunch_notes(r: recipe.Recipe, world_size: int) -> list[str]:
     return [f"run.dir: {done.line()}"] if done is not None else []
 
 
-def require(r: recipe.Recipe, *, chained: bool = False) -> None:
+def require(r: recipe.Recipe, *, chained: bool = False, manifest: Manifest | None = None) -> None:
     """Raise the first problem as a user error: a real launch cannot go on without it."""
-    found = problems(r, chained=chained)
+    found = problems(r, chained=chained, manifest=manifest)
     if found:
         raise UserError(found[0])
+
+
+def admit(
+    r: recipe.Recipe, world_size: int, *, chained: bool = False
+) -> tuple[Finished | None, Manifest | None]:
+    """Whether `r` trains on `world_size` processes, its shards' manifest read once for both
+    checks (seconds a read at 1e5 shards): the finished run that is left as it is (nothing to
+    train), else the manifest; the relaunch's refusal or the first problem as a user error."""
+    try:
+        manifest = read_manifest(r.data.shards)
+    except UserError:  # a finished run needs no shards; else `require` says what is wrong
+        manifest = None
+    done = check_relaunch(r, world_size, manifest)
+    if done is not None:
+        return done, None
+    require(r, chained=chained, manifest=manifest)
+    return None, manifest

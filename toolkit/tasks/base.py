@@ -92,6 +92,11 @@ class Task(ABC):
                 f"the {self.name} task needs" + (f"; {how}" if how else "")
             )
 
+    def use_shards(self, manifest: Manifest) -> None:
+        """Take what the task needs from the manifest of the shards it runs on, as the job read
+        it once (none by default)."""
+        return None
+
     def model_inputs(self) -> dict[str, Any]:
         """What the architecture's builder needs from the task (the SR scale, ...)."""
         return {}

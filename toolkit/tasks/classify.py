@@ -52,6 +52,7 @@ class ClassifyTask(Task):
         super().__init__(r)
         self.num_classes = int(getattr(r.model, "num_classes", 0))
         self.shards = r.data.shards
+        self.class_names: tuple[str, ...] | None = None  # the shards', from `use_shards`
 
     @classmethod
     def problems(cls, r: Recipe) -> Iterator[tuple[str, str]]:
@@ -80,6 +81,9 @@ class ClassifyTask(Task):
                 f"{where}: the shards' classes are {_names(classes)}, but the run was trained "
                 f"on {_names(trained['classes'])} (labels are indices in that order)"
             )
+
+    def use_shards(self, manifest: Manifest) -> None:
+        self.class_names = manifest.classes or ()
 
     def losses(
         self, model: nn.Module, batch: dict[str, Any], at: Placement, rng: torch.Generator | None
@@ -115,18 +119,23 @@ class ClassifyTask(Task):
         accuracy = mean_statistic(values["accuracy"][:, None])
         return concat(accuracy, auc_statistic(scores, labels)), labels
 
-    def extras(self, values: MetricAccumulator) -> dict[str, Any]:
-        """The class names (from the shards, where readable), the confusion matrix (rows: true
-        class, columns: predicted) and each class's one-vs-rest ROC curve."""
+    def _read_classes(self) -> tuple[str, ...]:
+        """The class names of the recipe's shards, where the caller gave no manifest."""
         from toolkit.core.errors import UserError
         from toolkit.data.format import read_manifest
 
+        try:
+            return read_manifest(self.shards).classes or ()
+        except UserError:
+            return ()
+
+    def extras(self, values: MetricAccumulator) -> dict[str, Any]:
+        """The class names (from the shards, where readable), the confusion matrix (rows: true
+        class, columns: predicted) and each class's one-vs-rest ROC curve."""
+
         scores, labels = self._gathered(values)
         k = self.num_classes
-        try:
-            names = list(read_manifest(self.shards).classes or ())
-        except UserError:
-            names = []
+        names = list(self.class_names if self.class_names is not None else self._read_classes())
         names = names if len(names) == k else [str(c) for c in range(k)]
         predicted = scores.argmax(dim=1)
         confusion = torch.zeros(k, k, dtype=torch.long)

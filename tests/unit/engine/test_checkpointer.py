@@ -216,25 +216,27 @@ def test_init_from_loads_by_name_and_refuses_other_shapes(tmp_path) -> None:
         init_from(wide, str(tmp_path / "w.safetensors"))
 
 
-def test_each_rank_lists_the_files_it_wrote(tmp_path) -> None:
-    """The main process merges these lists into COMPLETE: a file another rank wrote is listed
-    by that rank, with the size it saw, whatever the main process's view of it."""
-    from toolkit.engine.checkpointer import own_files
+def test_each_rank_gives_the_files_it_wrote_and_the_main_process_the_rest(tmp_path) -> None:
+    """The main process merges these into COMPLETE: a file another rank wrote is given by that
+    rank, with the size it saw, whatever the main process's view of it, which it does not stat."""
+    from toolkit.engine.checkpointer import sizes, sizes_of_others
 
     ds = tmp_path / "pytorch_model"
     ds.mkdir()
     for name, size in (("random_states_0.pkl", 3), ("random_states_1.pkl", 4),
                        ("scheduler.bin", 5), ("pytorch_model/mp_rank_00_model_states.pt", 6),
-                       ("pytorch_model/zero_pp_rank_0_mp_rank_00_optim_states.pt", 7),
                        ("pytorch_model/zero_pp_rank_1_mp_rank_00_optim_states.pt", 8)):  # fmt: skip
         (tmp_path / name).write_bytes(b"x" * size)
-    assert own_files(tmp_path, 1) == {
+    mine = [tmp_path / "random_states_1.pkl", ds / "zero_pp_rank_1_mp_rank_00_optim_states.pt",
+            ds / "not_written_in_this_layout.pt"]  # fmt: skip
+    given = sizes(tmp_path, mine)
+    assert given == {
         "random_states_1.pkl": 4,
         "pytorch_model/zero_pp_rank_1_mp_rank_00_optim_states.pt": 8,
     }
-    assert own_files(tmp_path, 0) == {
+    given["random_states_1.pkl"] = 40  # rank 1's view wins: the main process does not stat it
+    assert sizes_of_others(tmp_path, given) == {
         "random_states_0.pkl": 3,
         "scheduler.bin": 5,
         "pytorch_model/mp_rank_00_model_states.pt": 6,
-        "pytorch_model/zero_pp_rank_0_mp_rank_00_optim_states.pt": 7,
     }
