@@ -1,16 +1,18 @@
 #!/usr/bin/env bash
 # GPU check in one call (no network needed there): installs from a bundle what the GPU machine
-# lacks, then measures with benchmarks/gpu.py, within a budget of about 8 minutes:
+# lacks, then measures with benchmarks/gpu.py, within a budget of about 8 minutes, on whatever
+# torch the machine has (the bundle holds no torch, and its wheels go in without dependencies):
 #
-#   bash benchmarks/gpu.sh [--bundle DIR] [--budget 450] [--steps 60] [--python PY]
+#   bash benchmarks/gpu.sh [--bundle DIR] [--budget 450] [--steps 40] [--log-every 10] [--python PY]
 #   bash benchmarks/gpu.sh --cpu-smoke          # the same script on the CPU, tiny: it works
 #
 # The bundle is made beforehand, on a machine with the package registry, by
 # `bash benchmarks/gpu_bundle.sh .gpu-bundle` (wheels for Python 3.12 on x86-64 Linux, a
 # pure-Python DeepSpeed wheel built from its source; under 64 MB); the device tool carries it
 # (`carry: [.gpu-bundle]`). Results: $OUT/gpu.json, $OUT/gpu.md, $OUT/gpu-logs.tar.gz (where $OUT
-# is unset: benchmarks/results/gpu/). Exit 0 only when every configuration ran and every check
-# passed.
+# is unset: benchmarks/results/gpu/). Exit status: 0 every configuration ran and every check
+# passed; 3 every check that ran passed, some configurations skipped for the budget (gpu.json
+# lists them); 1 a configuration or a check failed, or a package is missing; 2 bad arguments.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -22,9 +24,9 @@ while [[ $# -gt 0 ]]; do
     case "$1" in
         --bundle) BUNDLE="${2:?--bundle needs a folder}"; shift 2 ;;
         --cpu-smoke) SMOKE=1; ARGS+=(--cpu-smoke); shift ;;
-        --budget | --steps) ARGS+=("$1" "${2:?$1 needs a number}"); shift 2 ;;
+        --budget | --steps | --log-every) ARGS+=("$1" "${2:?$1 needs a number}"); shift 2 ;;
         --python) PY="${2:?--python needs a path}"; shift 2 ;;
-        -h | --help) sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        -h | --help) sed -n '2,15p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
         *) printf 'gpu.sh: unknown argument %q (see --help)\n' "$1" >&2; exit 2 ;;
     esac
 done

@@ -17,6 +17,10 @@ WHEELS=(webdataset==1.0.2 braceexpand submitit==1.5.4 hjson pydantic pydantic-co
     --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
     --platform manylinux2014_x86_64 --platform any -d "$DIR" "${WHEELS[@]}"
 DS_BUILD_OPS=0 "$PY" -m pip wheel -q --no-deps --no-binary deepspeed -w "$DIR" deepspeed==0.19.8
+# The check runs on the machine's own torch, whatever its release: none travels in the bundle.
+if compgen -G "$DIR/torch-*.whl" >/dev/null; then
+    echo "gpu_bundle.sh: a torch wheel in $DIR" >&2; exit 1
+fi
 size=$(du -sm "$DIR" | cut -f1)
 echo "gpu_bundle.sh: $(ls "$DIR" | wc -l) wheels, ${size} MB in $DIR"
 if ((size >= 64)); then echo "gpu_bundle.sh: over the 64 MB the device tool carries" >&2; exit 1; fi

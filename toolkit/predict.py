@@ -180,7 +180,7 @@ class Predictor:
         try:
             with self.engine.autocast():
                 out = self.model(tiles.to(self.engine.device, non_blocking=True))
-        except torch.OutOfMemoryError:
+        except torch.cuda.OutOfMemoryError:  # torch.OutOfMemoryError itself (2.4+); 1.13+
             raise UserError(
                 f"out of memory on {self.engine.device} for {len(tiles)} tile(s) of "
                 f"{tuple(tiles.shape[-2:])}: use a smaller --batch or --tile"
