@@ -40,6 +40,8 @@ from typing import Any
 
 import numpy as np
 
+from benchmarks.common import TINY_VIT, stamp
+
 logger = logging.getLogger("benchmarks.gpu")
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -77,9 +79,7 @@ CONFIGS = [
 # The CPU smoke runs ZeRO-2 and DDP, SR-MAE and the MAE, and lists the others. Not compilation:
 # inductor takes about 100 s on a 2-core CPU (tests/e2e/test_train.py checks train.compile).
 SMOKE_CONFIGS = ("sr zero2", "mae ddp")
-TINY = ("model.img_size=32", "model.patch_size=4", "model.embed_dim=32", "model.depth=1",
-        "model.num_heads=2", "model.decoder_embed_dim=16", "model.decoder_depth=1",
-        "model.decoder_num_heads=2")  # fmt: skip
+TINY = tuple(TINY_VIT)
 
 
 @dataclass(frozen=True)
@@ -306,14 +306,18 @@ def verdict(rows: list[dict[str, Any]], checks: dict[str, bool]) -> tuple[int, s
     return EXIT_OK, f"{ran} configurations ran and every check passed"
 
 
+def title(env: dict[str, Any], plan: Plan) -> str:
+    """What the check ran on and how: the first line of gpu.md and the title in gpu.json."""
+    return (f"GPU check: {env['device']}, torch {env['torch']} (CUDA {env['cuda']}, cuDNN "
+            f"{env['cudnn']}, driver {env['driver']}), Python {env['python']}; batch "
+            f"{plan.batch}, {plan.steps} steps, a log line every {plan.log_every}, the first "
+            "window (warm-up) not timed")  # fmt: skip
+
+
 def markdown(doc: dict[str, Any]) -> str:
-    env = doc["env"]
     cols = ["config", "status", "images_per_s", "spread", "data_wait_share", "peak_memory_gb",
             "train_gflops_per_image", "mfu", "seconds"]  # fmt: skip
-    md = [f"GPU check: {env['device']}, torch {env['torch']} (CUDA {env['cuda']}, cuDNN "
-          f"{env['cudnn']}, driver {env['driver']}), Python {env['python']}; batch "
-          f"{doc['batch']}, {doc['steps']} steps, a log line every {doc['log_every']}, the first "
-          "window (warm-up) not timed.", "",
+    md = [doc["title"] + ".", "",
           "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]  # fmt: skip
     for r in doc["configs"]:
         cells = [f"{r.get(c):.4g}" if isinstance(r.get(c), float) else str(r.get(c, "-"))
@@ -387,7 +391,8 @@ def main(argv: list[str] | None = None) -> int:
         if i == 0:
             checks.update(resume_check(config, common, run_dir, plan, work, rc))
     code, summary = verdict(rows, checks)
-    doc = {"env": env_info, "peak_bf16_tflops": peak, "batch": plan.batch, "steps": plan.steps,
+    doc = {"title": title(env_info, plan), "stamp": stamp(), "env": env_info,
+           "peak_bf16_tflops": peak, "batch": plan.batch, "steps": plan.steps,
            "log_every": plan.log_every, "budget_s": a.budget,
            "elapsed_s": time.monotonic() - start, "configs": rows, "checks": checks,
            "skipped": [r["config"] for r in rows if r["status"] == "skipped (budget)"],

@@ -75,7 +75,22 @@ BENCHMARKS: dict[str, Bench] = {
         needs=_missing("runs/demo/finetune", "runs/demo/edsr", "data/demo/raw"),
     ),
     "ceiling": Bench(["-m", "benchmarks.ceiling"], needs=_missing("data/demo/shards")),
-    "gpu": Bench(["benchmarks/gpu.sh"], needs=_no_gpu, tiny=["--cpu-smoke"]),
+    "gpu": Bench(
+        ["benchmarks/gpu.sh"],
+        columns=[
+            "config",
+            "status",
+            "images_per_s",
+            "spread",
+            "data_wait_share",
+            "peak_memory_gb",
+            "train_gflops_per_image",
+            "mfu",
+            "seconds",
+        ],
+        needs=_no_gpu,
+        tiny=["--cpu-smoke"],
+    ),
 }
 
 
@@ -100,13 +115,16 @@ def render(name: str, doc: dict[str, Any]) -> str:
     """The block of one benchmark: its stamp, title and table."""
     s = doc.get("stamp", {})
     stamp = " · ".join(str(s.get(k, "?")) for k in ("commit", "machine", "torch", "date"))
-    rows = doc["rows"]
+    rows = doc["rows"] if "rows" in doc else doc["configs"]  # the GPU check's: configurations
     columns = BENCHMARKS[name].columns or list(
         dict.fromkeys(k for row in rows for k, v in row.items() if not isinstance(v, dict | list))
     )
     lines = [f"`python -m benchmarks.results --only {name}` · {stamp}", "", doc["title"], "",
              "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]  # fmt: skip
     lines += ["| " + " | ".join(cell(row.get(c, "")) for c in columns) + " |" for row in rows]
+    if "summary" in doc:  # the GPU check's verdict and checks
+        lines += ["", *(f"- {k}: {'ok' if v else 'FAILED'}" for k, v in doc["checks"].items())]
+        lines += ["", f"**{doc['summary']}** (exit {doc['exit']})"]
     return "\n".join(lines)
 
 

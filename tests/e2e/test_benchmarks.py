@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 
 from benchmarks.results import BENCHMARKS
 from tests.helpers import run_command
@@ -36,7 +37,7 @@ EXPECTED: dict[str, tuple[set[str], set[str]]] = {
     "bootstrap": ({"case", "samples", "resamples", "widths"}, {"seconds"}),
     "predict": ({"model"}, set()),
     "ceiling": ({"metric"}, {"noiseless HR"}),
-    "gpu": (set(), set()),
+    "gpu": ({"config", "status"}, set()),
 }  # fmt: skip
 
 
@@ -65,9 +66,10 @@ def test_each_benchmark_writes_its_table_at_tiny_size(tiny: Path, name: str) -> 
                           capture_output=True, text=True, check=True).stdout.strip()  # fmt: skip
     assert doc["stamp"]["commit"].split("+")[0] == head
     assert {"machine", "torch", "date"} <= set(doc["stamp"])
-    assert doc["rows"], name
+    rows = doc["rows"] if name != "gpu" else doc["configs"]
+    assert rows, name
     keys, numbers = EXPECTED[name]
-    for row in doc["rows"]:
+    for row in rows:
         assert keys | numbers <= set(row), (name, row)
         assert all(_finite(row[k]) for k in numbers), (name, row)
     if name in ("data", "throughput"):  # the ratios' spread brackets their median
@@ -95,3 +97,22 @@ def test_every_benchmark_script_is_run_by_results_and_checked_here() -> None:
     assert scripts | {"gpu"} == set(BENCHMARKS) == set(EXPECTED)
     text = (ROOT / "benchmarks" / "RESULTS.md").read_text()
     assert all(f"<!-- results: {n} -->" in text for n in BENCHMARKS)
+
+
+def test_the_gpu_checks_cpu_smoke_runs_its_configurations_and_checks(tiny: Path) -> None:
+    """`gpu.sh --cpu-smoke`: the versions recorded, every configuration listed with what became
+    of it, the smoke's own run with numbers, the resume checks passed, three files written."""
+    from benchmarks import gpu
+
+    doc = json.loads((tiny / "results" / "gpu.json").read_text())
+    assert {"torch", "cuda", "cudnn", "device", "driver", "python"} <= doc["env"].keys()
+    assert doc["env"]["torch"] == torch.__version__
+    assert [r["config"] for r in doc["configs"]] == [c.label for c in gpu.CONFIGS]
+    ran = [r for r in doc["configs"] if r["status"] == "ok"]
+    assert [r["config"] for r in ran] == list(gpu.SMOKE_CONFIGS)
+    assert all(r["images_per_s"] > 0 and r["train_gflops_per_image"] > 0 for r in ran)
+    assert doc["checks"] == {"resume resumed from the last checkpoint": True,
+                             "every logged step logged once": True}  # fmt: skip
+    assert doc["ok"] and doc["exit"] == 0
+    written = {p.name for p in (tiny / "results" / "gpu").iterdir()}
+    assert written == {"gpu.json", "gpu.md", "gpu-logs.tar.gz"}

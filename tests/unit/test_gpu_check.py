@@ -1,13 +1,11 @@
 """benchmarks/gpu.py: the FLOPs its MFU uses against counts it does not make (an analytic one for a
 small layer stack, FlopCounterMode over a real CPU training step of every architecture), the log
-windows it times, its budget and exit status; and `gpu.sh --cpu-smoke` end to end (slow)."""
+windows it times, its budget and exit status (`gpu.sh --cpu-smoke` end to end: in
+tests/e2e/test_benchmarks.py)."""
 
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -166,26 +164,3 @@ def test_configurations_the_budget_cannot_hold_are_skipped(
     assert first["images_per_s"] == 9.0 and first["timed_steps"] == 30
     assert first["mfu"] == pytest.approx(gpu.mfu(1e9, 9.0, 989.4))
     assert "skipped (budget)" in (tmp_path / "out" / "gpu.md").read_text()
-
-
-@pytest.mark.slow
-def test_the_cpu_smoke_runs(tmp_path: Path) -> None:
-    env = {**os.environ, "GPU_WORK": str(tmp_path / "work"), "OUT": str(tmp_path / "out")}
-    cmd = ["bash", "benchmarks/gpu.sh", "--cpu-smoke", "--python", sys.executable]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    doc = json.loads((tmp_path / "out" / "gpu.json").read_text())
-    assert {"torch", "cuda", "cudnn", "device", "driver", "python"} <= doc["env"].keys()
-    assert doc["env"]["torch"] == torch.__version__
-    assert [r["config"] for r in doc["configs"]] == [c.label for c in gpu.CONFIGS]
-    ran = [r for r in doc["configs"] if r["status"] == "ok"]
-    assert [r["config"] for r in ran] == list(gpu.SMOKE_CONFIGS)
-    assert all(r["images_per_s"] > 0 and r["train_gflops_per_image"] > 0 for r in ran)
-    assert doc["checks"] == {"resume resumed from the last checkpoint": True,
-                             "every logged step logged once": True}  # fmt: skip
-    assert doc["ok"] and doc["exit"] == 0
-    assert {p.name for p in (tmp_path / "out").iterdir()} == {
-        "gpu.json",
-        "gpu.md",
-        "gpu-logs.tar.gz",
-    }
