@@ -15,6 +15,9 @@ functions are in `toolkit/data/plan.py`):
    "k batches of epoch e consumed" tells each worker how many of its batches to skip on resume.
 Crops and augmentation draw from a generator seeded by (seed, epoch, sample position), so they do
 not depend on the worker count or on resuming.
+5. A worker stacks each batch into a shared-memory slot of its own that the training process
+   frees once it holds nothing of that batch (`toolkit/data/handoff.py`): only keys and the slot's
+   layout cross the worker's queue.
 
 A batch is a dict: `key` (the sample keys), `valid` (bool [N]: False for a repeat that evaluation
 must not count), and the tensors the task asks for: `hr` and `lr` ([N, C, H, W] float32, in the

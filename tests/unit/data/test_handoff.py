@@ -110,3 +110,23 @@ def test_batches_let_go_come_back_in_slots(shards: Path, workers: int, monkeypat
         assert sum(len(b["key"]) for b in ld) == 48
     ld.close()
     assert not ld.stream.pool.flags.any()
+
+
+def test_pinned_copies_free_the_slot_at_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A DataLoader that pins memory calls `pin_memory()` on what a worker hands over: the
+    batch dict comes back as pinned copies (clones here, without a GPU), and the slot is free."""
+    monkeypatch.setattr(torch.Tensor, "pin_memory", lambda self, *a: self.clone())
+    pool = H.SlotPool(1, 1, 4096)
+    pinned = H.collate(items(3), pool, 0).pin_memory()
+    gc.collect()
+    assert pool.flags[0] == 0
+    want = default_collate(items(3))
+    assert pinned["key"] == want["key"] and torch.equal(pinned["hr"], want["hr"])
+
+
+def test_a_pool_does_not_cross_to_a_spawned_worker() -> None:
+    """Only a forked worker shares the mapping: pickled (as for a spawned worker) a pool is
+    None there, and that worker collates the ordinary way."""
+    import pickle
+
+    assert pickle.loads(pickle.dumps(H.SlotPool(2, 2, 4096))) is None
