@@ -513,3 +513,22 @@ def test_a_loose_file_or_pairs_cannot_be_labelled(tmp_path: Path) -> None:
         shard(src, tmp_path / "out", labels=True)
     with pytest.raises(UserError, match=r"--labels needs class folders of images, not hr/ \+ lr/"):
         shard(make_pairs(tmp_path / "pairs", 4), tmp_path / "out2", labels=True)
+
+
+@pytest.mark.parametrize("most", [None, 3, 1000])
+def test_a_file_is_read_whole_however_much_each_read_gives(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, most: int | None
+) -> None:
+    import os
+
+    from toolkit.data import sharding
+
+    data = RNG.bytes(5000)
+    (tmp_path / "f").write_bytes(data)
+    (tmp_path / "empty").write_bytes(b"")
+    if most is not None:
+        read = os.read
+        monkeypatch.setattr(sharding.os, "read", lambda fd, n: read(fd, min(n, most)))
+    assert sharding._read(tmp_path / "f") == data and sharding._read(tmp_path / "empty") == b""
+    with pytest.raises(ValueError, match="unreadable"):
+        sharding._read(tmp_path / "missing")
