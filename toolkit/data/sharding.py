@@ -359,7 +359,20 @@ def _members(
 
 T = TypeVar("T")
 R = TypeVar("R")
-_READ_RUN, _READ_AHEAD = 8, 2  # samples read and checked per task, and tasks ahead
+# Samples are read and checked in runs of about _READ_BYTES (at most _READ_RUN samples, at least
+# one), _READ_AHEAD runs ahead: a task per sample hands the GIL to and fro more than it reads,
+# and a count alone would hold gigabytes of large FITS files.
+_READ_BYTES, _READ_RUN, _READ_AHEAD = 4 << 20, 32, 2
+
+
+def read_run(job: ShardJob) -> int:
+    """Samples per read task for `job`, from the size of its first sample's files."""
+    first = job.items[0]
+    try:
+        size = sum(os.stat(p).st_size for p in (first.hr, first.lr, first.meta) if p is not None)
+    except OSError:  # unreadable: found and reported when it is read
+        size = 0
+    return max(1, min(_READ_RUN, _READ_BYTES // max(size, 1)))
 
 
 def ahead(
@@ -390,7 +403,8 @@ def write_shard(job: ShardJob, report: Callable[[int], None]) -> ShardResult:
             TarWriter(f) as tar,
             ThreadPoolExecutor(1, thread_name_prefix="shard-read") as reader,
         ):
-            loads = ahead(reader, functools.partial(load, job), job.items, _READ_RUN, _READ_AHEAD)
+            run = read_run(job)
+            loads = ahead(reader, functools.partial(load, job), job.items, run, _READ_AHEAD)
             for item, loaded in zip(job.items, loads):  # noqa: B905 (strict: it may stop early)
                 members = _members(job, item, loaded, result)
                 report(item.files)

@@ -532,3 +532,19 @@ def test_a_file_is_read_whole_however_much_each_read_gives(
     assert sharding._read(tmp_path / "f") == data and sharding._read(tmp_path / "empty") == b""
     with pytest.raises(ValueError, match="unreadable"):
         sharding._read(tmp_path / "missing")
+
+
+def test_files_are_read_ahead_in_runs_of_a_few_megabytes_at_most(tmp_path: Path) -> None:
+    """Small files are read in runs of many samples, large ones one at a time (a count alone
+    would hold gigabytes of large files in memory)."""
+    from toolkit.data import sharding
+    from toolkit.data.sources import Item
+
+    def job(size: int) -> sharding.ShardJob:
+        (tmp_path / f"{size}.npy").write_bytes(bytes(size))
+        item = Item("k", tmp_path / f"{size}.npy", None)
+        return sharding.ShardJob("train", 0, tmp_path, tmp_path, [item], False)
+
+    assert sharding.read_run(job(1000)) == sharding._READ_RUN
+    assert sharding.read_run(job(sharding._READ_BYTES // 4)) == 4
+    assert sharding.read_run(job(sharding._READ_BYTES * 3)) == 1
