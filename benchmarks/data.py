@@ -23,6 +23,11 @@ from toolkit.runs.recipe import DataConfig
 
 logger = logging.getLogger("benchmarks.data")
 
+WORKERS = (0, 1, 2)
+WRITER_GOAL = 1.5  # against ShardWriter, with every check the writer makes
+LOADER_GOAL = 1.0  # against webdataset's pipeline at the same worker count
+PLAIN_GOAL = {1: 0.8, 2: 0.8}  # against the plain loop, where workers hand batches over
+
 
 def make_pairs(root: Path, count: int, hr: int = 150, scale: int = 2) -> None:
     """Lensing-sized float32 pairs (150x150 / 75x75), random content: decode cost is what counts."""
@@ -166,12 +171,6 @@ def loader_rows(src: Path, shards: Path, args: argparse.Namespace) -> list[dict]
         rows.append(row(f"loader, {w} worker(s)", args.count, "read+decode loop",
                         paired(times["plain"], ours), PLAIN_GOAL.get(w)))  # fmt: skip
     return rows
-
-
-WORKERS = (0, 1, 2)
-WRITER_GOAL = 1.5  # against ShardWriter, with every check the writer makes
-LOADER_GOAL = 1.0  # against webdataset's pipeline at the same worker count
-PLAIN_GOAL = {1: 0.8, 2: 0.8}  # against the plain loop, where workers hand batches over
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
