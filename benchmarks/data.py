@@ -1,5 +1,4 @@
-"""Data-path benchmark, in alternating rounds: the loader vs webdataset's pipeline and a plain
-read+decode loop at 0, 1 and 2 workers, the shard writer vs ShardWriter and `tar cf`."""
+"""Loader vs webdataset and a plain read+decode loop, writer vs ShardWriter, alternating rounds."""
 
 from __future__ import annotations
 

@@ -1,19 +1,4 @@
-"""Batches handed from DataLoader workers to the training process in reused shared memory.
-
-default_collate in a worker stacks each field into a fresh shared-memory segment per batch: one
-segment made, sized, mapped and passed as a file descriptor per tensor, and a page fault per
-4 KiB as the worker fills it (about 1,800 faults for a 64 x 150 x 150 HR/LR batch, 5 us each on
-a VM). Here each producer (a DataLoader worker, or the main process with no workers) owns a few
-batch-sized slots of one anonymous shared mapping, made before the workers fork so that they
-inherit it: a batch is stacked into a slot whose pages are already mapped, and only its keys
-and the slot's layout cross the worker's queue.
-
-A slot is handed back only when the consuming process holds nothing of it any more: its
-tensors are views of one numpy array per batch, whose finalizer frees the slot once every
-tensor, view and storage made from it is gone. A batch kept for any length of time keeps its
-slot; a producer finding all of its slots held collates the ordinary way instead, so nothing
-ever waits for a slot and no batch is written over while it can still be read.
-"""
+"""Batches handed from DataLoader workers to the training process in reused shared memory."""
 
 from __future__ import annotations
 
@@ -43,9 +28,21 @@ def _aligned(n: int) -> int:
 class SlotPool:
     """`per_producer` slots of `slot_bytes` for each of `producers` in one shared mapping.
 
+    default_collate in a worker stacks each field into a fresh shared-memory segment per batch:
+    a segment made, sized, mapped and passed as a file descriptor per tensor, and a page fault
+    per 4 KiB as the worker fills it (about 1,800 for a 64 x 150 x 150 HR/LR batch, 2-5 us each
+    on a small VM). Here each producer (a DataLoader worker, or the main process with no
+    workers) owns a few batch-sized slots of one anonymous shared mapping, made before the
+    workers fork so that they inherit it: a batch is stacked into a slot whose pages are already
+    mapped, and only its keys and the slot's layout cross the worker's queue.
+
     A slot's flag (in the mapping, so every process sees it) is set by the producer that claims
-    it and cleared in the consuming process when the batch in it is gone. Anonymous shared
-    memory is not /dev/shm, whose size a container may cap well below a few batches."""
+    it and cleared in the consuming process once it holds nothing of the batch: the batch's
+    tensors are views of one numpy array, whose finalizer frees the slot when every tensor, view
+    and storage made from it is gone. A batch kept for any length of time keeps its slot; a
+    producer finding all of its slots held collates the ordinary way, so nothing waits for a
+    slot and no batch is written over while it can still be read. Anonymous shared memory is
+    not /dev/shm, whose size a container may cap well below a few batches."""
 
     def __init__(self, producers: int, per_producer: int, slot_bytes: int) -> None:
         self.per_producer = per_producer
