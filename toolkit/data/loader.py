@@ -15,6 +15,9 @@ functions are in `toolkit/data/plan.py`):
    "k batches of epoch e consumed" tells each worker how many of its batches to skip on resume.
 Crops and augmentation draw from a generator seeded by (seed, epoch, sample position), so they do
 not depend on the worker count or on resuming.
+5. A worker stacks each batch into a shared-memory slot of its own that the training process
+   frees once it holds nothing of that batch (`toolkit/data/handoff.py`): only keys and the slot's
+   layout cross the worker's queue.
 
 A batch is a dict: `key` (the sample keys), `valid` (bool [N]: False for a repeat that evaluation
 must not count), and the tensors the task asks for: `hr` and `lr` ([N, C, H, W] float32, in the
@@ -34,7 +37,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, IterableDataset, default_collate, get_worker_info
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from toolkit.core.errors import UserError
 from toolkit.core.schema import DataConfig
@@ -47,6 +50,7 @@ from toolkit.data.format import (
     read_manifest,
     read_samples,
 )
+from toolkit.data.handoff import SlotBatch, SlotPool, collate
 from toolkit.data.normalise import Normalisation, resolve
 from toolkit.data.plan import (
     Segment,
@@ -96,6 +100,9 @@ def psf_sigmas(meta: bytes | None, scale: int) -> torch.Tensor:
     return torch.tensor([hr_fwhm / per, lr_fwhm / per], dtype=torch.float32)
 
 
+_NO_PSF = torch.full((2,), math.nan, dtype=torch.float32)
+
+
 # --- the dataset each worker iterates ------------------------------------------------------------
 
 
@@ -136,14 +143,30 @@ class ShardStream(IterableDataset):
         # (epoch, batches of it already consumed) in shared memory: DataLoader workers that live
         # across epochs read each pass's cursor from here when they start it.
         self.cursor = torch.zeros(2, dtype=torch.int64).share_memory_()
+        # Where batches are collated for the training process (`Loader` makes it before its
+        # workers fork); None: the ordinary way.
+        self.pool: SlotPool | None = None
 
     @property
     def epoch(self) -> int:
-        return int(self.cursor[0])
+        # through numpy: indexing the tensor costs ~25 us, and crops ask for it per sample
+        return int(self.cursor.numpy()[0])
 
     @property
     def skip(self) -> int:
-        return int(self.cursor[1])
+        return int(self.cursor.numpy()[1])
+
+    def batch_bytes(self) -> int:
+        """An upper bound on the bytes of one batch's tensors (the widest channel count)."""
+        c, side = max(self.manifest.channels, default=1), self.crop
+        per = 4 * c * side * side + 1  # hr, valid
+        if self.need_lr:
+            per += 4 * c * (side // self.scale) ** 2 + 4 * 2  # lr, psf
+        if self.need_label:
+            per += 8
+        if self.norm.per_image:
+            per += 4 * 2 * c
+        return self.batch_size * per + 64 * 8  # each field aligned
 
     def start(self, epoch: int, skip: int) -> None:
         """The next pass reads `epoch` from its batch `skip` on."""
@@ -162,6 +185,7 @@ class ShardStream(IterableDataset):
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()
         loader_worker = info.id if info else 0
+        pool = self.pool
         runs = self.worker_runs(self.workers)
         done, first = resume_point(self.skip, [c for _, _, c in runs])
         worker = (loader_worker + first) % self.workers
@@ -197,10 +221,10 @@ class ShardStream(IterableDataset):
             last_good = item
             batch.append({**item, "valid": valid})
             if len(batch) == self.batch_size:
-                yield collate(batch)
+                yield collate(batch, pool, loader_worker)
                 batch = []
         if batch:
-            yield collate(batch)
+            yield collate(batch, pool, loader_worker)
 
     def _read(
         self, segs: list[Segment], wanted: Callable[[int], bool]
@@ -284,14 +308,16 @@ class ShardStream(IterableDataset):
             )
         else:
             y, x = (h - c) // (2 * s) * s, (w - c) // (2 * s) * s
-        hr = full[:, y : y + c, x : x + c]
+        hr = full if (h, w) == (c, c) else full[:, y : y + c, x : x + c]  # slicing costs ~4 us
         item: dict[str, Any] = {"key": sample["__key__"], "hr": hr}
         if self.need_label:
             if "cls" not in sample:
                 raise ValueError("no class label (cls): shard a labelled source with --labels")
             item["label"] = torch.tensor(int(sample["cls"]), dtype=torch.long)
         if lr_full is not None:
-            item["lr"] = lr_full[:, y // s : (y + c) // s, x // s : (x + c) // s]
+            item["lr"] = (
+                lr_full if hr is full else lr_full[:, y // s : (y + c) // s, x // s : (x + c) // s]
+            )
         elif self.need_lr:
             item["lr"] = degrade(hr, s, clamp=self.clamp_degraded)
         for name in ("hr", "lr"):  # into the model's values, both with the input's statistics
@@ -307,7 +333,9 @@ class ShardStream(IterableDataset):
             if name in item:
                 item[name] = item[name].contiguous()
         if "lr" in item:  # circular Gaussians: crops, rotations and flips leave them as they are
-            item["psf"] = psf_sigmas(sample.get("json"), s)
+            meta = sample.get("json")
+            # collation copies it: one shared tensor serves every sample without metadata
+            item["psf"] = _NO_PSF if meta is None else psf_sigmas(meta, s)
         if stats is not None:  # [2, C, 1, 1]: what `self.norm.invert` takes back to data units
             item["norm"] = stats
         return item
@@ -359,12 +387,13 @@ class _LazyRng:
         return int(self.rng.integers(high))
 
 
-def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
-    # default_collate stacks straight into shared memory inside a worker: one copy fewer.
-    return default_collate(items)
-
-
 # --- what the training loop holds ---------------------------------------------------------------
+
+
+# Slots per producer: the batches a worker has queued (the DataLoader's prefetch factor, 2), the
+# one it is filling and the one the training loop holds; a producer finding none free collates
+# the ordinary way.
+SLOTS = 4
 
 
 class Loader:
@@ -386,6 +415,9 @@ class Loader:
         """One DataLoader for the loader's life: its workers start once and serve every epoch
         (and every evaluation) instead of being forked again each time."""
         if self._loader is None:
+            if self.stream.pool is None:  # made before the workers fork, which share it
+                producers = max(self.num_workers, 1)
+                self.stream.pool = SlotPool(producers, SLOTS, self.stream.batch_bytes())
             self._loader = DataLoader(
                 self.stream, batch_size=None, num_workers=self.num_workers,
                 pin_memory=self.pin_memory, persistent_workers=self.num_workers > 0,
@@ -398,6 +430,8 @@ class Loader:
         if iterator is not None and hasattr(iterator, "_shutdown_workers"):
             iterator._shutdown_workers()
         self._loader = None
+        if self.stream.pool is not None:  # batches left in the queue were never received
+            self.stream.pool.reclaim()
 
     @property
     def batches_per_epoch(self) -> int:
@@ -419,7 +453,7 @@ class Loader:
         self.stream.start(self.epoch, self.batch)
         for batch in self._dataloader():
             self.batch += 1
-            yield batch
+            yield batch.tensors() if isinstance(batch, SlotBatch) else batch
         self.epoch, self.batch = self.epoch + 1, 0
 
 

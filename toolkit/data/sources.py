@@ -217,11 +217,13 @@ def npy_range(data: bytes) -> tuple[float, float]:
     """The lowest and highest of a .npy's values as `decode` gives them (float32, integers
     scaled), read from a view of the bytes without decoding; NaN or inf when it holds any."""
     end = _npy_end(data)
-    shape, _, dtype = _npy_header(data[:end])
-    view = np.frombuffer(data, dtype=dtype, count=int(np.prod(shape)), offset=end)
+    _, nbytes, dtype = _npy_header(data[:end])
+    view = np.frombuffer(data, dtype=dtype, count=nbytes // dtype.itemsize, offset=end)
     if view.size == 0:
         return math.nan, math.nan
-    lo, hi = np.float32(view.min()), np.float32(view.max())  # NaN if any is (numpy propagates)
+    # The ufuncs' own reductions: ndarray.min/max wrap them in ~5 us of Python, a third of the
+    # time on a 150 x 150 float32 image. NaN if any value is (numpy propagates it).
+    lo, hi = np.float32(np.minimum.reduce(view)), np.float32(np.maximum.reduce(view))
     if dtype.kind in "iu":
         top = np.float32(integer_scale(dtype))
         lo, hi = lo / top, hi / top

@@ -297,6 +297,60 @@ def test_fast_header_is_what_tarfile_writes(name: str, size: int) -> None:
     assert tar_header(name, size) == info.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape")
 
 
+def tarfile_bytes(members: list[tuple[str, bytes]]) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size, info.mtime, info.mode = len(data), 0, 0o444
+            tar.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("most", [None, 1, 700, 4096])
+def test_the_tar_is_tarfiles_bytes_and_its_sha256_however_writev_takes_them(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, most: int | None
+) -> None:
+    """Members gathered into runs (over TarWriter._FLUSH bytes here) and written with writev:
+    the file is what tarfile writes, and the digest is its sha256, even where a writev takes
+    only `most` bytes at a time."""
+    import os
+
+    from toolkit.data import format as fmt
+
+    if most is not None:
+        writev = os.writev
+
+        def short(fd: int, buffers: list) -> int:
+            return writev(fd, [memoryview(b"".join(bytes(b) for b in buffers))[:most]])
+
+        monkeypatch.setattr(fmt.os, "writev", short)
+    monkeypatch.setattr(fmt.TarWriter, "_FLUSH", 3000)
+    members = [(f"k{i}.{ext}", RNG.bytes(n)) for i, n in enumerate([0, 1, 511, 512, 2000, 5000])
+               for ext in ("hr.npy", "json")]  # fmt: skip
+    path = tmp_path / "t.tar"
+    with open(path, "wb", buffering=0) as f, fmt.TarWriter(f) as tar:
+        for i in range(0, len(members), 2):
+            tar.add(members[i : i + 2])
+        digest = tar.close()
+    data = path.read_bytes()
+    assert data == tarfile_bytes(members) and tar.size == len(data)
+    assert digest == hashlib.sha256(data).hexdigest()
+
+
+def test_files_are_read_and_checked_ahead_in_order() -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    from toolkit.data.sharding import ahead
+
+    with ThreadPoolExecutor(1) as pool:
+        for run, depth in ((1, 0), (3, 1), (8, 2), (100, 1)):
+            assert list(ahead(pool, lambda x: x * x, list(range(25)), run, depth)) == [
+                x * x for x in range(25)
+            ]
+        assert list(ahead(pool, str, [], 4, 2)) == []
+
+
 def test_webdataset_reads_the_shards_as_samples(tmp_path: Path) -> None:
     wds = pytest.importorskip("webdataset")
     src = make_pairs(tmp_path / "src", 9)
@@ -459,3 +513,38 @@ def test_a_loose_file_or_pairs_cannot_be_labelled(tmp_path: Path) -> None:
         shard(src, tmp_path / "out", labels=True)
     with pytest.raises(UserError, match=r"--labels needs class folders of images, not hr/ \+ lr/"):
         shard(make_pairs(tmp_path / "pairs", 4), tmp_path / "out2", labels=True)
+
+
+@pytest.mark.parametrize("most", [None, 3, 1000])
+def test_a_file_is_read_whole_however_much_each_read_gives(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, most: int | None
+) -> None:
+    import os
+
+    from toolkit.data import sharding
+
+    data = RNG.bytes(5000)
+    (tmp_path / "f").write_bytes(data)
+    (tmp_path / "empty").write_bytes(b"")
+    if most is not None:
+        read = os.read
+        monkeypatch.setattr(sharding.os, "read", lambda fd, n: read(fd, min(n, most)))
+    assert sharding._read(tmp_path / "f") == data and sharding._read(tmp_path / "empty") == b""
+    with pytest.raises(ValueError, match="unreadable"):
+        sharding._read(tmp_path / "missing")
+
+
+def test_files_are_read_ahead_in_runs_of_a_few_megabytes_at_most(tmp_path: Path) -> None:
+    """Small files are read in runs of many samples, large ones one at a time (a count alone
+    would hold gigabytes of large files in memory)."""
+    from toolkit.data import sharding
+    from toolkit.data.sources import Item
+
+    def job(size: int) -> sharding.ShardJob:
+        (tmp_path / f"{size}.npy").write_bytes(bytes(size))
+        item = Item("k", tmp_path / f"{size}.npy", None)
+        return sharding.ShardJob("train", 0, tmp_path, tmp_path, [item], False)
+
+    assert sharding.read_run(job(1000)) == sharding._READ_RUN
+    assert sharding.read_run(job(sharding._READ_BYTES // 4)) == 4
+    assert sharding.read_run(job(sharding._READ_BYTES * 3)) == 1
