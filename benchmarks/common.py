@@ -99,7 +99,9 @@ def _commit() -> str:
     """The checkout's commit, with `+dirty` where the measured code differs from it."""
     try:
         head = _git("rev-parse", "--short", "HEAD")
-        dirty = _git("status", "--porcelain", "--", "toolkit", "benchmarks", "recipes")
+        # the code and recipes measured, not the results written beside them
+        dirty = _git("status", "--porcelain", "--", "toolkit", "recipes", "benchmarks/*.py",
+                     "benchmarks/*.sh")  # fmt: skip
     except OSError:
         return "unknown"
     return head + ("+dirty" if dirty else "")

@@ -2,7 +2,7 @@
 loop, as the demo runs it and with each setting that could make it faster.
 
     python -m benchmarks.throughput [--data data/demo] [--models pretrain,finetune,...]
-                                    [--steps 40] [--rounds 2] [--tiny]
+                                    [--steps 30] [--rounds 2] [--tiny]
 
 Each (model, setting) is one `python -m toolkit.train` process on the demo's shards (`--data`:
 the folder holding `shards`, `mae-shards` and `class-shards`, as `make demo` leaves it), from
@@ -103,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data", type=Path, default=ROOT / "data" / "demo")
     p.add_argument("--models", default=",".join(MODELS))
     p.add_argument("--settings", default=",".join(SETTINGS))
-    p.add_argument("--steps", type=int, default=40)
+    p.add_argument("--steps", type=int, default=30)
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--batch", type=int, help="data.batch_size (default: the recipe's)")
     p.add_argument("--tiny", action="store_true",
