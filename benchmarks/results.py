@@ -64,7 +64,12 @@ BENCHMARKS: dict[str, Bench] = {
     "engine": Bench(["-m", "benchmarks.engine"]),
     "throughput": Bench(
         ["-m", "benchmarks.throughput"],
-        needs=_missing("data/demo/shards", "data/demo/mae-shards", "data/demo/class-shards"),
+        needs=_missing(
+            "data/demo/shards",
+            "data/demo/mae-shards",
+            "data/demo/class-shards",
+            "runs/demo/pretrain",
+        ),
     ),
     "model": Bench(["-m", "benchmarks.model"]),
     "zero": Bench(["-m", "benchmarks.zero"]),
