@@ -15,7 +15,11 @@ left out). Settings, against the demo's recipe as it is (`demo`):
 - `channels-last`: `train.channels_last=true`, for the models with convolutions;
 - `1 thread`: the training process on one thread (OMP_NUM_THREADS=1), leaving the other core to
   the data worker;
-- `0 workers`: `data.num_workers=0`, the data read in the training process between steps.
+- `0 workers`: `data.num_workers=0`, the data read in the training process between steps;
+- `compile + channels-last`: both, for the models with convolutions.
+
+`wall_s` is the whole process (start-up and compiling included) for its `--steps`: what a
+setting costs before its faster steps begin to pay.
 
 Rounds run every (model, setting) once each, in order, so a slow spell hits all of a round;
 the reported ratio to `demo` is the median over rounds of the per-round ratio.
@@ -31,6 +35,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -56,6 +61,7 @@ SETTINGS: dict[str, tuple[list[str], dict[str, str], bool]] = {
     "channels-last": (["train.channels_last=true"], {}, True),
     "1 thread": ([], {"OMP_NUM_THREADS": "1"}, False),
     "0 workers": (["data.num_workers=0"], {}, False),
+    "compile + channels-last": (["train.compile=true", "train.channels_last=true"], {}, True),
 }
 LOG_EVERY = 5
 
@@ -70,8 +76,8 @@ def images_per_s(run_dir: Path) -> float:
 
 
 def run_one(model: str, setting: str, data: Path, steps: int, batch: int | None,
-            work: Path) -> float:  # fmt: skip
-    """img/s of one (model, setting) training process."""
+            work: Path) -> tuple[float, float]:  # fmt: skip
+    """img/s of one (model, setting) training process, and the process's wall time."""
     recipe_file, shards, _, scratch = MODELS[model]
     overrides, env, _ = SETTINGS[setting]
     run_dir = Path(tempfile.mkdtemp(dir=work, prefix=f"{model}-"))
@@ -81,11 +87,12 @@ def run_one(model: str, setting: str, data: Path, steps: int, batch: int | None,
            f"train.max_steps={steps}", f"train.log_every={LOG_EVERY}",
            f"train.eval_every={10 * steps}", "train.checkpoint_every=0",
            *([f"data.batch_size={batch}"] if batch else []), *overrides]  # fmt: skip
+    start = time.perf_counter()
     done = subprocess.run(cmd, cwd=ROOT, env={**os.environ, **env}, capture_output=True,
                           text=True)  # fmt: skip
     if done.returncode:
         raise RuntimeError(f"{model} / {setting} failed:\n{done.stderr[-3000:]}")
-    return images_per_s(run_dir)
+    return images_per_s(run_dir), time.perf_counter() - start
 
 
 def tiny_data(root: Path) -> Path:
@@ -125,22 +132,24 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"unknown model or setting {unknown}, or no 'demo' setting to compare with")
     pairs = [(m, s) for m in models for s in settings if not SETTINGS[s][2] or MODELS[m][2]]
     rates: dict[tuple[str, str], list[float]] = {pair: [] for pair in pairs}
+    walls: dict[tuple[str, str], list[float]] = {pair: [] for pair in pairs}
     with tempfile.TemporaryDirectory(prefix="throughput-") as tmp:
         data = tiny_data(Path(tmp) / "data") if args.tiny else args.data
         for r in range(args.rounds):
             for model, setting in pairs:
-                rates[model, setting].append(
-                    run_one(model, setting, data, args.steps, args.batch, Path(tmp))
-                )
-                logger.info("round %d %s / %s: %.1f img/s", r + 1, model, setting,
-                            rates[model, setting][-1])  # fmt: skip
+                rate, wall = run_one(model, setting, data, args.steps, args.batch, Path(tmp))
+                rates[model, setting].append(rate)
+                walls[model, setting].append(wall)
+                logger.info("round %d %s / %s: %.1f img/s, %.1f s", r + 1, model, setting, rate,
+                            wall)  # fmt: skip
     rows: list[dict[str, Any]] = []
     for model, setting in pairs:
         got, base = rates[model, setting], rates[model, "demo"]
         ratios = sorted(g / b for g, b in zip(got, base, strict=True))
         rows.append({"model": model, "setting": setting, "images_per_s": statistics.median(got),
                      "ratio": statistics.median(ratios), "ratio_min": ratios[0],
-                     "ratio_max": ratios[-1], "rounds": len(got)})  # fmt: skip
+                     "ratio_max": ratios[-1], "wall_s": statistics.median(walls[model, setting]),
+                     "rounds": len(got)})  # fmt: skip
     report(
         f"training throughput: the demo's models, {args.steps} steps each, median img/s of the "
         f"loop's windows after the first; ratio = setting / demo, median [min, max] of "

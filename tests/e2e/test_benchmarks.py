@@ -30,7 +30,7 @@ EXPECTED: dict[str, tuple[set[str], set[str]]] = {
     "data": ({"case", "baseline", "goal", "rounds"},
              {"seconds", "baseline_s", "items_per_s", *RATIO}),
     "engine": ({"what"}, {"seconds"}),
-    "throughput": ({"model", "setting", "rounds"}, {"images_per_s", *RATIO}),
+    "throughput": ({"model", "setting", "rounds"}, {"images_per_s", "wall_s", *RATIO}),
     "model": ({"model", "setting", "trainable_params"}, {"median_s", "min_s", "samples_per_s"}),
     "zero": ({"setting"}, set()),
     "scale": (set(), set()),
