@@ -1,5 +1,6 @@
 """Training throughput of the demo's models on this machine: img/s of each model's real training
-loop, as the demo runs it and with each setting that could make it faster.
+loop with the toolkit's default speed settings, as the demo runs it, and with each setting that
+could make it faster.
 
     python -m benchmarks.throughput [--data data/demo] [--models pretrain,finetune,...]
                                     [--steps 30] [--rounds 2] [--tiny]
@@ -9,7 +10,13 @@ the folder holding `shards`, `mae-shards` and `class-shards`, as `make demo` lea
 scratch (the linear probe from the demo's MAE, runs/demo/pretrain), for `--steps` steps logged
 every 5; its img/s is the median of the loop's own
 `train/images_per_s` over the windows after the first (start-up, first batches and compiling
-left out). Settings, against the demo's recipe as it is (`demo`):
+left out). Settings:
+
+- `default`: the demo's recipe with the toolkit's defaults for the speed settings below (eager,
+  the default memory layout, one data worker, torch's threads): the baseline of every ratio;
+- `demo`: the demo's recipe as it is (its speed settings chosen from this table);
+
+each of the others changes one thing from `default`:
 
 - `compile`: `train.compile=true` (torch.compile, inductor's C++ kernels on a CPU);
 - `channels-last`: `train.channels_last=true`, for the models with convolutions;
@@ -22,7 +29,8 @@ left out). Settings, against the demo's recipe as it is (`demo`):
 setting costs before its faster steps begin to pay.
 
 Rounds run every (model, setting) once each, in order, so a slow spell hits all of a round;
-the reported ratio to `demo` is the median over rounds of the per-round ratio.
+the reported ratio to `default` is the median over rounds of the per-round ratio. A setting
+that trains the same recipe as `demo` for a model (the demo chose it) is not run again.
 """
 
 from __future__ import annotations
@@ -54,14 +62,21 @@ MODELS = {
     "classify_scratch": ("classify_scratch.yaml", "class-shards", False, True),
     "classify_probe": ("classify_probe.yaml", "class-shards", False, False),
 }
+# The speed settings as the toolkit has them by default (the `default` baseline).
+DEFAULTS = ["train.compile=false", "train.channels_last=false", "data.num_workers=1"]
 # setting: (recipe overrides, environment, only for models with convolutions)
 SETTINGS: dict[str, tuple[list[str], dict[str, str], bool]] = {
+    "default": (DEFAULTS, {}, False),
     "demo": ([], {}, False),
-    "compile": (["train.compile=true"], {}, False),
-    "channels-last": (["train.channels_last=true"], {}, True),
-    "1 thread": ([], {"OMP_NUM_THREADS": "1"}, False),
-    "0 workers": (["data.num_workers=0"], {}, False),
-    "compile + channels-last": (["train.compile=true", "train.channels_last=true"], {}, True),
+    "compile": ([*DEFAULTS, "train.compile=true"], {}, False),
+    "channels-last": ([*DEFAULTS, "train.channels_last=true"], {}, True),
+    "1 thread": (DEFAULTS, {"OMP_NUM_THREADS": "1"}, False),
+    "0 workers": ([*DEFAULTS, "data.num_workers=0"], {}, False),
+    "compile + channels-last": (
+        [*DEFAULTS, "train.compile=true", "train.channels_last=true"],
+        {},
+        True,
+    ),
 }
 LOG_EVERY = 5
 
@@ -73,6 +88,31 @@ def images_per_s(run_dir: Path) -> float:
     if len(rates) < 2:
         raise RuntimeError(f"{run_dir}: fewer than two logged windows")
     return statistics.median(rates[1:])
+
+
+def speed_settings(model: str, setting: str) -> tuple[Any, ...]:
+    """What the speed settings of (model, setting) resolve to: two settings with the same train
+    the same recipe the same way."""
+    from toolkit.runs import recipe
+
+    overrides, env, _ = SETTINGS[setting]
+    r = recipe.load(ROOT / "recipes" / "demo" / MODELS[model][0], overrides)
+    return r.train.compile, r.train.channels_last, r.data.num_workers, sorted(env.items())
+
+
+def planned(models: list[str], settings: list[str]) -> list[tuple[str, str]]:
+    """The (model, setting) pairs to run: a convolutions-only setting for the models with
+    convolutions; `demo` where the demo changed a default; another setting unless the demo
+    already trains with it."""
+    pairs = []
+    for m in models:
+        demo, default = speed_settings(m, "demo"), speed_settings(m, "default")
+        for s in settings:
+            if SETTINGS[s][2] and not MODELS[m][2]:
+                continue
+            if s == "default" or (s == "demo" and demo != default) or speed_settings(m, s) != demo:
+                pairs.append((m, s))
+    return pairs
 
 
 def run_one(model: str, setting: str, data: Path, steps: int, batch: int | None,
@@ -123,14 +163,14 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if args.tiny:
         args.models, args.settings, args.steps, args.rounds = "edsr,classify_scratch", \
-            "demo,channels-last", 10, 1  # fmt: skip
+            "default,demo,channels-last", 10, 1  # fmt: skip
         args.batch = args.batch or 4
     models = [m for m in args.models.split(",") if m]
     settings = [s for s in args.settings.split(",") if s]
     unknown = [x for x in models if x not in MODELS] + [x for x in settings if x not in SETTINGS]
-    if unknown or "demo" not in settings:
-        p.error(f"unknown model or setting {unknown}, or no 'demo' setting to compare with")
-    pairs = [(m, s) for m in models for s in settings if not SETTINGS[s][2] or MODELS[m][2]]
+    if unknown or "default" not in settings:
+        p.error(f"unknown model or setting {unknown}, or no 'default' setting to compare with")
+    pairs = planned(models, settings)
     rates: dict[tuple[str, str], list[float]] = {pair: [] for pair in pairs}
     walls: dict[tuple[str, str], list[float]] = {pair: [] for pair in pairs}
     with tempfile.TemporaryDirectory(prefix="throughput-") as tmp:
@@ -144,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
                             wall)  # fmt: skip
     rows: list[dict[str, Any]] = []
     for model, setting in pairs:
-        got, base = rates[model, setting], rates[model, "demo"]
+        got, base = rates[model, setting], rates[model, "default"]
         ratios = sorted(g / b for g, b in zip(got, base, strict=True))
         rows.append({"model": model, "setting": setting, "images_per_s": statistics.median(got),
                      "ratio": statistics.median(ratios), "ratio_min": ratios[0],
@@ -152,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
                      "rounds": len(got)})  # fmt: skip
     report(
         f"training throughput: the demo's models, {args.steps} steps each, median img/s of the "
-        f"loop's windows after the first; ratio = setting / demo, median [min, max] of "
+        f"loop's windows after the first; ratio = setting / default, median [min, max] of "
         f"{args.rounds} rounds",
         rows,
         args.out,

@@ -25,7 +25,8 @@ ROOT = Path(__file__).resolve().parents[2]
 def row(run: str | None, mode: str, mse: float | None, psnr: float | None, ssim: float | None):
     return {"run": run, "mode": mode, "mse": mse, "psnr": psnr, "ssim": ssim,
             "trainable": 10 if run else None, "epochs": 2.5 if run else None,
-            "init_from": "runs/pre" if run else None, "split": "val", "count": 7}  # fmt: skip
+            "init_from": "runs/pre" if run else None, "images_per_s": 12.345 if run else None,
+            "split": "val", "count": 7}  # fmt: skip
 
 
 ROWS = [
@@ -47,14 +48,25 @@ def test_best_follows_each_metrics_direction_ignoring_missing_values() -> None:
 
 def test_markdown_bolds_each_best_once_and_formats_the_rest() -> None:
     lines = markdown(TABLE).splitlines()
-    assert lines[0] == "| Mode | MSE | PSNR (dB) | SSIM | trainable params | epochs | init from |"
-    assert lines[2] == "| frozen MAE (`a`) | 0.002000 | 31.00 | 0.9500 | 10 | 2.5 | `pre` |"
-    assert (
-        lines[3] == "| full finetune (`b`) | **0.001000** | **33.00** | 0.9400 | 10 | 2.5 | `pre` |"
+    assert lines[0] == ("| Mode | MSE | PSNR (dB) | SSIM | trainable params | epochs | init from "
+                        "| train img/s |")  # fmt: skip
+    assert lines[2] == "| frozen MAE (`a`) | 0.002000 | 31.00 | 0.9500 | 10 | 2.5 | `pre` | 12.3 |"
+    assert lines[3] == (
+        "| full finetune (`b`) | **0.001000** | **33.00** | 0.9400 | 10 | 2.5 | `pre` | 12.3 |"
     )
-    assert lines[4] == "| EDSR (`c`) | - | - | - | 10 | 2.5 | `pre` |"
-    assert lines[5] == "| bicubic | 0.003000 | 30.00 | **0.9600** | - | - | - |"
+    assert lines[4] == "| EDSR (`c`) | - | - | - | 10 | 2.5 | `pre` | 12.3 |"
+    assert lines[5] == "| bicubic | 0.003000 | 30.00 | **0.9600** | - | - | - | - |"
     assert lines[-1] == "val split, 7 images; bicubic: the reference, on the same inputs."
+
+
+def test_a_runs_speed_is_the_median_of_its_log_windows_after_the_first() -> None:
+    r = recipe.load(ROOT / "recipes/baselines/edsr.yaml")
+    logged = [{"step": 0}, {"train/images_per_s": 3.0}, {"train/images_per_s": 20.0},
+              {"epoch": 1.0}, {"train/images_per_s": 10.0},
+              {"train/images_per_s": 30.0}]  # fmt: skip
+    assert Run(Path("runs/x"), r, {}, logged).images_per_s == 20.0  # 3.0 (start-up) left out
+    assert Run(Path("runs/x"), r, {}, logged[:2]).images_per_s == 3.0  # the only window
+    assert Run(Path("runs/x"), r, {}, [{"epoch": 1.0}]).images_per_s is None
 
 
 def run_of(name: str, path: str, ev: dict, overrides: tuple[str, ...] = ()) -> Run:

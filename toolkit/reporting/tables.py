@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -66,6 +67,13 @@ class Run:
     def epochs(self) -> float:
         """Epochs trained, from the log (the recipe's count may have been capped)."""
         return max((m["epoch"] for m in self.metrics if "epoch" in m), default=0.0)
+
+    @property
+    def images_per_s(self) -> float | None:
+        """The training speed it ran at: the median img/s of its log windows, the first (start-up,
+        first batches, compiling) left out where there are more; None when none was logged."""
+        rates = [m["train/images_per_s"] for m in self.metrics if "train/images_per_s" in m]
+        return statistics.median(rates[1:] or rates) if rates else None
 
 
 def read_run(run_dir: Path) -> Run:
@@ -149,6 +157,7 @@ def tables(runs: list[Run], asked: Sequence[tuple[str, str]] = ()) -> list[dict[
             "trainable": param_summary(run.recipe)["trainable"],
             "epochs": round(run.epochs, 2),
             "init_from": run.recipe.init.from_,
+            "images_per_s": _median([m.images_per_s for m in members]),
             "split": run.eval.get("split"),
             "count": run.eval.get("count"),
             # its sweep's directory: two sweeps can have rows of the same swept values
@@ -352,7 +361,8 @@ def reference_row(runs: list[Run], columns: Sequence[str] | None = None) -> dict
     first, values = refs[0]
     columns = first.task.table if columns is None else columns
     return {"run": None, "mode": name, **{k: values.get(k) for k in columns}, "trainable": None,
-            "epochs": None, "init_from": None, "split": first.eval.get("split"),
+            "epochs": None, "init_from": None, "images_per_s": None,
+            "split": first.eval.get("split"),
             "count": first.eval.get("count")}  # fmt: skip
 
 
@@ -373,13 +383,15 @@ def markdown(table: dict[str, Any]) -> str:
     """One task's table, the best value per metric column in bold."""
     columns, top = table["columns"], table["best"]
     titles = ["Mode", *(metric(k).title for k in columns), "trainable params", "epochs",
-              "init from"]  # fmt: skip
+              "init from", "train img/s"]  # fmt: skip
     lines = ["| " + " | ".join(titles) + " |", "|" + "---|" * len(titles)]
     for row in table["rows"]:
         cells = _cells(row, columns, top)
         cells.append("-" if row["trainable"] is None else f"{row['trainable']:,}")
         cells.append("-" if row["epochs"] is None else f"{row['epochs']:g}")
         cells.append(f"`{Path(row['init_from']).name}`" if row["init_from"] else "-")
+        speed = row.get("images_per_s")  # None: a reference, or a run that logged none
+        cells.append("-" if speed is None else f"{speed:.3g}")
         lines.append("| " + " | ".join(cells) + " |")
     splits = {(row["split"], row["count"]) for row in table["rows"] if row["split"]}
     ref = next((row["mode"] for row in table["rows"] if row["run"] is None), None)
@@ -549,3 +561,8 @@ def curves_markdown(entries: list[dict[str, Any]]) -> str:
                   "seeds, where a run kept no per-sample values.", ""]  # fmt: skip
         out.append("\n".join(lines))
     return "\n".join(out)
+
+
+def _median(values: Sequence[float | None]) -> float | None:
+    known = [v for v in values if v is not None]
+    return statistics.median(known) if known else None
