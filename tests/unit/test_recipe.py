@@ -536,3 +536,19 @@ def test_the_vit_from_scratch_is_the_classify_finetune_but_for_its_init() -> Non
     for doc in (finetune, scratch):
         del doc["name"], doc["label"], doc["init"]["from"]
     assert scratch == finetune
+
+
+def test_the_demo_trains_its_convolutions_channels_last_and_each_study_in_one_layout() -> None:
+    """The demo's speed settings (benchmarks/RESULTS.md, throughput): its convolutional models
+    channels-last, the others as they were; a study's arms all in one layout, the default one
+    its published numbers were measured in, whichever demo recipe each arm extends."""
+    demo = ROOT / "recipes" / "demo"
+    conv = ("edsr", "rcan", "classify_cnn", "finetune", "finetune_scratch", "finetune_frozen_mae",
+            "finetune_frozen_encoder")  # fmt: skip
+    for name in conv:
+        assert recipe.load(demo / f"{name}.yaml").train.channels_last, name
+    for name in ("pretrain", "classify_scratch", "classify_probe", "classify_finetune"):
+        assert not recipe.load(demo / f"{name}.yaml").train.channels_last, name
+    for arms in (("cnn", "scratch", "finetune"), ("srmae_pretrained", "srmae_scratch")):
+        layouts = {recipe.load(demo / "study" / f"{a}.yaml").train.channels_last for a in arms}
+        assert layouts == {False}, arms
