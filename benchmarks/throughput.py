@@ -83,11 +83,12 @@ LOG_EVERY = 5
 
 def images_per_s(run_dir: Path) -> float:
     """The median img/s the loop logged, its first window (start-up, compiling) left out."""
+    from toolkit.reporting.tables import images_per_s as logged_rate
+
     lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    rates = [x["train/images_per_s"] for x in lines if "train/images_per_s" in x]
-    if len(rates) < 2:
+    if sum("train/images_per_s" in x for x in lines) < 2:
         raise RuntimeError(f"{run_dir}: fewer than two logged windows")
-    return statistics.median(rates[1:])
+    return float(logged_rate(lines) or 0.0)
 
 
 def speed_settings(model: str, setting: str) -> tuple[Any, ...]:

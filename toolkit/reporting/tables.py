@@ -72,8 +72,14 @@ class Run:
     def images_per_s(self) -> float | None:
         """The training speed it ran at: the median img/s of its log windows, the first (start-up,
         first batches, compiling) left out where there are more; None when none was logged."""
-        rates = [m["train/images_per_s"] for m in self.metrics if "train/images_per_s" in m]
-        return statistics.median(rates[1:] or rates) if rates else None
+        return images_per_s(self.metrics)
+
+
+def images_per_s(metrics: Sequence[dict[str, Any]]) -> float | None:
+    """The median img/s of a run's logged windows (metrics.jsonl's lines), the first left out
+    where there are more; None when none was logged."""
+    rates = [m["train/images_per_s"] for m in metrics if "train/images_per_s" in m]
+    return statistics.median(rates[1:] or rates) if rates else None
 
 
 def read_run(run_dir: Path) -> Run:
