@@ -19,7 +19,7 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) --upgrade pip
 	$(PIP) $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)) "$(TORCH)"
-	$(PIP) -e ".[dev,lensing,fits]"
+	$(PIP) -e ".[dev,lensing,fits,s3]"
 	touch $@
 
 setup: $(VENV)/.installed
@@ -45,7 +45,7 @@ test: lint
 # registered part's basics among them); not the slow, 2-process, Slurm or numeric ones, which
 # `make test` (the gate CI runs) adds.
 test-fast: lint
-	$(PY) -m pytest -m "not slow and not cluster and not numeric" tests/unit tests/e2e
+	$(PY) -m pytest -m "not slow and not cluster and not numeric" tests/unit tests/e2e tests/storage
 
 # The tests marked `numeric` compare floats from two kernel sets (compiled and eager, numbers
 # recorded on another CPU): rerun them with the kernels of a CPU with AVX2 only and of one with no

@@ -39,6 +39,7 @@ from toolkit.cluster import env
 from toolkit.core import cli
 from toolkit.core.atomic import write_atomic
 from toolkit.core.errors import UserError
+from toolkit.core.schema import StorageConfig
 from toolkit.data.fit import Expected, misfit
 from toolkit.data.normalise import Normalisation, parse, resolve
 from toolkit.models import MODELS
@@ -300,9 +301,12 @@ def _hold(out: Path, made: dict[str, Any]) -> Any:
     return hold
 
 
-def _plan(inputs: list[str], out: Path, hdu: str | None, split: str | None) -> tuple[int, list]:
-    """(all jobs, those without an output yet)."""
-    jobs = list_jobs(inputs, hdu, split, out)
+def _plan(
+    inputs: list[str], out: Path, hdu: str | None, split: str | None, storage: StorageConfig
+) -> tuple[int, list]:
+    """(all jobs, those without an output yet); shards at a URL are reached as the run's recipe
+    says (`data.storage_options`)."""
+    jobs = list_jobs(inputs, hdu, split, out, storage)
     return len(jobs), [j for j in jobs if not (out / j.name).is_file()]
 
 
@@ -319,7 +323,9 @@ def predict(target: Target, args: Any) -> int:
     try:
         # One listing, then every input to be written checked against the run, each process
         # its share: what does not fit stops the job before anything is written.
-        total, todo = engine.on_main(lambda: _plan(args.inputs, out, args.hdu, args.split))
+        total, todo = engine.on_main(
+            lambda: _plan(args.inputs, out, args.hdu, args.split, r.data.storage_options)
+        )
         if _LAUNCHED not in os.environ:  # else the launcher has checked them
             found = engine.gather(fit.refusal(share(todo, engine.rank, engine.world_size)))
             engine.on_main(lambda: refuse_misfits([p for part in found or [] for p in part]))
@@ -394,7 +400,9 @@ def _main(argv: Sequence[str] | None) -> int:
     fit = fit_of(target, tiling, args.normalise)
     out = Path(args.out)
     if args.local and args.procs > 1 and "RANK" not in os.environ:  # not inside a group yet
-        _, todo = _plan(args.inputs, out, args.hdu, args.split)  # bad inputs stop here
+        _, todo = _plan(
+            args.inputs, out, args.hdu, args.split, target.recipe.data.storage_options
+        )  # bad inputs stop here
         refuse_misfits(fit.refusal(todo))
         refuse_if_held(out)
         check_record(out, settings(target, load_model(target), fit, tiling, args))

@@ -14,6 +14,7 @@ from toolkit.core import cli
 from toolkit.core.errors import UserError
 from toolkit.data.format import verify
 from toolkit.data.sharding import shard
+from toolkit.data.storage import parse_options
 
 logger = logging.getLogger(__name__)
 
@@ -27,9 +28,15 @@ def parse_args(argv: Sequence[str] | None) -> Any:
     p.add_argument(
         "src", metavar="SRC", nargs="?", help="source folder (images/.npy, or hr/ + lr/)"
     )
-    p.add_argument("out", metavar="OUT", nargs="?", help="output folder")
-    p.add_argument("--verify", metavar="DIR", help="check DIR's shards against the sha256 and size "
-                   "its manifest.json records (nothing is written)")  # fmt: skip
+    p.add_argument("out", metavar="OUT", nargs="?",
+                   help="output folder, or an object store's URL (s3://bucket/prefix)")  # fmt: skip
+    p.add_argument("--verify", metavar="DIR", help="check DIR's shards (a folder or a URL) "
+                   "against the sha256 and size its manifest records (writes nothing)")  # fmt: skip
+    p.add_argument("--storage", action="append", default=[], metavar="KEY=VALUE",
+                   help="how to reach a URL's store, as a recipe's data.storage_options: "
+                   "endpoint_url=URL (an S3-compatible store), region=NAME, anonymous=true, "
+                   "attempts=N; credentials only from the environment (AWS_ACCESS_KEY_ID, "
+                   "AWS_SECRET_ACCESS_KEY) or the AWS configuration")  # fmt: skip
     p.add_argument(
         "--val-fraction",
         type=float,
@@ -70,8 +77,9 @@ def parse_args(argv: Sequence[str] | None) -> Any:
 
 def _main(argv: Sequence[str] | None) -> int:
     a = parse_args(argv)
+    storage = parse_options(a.storage)
     if a.verify is not None:
-        checked, problems = verify(a.verify)
+        checked, problems = verify(a.verify, storage)
         for line in problems[1:]:
             logger.error("%s", line)
         if problems:
@@ -92,6 +100,7 @@ def _main(argv: Sequence[str] | None) -> int:
         normalise=a.normalise,
         hdu=a.hdu,
         labels=a.labels,
+        storage=storage,
     )
     return 0
 

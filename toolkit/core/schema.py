@@ -11,10 +11,29 @@ from pathlib import Path
 from toolkit.core.config import setting
 
 
+@dataclass(frozen=True)
+class StorageConfig:
+    """How shards at a URL (s3://, gs://, https://) are reached; never a credential: those come
+    from the environment (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY) or the AWS configuration."""
+
+    # An S3-compatible store (MinIO, Ceph RGW, ...); null: AWS_ENDPOINT_URL, else AWS itself.
+    endpoint_url: str | None = None
+    # null: AWS_REGION / AWS_DEFAULT_REGION, or the AWS configuration's.
+    region: str | None = None
+    # Read a public bucket without credentials.
+    anonymous: bool = False
+    # Tries of a request that fails for a transient reason (a reset connection, a timeout, a
+    # 5xx, throttling), with exponential backoff and jitter between them; then the job stops.
+    attempts: int = setting(8, gt=0, le=100)
+
+
 @dataclass
 class DataConfig:
-    # Folder written by `python -m toolkit.shard`, holding manifest.json and the tar shards.
+    # Folder written by `python -m toolkit.shard`, holding manifest.json and the tar shards, or
+    # its URL in an object store (s3://bucket/prefix; any fsspec URL).
     shards: str = "data/lensing-shards"
+    # Where an object store is and how hard to try it (a URL's shards only).
+    storage_options: StorageConfig = field(default_factory=StorageConfig)
     # Super-resolution factor: HR side = LR side * scale.
     scale: int = setting(2, choices=(2, 3, 4))
     # Samples per process per optimiser micro-step (the global batch is this x world size).

@@ -32,6 +32,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import zlib
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -45,10 +46,13 @@ from toolkit.data.degrade import degrade
 from toolkit.data.format import (
     MANIFEST,
     Manifest,
+    Shard,
     in_unit_range,
+    load_index,
     member,
     read_manifest,
     read_samples,
+    sample_of,
 )
 from toolkit.data.handoff import SlotBatch, SlotPool, collate
 from toolkit.data.normalise import Normalisation, resolve
@@ -62,6 +66,7 @@ from toolkit.data.plan import (
     split_even,
 )
 from toolkit.data.sources import decode
+from toolkit.data.storage import RangeReader, Remote, StorageError, spans
 from toolkit.data.subset import restrict
 
 logger = logging.getLogger(__name__)
@@ -231,6 +236,9 @@ class ShardStream(IterableDataset):
     ) -> Iterator[tuple[int, Any]]:
         """(position, raw sample or None if lost or not wanted) for every position of the
         segments, in order; samples not wanted are seeked over in the tar, not read."""
+        if segs and isinstance(segs[0].shard.path, Remote):
+            yield from _read_remote(segs, wanted)
+            return
         for seg in segs:
             got = 0
             picks = seg.shard.picks
@@ -351,6 +359,79 @@ class ShardStream(IterableDataset):
         raise RuntimeError(f"no readable sample left in split {self.split!r}")
 
 
+def _rows(seg: Segment) -> Iterator[tuple[int, int]]:
+    """(index in the shard, position) of each sample of a segment."""
+    picks = seg.shard.picks
+    chosen = range(seg.start, seg.stop) if picks is None else picks[seg.start : seg.stop]
+    return zip(chosen, range(seg.first, seg.first + len(chosen)), strict=True)
+
+
+_INDEXES: dict[str, list[tuple[int, int, int]]] = {}  # a process's sample indexes, by URL
+
+
+def _index(shard: Shard) -> list[tuple[int, int, int]]:
+    key = str(shard.index)
+    if key not in _INDEXES:
+        _INDEXES[key] = load_index(shard)
+    return _INDEXES[key]
+
+
+def _read_remote(segs: list[Segment], wanted: Callable[[int], bool]) -> Iterator[tuple[int, Any]]:
+    """`ShardStream._read` over a store: with their indexes, exactly the wanted samples' bytes
+    are requested (consecutive ones in one range), read ahead by one thread across shards, and
+    each sample checked against its CRC-32; a shard without an index is read from its start.
+    A store that fails for good, or a damaged sample, stops the job (StorageError): unlike a
+    local file, it would fail the same way on every rank."""
+    ranges: list[tuple[Remote, int, int]] = []
+    for seg in segs:
+        if seg.shard.index is None:
+            continue
+        index = _index(seg.shard)
+        picked = [i for i, pos in _rows(seg) if wanted(pos)]
+        starts = [index[i][0] for i in picked]
+        ends = [index[i][0] + index[i][1] for i in picked]
+        ranges += [(seg.shard.path, lo, hi) for lo, hi in spans(starts, ends)]  # type: ignore[misc]
+    with RangeReader(ranges) as reader:
+        for seg in segs:
+            shard = seg.shard
+            if shard.index is None:
+                yield from _read_unindexed(seg, wanted)
+                continue
+            index = _index(shard)
+            for i, pos in _rows(seg):
+                if not wanted(pos):
+                    yield pos, None
+                    continue
+                _, length, crc = index[i]
+                data = reader.read(length)
+                if len(data) != length or zlib.crc32(data) != crc:
+                    raise StorageError(
+                        f"{shard.path}: sample {i} does not match its CRC-32 in {shard.index}: "
+                        "the object is damaged (`python -m toolkit.shard --verify` checks it)"
+                    )
+                sample = sample_of(data, shard.path)
+                sample["__url__"] = shard.name
+                yield pos, sample
+
+
+def _read_unindexed(seg: Segment, wanted: Callable[[int], bool]) -> Iterator[tuple[int, Any]]:
+    """A segment of a shard written before indexes: its tar streamed from the start."""
+    rows = dict(_rows(seg))
+    first, last = min(rows), max(rows) + 1
+    shard = seg.shard
+    with RangeReader([(shard.path, 0, shard.size)]) as reader:  # type: ignore[list-item]
+        wants = _Wanted(rows.get, wanted)
+        try:
+            for i, sample in read_samples(reader, first, last, wants):  # type: ignore[arg-type]
+                if i not in rows:
+                    continue
+                if sample is not None:
+                    sample["__url__"] = shard.name
+                yield rows[i], sample
+        except (EOFError, ValueError) as err:
+            raise StorageError(f"{shard.path}: not a readable tar ({err})") from None
+
+
 class _Shifted:
     """The position of shard sample i in a segment of a whole shard: i + shift."""
 
@@ -451,10 +532,23 @@ class Loader:
         if self.batch >= self.batches_per_epoch:
             self.epoch, self.batch = self.epoch + 1, 0
         self.stream.start(self.epoch, self.batch)
-        for batch in self._dataloader():
-            self.batch += 1
-            yield batch.tensors() if isinstance(batch, SlotBatch) else batch
+        try:
+            for batch in self._dataloader():
+                self.batch += 1
+                yield batch.tensors() if isinstance(batch, SlotBatch) else batch
+        except UserError as err:  # a store that failed for good, in a worker: its one line
+            raise type(err)(worker_message(str(err))) from None
         self.epoch, self.batch = self.epoch + 1, 0
+
+
+def worker_message(text: str) -> str:
+    """A worker's error as its own one line: a DataLoader re-raises it in the training process
+    with the worker's traceback in the message, the error's line last."""
+    if "Traceback" not in text:
+        return text
+    last = text.strip().splitlines()[-1]
+    head, sep, rest = last.partition(": ")
+    return rest if sep and head.rsplit(".", 1)[-1].endswith("Error") else last
 
 
 def build_loader(
@@ -481,7 +575,8 @@ def build_loader(
     `manifest`: the shards' manifest as already read (by the main process of a job, with the
     subset cut), else read here.
     """
-    manifest = manifest if manifest is not None else read_manifest(data.shards)
+    if manifest is None:
+        manifest = read_manifest(data.shards, data.storage_options)
     train = split == "train" and not evaluation
     # A recipe's subset cuts the training order only; its holdout is the val split wherever it is
     # read (`data/subset.py`).

@@ -4,6 +4,7 @@ toolkit.shard` and the demo call `shard`."""
 
 from __future__ import annotations
 
+import fnmatch
 import functools
 import hashlib
 import io
@@ -14,6 +15,7 @@ import multiprocessing as mp
 import os
 import queue
 import sys
+import tempfile
 import time
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
@@ -33,9 +35,11 @@ import numpy as np
 from tqdm import tqdm
 
 from toolkit.core.errors import UserError
+from toolkit.core.schema import StorageConfig
 from toolkit.data.fit import unit_misfit
 from toolkit.data.fits import FITS_EXTS
 from toolkit.data.format import (
+    INDEX_GLOB,
     MANIFEST,
     SHARD_GLOB,
     SPLITS,
@@ -55,6 +59,7 @@ from toolkit.data.sources import (
     npy_range,
     probe,
 )
+from toolkit.data.storage import Remote, is_url, locate, put_bytes, put_file, remove, sizes
 
 logger = logging.getLogger(__name__)
 
@@ -421,7 +426,15 @@ def write_shard(job: ShardJob, report: Callable[[int], None]) -> ShardResult:
     if result.count == 0 or (job.strict and result.skipped):
         tmp.unlink()
         return result
+    index = job.out / job.split / f".shard-{job.index:06d}.idx.tmp-{os.getpid()}"
+    try:
+        index.write_bytes(tar.index())
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        index.unlink(missing_ok=True)
+        raise
     result.tmp, result.bytes, result.sha256 = tmp, tar.size, digest
+    result.index_tmp = index
     return result
 
 
@@ -525,7 +538,8 @@ def _check_out(out: Path, overwrite: bool) -> set[Path]:
         raise UserError(
             f"{out} is not empty: choose another OUT, or pass --overwrite to replace it"
         )
-    return {p for s in SPLITS for g in (SHARD_GLOB, TEMP_GLOB) for p in (out / s).glob(g)}
+    globs = (SHARD_GLOB, INDEX_GLOB, TEMP_GLOB)
+    return {p for s in SPLITS for g in globs for p in (out / s).glob(g)}
 
 
 def _make_dirs(out: Path) -> list[Path]:
@@ -538,6 +552,48 @@ def _make_dirs(out: Path) -> list[Path]:
 
 
 # ---------------------------------------------------------------- the command
+
+
+def _shard_to_store(src: str | Path, out: Remote, overwrite: bool, kwargs: dict) -> dict:
+    """`shard` into a store: refused before any work where OUT holds something and no
+    --overwrite; sharded in a staging folder (TMPDIR), then published (`publish`)."""
+    listed = sizes(out)
+    if listed and not overwrite:
+        raise UserError(
+            f"{out} is not empty: choose another OUT, or pass --overwrite to replace it"
+        )
+    with tempfile.TemporaryDirectory(prefix="srmae-shard-") as staging:
+        local = Path(staging) / "out"
+        manifest = shard(src, local, **kwargs)
+        publish(local, out, listed)
+    return manifest
+
+
+def publish(local: Path, out: Remote, listed: dict[str, int]) -> None:
+    """Upload a finished shard folder to a store: its old manifest removed first (readers see
+    no shards rather than old and new mixed), each shard and index one object (a store shows
+    an object whole or not at all), the manifest last, then old shards it no longer names."""
+    start = time.perf_counter()
+    if MANIFEST in listed:
+        remove(out / MANIFEST)
+    files = sorted(p.relative_to(local).as_posix() for p in local.rglob("*") if p.is_file())
+    objects = [name for name in files if name != MANIFEST]
+    with ThreadPoolExecutor(8, thread_name_prefix="shard-upload") as pool:
+        # list(): the first failed upload raises here, before the manifest is written
+        list(pool.map(lambda name: put_file(local / name, out / name), objects))
+    put_bytes(out / MANIFEST, (local / MANIFEST).read_bytes())
+    stale = [n for n in listed if n not in files and _is_shard_object(n)]
+    for name in stale:
+        remove(out / name)
+    mb = sum((local / n).stat().st_size for n in files) / 1e6
+    logger.info("%s: %d objects, %.1f MB uploaded in %.1f s; %d old ones removed",
+                out / MANIFEST, len(files), mb, time.perf_counter() - start,
+                len(stale))  # fmt: skip
+
+
+def _is_shard_object(name: str) -> bool:
+    split, _, base = name.partition("/")
+    return split in SPLITS and any(fnmatch.fnmatch(base, g) for g in (SHARD_GLOB, INDEX_GLOB))
 
 
 def _check_args(val_fraction: float, shard_size: int, workers: int) -> None:
@@ -585,9 +641,17 @@ def shard(
     normalise: str | None = None,
     hdu: str | None = None,
     labels: bool = False,
+    storage: StorageConfig | None = None,
 ) -> dict:
     """Shard SRC into OUT/{train,val}/shard-NNNNNN.tar and write OUT/manifest.json; return it.
-    `labels`: SRC holds a folder per class, each sample stored with its class index (`cls`)."""
+    `labels`: SRC holds a folder per class, each sample stored with its class index (`cls`).
+    OUT may be a URL (s3://bucket/prefix, reached as `storage` says): the shards are written
+    in a local staging folder, then uploaded one object each, the manifest last."""
+    if is_url(out):
+        kwargs = {"val_fraction": val_fraction, "shard_size": shard_size, "workers": workers,
+                  "seed": seed, "strict": strict, "nonfinite": nonfinite,
+                  "normalise": normalise, "hdu": hdu, "labels": labels}  # fmt: skip
+        return _shard_to_store(src, locate(out, storage), overwrite, kwargs)
     start = time.perf_counter()
     _check_args(val_fraction, shard_size, workers)
     if normalise is not None:
@@ -612,8 +676,9 @@ def shard(
         refuse_unfit(source.root, results, normalise, classes, val_fraction)
     except BaseException:
         for r in results:
-            if r.tmp:
-                r.tmp.unlink(missing_ok=True)
+            for tmp in (r.tmp, r.index_tmp):
+                if tmp:
+                    tmp.unlink(missing_ok=True)
         for d in reversed(created):
             if not any(d.iterdir()):
                 d.rmdir()

@@ -30,7 +30,7 @@ from typing import Any
 
 from toolkit.core.errors import UserError
 from toolkit.core.schema import DataConfig
-from toolkit.data.format import MANIFEST, Manifest, Shard, sample_keys
+from toolkit.data.format import MANIFEST, Manifest, Shard, open_shard, sample_keys
 
 logger = logging.getLogger(__name__)
 
@@ -121,8 +121,8 @@ def restrict(manifest: Manifest, data: DataConfig) -> Manifest:
     held: list[tuple[bytes, str, int, int, int | None]] = []
     for s, shard in enumerate(manifest.splits[SPLIT]):
         try:
-            with open(shard.path, "rb") as stream:
-                for i, (key, label) in enumerate(sample_keys(stream, labels=per_class)):
+            with open_shard(shard) as stream:
+                for i, (key, label) in enumerate(sample_keys(stream, labels=per_class)):  # type: ignore[arg-type]
                     row = (rank(data.subset_seed, key), key, s, i, label)
                     if data.holdout is not None and held_out(data.subset_seed, key, data.holdout):
                         held.append(row)

@@ -11,9 +11,18 @@ import numpy as np
 import torch
 
 from toolkit.core.errors import UserError
+from toolkit.core.schema import StorageConfig
 from toolkit.data.degrade import degrade
-from toolkit.data.format import MANIFEST, in_unit_range, read_manifest, split_member, tar_members
+from toolkit.data.format import (
+    MANIFEST,
+    in_unit_range,
+    open_shard,
+    read_manifest,
+    split_member,
+    tar_members,
+)
 from toolkit.data.sources import EXTS, walk_files
+from toolkit.data.storage import RangeReader, Remote, is_url, locate
 from toolkit.prediction.files import Like, output_ext, read
 
 
@@ -22,7 +31,7 @@ class Job:
     """One image to super-resolve: where its bytes are, and the output's path under --out."""
 
     name: str  # the output's posix path relative to the output folder
-    path: Path  # the file, or the shard holding the sample
+    path: Path | Remote  # the file, or the shard holding the sample (a local one, or at a URL)
     size: int  # bytes to read (the split across processes balances them)
     ext: str  # of the stored image, with its dot
     span: tuple[int, int] | None = None  # a shard member's (offset, size) in its tar
@@ -41,7 +50,7 @@ def _file_job(name: str, path: Path, hdu: str | None) -> Job:
     return Job(stem + output_ext(ext), path, path.stat().st_size, ext, hdu=hdu)
 
 
-def _shard_jobs(root: Path, split: str | None) -> list[Job]:
+def _shard_jobs(root: Path | Remote, split: str | None) -> list[Job]:
     manifest = read_manifest(root)
     splits = [split] if split else list(manifest.splits)
     if split is not None and split not in manifest.splits:
@@ -51,8 +60,8 @@ def _shard_jobs(root: Path, split: str | None) -> list[Job]:
     for name in splits:
         for shard in manifest.splits[name]:
             members: dict[str, dict[str, tuple[int, int, str]]] = {}
-            with open(shard.path, "rb") as stream:
-                for entry in tar_members(stream):
+            with open_shard(shard) as stream:
+                for entry in tar_members(stream):  # type: ignore[arg-type]
                     split = split_member(entry.name)
                     if split is None:
                         continue
@@ -68,7 +77,11 @@ def _shard_jobs(root: Path, split: str | None) -> list[Job]:
 
 
 def list_jobs(
-    inputs: list[str], hdu: str | None = None, split: str | None = None, out: Path | None = None
+    inputs: list[str],
+    hdu: str | None = None,
+    split: str | None = None,
+    out: Path | None = None,
+    storage: StorageConfig | None = None,
 ) -> list[Job]:
     """One job per image of `inputs` (image files, folders of them, searched recursively, or
     shard directories), sorted by output name; two inputs with one output name are an error.
@@ -76,6 +89,9 @@ def list_jobs(
     jobs: list[Job] = []
     outside = (lambda f: not f.resolve().is_relative_to(out.resolve())) if out else (lambda f: True)
     for text in inputs:
+        if is_url(text):  # only shards are read from a store
+            jobs += _shard_jobs(locate(text, storage), split)
+            continue
         path = Path(text)
         if (path / MANIFEST).is_file():
             jobs += _shard_jobs(path, split)
@@ -97,7 +113,11 @@ def list_jobs(
             raise UserError(f"{path}: no such file, folder or shard directory")
     by_name: dict[str, Job] = {}
     for job in jobs:
-        if out is not None and (out / job.name).resolve() == job.path.resolve():
+        if (
+            out is not None
+            and isinstance(job.path, Path)
+            and (out / job.name).resolve() == job.path.resolve()
+        ):
             raise UserError(f"{job.path}: its output would be written over it: give another --out")
         if job.name in by_name:
             raise UserError(
@@ -112,10 +132,15 @@ def read_job(job: Job, scale: int) -> tuple[torch.Tensor, Like]:
     """The model's input for a job, [C, h, w] float32 in the data's units, and how to write its
     output; ValueError with the reason if it cannot be read."""
     try:
-        with open(job.path, "rb") as f:
-            if job.span is not None:
-                f.seek(job.span[0])
-            data = f.read(job.span[1] if job.span is not None else -1)
+        if isinstance(job.path, Remote):
+            assert job.span is not None
+            with RangeReader([(job.path, job.span[0], sum(job.span))]) as stream:
+                data = stream.read(job.span[1])
+        else:
+            with open(job.path, "rb") as f:
+                if job.span is not None:
+                    f.seek(job.span[0])
+                data = f.read(job.span[1] if job.span is not None else -1)
     except OSError as err:
         raise ValueError(f"cannot read: {err.strerror or err}") from err
     values, like = read(data, job.ext, job.hdu)

@@ -124,7 +124,11 @@ def _sample_counts(r: recipe.Recipe, manifest: Manifest | None = None) -> dict[s
     """Samples per split that `r` reads: the train count is its subset's, where it cuts one
     (counted from the manifest: no shard is listed to tell whether a run is finished)."""
     try:
-        manifest = manifest if manifest is not None else read_manifest(r.data.shards)
+        manifest = (
+            manifest
+            if manifest is not None
+            else read_manifest(r.data.shards, r.data.storage_options)
+        )
         if r.data.holdout is not None:  # its counts depend on the keys: listed
             manifest = subset.restrict(manifest, r.data)
         counts = {split: manifest.count(split) for split in manifest.splits}
@@ -250,7 +254,9 @@ def training_record(target: Target) -> dict[str, Any] | None:
         return record
     try:
         own = recipe.load(target.run_dir / RECIPE)
-        return record_of(read_manifest(own.data.shards), own.data.normalise or "")
+        return record_of(
+            read_manifest(own.data.shards, own.data.storage_options), own.data.normalise or ""
+        )
     except (UserError, RecipeError):
         return None
 
@@ -321,14 +327,14 @@ def check_shards(target: Target, split: str) -> Manifest:
     fit what it was trained on: their manifest (with the held-out part cut, where the recipe
     holds one out) for the loader; a user error otherwise."""
     r = target.recipe
-    manifest = read_manifest(r.data.shards)
+    manifest = read_manifest(r.data.shards, r.data.storage_options)
     problems = shard_problems(r, manifest, training_record(target))
     if problems:
         raise UserError(problems[0])
     if r.data.holdout is not None:  # its val split is the held-out part of train
         manifest = subset.restrict(manifest, r.data)
     if not manifest.count(split):
-        raise UserError(f"{Path(r.data.shards) / 'manifest.json'}: split {split!r} has no samples")
+        raise UserError(f"{manifest.root / 'manifest.json'}: split {split!r} has no samples")
     return manifest
 
 

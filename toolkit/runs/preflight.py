@@ -7,6 +7,7 @@ from pathlib import Path
 from toolkit.core.errors import UserError
 from toolkit.data import subset
 from toolkit.data.format import MANIFEST, Manifest, read_manifest
+from toolkit.data.storage import is_url
 from toolkit.runs import recipe
 from toolkit.runs.directory import Finished, check_relaunch, shard_problems
 from toolkit.runs.hold import holder_of, refusal
@@ -22,14 +23,14 @@ def problems(
     if manifest is not None:
         out += shard_problems(r, manifest)
         out += subset.problems(manifest, r.data)
-    elif not (Path(r.data.shards) / MANIFEST).is_file():
+    elif not is_url(r.data.shards) and not (Path(r.data.shards) / MANIFEST).is_file():
         out.append(
             f"data.shards: {Path(r.data.shards) / MANIFEST} not found: make the shards first with "
             f"`python -m toolkit.shard SRC {r.data.shards}`"
         )
     else:
         try:
-            manifest = read_manifest(r.data.shards)
+            manifest = read_manifest(r.data.shards, r.data.storage_options)
         except UserError as err:
             out.append(f"data.shards: {err}")
         else:
@@ -99,7 +100,7 @@ def admit(
     checks (seconds a read at 1e5 shards): the finished run that is left as it is (nothing to
     train), else the manifest; the relaunch's refusal or the first problem as a user error."""
     try:
-        manifest = read_manifest(r.data.shards)
+        manifest = read_manifest(r.data.shards, r.data.storage_options)
     except UserError:  # a finished run needs no shards; else `require` says what is wrong
         manifest = None
     done = check_relaunch(r, world_size, manifest)

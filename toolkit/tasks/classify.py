@@ -51,7 +51,7 @@ class ClassifyTask(Task):
     def __init__(self, r: Recipe) -> None:
         super().__init__(r)
         self.num_classes = int(getattr(r.model, "num_classes", 0))
-        self.shards = r.data.shards
+        self.shards, self.storage = r.data.shards, r.data.storage_options
         self.class_names: tuple[str, ...] | None = None  # the shards', from `use_shards`
 
     @classmethod
@@ -125,7 +125,7 @@ class ClassifyTask(Task):
         from toolkit.data.format import read_manifest
 
         try:
-            return read_manifest(self.shards).classes or ()
+            return read_manifest(self.shards, self.storage).classes or ()
         except UserError:
             return ()
 

@@ -7,6 +7,7 @@ import hashlib
 import io
 import json
 import tarfile
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -103,10 +104,37 @@ def test_manifest_describes_the_files(tmp_path: Path) -> None:
             assert s["sha256"] == hashlib.sha256(data).hexdigest()
             assert len(read_tar(out / s["name"])) == 2 * s["count"] <= 2 * 7
     assert manifest["splits"]["train"]["count"] + manifest["splits"]["val"]["count"] == 30
+    entries = [s for sp in manifest["splits"].values() for s in sp["shards"]]
+    assert all(s["index"] == s["name"].replace(".tar", ".idx") for s in entries)
     assert sorted(p.name for p in out.rglob("*")) == sorted(
         ["manifest.json", "train", "val"]
-        + [s["name"].split("/")[1] for sp in manifest["splits"].values() for s in sp["shards"]]
+        + [s[k].split("/")[1] for s in entries for k in ("name", "index")]
     )
+
+
+def test_each_shards_index_gives_its_samples_byte_spans_and_crcs(tmp_path: Path) -> None:
+    """Checked against Python's tarfile: a sample starts at its first member's header and
+    ends where the next sample's first header starts (the last: where the end blocks do)."""
+    src = make_pairs(tmp_path / "src", 20)
+    out = tmp_path / "out"
+    manifest = shard(src, out, shard_size=6, val_fraction=0.0)
+    for entry in manifest["splits"]["train"]["shards"]:
+        data = (out / entry["name"]).read_bytes()
+        with tarfile.open(out / entry["name"]) as tar:
+            members = tar.getmembers()
+        firsts = [m.offset for i, m in enumerate(members)
+                  if i == 0 or m.name.split(".")[0] != members[i - 1].name.split(".")[0]]  # fmt: skip
+        last = members[-1]
+        ends = [*firsts[1:], last.offset_data + -(-last.size // 512) * 512]
+        index = json.loads((out / entry["index"]).read_text())
+        assert index["format"] == "srmae-index/1"
+        assert [(o, n) for o, n, _ in index["samples"]] == [
+            (a, b - a) for a, b in zip(firsts, ends, strict=True)
+        ]
+        assert [c for *_, c in index["samples"]] == [
+            zlib.crc32(data[a:b]) for a, b in zip(firsts, ends, strict=True)
+        ]
+        assert len(firsts) == entry["count"]
 
 
 def test_splits_partition_the_samples_by_the_key_hash(tmp_path: Path) -> None:
@@ -193,9 +221,9 @@ def test_a_shard_left_empty_by_skips_is_dropped_and_names_stay_contiguous(tmp_pa
     shards = manifest["splits"]["train"]["shards"]
     assert [s["name"] for s in shards] == [f"train/shard-{i:06d}.tar" for i in range(7)]
     assert all(s["count"] == 1 for s in shards)
-    assert sorted(p.name for p in (out / "train").iterdir()) == [
-        f"shard-{i:06d}.tar" for i in range(7)
-    ]
+    assert sorted(p.name for p in (out / "train").iterdir()) == sorted(
+        f"shard-{i:06d}.{ext}" for i in range(7) for ext in ("tar", "idx")
+    )
     assert len(manifest["skipped"]) == 3
 
 
@@ -239,7 +267,8 @@ def test_overwrite_replaces_and_removes_stale_shards(tmp_path: Path) -> None:
         shard(src, out, shard_size=50)
     second = shard(src, out, shard_size=50, overwrite=True)
     assert len(second["splits"]["train"]["shards"]) == 1
-    named = {out / s["name"] for sp in second["splits"].values() for s in sp["shards"]}
+    named = {out / s[k] for sp in second["splits"].values() for s in sp["shards"]
+             for k in ("name", "index")}  # fmt: skip
     assert set((out / "train").iterdir()) | set((out / "val").iterdir()) == named
     assert (out / "notes.txt").read_text() == "mine"  # not a shard: left alone
     for s in second["splits"]["train"]["shards"]:

@@ -1,0 +1,332 @@
+"""Shards in an S3 bucket (moto's server on the loopback interface): sharded into it, verified,
+trained from (equal to the same run from local shards, through faults, across a kill), read by
+evaluate and predict, and every refusal one line with exit status 2."""
+
+from __future__ import annotations
+
+import json
+import signal
+import tarfile
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests.helpers import (
+    DEBUG_RECIPE,
+    cli,
+    make_pairs,
+    one_error_line,
+    read_jsonl,
+    run_command,
+    tiny,
+)
+from tests.storage.proxy import FaultProxy
+from tests.storage.server import SECRET, S3Server
+from toolkit.data.sharding import shard
+
+pytestmark = pytest.mark.slow
+
+SHARD_ARGS = ("--shard-size", "5", "--val-fraction", "0.2", "--seed", "1")
+# A tiny SR-MAE: 14 steps of 4 samples over 2 DataLoader workers; checkpoints mid-epoch.
+TRAIN = ("train.max_steps=14", "train.checkpoint_every=2", "data.num_workers=2")
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_pairs(tmp_path_factory.mktemp("src") / "src", 30)
+
+
+@pytest.fixture(scope="module")
+def local(source: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The same shards on local disk: what every bucket run is compared with."""
+    out = tmp_path_factory.mktemp("local") / "shards"
+    shard(source, out, shard_size=5, val_fraction=0.2, seed=1)
+    return out
+
+
+@pytest.fixture(scope="module")
+def local_run(local: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    run = tmp_path_factory.mktemp("runs") / "local"
+    done = cli("toolkit.train", str(DEBUG_RECIPE), *tiny(local, run, *TRAIN))
+    assert done.returncode == 0, done.stderr[-3000:]
+    return run
+
+
+def sharded(s3: S3Server, bucket: str, source: Path) -> str:
+    """`shard SRC s3://bucket/set` run as a user runs it; its URL."""
+    url = f"s3://{bucket}/set"
+    done = run_command(*_python("toolkit.shard", str(source), url, *SHARD_ARGS), env=_env(s3))
+    assert done.returncode == 0, done.stderr[-3000:]
+    return url
+
+
+def _python(module: str, *args: str) -> list[str]:
+    import sys
+
+    return [sys.executable, "-m", module, *args]
+
+
+def _env(s3: S3Server, endpoint: str | None = None, **extra: str) -> dict[str, str]:
+    from tests.helpers import ROOT
+
+    return {**s3.env(endpoint), "PYTHONPATH": str(ROOT), **extra}
+
+
+def weights(run: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(run / "model.safetensors"))
+
+
+def same_weights(a: Path, b: Path) -> bool:
+    wa, wb = weights(a), weights(b)
+    return wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def losses(run: Path) -> dict[int, float]:
+    return {x["step"]: x["train/loss"] for x in read_jsonl(run / "metrics.jsonl")
+            if "train/loss" in x}  # fmt: skip
+
+
+def no_secret(*places: Path | str) -> None:
+    for place in places:
+        if isinstance(place, str):
+            assert SECRET not in place
+            continue
+        for f in place.rglob("*"):
+            if f.is_file():
+                assert SECRET.encode() not in f.read_bytes(), f
+
+
+def test_shards_written_to_a_bucket_are_the_local_ones_and_verify(
+    s3_server: S3Server, bucket: str, source: Path, local: Path
+) -> None:
+    url = sharded(s3_server, bucket, source)
+    client = s3_server.client()
+    names = sorted(o["Key"] for o in client.list_objects_v2(Bucket=bucket)["Contents"])
+    files = sorted(f"set/{p.relative_to(local).as_posix()}" for p in local.rglob("*")
+                   if p.is_file())  # fmt: skip
+    assert names == files  # no staging or temporary object left behind
+    for name in names:  # sharding is deterministic: the uploads are the local bytes
+        body = client.get_object(Bucket=bucket, Key=name)["Body"].read()
+        if name.endswith("manifest.json"):  # the source path is the staging folder's
+            mine = json.loads((local / "manifest.json").read_text())
+            theirs = json.loads(body)
+            assert {k: v for k, v in theirs.items() if k != "source"} == {
+                k: v for k, v in mine.items() if k != "source"
+            }
+        else:
+            assert body == (local / name.removeprefix("set/")).read_bytes(), name
+    done = run_command(*_python("toolkit.shard", "--verify", url), env=_env(s3_server))
+    assert done.returncode == 0, done.stderr
+    assert "5 shards match" in done.stderr or "shards match" in done.stderr
+    # Without --overwrite a bucket prefix holding shards is refused, and left as it was.
+    again = run_command(*_python("toolkit.shard", str(source), url, *SHARD_ARGS),
+                        env=_env(s3_server))  # fmt: skip
+    assert again.returncode == 2 and "--overwrite" in one_error_line(again.stderr)
+
+
+def test_a_run_from_the_bucket_equals_the_run_from_local_shards(
+    s3_server: S3Server, bucket: str, source: Path, local_run: Path, tmp_path: Path
+) -> None:
+    """Through `launch --local`, as a user types it; tensor for tensor, loss for loss."""
+    url = sharded(s3_server, bucket, source)
+    run = tmp_path / "bucket"
+    done = run_command(
+        *_python("toolkit.launch", str(DEBUG_RECIPE), "--local", *tiny(url, run, *TRAIN)),
+        env=_env(s3_server),
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert same_weights(run, local_run)
+    assert losses(run) == losses(local_run) and len(losses(run)) == 14
+    assert json.loads((run / "data.json").read_text())["shards"] == url
+    no_secret(run, done.stdout, done.stderr)
+
+
+def test_faults_on_the_network_leave_the_weights_of_a_clean_run(
+    s3_server: S3Server, bucket: str, source: Path, local_run: Path, tmp_path: Path
+) -> None:
+    """Every 4th GET a 503, every response cut after 8000 body bytes (a shard is ~25 kB; a
+    listing or the manifest, which cannot be resumed from a byte, is less), each
+    delayed: the same weights, and each retry logged once (as many as the proxy's faults)."""
+    url = sharded(s3_server, bucket, source)
+    with FaultProxy(s3_server.endpoint, drop_after=8000, fail_every=4, delay=0.005) as proxy:
+        run = tmp_path / "faulty"
+        done = run_command(
+            *_python("toolkit.train", str(DEBUG_RECIPE), *tiny(url, run, *TRAIN)),
+            env=_env(s3_server, proxy.endpoint),
+        )
+        faults = proxy.failed + proxy.dropped
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert same_weights(run, local_run)
+    assert losses(run) == losses(local_run)
+    retries = done.stderr.count("; retrying in ")
+    assert proxy.failed > 0 and proxy.dropped > 0
+    assert retries == faults, (retries, proxy.failed, proxy.dropped)
+    no_secret(run, done.stderr)
+
+
+def test_kill_and_resume_from_the_bucket_is_bit_identical(
+    s3_server: S3Server, bucket: str, source: Path, local_run: Path, tmp_path: Path
+) -> None:
+    import subprocess
+
+    url = sharded(s3_server, bucket, source)
+    run = tmp_path / "killed"
+    argv = _python("toolkit.train", str(DEBUG_RECIPE), *tiny(url, run, *TRAIN))
+    proc = subprocess.Popen(argv, env=_env(s3_server), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)  # fmt: skip
+    deadline = time.time() + 180
+    while time.time() < deadline and proc.poll() is None:
+        log = run / "metrics.jsonl"
+        steps = [x["step"] for x in read_jsonl(log) if "train/loss" in x] if log.exists() else []
+        if steps and steps[-1] >= 5:  # between the checkpoints of steps 4 and 6
+            proc.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.05)
+    proc.wait(30)
+    assert proc.returncode == -signal.SIGKILL
+    assert not (run / "model.safetensors").exists()
+    done = run_command(*argv, env=_env(s3_server))
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "resumed from" in done.stderr
+    assert same_weights(run, local_run)
+    steps = [x["step"] for x in read_jsonl(run / "metrics.jsonl") if "train/loss" in x]
+    assert steps == list(range(1, 15))  # none logged twice
+    assert losses(run) == losses(local_run)
+    no_secret(run, done.stderr)
+
+
+def test_evaluate_and_predict_read_shards_from_the_bucket(
+    s3_server: S3Server, bucket: str, source: Path, local: Path, local_run: Path, tmp_path: Path
+) -> None:
+    url = sharded(s3_server, bucket, source)
+    env = _env(s3_server)
+    scores = []
+    for shards in (str(local), url):
+        done = run_command(*_python("toolkit.evaluate", str(local_run), "--shards", shards,
+                                    "--json"), env=env)  # fmt: skip
+        assert done.returncode == 0, done.stderr[-3000:]
+        out = done.stdout
+        scores.append(json.loads(out[out.index("{\n") : out.rindex("}") + 1]))
+    assert scores[0] == scores[1] and scores[0]
+    outs = []
+    for shards, name in ((str(local), "a"), (url, "b")):
+        out = tmp_path / name
+        done = run_command(*_python("toolkit.predict", str(local_run), shards, "--out", str(out),
+                                    "--split", "val"), env=env)  # fmt: skip
+        assert done.returncode == 0, done.stderr[-3000:]
+        outs.append({p.relative_to(out): p.read_bytes() for p in out.rglob("*.npy")})
+    assert outs[0] and outs[0] == outs[1]
+
+
+def test_resume_reads_only_the_samples_not_yet_consumed(
+    s3_server: S3Server, bucket: str, source: Path, local: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """In this process, no worker: the bytes a resumed epoch asks the store for are exactly
+    those of the samples it goes on to deliver (their spans measured with Python's tarfile),
+    and a whole epoch's are those of every sample."""
+    from toolkit.core.schema import DataConfig
+    from toolkit.data import storage
+    from toolkit.data.loader import build_loader
+
+    url = sharded(s3_server, bucket, source)
+    for key, value in s3_server.env().items():
+        if key.startswith("AWS_"):
+            monkeypatch.setenv(key, value)
+    spans = {}  # sample key -> bytes of its members, headers and padding included
+    for tar_path in sorted((local / "train").glob("*.tar")):
+        with tarfile.open(tar_path) as tar:
+            members = tar.getmembers()
+        size = tar_path.stat().st_size
+        starts = [m.offset for m in members] + [size]
+        for m, nxt in zip(members, starts[1:], strict=True):
+            end = min(nxt, m.offset_data + -(-m.size // 512) * 512)
+            key = m.name.split(".")[0]
+            spans[key] = spans.get(key, 0) + end - m.offset
+    data = DataConfig(shards=url, batch_size=4, num_workers=0, shuffle_buffer=8)
+
+    def counted(loader, state=None, stop=None) -> tuple[list[str], int, object]:
+        if state is not None:
+            loader.load_state_dict(state)
+        before, keys = storage.COUNTS.ranged, []
+        for i, batch in enumerate(loader):
+            keys += list(batch["key"])
+            if stop is not None and i + 1 == stop:
+                break
+        return keys, storage.COUNTS.ranged - before, loader.state_dict()
+
+    keys, nbytes, _ = counted(build_loader(data, "train", crop=32, seed=0))
+    assert sorted(keys) == sorted(spans) and nbytes == sum(spans.values())
+    first, _, state = counted(build_loader(data, "train", crop=32, seed=0), stop=2)
+    rest, nbytes, _ = counted(build_loader(data, "train", crop=32, seed=0), state=state)
+    assert first + rest == keys  # the epoch, once, in order
+    assert nbytes == sum(spans[k] for k in rest) < sum(spans.values())
+
+
+@pytest.mark.parametrize("case", ["bad url", "no bucket", "no credentials", "truncated"])
+def test_a_store_that_cannot_serve_the_shards_is_one_line_and_writes_nothing(
+    case: str, s3_server: S3Server, bucket: str, source: Path, tmp_path: Path
+) -> None:
+    url = sharded(s3_server, bucket, source)
+    env = _env(s3_server)
+    expect = {"bad url": "expected s3://BUCKET/PREFIX", "no bucket": "not found",
+              "no credentials": "no credentials", "truncated": "bytes there"}[case]  # fmt: skip
+    if case == "bad url":
+        url = "s3://"
+    elif case == "no bucket":
+        url = "s3://no-such-bucket-here/set"
+    elif case == "no credentials":
+        env = {k: v for k, v in env.items() if k not in ("AWS_ACCESS_KEY_ID",
+                                                         "AWS_SECRET_ACCESS_KEY")}  # fmt: skip
+    else:  # an object cut short after it was listed in the manifest
+        client = s3_server.client()
+        key = "set/train/shard-000001.tar"
+        body = client.get_object(Bucket=bucket, Key=key)["Body"].read()
+        client.put_object(Bucket=bucket, Key=key, Body=body[: len(body) // 2])
+    run = tmp_path / "run"
+    done = run_command(*_python("toolkit.train", str(DEBUG_RECIPE), *tiny(url, run, *TRAIN)),
+                       env=env)  # fmt: skip
+    assert done.returncode == 2, done.stderr[-3000:]
+    line = one_error_line(done.stderr)
+    assert expect in line and "Traceback" not in done.stderr, done.stderr[-2000:]
+    assert not run.exists()
+
+
+def test_a_damaged_object_stops_the_job_naming_it_and_verify_finds_it(
+    s3_server: S3Server, bucket: str, source: Path, tmp_path: Path
+) -> None:
+    """Same size, one byte flipped in a sample: the listing cannot see it; the sample's CRC-32
+    does, in the DataLoader worker, and the job stops with that one line; --verify's sha256
+    names the object too."""
+    url = sharded(s3_server, bucket, source)
+    client = s3_server.client()
+    key = "set/train/shard-000000.tar"
+    body = bytearray(client.get_object(Bucket=bucket, Key=key)["Body"].read())
+    body[700] ^= 0xFF  # inside the first sample's first member
+    client.put_object(Bucket=bucket, Key=key, Body=bytes(body))
+    run = tmp_path / "run"
+    done = run_command(*_python("toolkit.train", str(DEBUG_RECIPE), *tiny(url, run, *TRAIN)),
+                       env=_env(s3_server))  # fmt: skip
+    assert done.returncode == 2, done.stderr[-3000:]
+    line = one_error_line(done.stderr)
+    assert f"{url}/train/shard-000000.tar" in line and "CRC-32" in line, line
+    assert "Traceback" not in done.stderr
+    assert not (run / "model.safetensors").exists() and not list(run.glob("checkpoints/step-*"))
+    check = run_command(*_python("toolkit.shard", "--verify", url), env=_env(s3_server))
+    assert check.returncode == 2 and "shard-000000.tar: sha256" in one_error_line(check.stderr)
+
+
+def test_sharding_into_a_missing_bucket_or_with_a_credential_flag_is_refused(
+    s3_server: S3Server, source: Path
+) -> None:
+    env = _env(s3_server)
+    missing = run_command(*_python("toolkit.shard", str(source), "s3://no-such-bucket-here/x"),
+                          env=env)  # fmt: skip
+    assert missing.returncode == 2 and "not found" in one_error_line(missing.stderr)
+    secret = run_command(*_python("toolkit.shard", str(source), "s3://b/x", "--storage",
+                                  f"secret={SECRET}"), env=env)  # fmt: skip
+    assert secret.returncode == 2
+    assert "credentials come from the environment" in one_error_line(secret.stderr)
+    assert SECRET not in secret.stderr
