@@ -330,3 +330,53 @@ def test_sharding_into_a_missing_bucket_or_with_a_credential_flag_is_refused(
     assert secret.returncode == 2
     assert "credentials come from the environment" in one_error_line(secret.stderr)
     assert SECRET not in secret.stderr
+
+
+def test_a_local_cache_fetches_each_shard_once_and_only_the_object_the_manifest_names(
+    s3_server: S3Server, bucket: str, source: Path, local: Path, tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:  # fmt: skip
+    """Two epochs through `cache_dir`: the batches of the streamed loader, each train shard's
+    bytes asked for once; then an object changed under the same size is refused by its sha256,
+    and no partial copy stays in the cache."""
+    from toolkit.core.schema import DataConfig, StorageConfig
+    from toolkit.data import storage
+    from toolkit.data.loader import build_loader
+    from toolkit.data.storage import StorageError
+
+    url = sharded(s3_server, bucket, source)
+    for key, value in s3_server.env().items():
+        if key.startswith("AWS_"):
+            monkeypatch.setenv(key, value)
+    cache = tmp_path / "cache"
+
+    def two_epochs(data: DataConfig) -> tuple[list, int]:
+        before, got = storage.COUNTS.ranged, []
+        loader = build_loader(data, "train", crop=32, seed=0)
+        for _ in range(2):
+            got += [(list(b["key"]), b["hr"], b["lr"]) for b in loader]
+        return got, storage.COUNTS.ranged - before
+
+    plain = DataConfig(shards=url, batch_size=4, num_workers=0, shuffle_buffer=8)
+    streamed, _ = two_epochs(plain)
+    kept = DataConfig(shards=url, batch_size=4, num_workers=0, shuffle_buffer=8,
+                      storage_options=StorageConfig(cache_dir=str(cache)))  # fmt: skip
+    read, nbytes = two_epochs(kept)
+    assert [k for k, *_ in read] == [k for k, *_ in streamed]
+    assert all(torch.equal(a[1], b[1]) and torch.equal(a[2], b[2])
+               for a, b in zip(read, streamed, strict=True))  # fmt: skip
+    train = json.loads((local / "manifest.json").read_text())["splits"]["train"]["shards"]
+    assert nbytes == sum(s["bytes"] for s in train)
+    assert sorted(p.name for p in cache.iterdir()) == sorted(f"{s['sha256']}.tar" for s in train)
+
+    client, key = s3_server.client(), "set/train/shard-000002.tar"
+    body = bytearray(client.get_object(Bucket=bucket, Key=key)["Body"].read())
+    body[600] ^= 0xFF
+    client.put_object(Bucket=bucket, Key=key, Body=bytes(body))
+    fresh = tmp_path / "fresh"
+    kept = DataConfig(shards=url, batch_size=4, num_workers=0, shuffle_buffer=8,
+                      storage_options=StorageConfig(cache_dir=str(fresh)))  # fmt: skip
+    with pytest.raises(StorageError, match=f"{url}/train/shard-000002.tar: sha256 .* the "
+                       "manifest says"):  # fmt: skip
+        list(build_loader(kept, "train", crop=32, seed=0))
+    assert not any(p.name.startswith(".") for p in fresh.iterdir())

@@ -25,6 +25,9 @@ class StorageConfig:
     # Tries of a request that fails for a transient reason (a reset connection, a timeout, a
     # 5xx, throttling), with exponential backoff and jitter between them; then the job stops.
     attempts: int = setting(8, gt=0, le=100)
+    # A node-local folder where each shard read from the store is kept whole, named by its
+    # sha256 (checked when fetched), for data read every epoch; null: stream every epoch.
+    cache_dir: str | None = None
 
 
 @dataclass

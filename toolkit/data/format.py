@@ -17,6 +17,7 @@ import os
 import re
 import sys
 import tarfile
+import threading
 import zlib
 from collections import deque
 from collections.abc import Callable, Iterator
@@ -311,6 +312,7 @@ class Shard:
     # the start of the tar)
     index: Path | Remote | None = None
     size: int = 0  # bytes, as the manifest records them (0: not recorded)
+    sha256: str = ""  # as the manifest records it
 
 
 @dataclass(frozen=True)
@@ -361,6 +363,7 @@ def read_manifest(root: str | Path | Remote, options: StoreOptions | None = None
                     root / s["name"],
                     index=root / s["index"] if s.get("index") else None,
                     size=int(s.get("bytes", 0)),
+                    sha256=str(s.get("sha256", "")),
                 )
                 for s in v["shards"]
             )
@@ -631,6 +634,31 @@ def open_shard(shard: Shard) -> BinaryIO | RangeReader:
     if isinstance(shard.path, Remote):
         return RangeReader([(shard.path, 0, shard.size)])
     return open(shard.path, "rb")
+
+
+def cached(shard: Shard, folder: str) -> Path:
+    """A store's shard as a local file in the node-local cache `folder`, fetched whole the first
+    time (streamed, hashed on the way) and named by its sha256, so that a copy is used only if
+    it is the object the manifest names; an object whose sha256 differs is a StorageError."""
+    assert isinstance(shard.path, Remote) and shard.sha256
+    path = Path(folder) / f"{shard.sha256}.tar"
+    if path.is_file():
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{threading.get_ident()}")
+    sha = hashlib.sha256()
+    try:
+        with RangeReader([(shard.path, 0, shard.size)]) as stream, open(tmp, "wb") as f:
+            while chunk := stream.read(BLOCK):
+                sha.update(chunk)
+                f.write(chunk)
+        if sha.hexdigest() != shard.sha256:
+            raise StorageError(f"{shard.path}: sha256 {sha.hexdigest()}, the manifest says "
+                               f"{shard.sha256}: the object changed or is damaged")  # fmt: skip
+        os.replace(tmp, path)  # several workers may fetch one shard: the same bytes win
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
 
 
 def load_index(shard: Shard) -> list[tuple[int, int, int]]:

@@ -34,6 +34,7 @@ import logging
 import math
 import zlib
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -47,6 +48,7 @@ from toolkit.data.format import (
     MANIFEST,
     Manifest,
     Shard,
+    cached,
     in_unit_range,
     load_index,
     member,
@@ -236,7 +238,8 @@ class ShardStream(IterableDataset):
     ) -> Iterator[tuple[int, Any]]:
         """(position, raw sample or None if lost or not wanted) for every position of the
         segments, in order; samples not wanted are seeked over in the tar, not read."""
-        if segs and isinstance(segs[0].shard.path, Remote):
+        remote = segs[0].shard.path if segs else None
+        if isinstance(remote, Remote) and not remote.options.cache_dir:
             yield from _read_remote(segs, wanted)
             return
         for seg in segs:
@@ -252,7 +255,7 @@ class ShardStream(IterableDataset):
                 positions = range(seg.first, seg.first + len(chosen))
                 at = dict(zip(chosen, positions, strict=True)).get
             try:
-                with open(seg.shard.path, "rb") as stream:
+                with open(_local(seg.shard), "rb") as stream:
                     rows = read_samples(stream, lo, hi, _Wanted(at, wanted))
                     for i, sample in rows:
                         pos = at(i)
@@ -357,6 +360,13 @@ class ShardStream(IterableDataset):
                 if item is not None:
                     return item
         raise RuntimeError(f"no readable sample left in split {self.split!r}")
+
+
+def _local(shard: Shard) -> Path:
+    """A shard's local file: its own, or the cache's copy of its object (fetched if need be)."""
+    if isinstance(shard.path, Remote):
+        return cached(shard, shard.path.options.cache_dir)  # type: ignore[arg-type]
+    return shard.path
 
 
 def _rows(seg: Segment) -> Iterator[tuple[int, int]]:
