@@ -75,6 +75,7 @@ BENCHMARKS: dict[str, Bench] = {
     "zero": Bench(["-m", "benchmarks.zero"]),
     "scale": Bench(["-m", "benchmarks.scale"]),
     "bootstrap": Bench(["-m", "benchmarks.bootstrap"]),
+    "storage": Bench(["-m", "benchmarks.storage"]),
     "predict": Bench(
         ["-m", "benchmarks.predict"],
         needs=_missing("runs/demo/finetune", "runs/demo/edsr", "data/demo/raw"),

@@ -38,6 +38,7 @@ EXPECTED: dict[str, tuple[set[str], set[str]]] = {
     "predict": ({"model"}, set()),
     "ceiling": ({"metric"}, {"noiseless HR"}),
     "gpu": ({"config", "status"}, set()),
+    "storage": ({"case"}, set()),
 }  # fmt: skip
 
 
@@ -74,6 +75,14 @@ def test_each_benchmark_writes_its_table_at_tiny_size(tiny: Path, name: str) -> 
         assert all(_finite(row[k]) for k in numbers), (name, row)
     if name in ("data", "throughput"):  # the ratios' spread brackets their median
         assert all(r["ratio_min"] <= r["ratio"] <= r["ratio_max"] for r in doc["rows"])
+    if name == "storage":  # each loader pass asked for exactly its samples' bytes
+        speed = [r for r in rows if "ratio" in r]
+        assert len(speed) == 6 and all(r["ratio_min"] <= r["ratio"] <= r["ratio_max"]
+                                       for r in speed)  # fmt: skip
+        passes = [r for r in rows if r["case"].startswith("loader, ")]
+        assert len(passes) == 2
+        assert all(r["requested_bytes"] == r["samples_bytes"] > 0 for r in passes)
+        assert passes[1]["requested_bytes"] < passes[0]["requested_bytes"]
     if name == "engine":
         step = doc["rows"][0]
         assert step["ratio_min"] <= step["ratio"] <= step["ratio_max"] and step["rounds"] == 2

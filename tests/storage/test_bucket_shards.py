@@ -4,9 +4,12 @@ evaluate and predict, and every refusal one line with exit status 2."""
 
 from __future__ import annotations
 
+import http.server
 import json
+import re
 import signal
 import tarfile
+import threading
 import time
 from pathlib import Path
 
@@ -380,3 +383,67 @@ def test_a_local_cache_fetches_each_shard_once_and_only_the_object_the_manifest_
                        "manifest says"):  # fmt: skip
         list(build_loader(kept, "train", crop=32, seed=0))
     assert not any(p.name.startswith(".") for p in fresh.iterdir())
+
+
+class _Ranged(http.server.BaseHTTPRequestHandler):
+    """A static file server that answers byte ranges (206), as a web server in front of a
+    shard folder does (Python's own http.server sends whole files)."""
+
+    root: Path
+
+    def _file(self) -> Path | None:
+        path = self.root / self.path.lstrip("/").split("?")[0]
+        return path if path.is_file() else None
+
+    def do_HEAD(self) -> None:
+        path = self._file()
+        if path is None:
+            self.send_error(404)
+            return
+        self.send_response(200)
+        self.send_header("Content-Length", str(path.stat().st_size))
+        self.send_header("Accept-Ranges", "bytes")
+        self.end_headers()
+
+    def do_GET(self) -> None:
+        path = self._file()
+        if path is None:
+            self.send_error(404)
+            return
+        data = path.read_bytes()
+        got = re.fullmatch(r"bytes=(\d+)-(\d*)", self.headers.get("Range", ""))
+        if got:
+            lo, hi = int(got[1]), int(got[2]) if got[2] else len(data) - 1
+            self.send_response(206)
+            self.send_header("Content-Range", f"bytes {lo}-{hi}/{len(data)}")
+            data = data[lo : hi + 1]
+        else:
+            self.send_response(200)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, *args: object) -> None:  # quiet: the test's output is the run's
+        pass
+
+
+def test_a_run_from_an_https_style_url_equals_the_local_run(
+    local: Path, local_run: Path, tmp_path: Path
+) -> None:
+    """Any fsspec URL: fsspec's generic http file system (no listing, block range reads)
+    serving the local shard folder gives the weights of the local run."""
+    handler = type("Handler", (_Ranged,), {"root": local.parent})
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/{local.name}"
+        run = tmp_path / "http"
+        done = cli("toolkit.train", str(DEBUG_RECIPE), *tiny(url, run, *TRAIN))
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert same_weights(run, local_run) and losses(run) == losses(local_run)
+        bad = cli("toolkit.train", str(DEBUG_RECIPE), *tiny(url + "-missing", tmp_path / "x"))
+        assert bad.returncode == 2 and "not found" in one_error_line(bad.stderr)
+    finally:
+        server.shutdown()
+        server.server_close()

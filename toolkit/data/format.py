@@ -396,7 +396,11 @@ def read_manifest(root: str | Path | Remote, options: StoreOptions | None = None
 def _check_present(manifest: Manifest, path: Path | Remote) -> None:
     """Every shard (and index) the manifest names exists; in a store, with the size recorded
     (one listing: a truncated or replaced object is refused before a job starts)."""
-    listed = sizes(manifest.root) if isinstance(manifest.root, Remote) else None
+    listed = None
+    if isinstance(manifest.root, Remote):
+        names = [str(w)[len(str(manifest.root)) + 1 :] for shards in manifest.splits.values()
+                 for s in shards for w in (s.path, s.index) if w is not None]  # fmt: skip
+        listed = sizes(manifest.root, names)
     for shards in manifest.splits.values():
         for shard in shards:
             for where in (shard.path, shard.index):
@@ -417,14 +421,14 @@ def verify(root: str | Path | Remote, options: StoreOptions | None = None) -> tu
     """Check every shard against its manifest entry, size and sha256: (shards checked, one
     line per shard that differs). A store's objects are streamed, not copied."""
     root = locate(root, options)
-    listed = sizes(root) if isinstance(root, Remote) else None
     try:
         read_manifest(root)  # a readable manifest whose shards all exist
-    except UserError as err:
-        if listed is None or "bytes there" not in str(err):
+    except UserError as err:  # in a store: of another size than recorded, said below
+        if not isinstance(root, Remote) or "bytes there" not in str(err):
             raise
     doc = json.loads(read_bytes(root / MANIFEST))
     entries = [s for split in doc["splits"].values() for s in split["shards"]]
+    listed = sizes(root, [e["name"] for e in entries]) if isinstance(root, Remote) else None
     problems = []
     for entry in entries:
         path = root / entry["name"]
@@ -661,13 +665,13 @@ def cached(shard: Shard, folder: str) -> Path:
     return path
 
 
-def load_index(shard: Shard) -> list[tuple[int, int, int]]:
-    """A shard's sample index: each sample's (offset, length, CRC-32), checked against the
-    shard's count and size; a damaged one is a StorageError naming it."""
+def load_index(shard: Shard, data: bytes | None = None) -> list[tuple[int, int, int]]:
+    """A shard's sample index (read here, or its bytes as read): each sample's (offset,
+    length, CRC-32), checked against the shard's size; a damaged one is a StorageError."""
     where = shard.index
     assert where is not None
     try:
-        doc = json.loads(read_bytes(where))
+        doc = json.loads(read_bytes(where) if data is None else data)
         samples = [(int(o), int(n), int(c)) for o, n, c in doc["samples"]]
         if doc.get("format") != INDEX_FORMAT:
             raise ValueError(f"format {doc.get('format')!r}, expected {INDEX_FORMAT!r}")

@@ -68,7 +68,7 @@ from toolkit.data.plan import (
     split_even,
 )
 from toolkit.data.sources import decode
-from toolkit.data.storage import RangeReader, Remote, StorageError, spans
+from toolkit.data.storage import RangeReader, Remote, StorageError, read_many, spans
 from toolkit.data.subset import restrict
 
 logger = logging.getLogger(__name__)
@@ -392,6 +392,11 @@ def _read_remote(segs: list[Segment], wanted: Callable[[int], bool]) -> Iterator
     each sample checked against its CRC-32; a shard without an index is read from its start.
     A store that fails for good, or a damaged sample, stops the job (StorageError): unlike a
     local file, it would fail the same way on every rank."""
+    missing = {str(s.shard.index): s.shard for s in segs
+               if s.shard.index is not None and str(s.shard.index) not in _INDEXES}  # fmt: skip
+    blobs = read_many([s.index for s in missing.values()])  # type: ignore[misc]
+    for (key, shard), blob in zip(missing.items(), blobs, strict=True):
+        _INDEXES[key] = load_index(shard, blob)
     ranges: list[tuple[Remote, int, int]] = []
     for seg in segs:
         if seg.shard.index is None:

@@ -122,8 +122,8 @@ def test_each_shards_index_gives_its_samples_byte_spans_and_crcs(tmp_path: Path)
         data = (out / entry["name"]).read_bytes()
         with tarfile.open(out / entry["name"]) as tar:
             members = tar.getmembers()
-        firsts = [m.offset for i, m in enumerate(members)
-                  if i == 0 or m.name.split(".")[0] != members[i - 1].name.split(".")[0]]  # fmt: skip
+        keys = [m.name.split(".")[0] for m in members]
+        firsts = [m.offset for i, m in enumerate(members) if i == 0 or keys[i] != keys[i - 1]]
         last = members[-1]
         ends = [*firsts[1:], last.offset_data + -(-last.size // 512) * 512]
         index = json.loads((out / entry["index"]).read_text())
