@@ -8,6 +8,7 @@ import http.server
 import json
 import re
 import signal
+import sys
 import tarfile
 import threading
 import time
@@ -19,6 +20,7 @@ from safetensors.torch import load_file
 
 from tests.helpers import (
     DEBUG_RECIPE,
+    ROOT,
     cli,
     make_pairs,
     one_error_line,
@@ -59,23 +61,27 @@ def local_run(local: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def sharded(s3: S3Server, bucket: str, source: Path) -> str:
-    """`shard SRC s3://bucket/set` run as a user runs it; its URL."""
+    """`shard SRC s3://bucket/set --storage endpoint_url=...` run as a user runs it, the
+    endpoint given by the flag alone (not the environment); its URL."""
     url = f"s3://{bucket}/set"
-    done = run_command(*_python("toolkit.shard", str(source), url, *SHARD_ARGS), env=_env(s3))
+    argv = _python("toolkit.shard", str(source), url, *SHARD_ARGS, "--storage",
+                   f"endpoint_url={s3.endpoint}")  # fmt: skip
+    done = run_command(*argv, env=_no_endpoint(_env(s3)))
     assert done.returncode == 0, done.stderr[-3000:]
     return url
 
 
 def _python(module: str, *args: str) -> list[str]:
-    import sys
-
     return [sys.executable, "-m", module, *args]
 
 
-def _env(s3: S3Server, endpoint: str | None = None, **extra: str) -> dict[str, str]:
-    from tests.helpers import ROOT
+def _env(s3: S3Server, endpoint: str | None = None) -> dict[str, str]:
+    """The test server's credentials and endpoint in the environment, as a user sets them."""
+    return {**s3.env(endpoint), "PYTHONPATH": str(ROOT)}
 
-    return {**s3.env(endpoint), "PYTHONPATH": str(ROOT), **extra}
+
+def _no_endpoint(env: dict[str, str]) -> dict[str, str]:
+    return {k: v for k, v in env.items() if k != "AWS_ENDPOINT_URL"}
 
 
 def weights(run: Path) -> dict[str, torch.Tensor]:
@@ -133,18 +139,39 @@ def test_shards_written_to_a_bucket_are_the_local_ones_and_verify(
 def test_a_run_from_the_bucket_equals_the_run_from_local_shards(
     s3_server: S3Server, bucket: str, source: Path, local_run: Path, tmp_path: Path
 ) -> None:
-    """Through `launch --local`, as a user types it; tensor for tensor, loss for loss."""
+    """Through `launch --local`, as a user types it, the endpoint in the recipe's
+    data.storage_options; tensor for tensor, loss for loss."""
     url = sharded(s3_server, bucket, source)
     run = tmp_path / "bucket"
+    where = f"data.storage_options.endpoint_url={s3_server.endpoint}"
     done = run_command(
-        *_python("toolkit.launch", str(DEBUG_RECIPE), "--local", *tiny(url, run, *TRAIN)),
-        env=_env(s3_server),
+        *_python("toolkit.launch", str(DEBUG_RECIPE), "--local", *tiny(url, run, *TRAIN), where),
+        env=_no_endpoint(_env(s3_server)),
     )
     assert done.returncode == 0, done.stderr[-3000:]
     assert same_weights(run, local_run)
     assert losses(run) == losses(local_run) and len(losses(run)) == 14
     assert json.loads((run / "data.json").read_text())["shards"] == url
     no_secret(run, done.stdout, done.stderr)
+
+
+def test_a_subset_of_the_bucket_trains_like_the_same_subset_of_local_shards(
+    s3_server: S3Server, bucket: str, source: Path, local: Path, tmp_path: Path
+) -> None:
+    """data.limit lists the bucket's sample keys (each shard streamed from its start) and
+    chooses the same 12 samples as from local disk."""
+    url = sharded(s3_server, bucket, source)
+    runs = []
+    for shards, name in ((str(local), "local"), (url, "bucket")):
+        run = tmp_path / name
+        done = run_command(*_python("toolkit.train", str(DEBUG_RECIPE),
+                                    *tiny(shards, run, *TRAIN, "data.limit=12")),
+                           env=_env(s3_server))  # fmt: skip
+        assert done.returncode == 0, done.stderr[-3000:]
+        runs.append(run)
+    keys = [json.loads((r / "subset.json").read_text())["keys"] for r in runs]
+    assert keys[0] == keys[1] and len(keys[0]) == 12
+    assert same_weights(*runs) and losses(runs[0]) == losses(runs[1])
 
 
 def test_faults_on_the_network_leave_the_weights_of_a_clean_run(
