@@ -301,8 +301,12 @@ def test_a_store_that_cannot_serve_the_shards_is_one_line_and_writes_nothing(
 ) -> None:
     url = sharded(s3_server, bucket, source)
     env = _env(s3_server)
-    expect = {"bad url": "expected s3://BUCKET/PREFIX", "no bucket": "not found",
-              "no credentials": "no credentials", "truncated": "bytes there"}[case]  # fmt: skip
+    expect = {
+        "bad url": "expected s3://BUCKET/PREFIX",
+        "no bucket": "not found",
+        "no credentials": "no credentials",
+        "truncated": "bytes for train/shard-000001.tar",
+    }[case]
     if case == "bad url":
         url = "s3://"
     elif case == "no bucket":
@@ -314,7 +318,9 @@ def test_a_store_that_cannot_serve_the_shards_is_one_line_and_writes_nothing(
         client = s3_server.client()
         key = "set/train/shard-000001.tar"
         body = client.get_object(Bucket=bucket, Key=key)["Body"].read()
-        client.put_object(Bucket=bucket, Key=key, Body=body[: len(body) // 2])
+        full, cut = len(body), len(body) // 2
+        client.put_object(Bucket=bucket, Key=key, Body=body[:cut])
+        expect = f"records {full} bytes for train/shard-000001.tar, but {url}/{key[4:]} has {cut}"
     run = tmp_path / "run"
     done = run_command(*_python("toolkit.train", str(DEBUG_RECIPE), *tiny(url, run, *TRAIN)),
                        env=env)  # fmt: skip
@@ -322,6 +328,11 @@ def test_a_store_that_cannot_serve_the_shards_is_one_line_and_writes_nothing(
     line = one_error_line(done.stderr)
     assert expect in line and "Traceback" not in done.stderr, done.stderr[-2000:]
     assert not run.exists()
+    if case == "truncated":  # --verify says so too, and which object
+        check = run_command(*_python("toolkit.shard", "--verify", url), env=env)
+        assert check.returncode == 2
+        said = f"shard-000001.tar: {cut} bytes, the manifest says {full}"
+        assert said in one_error_line(check.stderr)
 
 
 def test_a_damaged_object_stops_the_job_naming_it_and_verify_finds_it(

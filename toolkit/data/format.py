@@ -348,9 +348,11 @@ class Manifest:
         return ("hr", "lr", "label") if self.classes else ("hr", "lr")
 
 
-def read_manifest(root: str | Path | Remote, options: StoreOptions | None = None) -> Manifest:
+def read_manifest(
+    root: str | Path | Remote, options: StoreOptions | None = None, *, sized: bool = True
+) -> Manifest:
     """Read OUT/manifest.json of `toolkit.shard` (a folder, or a URL reached with `options`);
-    a missing shard file, or an object of another size, is an error up front."""
+    a missing shard file, or (`sized`) an object of another size, is an error up front."""
     root = locate(root, options)
     path = root / MANIFEST
     try:
@@ -389,11 +391,11 @@ def read_manifest(root: str | Path | Remote, options: StoreOptions | None = None
         raise UserError(f"{path}: not found: make shards with `python -m toolkit.shard`") from None
     except (OSError, ValueError, KeyError, TypeError) as err:
         raise UserError(f"{path}: not a shard manifest ({type(err).__name__}: {err})") from None
-    _check_present(manifest, path)
+    _check_present(manifest, path, sized)
     return manifest
 
 
-def _check_present(manifest: Manifest, path: Path | Remote) -> None:
+def _check_present(manifest: Manifest, path: Path | Remote, sized: bool) -> None:
     """Every shard (and index) the manifest names exists; in a store, with the size recorded
     (one listing: a truncated or replaced object is refused before a job starts)."""
     listed = None
@@ -412,20 +414,16 @@ def _check_present(manifest: Manifest, path: Path | Remote) -> None:
                         raise UserError(f"{path}: names {name}, but {where} is missing")
                 elif name not in listed:
                     raise UserError(f"{path}: names {name}, but {where} is missing")
-            if listed is not None and shard.size and listed[shard.name] != shard.size:
-                raise UserError(f"{path}: {shard.name} is {shard.size} bytes there, but "
-                                f"{shard.path} is {listed[shard.name]}")  # fmt: skip
+            if sized and listed is not None and shard.size and listed[shard.name] != shard.size:
+                raise UserError(f"{path}: records {shard.size} bytes for {shard.name}, but "
+                                f"{shard.path} has {listed[shard.name]}")  # fmt: skip
 
 
 def verify(root: str | Path | Remote, options: StoreOptions | None = None) -> tuple[int, list[str]]:
     """Check every shard against its manifest entry, size and sha256: (shards checked, one
     line per shard that differs). A store's objects are streamed, not copied."""
     root = locate(root, options)
-    try:
-        read_manifest(root)  # a readable manifest whose shards all exist
-    except UserError as err:  # in a store: of another size than recorded, said below
-        if not isinstance(root, Remote) or "bytes there" not in str(err):
-            raise
+    read_manifest(root, sized=False)  # a readable manifest whose shards all exist
     doc = json.loads(read_bytes(root / MANIFEST))
     entries = [s for split in doc["splits"].values() for s in split["shards"]]
     listed = sizes(root, [e["name"] for e in entries]) if isinstance(root, Remote) else None
