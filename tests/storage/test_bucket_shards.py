@@ -485,3 +485,24 @@ def test_a_run_from_an_https_style_url_equals_the_local_run(
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_shards_from_before_indexes_are_read_from_the_bucket_from_their_start(
+    s3_server: S3Server, bucket: str, local: Path, local_run: Path, tmp_path: Path
+) -> None:
+    """A shard folder written before sample indexes (no .idx, no `index` in the manifest),
+    copied to a bucket as it is: each shard streamed from its first byte, the same run."""
+    client = s3_server.client()
+    doc = json.loads((local / "manifest.json").read_text())
+    for split in doc["splits"].values():
+        for entry in split["shards"]:
+            del entry["index"]
+            body = (local / entry["name"]).read_bytes()
+            client.put_object(Bucket=bucket, Key=f"old/{entry['name']}", Body=body)
+    client.put_object(Bucket=bucket, Key="old/manifest.json", Body=json.dumps(doc).encode())
+    run = tmp_path / "old"
+    done = run_command(*_python("toolkit.train", str(DEBUG_RECIPE),
+                                *tiny(f"s3://{bucket}/old", run, *TRAIN)),
+                       env=_env(s3_server))  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert same_weights(run, local_run) and losses(run) == losses(local_run)
