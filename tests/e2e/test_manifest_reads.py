@@ -21,16 +21,20 @@ pytestmark = pytest.mark.slow  # three short trainings and an evaluation: about 
 @pytest.fixture
 def reads(monkeypatch: pytest.MonkeyPatch) -> Callable[[], int]:
     """How many times manifest.json was read since the last call (read_manifest, by whatever
-    name a module imported it, reads it through Path.read_text)."""
+    name a module imported it, reads a local one through Path.read_bytes; read_text counted
+    too, should any other code read it so)."""
     count = [0]
-    read_text = Path.read_text
 
-    def counted(self: Path, *args: Any, **kwargs: Any) -> str:
-        if self.name == MANIFEST:
-            count[0] += 1
-        return read_text(self, *args, **kwargs)
+    def counting(method: Callable[..., Any]) -> Callable[..., Any]:
+        def counted(self: Path, *args: Any, **kwargs: Any) -> Any:
+            if self.name == MANIFEST:
+                count[0] += 1
+            return method(self, *args, **kwargs)
 
-    monkeypatch.setattr(Path, "read_text", counted)
+        return counted
+
+    monkeypatch.setattr(Path, "read_text", counting(Path.read_text))
+    monkeypatch.setattr(Path, "read_bytes", counting(Path.read_bytes))
 
     def since() -> int:
         n, count[0] = count[0], 0

@@ -239,10 +239,11 @@ def named_tars(out: Path) -> list[str]:
 
 
 def cleaned_up_by_a_rerun(src: Path, out: Path) -> None:
-    """A later --overwrite leaves exactly the files its manifest names (no temporaries, no
-    stale shards of the killed runs)."""
+    """A later --overwrite leaves exactly the files its manifest names, shards and their
+    indexes (no temporaries, no stale shards of the killed runs)."""
     new = sharding.shard(src, out, shard_size=1000, overwrite=True)
-    named = {out / s["name"] for sp in new["splits"].values() for s in sp["shards"]}
+    named = {out / s[k] for sp in new["splits"].values() for s in sp["shards"]
+             for k in ("name", "index")}  # fmt: skip
     assert {p for p in out.glob("*/*") if p.is_file()} | set(out.glob("*/.*")) == named
 
 
