@@ -52,10 +52,11 @@ def parse_options(items: list[str], flag: str = "--storage") -> StoreOptions:
     credential is refused: it belongs in the environment, never on a command line."""
     known = {f.name: f for f in dataclasses.fields(StoreOptions)}
     values: dict[str, Any] = {}
-    for item in items:
+    for n, item in enumerate(items, 1):
         key, sep, raw = item.partition("=")
         if not sep or key not in known:
-            shown = f"{key}=..." if sep else repr(item[:40])  # a value may be a secret
+            # Never the text itself: a value (or a key pasted without "=") may be a secret.
+            shown = f"{key}=..." if sep else f"item {n} (no '=')"
             raise UserError(
                 f"{flag} {shown}: expected KEY=VALUE with KEY one of {', '.join(known)}"
                 + ("; credentials come from the environment (AWS_ACCESS_KEY_ID, "

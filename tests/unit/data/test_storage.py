@@ -41,7 +41,7 @@ def test_storage_flags_take_the_recipes_keys_and_never_echo_a_secret() -> None:
     assert got == StorageConfig(endpoint_url="http://h:1", anonymous=True, attempts=3)
     refused = [("secret=hunter2", "credentials come from the environment"),
                ("anonymous=yes", "expected true or false"), ("attempts=0", "from 1 to 100"),
-               ("endpoint_url", "expected KEY=VALUE")]  # fmt: skip
+               ("endpoint_url", "expected KEY=VALUE"), ("hunter2", "item 1 .no '='.")]  # fmt: skip
     for bad, said in refused:
         with pytest.raises(UserError, match=said) as err:
             parse_options([bad])
